@@ -1,0 +1,198 @@
+"""Chapter 01: the shapes dataset, its captions and the grid, checked against the pixels."""
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+
+from tinydit import data
+
+# A reader that does not use the dataset's own colour table: name colours by hue band only.
+HUE_BANDS = {"red": (345, 15), "orange": (20, 40), "yellow": (45, 65), "green": (90, 160),
+             "blue": (200, 250), "purple": (260, 310)}
+
+
+def named_hue(rgb):
+    h, s, v = colorsys.rgb_to_hsv(*(np.asarray(rgb) / 255.0))
+    if s < 0.5 or v < 0.3:
+        return None  # achromatic (background or anti-aliased edge)
+    deg = h * 360
+    for name, (lo, hi) in HUE_BANDS.items():
+        if (lo <= deg <= hi) if lo < hi else (deg >= lo or deg <= hi):
+            return name
+    return None
+
+
+def test_item_shape_dtype_range():
+    ds = data.ShapesDataset(16, size=32)
+    x, caption = ds[3]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
+    assert isinstance(caption, str) and len(caption.split()) >= 4
+    big, _ = data.ShapesDataset(4, size=64)[0]
+    assert big.shape == (3, 64, 64)
+
+
+def test_deterministic_in_seed_split_index():
+    a, b = data.ShapesDataset(50, seed=3), data.ShapesDataset(500, seed=3)
+    for i in (0, 7, 49):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+        assert a.attributes(i) == b.attributes(i)
+    other_seed = data.ShapesDataset(50, seed=4)
+    other_split = data.ShapesDataset(50, seed=3, split="test")
+    assert sum(a[i][1] != other_seed[i][1] for i in range(50)) > 40
+    assert sum(a[i][1] != other_split[i][1] for i in range(50)) > 40
+
+
+def test_attributes_structure_and_vocabulary():
+    ds = data.ShapesDataset(300)
+    counts = {1: 0, 2: 0}
+    for i in range(len(ds)):
+        attrs = ds.attributes(i)
+        counts[len(attrs)] += 1
+        caption = ds[i][1]
+        for a in attrs:
+            assert set(a) == {"shape", "color", "size", "position"}
+            assert a["shape"] in data.SHAPES and a["color"] in data.COLORS
+            assert a["size"] in ("small", "large") and a["position"] in data.POSITIONS
+            assert a["color"] in caption and a["shape"] in caption
+        if len(attrs) == 2:
+            assert attrs[0]["color"] != attrs[1]["color"]
+            assert {attrs[0]["position"], attrs[1]["position"]} in ({"left", "right"}, {"top", "bottom"})
+    assert counts[1] > 100 and counts[2] > 60
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_caption_colours_match_pixels(split):
+    """Every colour word in the caption is present in the pixels, and no other colour is."""
+    ds = data.ShapesDataset(200, seed=11, split=split)
+    for i in range(len(ds)):
+        x, caption = ds[i]
+        pixels = ((x + 1) * 127.5).round().permute(1, 2, 0).reshape(-1, 3).numpy()
+        found = {}
+        for p in pixels:
+            name = named_hue(p)
+            if name:
+                found[name] = found.get(name, 0) + 1
+        present = {name for name, k in found.items() if k >= 6}  # a small object covers > 20 px
+        named = {w for w in caption.replace(",", " ").split() if w in HUE_BANDS}
+        assert present == named, f"sample {i}: caption {caption!r} but pixels show {present}"
+
+
+def test_background_matches_caption():
+    ds = data.ShapesDataset(200, seed=5)
+    for i in range(len(ds)):
+        x, caption = ds[i]
+        corner = tuple(((x[:, 0, 0] + 1) * 127.5).round().int().tolist())
+        if "gray background" in caption:
+            assert corner == (128, 128, 128)
+        elif "black background" in caption:
+            assert corner == (0, 0, 0)
+        else:
+            assert corner == (255, 255, 255), caption
+
+
+def test_positions_match_pixels():
+    """The centre of mass of each object's colour lies on the named side of the image."""
+    ds = data.ShapesDataset(150, seed=2)
+    for i in range(len(ds)):
+        x = ((ds[i][0] + 1) * 127.5).permute(1, 2, 0).numpy()
+        for a in ds.attributes(i):
+            mask = np.array([[named_hue(p) == a["color"] for p in row] for row in x])
+            ys, xs = np.nonzero(mask)
+            cx, cy = xs.mean() / 32, ys.mean() / 32
+            expect = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
+                      "center": 0.4 < cx < 0.6 and 0.4 < cy < 0.6}[a["position"]]
+            assert expect, (i, a, cx, cy)
+
+
+def test_held_out_pairs_only_in_test():
+    def pairs(ds):
+        return {(o["color"], o["shape"]) for i in range(len(ds)) for o in ds.attributes(i)}
+
+    train, test = pairs(data.ShapesDataset(3000)), pairs(data.ShapesDataset(500, split="test"))
+    assert len(data.HELD_OUT) >= 2
+    assert not train & set(data.HELD_OUT)
+    assert set(data.HELD_OUT) <= test
+    assert len(train) == 18 - len(data.HELD_OUT)
+
+
+def test_anti_aliased_edges():
+    ds = data.ShapesDataset(20)
+    x = ((ds[0][0] + 1) * 127.5).round()
+    colours = {tuple(p) for p in x.permute(1, 2, 0).reshape(-1, 3).int().tolist()}
+    assert len(colours) > 3  # background + object colour + blended edge shades
+
+
+def test_captions_vary():
+    ds = data.ShapesDataset(400)
+    captions = {ds[i][1] for i in range(len(ds))}
+    assert len(captions) > 300
+    assert any(c.startswith("a picture of") for c in captions)
+    assert any(" little " in c or " tiny " in c for c in captions)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argname",
+    [(dict(n=0), "n"), (dict(n=-3), "n"), (dict(n=2.5), "n"), (dict(n=4, size=4), "size"),
+     (dict(n=4, split="val"), "split"), (dict(n=4, seed=-1), "seed")],
+)
+def test_bad_arguments(kwargs, argname):
+    with pytest.raises(ValueError, match=rf"^{argname}:"):
+        data.ShapesDataset(**kwargs)
+
+
+def test_bad_split_lists_allowed_values():
+    with pytest.raises(ValueError, match="train.*test"):
+        data.ShapesDataset(4, split="validation")
+
+
+def test_index_errors():
+    ds = data.ShapesDataset(5)
+    with pytest.raises(IndexError, match="0..4"):
+        ds[5]
+    with pytest.raises(IndexError):
+        ds.attributes(-6)
+    with pytest.raises(TypeError, match="index"):
+        ds[1.5]
+    assert ds.attributes(-1) == ds.attributes(4)
+
+
+def test_image_grid_with_captions():
+    ds = data.ShapesDataset(10)
+    grid = data.dataset_grid(ds, n=10, cols=4, scale=2)
+    assert grid.width == 4 * (64 + 4) + 4
+    assert grid.height > 3 * 64  # three rows plus caption text
+    arr = np.asarray(grid)
+    assert (arr < 50).all(axis=2).sum() > 100  # black caption text was drawn
+    with pytest.raises(ValueError, match="captions"):
+        data.image_grid(torch.stack([ds[0][0], ds[1][0]]), ["only one"])
+    with pytest.raises(ValueError, match="images"):
+        data.image_grid(torch.zeros(2, 1, 8, 8))
+
+
+def test_tensor_pil_round_trip():
+    x, _ = data.ShapesDataset(3)[1]
+    assert torch.allclose(data.pil_to_tensor(data.tensor_to_pil(x)), x, atol=1 / 127.5)
+
+
+def test_emoji_missing_font_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-color-emoji"):
+        data.EmojiDataset(font_path=tmp_path / "nope.ttf")
+
+
+@pytest.mark.skipif(
+    not any(__import__("pathlib").Path(p).is_file() for p in data.EMOJI_FONT_PATHS),
+    reason="optional dataset: fonts-noto-color-emoji not installed (.ci/run installs it)",
+)
+def test_emoji_dataset():
+    ds = data.EmojiDataset(size=32)
+    assert 1500 < len(ds) < 2500
+    x, caption = ds[0]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert caption and caption == ds.items[0][1]
+    assert not any(data.SKIN_TONES & set(ch) for ch, _ in ds.items)
+    assert x.std() > 0.1  # an actual picture, not a blank tile
+    with pytest.raises(IndexError):
+        ds[len(ds)]
