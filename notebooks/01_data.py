@@ -671,6 +671,8 @@ class EmojiDataset(Dataset):
             if info.get("status") != emoji.STATUS["fully_qualified"] or SKIN_TONES & set(ch):
                 continue
             name = info["en"].strip(":").replace("_", " ")
+            if all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in ch):  # two regional indicators = a flag
+                name = f"flag of {name}"
             items.append((ch, name))
         self.items = sorted(items, key=lambda t: t[1])
         self._cache: dict[int, torch.Tensor] = {}
