@@ -894,7 +894,9 @@ def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
                context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
                micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
                pos_base_size=sample // patch,
-               interpolation_scale=d.get("interpolation_scale") or max(sample // 64, 1))
+               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
+               # default, max(sample_size // 64, 1), gives 1 at 256 px
+               interpolation_scale=d.get("interpolation_scale") or sample / 64)
     return TextDiTConfig(**{**cfg, **overrides})
 
 
