@@ -563,25 +563,20 @@ image_grid(torch.stack(tiles), labels, cols=len(fractions), scale=3, font_px=9)
 # structure goes even sooner.
 
 # %%
-try:
-    from tinydit import vae
+from tinydit import vae
 
-    book_vae = vae.load_book_vae().eval()
-except (ImportError, AttributeError, FileNotFoundError) as e:
-    book_vae = None
-    print(f"chapter 02's book VAE is needed for this cell ({type(e).__name__}: {e})")
-if book_vae is not None:
-    with torch.no_grad():
-        z0 = book_vae.to_latent(x0[:1])  # (1, C, 8, 8)
-        z_eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
-        tiles = [book_vae.from_latent(noised(z0, fam, u, z_eps))[0] for fam in families for u in fractions]
-    print("latent shape:", tuple(z0.shape))
-    display_grid = image_grid(torch.stack(tiles).clamp(-1, 1), [f"{f} u={u}" for f in families for u in fractions],
-                              cols=len(fractions), scale=3, font_px=9)
-    assert z0.shape[-1] < x0.shape[-1] and len(tiles) == len(families) * len(fractions)
-    from IPython.display import display
+book_vae = vae.load_book_vae().eval()
+with torch.no_grad():
+    z0 = book_vae.to_latent(x0[:1])  # (1, C, 8, 8)
+    z_eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    tiles = [book_vae.from_latent(noised(z0, fam, u, z_eps))[0] for fam in families for u in fractions]
+print("latent shape:", tuple(z0.shape))
+display_grid = image_grid(torch.stack(tiles).clamp(-1, 1), [f"{f} u={u}" for f in families for u in fractions],
+                          cols=len(fractions), scale=3, font_px=9)
+assert z0.shape[-1] < x0.shape[-1] and len(tiles) == len(families) * len(fractions)
+from IPython.display import display
 
-    display(display_grid)
+display(display_grid)
 
 # %% [markdown]
 # ## $\bar\alpha_t$ and log-SNR for every schedule

@@ -41,3 +41,20 @@ def test_bad_flags_one_line_no_traceback(args, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "error" in lines[0]
+
+
+def test_train_vae_writes_a_loadable_vae(tmp_path):
+    out = tmp_path / "vae"
+    proc = run("train-vae", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out PSNR" in proc.stdout
+    from tinydit import vae
+
+    model = vae.AutoencoderKL.from_pretrained(out)
+    assert model.config.latent_channels == 4
+
+
+def test_train_commands_explain_themselves():
+    for cmd in ("train-vae", "train-text-encoder"):
+        proc = run(cmd, "--help")
+        assert proc.returncode == 0 and "--steps" in proc.stdout and "shipped" in proc.stdout

@@ -252,6 +252,6 @@ def test_single_batch_overfit_on_book_vae_latents():
     ab = schedules.alphas_cumprod(schedules.make_betas("linear"))
     torch.manual_seed(0)
     model = DiT(DiTConfig.preset("book", hidden_size=96, depth=2, num_heads=4, class_dropout_prob=0.0))
-    losses = overfit_single_batch(model, latents, torch.arange(8), ab, steps=400, lr=2e-3, seed=0, disable=True)
+    losses = overfit_single_batch(model, latents, torch.arange(8), ab, steps=800, lr=2e-3, seed=0, disable=True)
     assert losses[0] > 0.5  # the zero-initialised model predicts 0: loss = E[eps^2] = 1
-    assert sum(losses[-50:]) / 50 < 0.1
+    assert sum(losses[-100:]) / 100 < 0.1

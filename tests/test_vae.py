@@ -1,0 +1,287 @@
+"""tinydit.vae: parity with diffusers' AutoencoderKL (diffusers and LDM single-file layouts),
+strict loading errors, bad-input errors, and the shipped book VAE's reconstruction quality."""
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import load_file, save_file
+
+from tinydit import vae
+
+TOL = 1e-5
+
+# Tiny configs with the structure of the real families (SD 1.x / SDXL: 4 channels with quant convs;
+# SD3 / Flux: 16 channels without), small enough to run in a second.
+TINY = {
+    "sd-like": dict(latent_channels=4, use_quant_conv=True, use_post_quant_conv=True,
+                    scaling_factor=0.13025, shift_factor=None),
+    "flux-like": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                      scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+
+def diffusers_vae(kind: str, seed: int = 0) -> DiffusersAutoencoderKL:
+    torch.manual_seed(seed)
+    m = DiffusersAutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, sample_size=32,
+        **TINY[kind],
+    ).eval()
+    # Random init leaves GroupNorm at (1, 0); perturb every parameter so nothing is trivially equal.
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def images(b: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+
+
+def assert_matches(ours: vae.AutoencoderKL, ref: DiffusersAutoencoderKL) -> dict:
+    """encode means, decode outputs and to_latent agree to TOL; returns the max errors."""
+    x = images()
+    with torch.no_grad():
+        ref_post = ref.encode(x).latent_dist
+        post = ours.encode(x)
+        z = torch.randn(2, ref.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+        ref_dec = ref.decode(z).sample
+        dec = ours.decode(z)
+        shift = ref.config.shift_factor or 0.0
+        ref_lat = (ref_post.mean - shift) * ref.config.scaling_factor
+        lat = ours.to_latent(x)
+        back = ours.from_latent(lat)
+        ref_back = ref.decode(ref_lat / ref.config.scaling_factor + shift).sample
+    errs = {
+        "encode mean": (post.mean - ref_post.mean).abs().max().item(),
+        "encode std": (post.std - ref_post.std).abs().max().item(),
+        "decode": (dec - ref_dec).abs().max().item(),
+        "to_latent": (lat - ref_lat).abs().max().item(),
+        "from_latent": (back - ref_back).abs().max().item(),
+    }
+    assert post.mean.shape == ref_post.mean.shape and dec.shape == ref_dec.shape == (2, 3, 32, 32)
+    for name, err in errs.items():
+        assert err <= TOL, f"{name}: max abs error {err:.2e} > {TOL}"
+    return errs
+
+
+# --- diffusers folder layout -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_from_pretrained_parity(kind, tmp_path):
+    ref = diffusers_vae(kind)
+    ref.save_pretrained(tmp_path / "vae")
+    ours = vae.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert ours.config.latent_channels == ref.config.latent_channels
+    assert ours.config.use_quant_conv == ref.config.use_quant_conv
+    assert (ours.quant_conv is None) == (kind == "flux-like")
+    errs = assert_matches(ours, ref)
+    print(kind, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+def test_from_pretrained_subfolder_and_roundtrip(tmp_path):
+    ref = diffusers_vae("sd-like")
+    ref.save_pretrained(tmp_path / "pipe" / "vae")
+    ours = vae.AutoencoderKL.from_pretrained(tmp_path / "pipe", subfolder="vae")
+    assert_matches(ours, ref)
+    # our save_pretrained writes a folder diffusers itself can load
+    ours.save_pretrained(tmp_path / "ours")
+    again = DiffusersAutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+    assert_matches(ours, again)
+
+
+def test_posterior_sample_kl_and_generator():
+    ref = diffusers_vae("sd-like")
+    ours = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict())
+    x = images()
+    with torch.no_grad():
+        post, ref_post = ours.encode(x), ref.encode(x).latent_dist
+        assert torch.allclose(post.kl(), ref_post.kl(), atol=1e-4, rtol=1e-5)
+        assert torch.equal(post.mode(), post.mean)
+        s1 = post.sample(torch.Generator().manual_seed(0))
+        s2 = post.sample(torch.Generator().manual_seed(0))
+        s3 = post.sample(torch.Generator().manual_seed(1))
+        ref_s = ref_post.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    assert (s1 - ref_s).abs().max().item() <= TOL
+    # logvar is clamped to [-30, 20] as in LDM
+    extreme = vae.DiagonalGaussian(torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 100.0)], 1))
+    assert extreme.logvar.max().item() == 20.0 and torch.isfinite(extreme.var).all()
+
+
+# --- original LDM single-file layout -----------------------------------------------------------------
+
+def ldm_state_dict(ref: DiffusersAutoencoderKL) -> dict:
+    return vae.diffusers_to_ldm(ref.state_dict(), len(ref.config.block_out_channels))
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_ldm_mapping_matches_diffusers_converter(kind):
+    ref = diffusers_vae(kind)
+    ldm = ldm_state_dict(ref)
+    # LDM names, 1x1-conv attention weights
+    assert "encoder.down.0.block.0.norm1.weight" in ldm and "decoder.up.0.block.0.conv1.weight" in ldm
+    assert ldm["encoder.mid.attn_1.q.weight"].ndim == 4
+    assert not any("down_blocks" in k or "mid_block" in k or "to_q" in k for k in ldm)
+    # diffusers' own single-file converter turns our LDM dict back into the diffusers state dict
+    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()}, dict(ref.config))
+    original = ref.state_dict()
+    assert set(converted) == set(original)
+    for k in original:
+        assert torch.equal(converted[k], original[k]), k
+    # and our forward mapping is the exact inverse
+    back = vae.ldm_to_diffusers(ldm, len(ref.config.block_out_channels))
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("fmt", ["bare.safetensors", "nested.safetensors", "nested.ckpt", "bare.ckpt"])
+@pytest.mark.parametrize("kind", list(TINY))
+def test_from_single_file_parity(kind, fmt, tmp_path):
+    ref = diffusers_vae(kind)
+    sd = ldm_state_dict(ref)
+    if fmt.startswith("nested"):  # a full SD/SDXL checkpoint: VAE under first_stage_model., plus the rest
+        sd = {"first_stage_model." + k: v for k, v in sd.items()}
+        sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(4, 4, 3, 3)
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / fmt
+    if fmt.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save({"state_dict": sd, "global_step": 840000}, path)  # Lightning-style .ckpt
+    config = vae.VAEConfig.from_diffusers(dict(ref.config))
+    ours = vae.AutoencoderKL.from_single_file(path, config=config)
+    assert_matches(ours, ref)
+
+
+def test_from_single_file_preset_and_mismatch_lists_keys(tmp_path):
+    ref = diffusers_vae("sd-like")
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_state_dict(ref).items()}, str(path))
+    # the tiny file does not fit the real SDXL architecture: the error names keys and shapes
+    with pytest.raises(vae.WeightsMismatchError) as e:
+        vae.AutoencoderKL.from_single_file(path, preset="sdxl")
+    msg = str(e.value)
+    assert "preset='sdxl'" in msg and "missing keys" in msg and "shape mismatches" in msg
+    assert re.search(r"\n    decoder\.conv_in\.weight: checkpoint \(32, 4, 3, 3\) vs model \(512, 4, 3, 3\)", msg)
+    assert re.search(r"\.\.\. and \d+ more", msg)  # long lists are cut after 20 entries
+    with pytest.raises(ValueError, match="preset"):
+        vae.AutoencoderKL.from_single_file(path, preset="sd5")
+
+
+def test_missing_unexpected_and_shape_errors(tmp_path):
+    ref = diffusers_vae("sd-like")
+    ref.save_pretrained(tmp_path / "vae")
+    sd = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    del sd["decoder.conv_out.bias"]
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    sd["quant_conv.weight"] = torch.zeros(8, 8, 3, 3)
+    save_file(sd, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(vae.WeightsMismatchError) as e:
+        vae.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    msg = str(e.value)
+    assert "missing keys (1):\n    decoder.conv_out.bias" in msg
+    assert "unexpected keys (1):\n    encoder.extra.weight" in msg
+    assert "quant_conv.weight: checkpoint (8, 8, 3, 3) vs model (8, 8, 1, 1)" in msg
+
+
+def test_ckpt_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "callback": Exception("not a tensor")}, path)
+    with pytest.raises(ValueError, match=r"weights_only=True"):
+        vae.AutoencoderKL.from_single_file(path, preset="sd1")
+
+
+def test_offline_hub_id_gives_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError) as e:
+        vae.AutoencoderKL.from_pretrained("stabilityai/sdxl-vae")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "stabilityai/sdxl-vae" in msg and "offline" in msg and "local folder" in msg
+    with pytest.raises(FileNotFoundError, match="path_or_id"):
+        vae.AutoencoderKL.from_pretrained("./no/such/folder/here")
+
+
+# --- presets and bad input ---------------------------------------------------------------------------
+
+def test_presets():
+    expect = {"sd1": (4, 0.18215, 0.0, True), "sdxl": (4, 0.13025, 0.0, True),
+              "sd3": (16, 1.5305, 0.0609, False), "flux": (16, 0.3611, 0.1159, False)}
+    for name, (c, scale, shift, quant) in expect.items():
+        cfg = vae.VAEConfig.preset(name)
+        assert (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor, cfg.use_quant_conv) == (c, scale, shift, quant)
+        assert cfg.block_out_channels == (128, 256, 512, 512) and cfg.downsampling_factor == 8
+    book = vae.VAEConfig.preset("book")
+    assert book.downsampling_factor == 4 and book.latent_channels == 4
+    with pytest.raises(ValueError, match=r"name: unknown VAE preset 'sd4'; expected one of"):
+        vae.VAEConfig.preset("sd4")
+    # the real-size SD model builds with the published parameter count (83.65M)
+    n = sum(p.numel() for p in vae.AutoencoderKL(vae.VAEConfig.preset("sd1")).parameters())
+    assert n == 83_653_863
+
+
+def test_bad_input_errors():
+    m = vae.AutoencoderKL(vae.VAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4))
+    cases = [
+        (lambda: m.encode(torch.zeros(1, 1, 32, 32)), r"x: expected an image batch of shape \(B, 3, H, W\)"),
+        (lambda: m.encode(torch.zeros(3, 32, 32)), r"x: expected an image batch of shape \(B, 3, H, W\)"),
+        (lambda: m.encode(torch.zeros(1, 3, 30, 32)), r"x: H and W must be divisible by the downsampling factor 4"),
+        (lambda: m.encode(torch.full((1, 3, 32, 32), 255.0)), r"x: expected pixel values in \[-1, 1\].*0-255"),
+        (lambda: m.to_latent(torch.full((1, 3, 32, 32), 255.0)), r"x: expected pixel values in \[-1, 1\]"),
+        (lambda: m.decode(torch.zeros(1, 16, 8, 8)), r"z: expected latents of shape \(B, 4, h, w\)"),
+        (lambda: m.from_latent(torch.zeros(1, 16, 8, 8)), r"z: expected latents of shape \(B, 4, h, w\)"),
+        (lambda: vae.VAEConfig.preset("SDXL"), r"name: unknown VAE preset"),
+        (lambda: vae.VAEConfig(block_out_channels=(30, 64)), r"block_out_channels: .*divisible by norm_num_groups"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+    with torch.no_grad():  # the edge of the range is fine
+        assert m.decode(m.encode(torch.ones(1, 3, 8, 8)).mean).shape == (1, 3, 8, 8)
+
+
+# --- the shipped book VAE ----------------------------------------------------------------------------
+
+def test_book_vae_psnr_and_latents():
+    m = vae.load_book_vae()
+    assert m.config.block_out_channels == vae.VAEConfig.preset("book").block_out_channels
+    assert m.config.scaling_factor == vae.VAEConfig.preset("book").scaling_factor
+    x = vae.shapes_images(256, seed=0, split="test")  # held-out test split
+    with torch.no_grad():
+        z = m.to_latent(x)
+        rec = m.from_latent(z)
+    assert z.shape == (256, 4, 8, 8) and rec.shape == x.shape
+    p = vae.psnr(rec, x).mean().item()
+    print(f"book VAE PSNR on 256 test images: {p:.2f} dB")
+    assert p >= 30.0
+    # calibrated scale: diffusion-space latents have about zero mean and unit variance
+    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.25
+
+
+def test_book_vae_assets_are_small_and_diffusers_readable():
+    folder = vae.book_vae_path()
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL" and cfg["latent_channels"] == 4
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+def test_train_book_vae_is_deterministic_and_learns(tmp_path):
+    cfg = vae.VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32)
+    kw = dict(steps=30, batch_size=8, n_images=64, seed=3, config=cfg, disable=True)
+    m1, h1 = vae.train_book_vae(**kw, out_dir=tmp_path / "a")
+    m2, h2 = vae.train_book_vae(**kw)
+    assert h1["rec"] == h2["rec"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert sum(h1["rec"][-5:]) < sum(h1["rec"][:5])
+    loaded = vae.AutoencoderKL.from_pretrained(tmp_path / "a")
+    assert loaded.config.scaling_factor == m1.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
+        vae.train_book_vae(steps=0)
