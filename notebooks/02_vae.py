@@ -1280,7 +1280,6 @@ display(demo)
 # hubs are out of reach here, and we never pretend to have weights we do not have.
 
 # %%
-import skimage.data
 from PIL import Image
 
 from tinydit.data import pil_to_tensor
@@ -1292,6 +1291,8 @@ if not vae_path:
           "skimage.data.astronaut() at 512x512 to a 4x64x64 (or 16x64x64) latent, decode it and "
           "show the photo beside its reconstruction with the PSNR. Skipping.")
 else:
+    import skimage.data  # the notebooks extra installs scikit-image; needed only with real weights
+
     preset = os.environ.get("TINYDIT_VAE_PRESET", "sdxl")
     real = (AutoencoderKL.from_pretrained(vae_path) if Path(vae_path).is_dir()
             else AutoencoderKL.from_single_file(vae_path, preset=preset))

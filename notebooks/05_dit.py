@@ -104,6 +104,9 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
     """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend."""
     B, _, Tq, _ = q.shape
     Tk = k.shape[2]
+    if mask.dtype.is_floating_point:  # an additive 0/-inf mask would silently mean the opposite
+        raise ValueError("mask: expected a boolean or 0/1 integer mask (True = may attend), got a "
+                         f"{mask.dtype} tensor; convert an additive mask with `mask == 0`")
     if mask.dtype != torch.bool:
         mask = mask != 0
     if mask.ndim == 2:  # key-padding mask (B, T_k), as text encoders return
@@ -119,6 +122,8 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
     except RuntimeError:
         raise ValueError(f"mask: expected (B, T_k) = {(B, Tk)} or a mask broadcastable to "
                          f"(B, heads, T_q, T_k) = {(B, q.shape[1], Tq, Tk)}, got {tuple(mask.shape)}") from None
+    if not mask.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
+        raise ValueError("mask: every query needs at least one key it may attend to; got a row of False")
     return mask
 
 
@@ -249,6 +254,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -577,7 +583,10 @@ class DiT(nn.Module):
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, context=None, context_mask=None) -> torch.Tensor:
+        if context is not None or context_mask is not None:
+            raise ValueError("context: this DiT is class-conditioned (no cross-attention); pass labels "
+                             "y, or use a text-conditioned model (chapter 06's TextDiT)")
         t, y = self._check_inputs(x, t, y)
         B, _, H, W = x.shape
         h, w = H // self.config.patch_size, W // self.config.patch_size
@@ -724,8 +733,9 @@ plt.show()
 # The sinusoidal timestep features use frequencies $\omega_i = 10000^{-i/(F/2 - s)}$. The original
 # DiT code, which **trained the released weights**, uses $s = 0$. diffusers' port embeds DiT
 # timesteps with $s = 1$ (its DDPM default), so the same weights see slightly different
-# frequencies: on random DiT-S/2 weights the outputs differ by 0.63 (max abs). With its
-# `time_proj.downscale_freq_shift` set to 0, diffusers agrees with the original to $10^{-5}$.
+# frequencies, and the outputs differ by a large margin (the cell below prints it: of order 1 on
+# random weights). With its `time_proj.downscale_freq_shift` set to 0, diffusers agrees with the
+# original to $10^{-5}$.
 # tinydit follows the code that trained the weights in both layouts, and keeps the shift as a
 # config field (`freq_shift`) for anyone who wants diffusers' numbers. (diffusers also uses
 # LayerNorm $\epsilon = 10^{-5}$ before the MLP where the original uses $10^{-6}$; we keep
@@ -802,13 +812,37 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for suffix in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{suffix}"] = sd[f"proj_out_1.{suffix}"]
         out[f"final_layer.linear.{suffix}"] = sd[f"proj_out_2.{suffix}"]
+    known = re.compile(r"pos_embed\.(proj\.(weight|bias)|pos_embed)|proj_out_[12]\.(weight|bias)|"
+                       r"transformer_blocks\.\d+\.(norm1\.(emb\..*|linear\..*)|attn1\.(to_[qkv]|to_out\.0|norm_[qk])\..*|"
+                       r"ff\.net\.(0\.proj|2)\..*)")
+    unknown = sorted(k for k in sd if not known.fullmatch(k))
+    if unknown:  # weights we would silently drop: refuse rather than load a different model
+        raise ValueError(f"checkpoint: diffusers DiT keys tinydit does not use: {unknown[:10]}"
+                         + (f" ... and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return out
+
+
+def diffusers_transformer_class(d: dict) -> str | None:
+    """The diffusers class a transformer config.json describes. Hub repos converted before diffusers
+    split its classes (e.g. facebook/DiT-XL-2-256, the PixArt repos) still say
+    "Transformer2DModel"; diffusers then picks the class by `norm_type`, and so do we."""
+    name = d.get("_class_name")
+    if name == "Transformer2DModel":
+        return {"ada_norm_zero": "DiTTransformer2DModel",
+                "ada_norm_single": "PixArtTransformer2DModel"}.get(d.get("norm_type"), name)
+    return name
 
 
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
-    if d.get("_class_name", "DiTTransformer2DModel") != "DiTTransformer2DModel":
-        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r}")
+    if diffusers_transformer_class(d) not in (None, "DiTTransformer2DModel"):
+        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
+    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_zero"), ("norm_elementwise_affine", False),
+                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"))
+                   if d.get(k, ok) != ok}
+    if unsupported:
+        raise ValueError(f"config: DiT options tinydit does not implement: {unsupported}")
     in_ch = d.get("in_channels", 4)
     out_ch = d.get("out_channels") or in_ch
     cfg = dict(input_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 2), in_channels=in_ch,

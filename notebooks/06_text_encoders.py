@@ -897,6 +897,14 @@ class DualTextEncoder(TextEncoder):
     def device(self) -> torch.device:
         return self.compute_device
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to(device)` moves the primary (a submodule); follow it, and move a resident secondary."""
+        super()._apply(fn, *args, **kwargs)
+        self.compute_device = self.primary.device
+        if self.secondary is not None and not self.offload:
+            self.secondary.to(self.compute_device)
+        return self
+
     def where(self) -> dict[str, str]:
         """Where each encoder's weights are right now."""
         return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
@@ -1061,6 +1069,7 @@ from tinydit.dit import (
     PatchEmbed,
     _from_original,
     _from_pretrained,
+    diffusers_transformer_class,
     modulate,
     unpatchify,
 )
@@ -1421,13 +1430,18 @@ class TextDiT(DiT):
         if t.shape != (B,):
             raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
         if context is None:
-            context, context_mask = self.null_context(B), None
+            if context_mask is not None:
+                raise ValueError("context_mask: given without context; pass the caption tokens as context= too")
+            context = self.null_context(B)
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context: expected text tokens of shape ({B}, T, {cfg.context_dim}), got {got}")
         if context.shape[2] != cfg.context_dim:
             raise ValueError(f"context: expected text tokens of width {cfg.context_dim} (the model's context_dim), "
                              f"got width {context.shape[2]}; is this the text encoder the model was built for?")
+        context = context.to(x.device)  # text encoders often live on another device (CPU, offloaded)
+        if pooled is not None:
+            pooled = torch.as_tensor(pooled).to(x.device)
         if context_mask is not None:
             context_mask = torch.as_tensor(context_mask, device=x.device)
             if context_mask.shape != context.shape[:2]:
@@ -1448,8 +1462,13 @@ class TextDiT(DiT):
             if resolution is None or aspect_ratio is None:
                 raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
                                  "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
-            resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2).expand(B, 2)
-            aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(B, 1)
+            resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2)
+            aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1)
+            for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
+                if v.shape[0] not in (1, B):
+                    raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), "
+                                     f"got {v.shape[0]}")
+            resolution, aspect_ratio = resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
         elif resolution is not None or aspect_ratio is not None:
             raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
         return t, context, context_mask, pooled, resolution, aspect_ratio
@@ -1657,8 +1676,9 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
-    if d.get("_class_name") != "PixArtTransformer2DModel":
-        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r}")
+    if diffusers_transformer_class(d) != "PixArtTransformer2DModel":
+        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
     heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
     hidden = heads * head_dim
     unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
@@ -1747,7 +1767,7 @@ def _from_pretrained_any(cls, path_or_id: str | Path, subfolder: str | None = No
         config.pop("_class")
         model = TextDiT(TextDiTConfig.from_dict({**config, **overrides}))
         sd = load_state_dict(folder / "model.safetensors")
-    elif config.get("_class_name") == "PixArtTransformer2DModel":
+    elif diffusers_transformer_class(config) == "PixArtTransformer2DModel":
         model = TextDiT(config_from_diffusers_pixart(config, **overrides))
         weights = next((folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if (folder / n).is_file()), None)

@@ -94,9 +94,11 @@ def test_flash_is_optional_and_refused_on_cpu():
         (lambda q: attention(q, q, q, backend="fast"), "backend"),
         (lambda q: attention(q[0], q[0], q[0]), "q: expected"),
         (lambda q: attention(q, q[:, :, :3], q), "shapes do not fit"),
-        (lambda q: attention(q, q, q, mask=torch.ones(2, 3)), "mask"),
-        (lambda q: attention(q, q, q, mask=torch.zeros(2, 4)), "padding only"),
-        (lambda q: attention(q, q, q, mask=torch.ones(5, 5, 5)), "mask"),
+        (lambda q: attention(q, q, q, mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
+        (lambda q: attention(q, q, q, mask=torch.zeros(2, 4, dtype=torch.bool)), "padding only"),
+        (lambda q: attention(q, q, q, mask=torch.ones(5, 5, 5, dtype=torch.bool)), "mask"),
+        (lambda q: attention(q, q, q, mask=torch.zeros(2, 1, 4, 4, dtype=torch.bool)), "at least one key"),
+        (lambda q: attention(q, q, q, mask=torch.zeros(2, 1, 1, 4).float()), "boolean"),
     ],
 )
 def test_bad_input(call, match):

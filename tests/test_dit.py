@@ -255,3 +255,35 @@ def test_single_batch_overfit_on_book_vae_latents():
     losses = overfit_single_batch(model, latents, torch.arange(8), ab, steps=800, lr=2e-3, seed=0, disable=True)
     assert losses[0] > 0.5  # the zero-initialised model predicts 0: loss = E[eps^2] = 1
     assert sum(losses[-100:]) / 100 < 0.1
+
+
+def test_legacy_transformer2dmodel_dit_config_loads(tmp_path):
+    import json
+
+    ref = make_diffusers_dit(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "_class_name": "Transformer2DModel",
+                                                      "norm_type": "ada_norm_zero"}))
+    ours = DiT.from_pretrained(tmp_path).eval()
+    for block in ref.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert (ours(x, t, y) - ref(x, timestep=t, class_labels=y).sample).abs().max() < 1e-5
+
+
+def test_unknown_diffusers_dit_keys_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    make_diffusers_dit(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    sd["transformer_blocks.0.attn2.to_q.weight"] = torch.zeros(32, 32)
+    save_file(sd, str(path))
+    with pytest.raises(ValueError, match="attn2.to_q.weight"):
+        DiT.from_pretrained(tmp_path)
+
+
+def test_class_conditioned_dit_refuses_context():
+    with pytest.raises(ValueError, match="context"):
+        DiT(DiTConfig(**TINY))(torch.randn(1, 4, 8, 8), 1, context=torch.randn(1, 3, 32))

@@ -172,6 +172,8 @@ def test_bad_inputs_fail_with_sentences(tmp_path):
         (lambda: pix(x, 1, y=torch.tensor([1, 2]), context=ctx, **kw), "y: a text-conditioned DiT"),
         (lambda: pix(x, 1, **kw), "null caption"),  # diffusers folders carry no y_embedding
         (lambda: pix(x, torch.ones(3), context=ctx, **kw), "t: expected"),
+        (lambda: pix(x, 1, context=ctx, resolution=[[64.0, 64.0]] * 3, aspect_ratio=[1.0]), "resolution: expected"),
+        (lambda: pix(x, 1, context_mask=mask, **kw), "context_mask: given without context"),
         (lambda: pix(torch.randn(2, 3, 8, 8), 1, context=ctx, **kw), "x: expected latents"),
     ]
     for call, message in cases:
@@ -208,3 +210,25 @@ def test_missing_interpolation_scale_follows_the_original_rule():
     assert dit.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
     with pytest.raises(ValueError, match="PixArt options"):
         dit.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
+
+
+def test_legacy_transformer2dmodel_configs_load(tmp_path):
+    """Hub repos converted before diffusers split its classes say "Transformer2DModel"; the class is
+    then chosen by norm_type, as diffusers does."""
+    import json
+
+    ref = make_pixart(tmp_path, micro=False)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "_class_name": "Transformer2DModel", "norm_type": "ada_norm_single"}))
+    ours = DiT.from_pretrained(tmp_path).eval()
+    assert isinstance(ours, TextDiT)
+    ctx, mask = captions()
+    err, _ = max_error(ref, ours, False, (3, 4, 8, 8), torch.tensor([1.0, 500.0, 999.0]), ctx, mask)
+    assert err <= 1e-5
+
+
+def test_dual_encoder_follows_to():
+    enc = text.DualTextEncoder(text.load_book_text_encoder(), None)
+    enc.to("meta")
+    assert enc.device == torch.device("meta") and enc.primary.device == torch.device("meta")

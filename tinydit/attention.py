@@ -25,6 +25,9 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
     """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend."""
     B, _, Tq, _ = q.shape
     Tk = k.shape[2]
+    if mask.dtype.is_floating_point:  # an additive 0/-inf mask would silently mean the opposite
+        raise ValueError("mask: expected a boolean or 0/1 integer mask (True = may attend), got a "
+                         f"{mask.dtype} tensor; convert an additive mask with `mask == 0`")
     if mask.dtype != torch.bool:
         mask = mask != 0
     if mask.ndim == 2:  # key-padding mask (B, T_k), as text encoders return
@@ -40,6 +43,8 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
     except RuntimeError:
         raise ValueError(f"mask: expected (B, T_k) = {(B, Tk)} or a mask broadcastable to "
                          f"(B, heads, T_q, T_k) = {(B, q.shape[1], Tq, Tk)}, got {tuple(mask.shape)}") from None
+    if not mask.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
+        raise ValueError("mask: every query needs at least one key it may attend to; got a row of False")
     return mask
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -267,7 +268,10 @@ class DiT(nn.Module):
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, context=None, context_mask=None) -> torch.Tensor:
+        if context is not None or context_mask is not None:
+            raise ValueError("context: this DiT is class-conditioned (no cross-attention); pass labels "
+                             "y, or use a text-conditioned model (chapter 06's TextDiT)")
         t, y = self._check_inputs(x, t, y)
         B, _, H, W = x.shape
         h, w = H // self.config.patch_size, W // self.config.patch_size
@@ -370,13 +374,37 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for suffix in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{suffix}"] = sd[f"proj_out_1.{suffix}"]
         out[f"final_layer.linear.{suffix}"] = sd[f"proj_out_2.{suffix}"]
+    known = re.compile(r"pos_embed\.(proj\.(weight|bias)|pos_embed)|proj_out_[12]\.(weight|bias)|"
+                       r"transformer_blocks\.\d+\.(norm1\.(emb\..*|linear\..*)|attn1\.(to_[qkv]|to_out\.0|norm_[qk])\..*|"
+                       r"ff\.net\.(0\.proj|2)\..*)")
+    unknown = sorted(k for k in sd if not known.fullmatch(k))
+    if unknown:  # weights we would silently drop: refuse rather than load a different model
+        raise ValueError(f"checkpoint: diffusers DiT keys tinydit does not use: {unknown[:10]}"
+                         + (f" ... and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return out
+
+
+def diffusers_transformer_class(d: dict) -> str | None:
+    """The diffusers class a transformer config.json describes. Hub repos converted before diffusers
+    split its classes (e.g. facebook/DiT-XL-2-256, the PixArt repos) still say
+    "Transformer2DModel"; diffusers then picks the class by `norm_type`, and so do we."""
+    name = d.get("_class_name")
+    if name == "Transformer2DModel":
+        return {"ada_norm_zero": "DiTTransformer2DModel",
+                "ada_norm_single": "PixArtTransformer2DModel"}.get(d.get("norm_type"), name)
+    return name
 
 
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
-    if d.get("_class_name", "DiTTransformer2DModel") != "DiTTransformer2DModel":
-        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r}")
+    if diffusers_transformer_class(d) not in (None, "DiTTransformer2DModel"):
+        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
+    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_zero"), ("norm_elementwise_affine", False),
+                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"))
+                   if d.get(k, ok) != ok}
+    if unsupported:
+        raise ValueError(f"config: DiT options tinydit does not implement: {unsupported}")
     in_ch = d.get("in_channels", 4)
     out_ch = d.get("out_channels") or in_ch
     cfg = dict(input_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 2), in_channels=in_ch,
@@ -749,13 +777,18 @@ class TextDiT(DiT):
         if t.shape != (B,):
             raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
         if context is None:
-            context, context_mask = self.null_context(B), None
+            if context_mask is not None:
+                raise ValueError("context_mask: given without context; pass the caption tokens as context= too")
+            context = self.null_context(B)
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"context: expected text tokens of shape ({B}, T, {cfg.context_dim}), got {got}")
         if context.shape[2] != cfg.context_dim:
             raise ValueError(f"context: expected text tokens of width {cfg.context_dim} (the model's context_dim), "
                              f"got width {context.shape[2]}; is this the text encoder the model was built for?")
+        context = context.to(x.device)  # text encoders often live on another device (CPU, offloaded)
+        if pooled is not None:
+            pooled = torch.as_tensor(pooled).to(x.device)
         if context_mask is not None:
             context_mask = torch.as_tensor(context_mask, device=x.device)
             if context_mask.shape != context.shape[:2]:
@@ -776,8 +809,13 @@ class TextDiT(DiT):
             if resolution is None or aspect_ratio is None:
                 raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
                                  "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
-            resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2).expand(B, 2)
-            aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1).expand(B, 1)
+            resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2)
+            aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1)
+            for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
+                if v.shape[0] not in (1, B):
+                    raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), "
+                                     f"got {v.shape[0]}")
+            resolution, aspect_ratio = resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
         elif resolution is not None or aspect_ratio is not None:
             raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
         return t, context, context_mask, pooled, resolution, aspect_ratio
@@ -870,8 +908,9 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
-    if d.get("_class_name") != "PixArtTransformer2DModel":
-        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r}")
+    if diffusers_transformer_class(d) != "PixArtTransformer2DModel":
+        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
     heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
     hidden = heads * head_dim
     unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
@@ -960,7 +999,7 @@ def _from_pretrained_any(cls, path_or_id: str | Path, subfolder: str | None = No
         config.pop("_class")
         model = TextDiT(TextDiTConfig.from_dict({**config, **overrides}))
         sd = load_state_dict(folder / "model.safetensors")
-    elif config.get("_class_name") == "PixArtTransformer2DModel":
+    elif diffusers_transformer_class(config) == "PixArtTransformer2DModel":
         model = TextDiT(config_from_diffusers_pixart(config, **overrides))
         weights = next((folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                         if (folder / n).is_file()), None)

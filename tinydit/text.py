@@ -570,6 +570,14 @@ class DualTextEncoder(TextEncoder):
     def device(self) -> torch.device:
         return self.compute_device
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to(device)` moves the primary (a submodule); follow it, and move a resident secondary."""
+        super()._apply(fn, *args, **kwargs)
+        self.compute_device = self.primary.device
+        if self.secondary is not None and not self.offload:
+            self.secondary.to(self.compute_device)
+        return self
+
     def where(self) -> dict[str, str]:
         """Where each encoder's weights are right now."""
         return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
