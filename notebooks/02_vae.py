@@ -814,6 +814,19 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
     return out
 
 
+def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older diffusers VAE folders (some SD 1.x repos) name the mid-block attention
+    `query/key/value/proj_attn`; diffusers renames them on load, and so do we."""
+    names = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for k, v in sd.items():
+        if ".attentions." in k:
+            for old, new in names.items():
+                k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
 def _from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
     """Load a diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online."""
     folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
@@ -825,7 +838,7 @@ def _from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None =
         raise FileNotFoundError(f"path_or_id: {str(folder)!r} has none of the weight files {WEIGHT_NAMES}")
     config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
     model = cls(config)
-    check_and_load(model, load_state_dict(weights), what=str(weights))
+    check_and_load(model, rename_legacy_attention(load_state_dict(weights)), what=str(weights))
     return model.eval()
 
 

@@ -852,9 +852,12 @@ def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     return DiTConfig(**{**cfg, **overrides})
 
 
-def _from_original(cls, path: str | Path, num_heads: int | None = None, **overrides) -> DiT:
-    """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or `.safetensors`)."""
-    sd = unwrap_state_dict(load_state_dict(path))
+def _from_original(cls, path: str | Path, num_heads: int | None = None, state_dict: dict | None = None,
+                   **overrides) -> DiT:
+    """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or `.safetensors`).
+
+    `state_dict`: the file's tensors when the caller has already read them (saves a second read)."""
+    sd = state_dict if state_dict is not None else unwrap_state_dict(load_state_dict(path))
     model = cls(infer_config_from_original(sd, num_heads=num_heads, **overrides))
     sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
     check_and_load(model, sd, what=f"DiT checkpoint {Path(path).name}")

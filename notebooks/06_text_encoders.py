@@ -1786,7 +1786,7 @@ def _from_original_any(cls, path: str | Path, num_heads: int | None = None, **ov
     sd = unwrap_state_dict(load_state_dict(path))
     if "t_block.1.weight" in sd:
         return _pixart_from_state_dict(sd, Path(path).name, num_heads=num_heads, **overrides)
-    return _from_original_dit(DiT, path, num_heads=num_heads, **overrides)
+    return _from_original_dit(DiT, path, num_heads=num_heads, state_dict=sd, **overrides)
 
 
 DiT.from_pretrained = classmethod(_from_pretrained_any)

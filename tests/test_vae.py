@@ -285,3 +285,22 @@ def test_train_book_vae_is_deterministic_and_learns(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
         vae.train_book_vae(steps=0)
+
+
+def test_legacy_attention_names_load(tmp_path):
+    """Older diffusers VAE folders call the mid-block attention query/key/value/proj_attn."""
+    ref = diffusers_vae("sd-like")
+    ref.save_pretrained(tmp_path / "vae")
+    path = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    legacy = {}
+    for k, v in sd.items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            k = k.replace(new, old) if ".attentions." in k else k
+        legacy[k] = v
+    assert any(".query." in k for k in legacy)
+    save_file(legacy, str(path))
+    ours = vae.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert (ours.decode(ours.encode(x).mode()) - ref(x).sample).abs().max() < 1e-5

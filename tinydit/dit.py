@@ -414,9 +414,12 @@ def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     return DiTConfig(**{**cfg, **overrides})
 
 
-def _from_original(cls, path: str | Path, num_heads: int | None = None, **overrides) -> DiT:
-    """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or `.safetensors`)."""
-    sd = unwrap_state_dict(load_state_dict(path))
+def _from_original(cls, path: str | Path, num_heads: int | None = None, state_dict: dict | None = None,
+                   **overrides) -> DiT:
+    """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or `.safetensors`).
+
+    `state_dict`: the file's tensors when the caller has already read them (saves a second read)."""
+    sd = state_dict if state_dict is not None else unwrap_state_dict(load_state_dict(path))
     model = cls(infer_config_from_original(sd, num_heads=num_heads, **overrides))
     sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
     check_and_load(model, sd, what=f"DiT checkpoint {Path(path).name}")
@@ -1018,7 +1021,7 @@ def _from_original_any(cls, path: str | Path, num_heads: int | None = None, **ov
     sd = unwrap_state_dict(load_state_dict(path))
     if "t_block.1.weight" in sd:
         return _pixart_from_state_dict(sd, Path(path).name, num_heads=num_heads, **overrides)
-    return _from_original_dit(DiT, path, num_heads=num_heads, **overrides)
+    return _from_original_dit(DiT, path, num_heads=num_heads, state_dict=sd, **overrides)
 
 
 DiT.from_pretrained = classmethod(_from_pretrained_any)
