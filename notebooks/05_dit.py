@@ -527,8 +527,8 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """DiT's initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and final layer."""
+    def _init_linears_and_patch_embed(self) -> None:
+        """Xavier-uniform every linear (zero bias) and the patch embedding, seen as a linear map."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -537,6 +537,10 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier linears, N(0, 0.02) embeddings, zero adaLN and final layer."""
+        self._init_linears_and_patch_embed()
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -546,7 +550,8 @@ class DiT(nn.Module):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    def _check_inputs(self, x: torch.Tensor, t, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_latents(self, x: torch.Tensor, t, fixed_table: bool = True) -> torch.Tensor:
+        """Validate latents x (B, C, H, W) and timesteps; returns t as a (B,) tensor."""
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -555,7 +560,7 @@ class DiT(nn.Module):
         p = cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"x: H and W must be divisible by patch_size={p}, got {H}x{W}")
-        if H > cfg.input_size or W > cfg.input_size:
+        if fixed_table and (H > cfg.input_size or W > cfg.input_size):
             raise ValueError(f"x: {H}x{W} is larger than the position table allows "
                              f"(input_size={cfg.input_size}); build the model with a larger input_size")
         t = torch.as_tensor(t, device=x.device)
@@ -563,6 +568,12 @@ class DiT(nn.Module):
             t = t.expand(B)
         if t.shape != (B,):
             raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
+        return t
+
+    def _check_inputs(self, x: torch.Tensor, t, y) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        t = self._check_latents(x, t)
+        B = x.shape[0]
         if y is None:
             y = torch.full((B,), cfg.num_classes, device=x.device, dtype=torch.long)  # null class
         y = torch.as_tensor(y, device=x.device)

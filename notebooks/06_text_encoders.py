@@ -1362,14 +1362,7 @@ class TextDiT(DiT):
     def initialize_weights(self) -> None:
         """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
         cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self._init_linears_and_patch_embed()
         embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         for name in ("csize_embedder", "ar_embedder"):
             if hasattr(self, name):
@@ -1413,22 +1406,11 @@ class TextDiT(DiT):
 
     def _check_text_inputs(self, x, t, y, context, context_mask, pooled, resolution, aspect_ratio):
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected latents of shape (B, {cfg.in_channels}, H, W), got {got}")
-        B, _, H, W = x.shape
-        p = cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"x: H and W must be divisible by patch_size={p}, got {H}x{W}")
-        if cfg.pos_base_size is None and (H > cfg.input_size or W > cfg.input_size):
-            raise ValueError(f"x: {H}x{W} is larger than the position table allows (input_size={cfg.input_size})")
+        # PixArt-style models recompute their position table, so any grid size is allowed
+        t = self._check_latents(x, t, fixed_table=cfg.pos_base_size is None)
+        B = x.shape[0]
         if y is not None:
             raise ValueError("y: a text-conditioned DiT takes no class labels; pass the caption as context=")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
         if context is None:
             if context_mask is not None:
                 raise ValueError("context_mask: given without context; pass the caption tokens as context= too")
