@@ -103,6 +103,153 @@ print(f"tinydit {tinydit.__version__}, torch {torch.__version__}, device: {devic
       f"CPU threads: {torch.get_num_threads()}, fast mode: {FAST}")
 
 # %% [markdown]
+# ## One convention for bad input
+#
+# A library that a reader trusts must never turn a typo into a silently wrong picture. Every public
+# entry point of `tinydit` checks its arguments with the small helpers below and, when something is
+# wrong, raises an error that names **the argument, what was given, and what was expected**:
+#
+# ```
+# ValueError: num_inference_steps: expected an integer >= 1, got 0
+# ```
+#
+# The checks run once per call at the entry points (a loader, a sampler's start, the pipeline), not
+# inside a model's `forward`: a value check such as `if (t < 0).any()` forces the GPU to wait for
+# the CPU on every forward pass and breaks `torch.compile` graphs. Chapters teach each idea first
+# without any guard; the exported versions call these helpers. The module is `tinydit.validation`.
+
+# %%
+# | default_exp validation
+
+# %%
+# | export
+"""Argument checks shared by every public entry point of tinydit.
+
+Each helper returns the (normalised) value or raises `ValueError` / `TypeError` whose message
+starts with the argument's name, then says what was expected and what was given. Numpy scalars
+count as numbers; booleans do not count as integers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+# Refuse allocations above this many bytes before trying them (a typo such as `--n 100000`).
+MAX_SENSIBLE_BYTES = 8 * 2**30
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as a Python int in [minimum, maximum]; numpy integers accepted, bools refused."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if not _is_int(value):
+        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected an integer <= {maximum}, got {value}")
+    return value
+
+
+def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None,
+                min_inclusive: bool = True, max_inclusive: bool = True) -> float:
+    """`value` as a finite Python float within the given bounds; ints and numpy numbers accepted."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if minimum is not None and (value < minimum if min_inclusive else value <= minimum):
+        raise ValueError(f"{name}: expected a number {'>=' if min_inclusive else '>'} {minimum}, got {value}")
+    if maximum is not None and (value > maximum if max_inclusive else value >= maximum):
+        raise ValueError(f"{name}: expected a number {'<=' if max_inclusive else '<'} {maximum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> object:
+    """`value` if it is one of `choices`, else a ValueError listing them."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected one of {valid}, got {value!r}")
+    return value
+
+
+def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floating: bool = False,
+                 finite: bool = False) -> torch.Tensor:
+    """`x` if it is a tensor with `ndim` dimensions (an int or a tuple of allowed counts), a
+    floating dtype when `floating`, and no NaN / inf values when `finite`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if finite:
+        check_finite(name, x)
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` if every value is finite; otherwise say how many are NaN or infinite. Tensors on the
+    `meta` device (shapes without values) pass."""
+    if (x.is_floating_point() or x.is_complex()) and not x.is_meta:
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n_nan = int(torch.isnan(x).sum())
+            raise ValueError(f"{name}: expected finite values, got {n_nan} NaN and "
+                             f"{int(bad.sum()) - n_nan} infinite value(s) in shape {tuple(x.shape)}")
+    return x
+
+
+def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A boolean mask (True = keep / attend). Float masks are refused: an additive mask
+    (0 = attend, -inf = ignore) cast with `.bool()` would silently mean the opposite."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a boolean torch.Tensor (True = attend), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a boolean mask (True = attend), got dtype {mask.dtype}; "
+                        "additive float masks are not accepted, convert with `mask == 0` if yours is one")
+    if shape is not None and tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> None:
+    """Refuse, before allocating, a request that would need more than `limit` bytes."""
+    if n_bytes > limit:
+        raise ValueError(f"{name}: this would need about {n_bytes / 2**30:.1f} GiB of memory, more than "
+                         f"the {limit / 2**30:.0f} GiB tinydit allows for one request; ask for less")
+
+# %% [markdown]
+# Each helper returns the value it checked, so an entry point reads as a short list of facts:
+
+# %%
+from tinydit.validation import check_float, check_int
+
+steps = check_int("num_inference_steps", 20, minimum=1)
+try:
+    check_float("guidance_scale", float("nan"), minimum=0)
+except ValueError as e:
+    print(e)
+    assert str(e).startswith("guidance_scale: expected a finite number")
+else:
+    raise AssertionError("a NaN guidance scale was accepted")
+
+# %% [markdown]
 # ## A first look at the data
 #
 # Chapter 01 builds the dataset every later chapter trains on. Here are eight samples, straight

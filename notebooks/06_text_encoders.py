@@ -12,88 +12,126 @@
 # ---
 
 # %% [markdown]
-# # 06 · Text encoders and cross-attention
+# # 06 · Text encoders
 #
 # Chapter 05's DiT was conditioned on a class label: one of 18 (colour, shape) pairs. A
 # text-to-image model is conditioned on a **caption**, and a caption is not one vector but a
 # sequence of words, each of which may matter to a different part of the picture ("a *red* circle
-# *left of* a *blue* square"). This chapter builds the two halves of that:
+# *left of* a *blue* square"). A text encoder turns a batch of prompts into one vector per token
+# (what the DiT's cross-attention will read in chapter 07) and, for some encoders, one vector per
+# prompt. This chapter builds:
 #
-# 1. **Text encoders** turn a list of prompts into token vectors. One interface serves all of them:
-#    `encoder.encode(prompts) -> TextEmbeddings(tokens, mask, pooled)`. We wrap the two encoders that
-#    real models use through `transformers` — CLIP's text tower (Radford et al., 2021, *Learning
-#    Transferable Visual Models From Natural Language Supervision*) and T5's encoder (Raffel et al.,
-#    2020, *Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer*) — and a
-#    `DualTextEncoder` that combines them as SD3 does (Esser et al., 2024), with the big T5 kept off
-#    the compute device until it is needed.
-# 2. **The book's own text encoder**, trained here from scratch: a tiny CLIP text transformer with a
-#    tokenizer built from our captions, trained contrastively against a small image encoder on the
-#    shapes of chapter 01.
-# 3. **Cross-attention in the DiT**: image tokens ask questions (queries), caption tokens answer
-#    (keys and values). Two ways to modulate the blocks: adaLN-Zero on timestep + pooled text (the book
-#    model, as SD3 uses the pooled CLIP vector) and PixArt's **adaLN-single** (Chen et al., 2023,
-#    *PixArt-α*; 2024, *PixArt-Σ*), with loaders for PixArt checkpoints in diffusers' and the
-#    original layout, checked against diffusers to $10^{-5}$.
+# 1. **One interface** for every encoder: `encoder(prompts) -> TextEmbeddings(tokens, mask, pooled)`.
+# 2. **CLIP's text tower** (Radford et al., 2021) and **T5's encoder** (Raffel et al., 2020) through
+#    `transformers`, loaded from folders or hub ids, refusing checkpoints that do not fit.
+# 3. **The book's own text encoder**: a word-level tokenizer and a tiny CLIP, trained contrastively
+#    against a small image encoder on the shapes of chapter 01, and measured.
+# 4. **A dual encoder** as in SD3 (Esser et al., 2024): CLIP's tokens and pooled vector plus T5's
+#    tokens, with the big T5 kept off the compute device until it is needed.
 #
-# | tensor | shape | book | PixArt-α XL/2 at 1024² |
+# | tensor | shape | book | PixArt-α (T5-XXL) |
 # |---|---|---|---|
 # | token ids | $(B, T)$ | $(B, \le 32)$ | $(B, 120)$ |
-# | text tokens `tokens` | $(B, T, D_\text{text})$ | $(B, T, 96)$ | $(B, 120, 4096)$ (T5-XXL) |
-# | key-padding `mask` | $(B, T)$, True = real token | $(B, T)$ | $(B, 120)$ |
-# | pooled text `pooled` | $(B, D_\text{pooled})$ or None | $(B, 64)$ | None |
-# | image tokens (queries) | $(B, N, D)$ | $(B, 16, 192)$ | $(B, 4096, 1152)$ |
-# | cross-attention map | $(B, \text{heads}, N, T)$ | $(B, 6, 16, T)$ | $(B, 16, 4096, 120)$ |
-#
-# This chapter exports `tinydit.text` and extends `tinydit.dit` with the text-conditioned model.
+# | `tokens` | $(B, T, D)$ | $(B, T, 96)$ | $(B, 120, 4096)$ |
+# | `mask`, True = real token | $(B, T)$ | $(B, T)$ | $(B, 120)$ |
+# | `pooled` | $(B, D_\text{pooled})$ or None | $(B, 64)$ | None |
 
 # %%
 # | default_exp text
 
 # %%
 import os
+
+FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
+
+# %%
+import re
+import tempfile
 import time
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 torch.manual_seed(0)
 
 # %% [markdown]
-# ## 1. One interface for every text encoder
+# ## 1. A text encoder in twenty lines
 #
-# Whatever the encoder, a diffusion model needs three things from a batch of prompts:
+# Four steps turn captions into vectors: **tokenize** (words to integer ids, wrapped in start and
+# end tokens, padded to a rectangle), **embed** (a learned vector per id plus one per position),
+# run a **transformer**, and **pool** one vector per caption. CLIP's text tower is *causal* (each
+# token sees only the ones before it) and pools the state at the end-of-text token, the only one that
+# has seen the whole caption.
+
+# %%
+captions = ["a red circle", "a big blue square on the left"]
+vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>"] + sorted({w for c in captions for w in c.split()}))}
+
+
+def word_ids(prompts, vocab):  # one id per word, <bos> ... <eos>, padded with <pad> = 0
+    rows = [[1] + [vocab[w] for w in p.split()] + [2] for p in prompts]
+    T = max(map(len, rows))
+    return torch.tensor([r + [0] * (T - len(r)) for r in rows])  # (B, T)
+
+
+class TinyTextEncoder(nn.Module):
+    def __init__(self, vocab_size, d=32, layers=2, heads=4, max_len=16):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab_size, d), nn.Embedding(max_len, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, ids):  # ids (B, T)
+        T = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(T))  # (B, T, d)
+        causal = nn.Transformer.generate_square_subsequent_mask(T)  # (T, T): -inf above the diagonal
+        x = self.blocks(x, mask=causal, is_causal=True)  # (B, T, d)
+        eos = (ids == 2).int().argmax(1)  # (B,) where each caption ends
+        return x, x[torch.arange(len(ids)), eos]  # tokens (B, T, d), pooled (B, d)
+
+
+ids = word_ids(captions, vocab)  # (2, 9)
+tiny = TinyTextEncoder(len(vocab)).eval()
+tokens, pooled = tiny(ids)
+print("ids", ids.tolist(), "\nmask", (ids != 0).int().tolist())
+assert tokens.shape == (2, 9, 32) and pooled.shape == (2, 32)
+# causal: the real tokens of the short caption do not depend on the padding after them
+torch.testing.assert_close(tokens[0, :5], tiny(ids[:1, :5])[0][0], atol=1e-5, rtol=0)
+
+# %% [markdown]
+# ## 2. One interface for every text encoder
 #
-# - `tokens` $(B, T, D)$: one vector per token, what cross-attention reads;
-# - `mask` $(B, T)$: which tokens are real (True) and which are padding (False). Captions have
-#   different lengths but a batch is a rectangle, so short captions are padded; the mask keeps
-#   attention from reading the padding;
-# - `pooled` $(B, D_\text{pooled})$: one vector for the whole prompt, or None. CLIP has one (the
-#   state at the end-of-text token, trained to match the image embedding); T5 does not.
-#
-# Bad input fails early and says what was wrong: an empty list, a prompt that is not a string, a
-# single string where a list was expected. A prompt longer than the encoder's limit is truncated
-# (that is what every pipeline does) with a warning that says how many tokens were dropped.
+# Whatever the encoder, a diffusion model needs three things from a batch of prompts: `tokens`
+# $(B, T, D)$, what cross-attention reads; `mask` $(B, T)$, True for real tokens and False for
+# padding, so that attention skips the padding; and `pooled` $(B, D_\text{pooled})$, one vector for
+# the whole prompt, or None (T5 has none). The mask is **boolean**: a float mask is ambiguous (an
+# *additive* mask uses 0 for "keep" and $-\infty$ for "drop", and `.bool()` would flip it), so it is
+# refused; the 0/1 integer masks tokenizers return are converted.
 
 # %%
 # | export
 """Text encoders for diffusion transformers, behind one interface.
 
-`encoder.encode(prompts) -> TextEmbeddings(tokens (B, T, D), mask (B, T), pooled (B, D_p) | None)`
-for CLIP's text tower (Radford et al. 2021), T5's encoder (Raffel et al. 2020), a dual encoder that
-combines them as SD3 does (Esser et al. 2024) with the secondary encoder offloaded, and the book's
-tiny CLIP text encoder trained contrastively on the shapes dataset.
+`encoder(prompts)` (or `encoder.encode(prompts)`) `-> TextEmbeddings(tokens (B, T, D), mask (B, T),
+pooled (B, D_p) | None)` for CLIP's text tower (Radford et al. 2021), T5's encoder (Raffel et al.
+2020), a dual encoder that combines them as SD3 does (Esser et al. 2024) with the secondary
+offloaded, and the book's tiny CLIP text encoder trained contrastively on the shapes dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -104,10 +142,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinydit
-from tinydit.checkpoint import resolve_pretrained
+from tinydit.checkpoint import WeightsMismatchError, _listing, resolve_pretrained
+from tinydit.validation import check_bool_mask, check_choice, check_int
 
 BOOK_TEXT_ENCODER_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_text_encoder"
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
+
+
+def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = real token): 0/1 integer masks are converted, float masks refused."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
+        if not mask.is_meta and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"mask: expected 0/1 values (1 = real token), got {mask.unique()[:6].tolist()}")
+        mask = mask.bool()
+    return check_bool_mask("mask", mask)
 
 
 @dataclass
@@ -119,13 +167,13 @@ class TextEmbeddings:
     pooled: torch.Tensor | None = None  # (B, D_pooled) one vector per prompt (CLIP), or None (T5)
 
     def __post_init__(self):
-        if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2]:
+        if self.tokens.ndim != 3 or tuple(self.mask.shape) != tuple(self.tokens.shape[:2]):
             raise ValueError(f"tokens, mask: expected tokens (B, T, D) and mask (B, T), got "
                              f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != self.tokens.shape[0]):
             raise ValueError(f"pooled: expected (B, D_pooled) with B={self.tokens.shape[0]}, got "
                              f"{tuple(self.pooled.shape)}")
-        self.mask = self.mask.bool()
+        self.mask = _as_bool_mask(self.mask)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -135,7 +183,13 @@ class TextEmbeddings:
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
         return TextEmbeddings(self.tokens.to(device=device, dtype=dtype), self.mask.to(device), pooled)
 
+# %% [markdown]
+# Prompts are checked before any tokenizer sees them: an empty list, a prompt that is not a string
+# and a bare string where a list was expected fail with a sentence. A prompt longer than the
+# encoder's limit is truncated (what every pipeline does) with a warning that counts what was lost.
 
+# %%
+# | export
 def check_prompts(prompts) -> list[str]:
     """A non-empty list of strings, or a ValueError that says what was given instead."""
     if isinstance(prompts, str):
@@ -164,17 +218,25 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max
                       return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"].bool()  # (B, T) each
 
+# %% [markdown]
+# The interface itself is a module whose `encode` (and `__call__`) checks the prompts, brings the
+# weights onto the compute device if they were offloaded (section 6) and runs without gradients.
+# A subclass sets three sizes and writes `_encode`.
 
+# %%
+# | export
 class TextEncoder(nn.Module):
-    """The interface: `encode(prompts: list[str]) -> TextEmbeddings`.
+    """The interface: `encoder(prompts)` or `encoder.encode(prompts)` -> `TextEmbeddings`.
 
     Subclasses set `width` (D of the tokens), `pooled_width` (or None) and `max_length`, and
-    implement `_encode(prompts)`. `encode` checks the prompts and runs without gradients.
+    implement `_encode(prompts)`. `encode` checks the prompts, brings offloaded weights in for the
+    call (`offloader`, see `Offloader`) and runs without gradients.
     """
 
     width: int
     pooled_width: int | None
     max_length: int
+    offloader: Offloader | None = None  # set by DualTextEncoder while it offloads this encoder
 
     @property
     def device(self) -> torch.device:
@@ -183,13 +245,64 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         prompts = check_prompts(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), (self.offloader or contextlib.nullcontext()):
             return self._encode(prompts)
+
+    def forward(self, prompts: list[str]) -> TextEmbeddings:
+        return self.encode(prompts)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         raise NotImplementedError
 
+# %% [markdown]
+# Our twenty-line encoder fits behind it in a few lines, and calling it like any module now returns
+# `TextEmbeddings`. A float mask is refused with a message that says why.
 
+# %%
+class WordTextEncoder(TextEncoder):
+    def __init__(self, net, vocab):
+        super().__init__()
+        self.net, self.vocab, self.width, self.pooled_width, self.max_length = net, vocab, 32, 32, 16
+
+    def _encode(self, prompts):
+        ids = word_ids(prompts, self.vocab)  # (B, T)
+        tokens, pooled = self.net(ids)  # (B, T, 32), (B, 32)
+        return TextEmbeddings(tokens, ids != 0, pooled)
+
+
+te = WordTextEncoder(tiny, vocab)
+e = te(captions)
+assert torch.equal(e.tokens, tokens) and torch.equal(e.pooled, pooled) and e.mask.sum(1).tolist() == [5, 9]
+assert TextEmbeddings(e.tokens, (ids != 0).long()).mask.dtype == torch.bool  # 0/1 integers: converted
+try:
+    TextEmbeddings(e.tokens, torch.zeros(2, 9).masked_fill(ids == 0, -torch.inf))  # an additive float mask
+except TypeError as err:
+    print("TypeError:", err)
+    assert re.search(r"mask: expected a boolean mask", str(err))
+else:
+    raise AssertionError("a float mask was accepted")
+
+# %% [markdown]
+# ## 3. CLIP and T5 through `transformers`
+#
+# **CLIP's text tower** is our causal encoder at scale (12 layers, width 768 for CLIP-L), trained so
+# that its projected end-of-text state matches the embedding of the right image. Three readouts
+# matter to diffusion models: the **last** hidden layer after the final LayerNorm (SD 1.x, SD3's
+# CLIP tokens), the **penultimate** layer (SDXL; "clip skip"), and the **pooled** vector: the EOS state
+# or its projection into the joint space (what SDXL and SD3 add to the timestep embedding). Being
+# causal, it runs without an attention mask, as in every Stable Diffusion pipeline.
+#
+# **T5's encoder** is bidirectional, so it *must* be given the attention mask, and it has no pooled
+# output. PixArt-α reads 120 T5-XXL tokens, PixArt-Σ 300, SD3 256.
+#
+# Both load from a local folder or a hub id, including a diffusers pipeline's `text_encoder` /
+# `tokenizer` subfolders. `transformers` only *logs* a report when a checkpoint's keys do not fit
+# the model and carries on with those weights random, a silent wrong result; our loaders read
+# `output_loading_info` and refuse, naming the keys. A full CLIP model (text and vision) may carry
+# the vision tower's keys: those, and only those, are allowed to be unused.
+
+# %%
+# | export
 def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
     """`resolve_pretrained` with a one-line error naming the encoder when the hub is out of reach."""
     try:
@@ -210,29 +323,54 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
         return _local_folder(path_or_id, subfolder.replace("text_encoder", "tokenizer"), what)
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
+
+@contextlib.contextmanager
+def _quiet_transformers(progress_bar: bool = True):
+    """Within the block only: no transformers load report (we check the loading info ourselves)
+    and, unless `progress_bar`, no "Loading weights" bar. The previous settings come back after."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar_was_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars_off, hide_bar = hub_utils.are_progress_bars_disabled(), bar_was_on and not progress_bar
+    hf_logging.set_verbosity_error()
+    if hide_bar:
+        hf_logging.disable_progress_bar()  # also turns the hub's bars off: restored below
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if hide_bar:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS is set
+                hf_logging.enable_progress_bar()
+            if hub_bars_off:
+                hub_utils.disable_progress_bars()
+
+
+def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
+    """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
+    (transformers would log a report and leave those weights random). Checkpoint keys starting with
+    one of `allow_unused` may go unused (e.g. the vision tower of a full CLIP model)."""
+    with _quiet_transformers():
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                **kwargs)
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(allow_unused))
+    shapes = sorted(f"{k[0]}: checkpoint {tuple(k[1])} vs model {tuple(k[2])}" if isinstance(k, tuple) else str(k)
+                    for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or shapes or info.get("error_msgs"):
+        raise WeightsMismatchError(
+            f"{what}: the checkpoint in {str(folder)!r} does not fit {model_cls.__name__} (those weights would "
+            "stay random); is it the right folder / subfolder?" + _listing("missing keys", missing)
+            + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes)
+            + _listing("errors", [str(m) for m in info.get("error_msgs", ())]))
+    return model
+
 # %% [markdown]
-# ## 2. CLIP and T5 through `transformers`
-#
-# **CLIP's text tower** is a causal transformer (each token sees only the tokens before it) trained
-# so that the state at the end-of-text token (EOS), projected, has a high cosine similarity with the
-# embedding of the matching image and a low one with every other image in the batch. Three readouts
-# matter to diffusion models:
-#
-# - the **last** hidden layer after the final LayerNorm (SD 1.x, PixArt-free pipelines, SD3's CLIP tokens);
-# - the **penultimate** hidden layer, before the final LayerNorm (SDXL; also "clip skip");
-# - the **pooled** vector: the EOS state (`pooler_output`), or its projection into the joint space
-#   (`CLIPTextModelWithProjection.text_embeds`, what SDXL and SD3 add to the timestep embedding).
-#
-# Because the attention is causal, the real tokens never see the padding after them, so CLIP runs
-# without an attention mask (as in every Stable Diffusion pipeline) and `mask` only tells the DiT
-# which tokens are real.
-#
-# **T5's encoder** is bidirectional (every token sees every other), so it *must* be given the
-# attention mask, and it has no pooled output. PixArt-α reads 120 T5-XXL tokens, PixArt-Σ 300,
-# SD3 256.
-#
-# Both load from a local folder or a hub id, including the `text_encoder` / `tokenizer` subfolders of
-# a diffusers pipeline. An unreachable hub id fails in one line that says to pass a local folder.
+# The two wrappers read the right readout and pooled vector; `from_pretrained` picks the model
+# class from the folder's `config.json` (a text tower with or without projection, or a full CLIP
+# model whose text half we keep).
 
 # %%
 # | export
@@ -251,10 +389,8 @@ class CLIPTextEncoder(TextEncoder):
     def __init__(self, model, tokenizer, layer: str = "last", pooled: str = "auto",
                  max_length: int | None = None, padding: str = "max_length"):
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer: expected one of {self.LAYERS}, got {layer!r}")
-        if pooled not in self.POOLED:
-            raise ValueError(f"pooled: expected one of {self.POOLED}, got {pooled!r}")
+        check_choice("layer", layer, self.LAYERS)
+        check_choice("pooled", pooled, self.POOLED)
         has_projection = hasattr(model, "text_projection")
         if pooled == "auto":
             pooled = "projected" if has_projection else "eos"
@@ -279,25 +415,25 @@ class CLIPTextEncoder(TextEncoder):
                         device: str | torch.device = "cpu", **kwargs) -> CLIPTextEncoder:
         """Load a CLIP text tower and its tokenizer from a folder or hub id (e.g. the CLIP ViT-L/14
         text tower `openai/clip-vit-large-patch14`, or an SDXL pipeline with subfolder
-        `text_encoder_2`). The projection head is used when the checkpoint has one."""
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        `text_encoder_2`). The projection head is used when the checkpoint has one. A checkpoint
+        whose keys do not fit raises `WeightsMismatchError` naming them."""
+        from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         folder = _local_folder(path_or_id, subfolder, "CLIPTextEncoder")
         tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "CLIPTextEncoder")
         config = json.loads((folder / "config.json").read_text())
-        kwargs_model = {"dtype": dtype or torch.float32}
+        kwargs_model, unused = {"dtype": dtype or torch.float32}, ()
         if config.get("model_type") == "clip":  # a full CLIPModel (text + vision): keep the text tower
-            from transformers import CLIPConfig
-
             full = CLIPConfig.from_pretrained(folder)
             text_config = full.text_config
             text_config.projection_dim = full.projection_dim  # the projection size lives on the full config
             model_cls, kwargs_model["config"] = CLIPTextModelWithProjection, text_config
+            unused = ("vision_model.", "visual_projection.", "logit_scale")
         elif "CLIPTextModelWithProjection" in config.get("architectures", []):
             model_cls = CLIPTextModelWithProjection
         else:
             model_cls = CLIPTextModel
-        model = model_cls.from_pretrained(folder, **kwargs_model).to(device)
+        model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -313,7 +449,8 @@ class CLIPTextEncoder(TextEncoder):
             pooled = self.model.text_projection(out.pooler_output)  # (B, D_proj)
         return TextEmbeddings(tokens, mask, pooled)
 
-
+# %%
+# | export
 class T5TextEncoder(TextEncoder):
     """T5 encoder (Raffel et al. 2020) behind the `TextEncoder` interface: bidirectional, so it is
     run with the attention mask; no pooled vector. `max_length`: 120 for PixArt-α, 300 for
@@ -321,8 +458,7 @@ class T5TextEncoder(TextEncoder):
 
     def __init__(self, model, tokenizer, max_length: int = 120, padding: str = "max_length"):
         super().__init__()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+        max_length = check_int("max_length", max_length, minimum=1)
         self.model, self.tokenizer, self.max_length, self.padding = model.eval(), tokenizer, max_length, padding
         self.width, self.pooled_width = model.config.d_model, None
 
@@ -331,12 +467,13 @@ class T5TextEncoder(TextEncoder):
                         tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", **kwargs) -> T5TextEncoder:
         """Load a `T5EncoderModel` and its tokenizer from a folder or hub id (e.g. a PixArt
-        pipeline with subfolder `text_encoder`, or `google/t5-v1_1-xxl`)."""
+        pipeline with subfolder `text_encoder`, or `google/t5-v1_1-xxl`; a full encoder-decoder
+        checkpoint's decoder is skipped). Keys that do not fit raise `WeightsMismatchError`."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = _local_folder(path_or_id, subfolder, "T5TextEncoder")
         tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "T5TextEncoder")
-        model = T5EncoderModel.from_pretrained(folder, dtype=dtype or torch.float32).to(device)
+        model = _load_checked(T5EncoderModel, folder, "T5TextEncoder", dtype=dtype or torch.float32).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -346,19 +483,16 @@ class T5TextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, None)
 
 # %% [markdown]
-# ## 3. The book's tokenizer, built from our captions
+# ## 4. The book's tokenizer, built from our captions
 #
 # Real tokenizers split text into sub-word pieces learned from a web corpus: CLIP uses byte-pair
 # encoding with 49,408 pieces, T5 a SentencePiece unigram model with 32,000. Our captions come from a
-# grammar of a few dozen words (chapter 01), so the right tokenizer is the simplest one: **one token
-# per word**. We build it with the `tokenizers` library — a lower-casing normaliser, a whitespace /
-# punctuation pre-tokeniser, a `WordLevel` model whose vocabulary is every word the captions use,
-# and a post-processor that wraps each caption in CLIP's start and end tokens — and wrap it as a
-# `transformers` tokenizer, so it saves and loads in the standard Hugging Face format
-# (`tokenizer.json` + `tokenizer_config.json`) like any other.
-#
-# Ids 0-3 are the special tokens. The end-of-text id is deliberately not 2: `transformers`' CLIP
-# treats `eos_token_id == 2` as a legacy config and pools at the *largest* id instead of at the EOS.
+# grammar of a few dozen words (chapter 01), so the right tokenizer is `word_ids` from section 1,
+# built with the `tokenizers` library — lower-casing, splitting on whitespace and punctuation, one
+# id per word, CLIP's start and end tokens — and wrapped as a `transformers` tokenizer, so it saves
+# and loads in the standard Hugging Face format like any other. The end-of-text id is deliberately
+# not 2: `transformers`' CLIP treats `eos_token_id == 2` as a legacy config and pools at the
+# *largest* id instead of at the EOS.
 
 # %%
 # | export
@@ -390,54 +524,56 @@ def build_book_tokenizer(captions: Iterable[str], max_length: int = 32):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
 
-# %% [markdown]
-# ### Token by token
-#
-# We build the tokenizer from the captions of 5,000 training samples and look at one caption the
-# way the model sees it: a list of ids. Then a batch: short captions are padded with `<pad>` (id 0)
-# and the mask marks the real tokens.
-
 # %%
 from tinydit.data import HELD_OUT, ShapesDataset
 
 train_caps = [ShapesDataset(5000, seed=0)[i][1] for i in range(5000)]
 book_tok = build_book_tokenizer(train_caps)
-print(f"vocabulary: {len(book_tok)} tokens (4 special + {len(book_tok) - 4} words)")
 caption = "a tiny red circle to the left of a big blue square on a gray background"
 ids = book_tok(caption)["input_ids"]
-print(f"{'token':>16s}  id")
-for tok_id in ids:
-    print(f"{book_tok.convert_ids_to_tokens(tok_id):>16s}  {tok_id}")
+print(f"vocabulary: {len(book_tok)} tokens (4 special + {len(book_tok) - 4} words)")
+print(" ".join(f"{t}:{i}" for t, i in zip(book_tok.convert_ids_to_tokens(ids), ids)))
 batch_ids, batch_mask = tokenize(book_tok, ["a red circle", caption], max_length=32, padding="longest")
-print("ids ", batch_ids.tolist())
 print("mask", batch_mask.int().tolist())
+print("'A pink circle!' ->", book_tok.convert_ids_to_tokens(book_tok("A pink circle!")["input_ids"]))
 assert ids[0] == book_tok.bos_token_id == 2 and ids[-1] == book_tok.eos_token_id == 3
 assert batch_mask.sum(1).tolist() == [5, len(ids)]
-# every word the test split uses is in the vocabulary (same grammar), and unknown words map to <unk>
 test_caps = [ShapesDataset(1000, seed=1, split="test")[i][1] for i in range(1000)]
-assert all(book_tok.unk_token_id not in book_tok(c)["input_ids"] for c in test_caps)
-print("'a pink circle' ->", book_tok.convert_ids_to_tokens(book_tok("a pink circle")["input_ids"]))
+assert all(book_tok.unk_token_id not in book_tok(c)["input_ids"] for c in test_caps)  # same grammar: no <unk>
 
 # %% [markdown]
-# ## 4. The book's text encoder: a tiny CLIP, trained contrastively
+# ## 5. The book's text encoder: a tiny CLIP, trained contrastively
 #
-# What should a text encoder for our shapes know? That "red" and "blue" are different, that
-# "little", "small" and "tiny" are the same, that "a red circle left of a blue square" is not "a blue
-# circle left of a red square". Nobody labels that; CLIP's trick is to learn it from pairs. Two
-# encoders, one for captions and one for images, map into a shared $d$-dimensional space. For a
-# batch of $B$ pairs with unit-length embeddings $t_i$ and $v_j$, the similarity matrix
-# $S_{ij} = e^{\tau}\, t_i \cdot v_j$ (a learned temperature $\tau$) should be large on the diagonal
-# (matching pairs) and small elsewhere. The **contrastive loss** is the cross-entropy of picking the
-# right image for each caption and the right caption for each image:
+# What should a text encoder for our shapes know? That "red" and "blue" differ, that "small" and
+# "tiny" do not, that "a red circle left of a blue square" is not "a blue circle left of a red
+# square". Nobody labels that; CLIP learns it from pairs. Two encoders, one for captions and one for
+# images, map into a shared space; for $B$ pairs with unit-length embeddings $t_i, v_j$ the
+# similarities $S_{ij} = e^{\tau}\, t_i \cdot v_j$ (a learned temperature $\tau$) should be large on
+# the diagonal. The **contrastive loss** is the cross-entropy of picking the right image for each
+# caption and the right caption for each image:
 #
 # $$\mathcal L = \frac{1}{2B}\sum_{i=1}^{B}\Big[-\log \frac{e^{S_{ii}}}{\sum_j e^{S_{ij}}}
 #   \;-\; \log \frac{e^{S_{ii}}}{\sum_j e^{S_{ji}}}\Big].$$
-#
+
+# %%
+def simple_clip_loss(t, v, tau):  # t, v (B, d): B matching (caption, image) pairs
+    t, v = t / t.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)  # unit length
+    S = tau.exp() * t @ v.T  # (B, B): caption i vs image j
+    right_image = S.log_softmax(dim=1).diagonal()  # (B,) log P(image i | caption i)
+    right_caption = S.log_softmax(dim=0).diagonal()  # (B,) log P(caption i | image i)
+    return -(right_image + right_caption).mean() / 2
+
+
+t_emb, v_emb, tau = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(2.0)
+print(f"random pairs: {simple_clip_loss(t_emb, v_emb, tau):.2f}; "
+      f"perfect pairs: {simple_clip_loss(v_emb, v_emb, tau):.2f}; chance log(8) = {np.log(8):.2f}")
+
+# %% [markdown]
 # The text side is a real `transformers` `CLIPTextModelWithProjection` with a tiny config (3 layers,
 # width 96, 32 positions); the image side is a small convolutional network that keeps *where* things
 # are (it flattens its last 4×4 feature map instead of averaging it away, because captions say "on
-# the left"). After training we keep the text encoder and the image encoder (to measure retrieval);
-# the DiT of chapter 07 reads the text encoder's tokens and its pooled vector.
+# the left"). The exported loss is the same computation with cross-entropy and a cap on the
+# temperature ($e^\tau \le 100$, as CLIP).
 
 # %%
 # | export
@@ -494,12 +630,15 @@ def clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torc
     target = torch.arange(len(t), device=t.device)  # (B,)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
+# %%
+for tau in (torch.tensor(2.0), torch.tensor(4.0)):  # e^4 = 55 stays under the cap of 100
+    torch.testing.assert_close(clip_loss(t_emb, v_emb, tau), simple_clip_loss(t_emb, v_emb, tau))
+
 # %% [markdown]
 # The training function renders `n_train` pairs once (the dataset is procedural, so this takes
 # seconds), tokenises every caption, and runs AdamW with a linear warm-up and cosine decay. It is the
 # function that produced the shipped weights (`python -m tinydit` exposes it too); `out_dir` writes
-# the standard Hugging Face folder (`config.json`, `model.safetensors`, tokenizer files) plus the
-# image tower and a `training.json` with the loss curve.
+# the standard Hugging Face folder plus the image tower and a `training.json` with the loss curve.
 
 # %%
 # | export
@@ -523,11 +662,8 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
 
     from tinydit.data import ShapesDataset
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("n_train", n_train)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if batch_size > n_train:
-        raise ValueError(f"batch_size: expected at most n_train={n_train}, got {batch_size}")
+    steps, n_train = check_int("steps", steps, minimum=1), check_int("n_train", n_train, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1, maximum=n_train)
     c = config or BookTextConfig()
     t0 = time.perf_counter()
     ds = ShapesDataset(n_train, size=c.image_size, seed=seed, split="train")
@@ -571,7 +707,13 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
         save_book_encoders(result, out_dir)
     return result
 
+# %% [markdown]
+# Saving writes the text encoder in the standard format, so `CLIPTextEncoder.from_pretrained` (or
+# any `transformers` user) reads it; `load_book_text_encoder` does that without `transformers`'
+# progress bar.
 
+# %%
+# | export
 def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     """Write the text encoder in the standard HF format plus the image tower and `training.json`."""
     from safetensors.torch import save_file
@@ -594,7 +736,8 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         raise FileNotFoundError(f"path: no book text encoder in {str(folder)!r} (expected config.json, "
                                 "model.safetensors and tokenizer files); train one with "
                                 "tinydit.text.train_book_text_encoder(out_dir=...)")
-    return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest")
+    with _quiet_transformers(progress_bar=False):  # a 1.4 MB model: no "Loading weights" bar
+        return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest")
 
 
 def load_book_image_encoder(path: str | Path | None = None) -> ImageEncoder:
@@ -609,22 +752,51 @@ def load_book_image_encoder(path: str | Path | None = None) -> ImageEncoder:
     return model.eval()
 
 # %% [markdown]
-# ### How do we know it learned?
+# Under `TINYDIT_FAST` the notebook runs a few dozen steps of the same function, to show it works;
+# the shipped weights in `tinydit/assets/book_text_encoder/` come from the full run with the defaults
+# (`train_book_text_encoder(out_dir="my_encoder")` reproduces it), whose loss curve is stored beside
+# them.
+
+# %%
+t0 = time.perf_counter()
+mini = train_book_text_encoder(steps=20 if FAST else 200, batch_size=64, n_train=1000 if FAST else 5000, disable=True)
+print(f"{len(mini.losses)} steps in {time.perf_counter() - t0:.1f} s: loss {mini.losses[0]:.2f} -> "
+      f"{np.mean(mini.losses[-5:]):.2f} (chance level log(64) = {np.log(64):.2f})")
+assert mini.losses[0] > np.mean(mini.losses[-5:])
+
+book_text, book_image = load_book_text_encoder(), load_book_image_encoder()
+shipped = json.loads((BOOK_TEXT_ENCODER_DIR / "training.json").read_text())
+print(f"shipped text encoder: {sum(p.numel() for p in book_text.parameters()) / 1e6:.2f} M parameters, "
+      f"{shipped['settings']['steps']} steps x batch {shipped['settings']['batch_size']} in "
+      f"{shipped['seconds'] / 60:.1f} min on 2 CPU cores")
+losses = np.array(shipped["losses"])
+smooth = np.convolve(losses, np.ones(25) / 25, mode="valid")
+plt.figure(figsize=(6, 3))
+plt.plot(losses, lw=0.5, alpha=0.4, label="per step")
+plt.plot(np.arange(len(smooth)) + 12, smooth, label="moving average (25)")
+plt.axhline(np.log(shipped["settings"]["batch_size"]), color="gray", ls="--", label="chance: log(batch)")
+plt.xlabel("step")
+plt.ylabel("contrastive loss")
+plt.title("Training the book's text encoder (shipped run)")
+plt.legend()
+plt.show()
+print(f"final moving-average loss {smooth[-1]:.3f}")
+assert abs(smooth[-1] - 0.384) < 0.001  # the stored curve: measured 0.384 (rounding of the printed value)
+
+# %% [markdown]
+# ## 6. How do we know it learned?
 #
 # Two measurements on the **test split** (a different seed, and it contains the `HELD_OUT` colour /
 # shape pairs that training never showed):
 #
-# - **Caption → image retrieval, top-1.** Embed $n$ test captions and their $n$ images; for each
-#   caption, pick the most similar image. *Exact* top-1 asks for the very image the caption was
-#   written for; but "a small red circle" fits every small red circle on white, so we also count
-#   *semantic* top-1: the picked image satisfies everything the caption says (objects, colours,
-#   shapes, sizes, background, and positions where the caption names them).
-# - **Zero-shot attribute accuracy.** For every single-object test image, score the 18 class prompts
-#   "a {size} {colour} {shape}" — each averaged over sizes and backgrounds, CLIP's *prompt
-#   ensembling* — and read the colour, the shape and the pair off the best one.
-#
-# On the held-out pairs both ask a compositional question: the encoder has seen "red" and
-# "triangle" many times, never "red triangle".
+# - **Caption → image retrieval, top-1.** For each of $n$ test captions, pick the most similar of the
+#   $n$ test images. *Exact* top-1 asks for the very image the caption was written for; but "a small
+#   red circle" fits every small red circle on white, so *semantic* top-1 counts a pick that
+#   satisfies everything the caption says (objects, colours, shapes, sizes, background, positions
+#   where named).
+# - **Zero-shot attributes.** For every single-object test image, score the 18 class prompts
+#   "a {size} {colour} {shape}", each averaged over sizes and backgrounds (CLIP's *prompt
+#   ensembling*), and read the colour, the shape and the pair off the best one.
 
 # %%
 # | export
@@ -658,7 +830,8 @@ def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
     return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
 
-
+# %%
+# | export
 @torch.no_grad()
 def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEncoder, n: int = 1000,
                            seed: int = 1) -> dict:
@@ -704,44 +877,13 @@ def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEn
     }
 
 # %% [markdown]
-# ## 4b. Training, in miniature, and the shipped result
-#
-# Under `TINYDIT_FAST` the notebook runs a few dozen steps of the same training function, to show it
-# works; the numbers below come from the full run that produced the weights shipped in
-# `tinydit/assets/book_text_encoder/` (the settings are stored beside them in `training.json`). To
-# reproduce them: `train_book_text_encoder(out_dir="my_encoder")` with the defaults.
+# We evaluate on 2,000 test pairs at both sizes (about 15 s): the numbers are the ones in the
+# summary. The thresholds sit one percentage point below what was measured (a few hundredths of the
+# queries; near-ties may flip on another CPU or BLAS).
 
 # %%
 t0 = time.perf_counter()
-mini = train_book_text_encoder(steps=20 if FAST else 200, batch_size=64, n_train=1000 if FAST else 5000, disable=True)
-print(f"{len(mini.losses)} steps in {time.perf_counter() - t0:.1f} s: loss {mini.losses[0]:.2f} -> "
-      f"{np.mean(mini.losses[-5:]):.2f} (chance level log(64) = {np.log(64):.2f})")
-assert mini.losses[0] > np.mean(mini.losses[-5:])
-
-# %%
-book_text = load_book_text_encoder()
-book_image = load_book_image_encoder()
-shipped = json.loads((BOOK_TEXT_ENCODER_DIR / "training.json").read_text())
-n_text_params = sum(p.numel() for p in book_text.parameters())
-print(f"shipped text encoder: {n_text_params / 1e6:.2f} M parameters, width {book_text.width}, pooled "
-      f"{book_text.pooled_width}; trained {shipped['settings']['steps']} steps x batch "
-      f"{shipped['settings']['batch_size']} in {shipped['seconds'] / 60:.1f} min on 2 CPU cores")
-losses = np.array(shipped["losses"])
-smooth = np.convolve(losses, np.ones(25) / 25, mode="valid")
-plt.figure(figsize=(6, 3))
-plt.plot(losses, lw=0.5, alpha=0.4, label="per step")
-plt.plot(np.arange(len(smooth)) + 12, smooth, label="moving average (25)")
-plt.axhline(np.log(shipped["settings"]["batch_size"]), color="gray", ls="--", label="chance: log(batch)")
-plt.xlabel("step")
-plt.ylabel("contrastive loss")
-plt.title("Training the book's text encoder (shipped run)")
-plt.legend()
-plt.show()
-assert smooth[-1] < 0.5 * np.log(shipped["settings"]["batch_size"])
-
-# %%
-t0 = time.perf_counter()
-metrics = evaluate_book_encoders(book_text, book_image, n=500 if FAST else 2000, seed=1)
+metrics = evaluate_book_encoders(book_text, book_image, n=2000, seed=1)
 print(f"evaluated in {time.perf_counter() - t0:.1f} s on {metrics['n']} test pairs "
       f"({metrics['heldout_queries']} contain a HELD_OUT pair {HELD_OUT})")
 print(f"caption -> image top-1, exact:    {metrics['retrieval_top1_exact']:.1%} (chance {1 / metrics['n']:.2%})")
@@ -750,17 +892,18 @@ print(f"caption -> image top-1, semantic: {metrics['retrieval_top1_semantic']:.1
 for name, a in (("all single-object images", metrics["attributes"]), ("held-out pairs only", metrics["heldout_attributes"])):
     print(f"zero-shot on {name} (n={a['n']}): colour {a['color']:.1%} (chance 16.7%), shape {a['shape']:.1%} "
           f"(chance 33.3%), pair {a['pair']:.1%} (chance 5.6%)")
-assert metrics["retrieval_top1_exact"] > 100 / metrics["n"]  # far above chance (1 / n)
-assert metrics["retrieval_top1_semantic"] > 0.85 and metrics["heldout_retrieval_top1_semantic"] > 0.8
-assert metrics["attributes"]["color"] > 0.95 and metrics["attributes"]["shape"] > 0.9
-assert metrics["heldout_attributes"]["color"] > 0.85 and metrics["heldout_attributes"]["shape"] > 0.8
+measured = {"retrieval_top1_exact": 0.5055, "retrieval_top1_semantic": 0.958, "heldout_retrieval_top1_semantic": 0.915}
+for key, value in measured.items():
+    assert abs(metrics[key] - value) < 0.01, (key, metrics[key])  # measured value, 1-point margin
+for key, value in {"color": 0.995, "shape": 0.983, "pair": 0.978}.items():  # 1,216 single-object images
+    assert abs(metrics["attributes"][key] - value) < 0.01, (key, metrics["attributes"][key])
 
 # %% [markdown]
 # ### What the encoder thinks is similar
 #
-# Cosine similarities of the pooled embeddings of a few captions. Paraphrases ("little" / "tiny",
-# "in the middle" / "in the center") should sit close together; a change of colour, of shape, or
-# of which object is on the left should push captions apart.
+# Cosine similarities of the pooled embeddings of a few captions. Paraphrases ("small" / "tiny" /
+# "little") should sit close together; a change of colour, of shape, or of which object is on the
+# left should push captions apart.
 
 # %%
 probe = ["a small red circle", "a tiny red circle", "a little red circle in the middle",
@@ -785,211 +928,67 @@ print(f"paraphrase (small/tiny) {sim[0, 1]:.2f}; colour change {sim[0, 3]:.2f}; 
 assert sim[0, 1] > sim[0, 3] and sim[0, 1] > sim[0, 4] and sim[6, 7] < sim[6, 6] - 0.05
 
 # %% [markdown]
-# ### Bad input
-#
-# Every encoder shares these checks: an empty list, a non-string prompt and a bare string fail with
-# a sentence; a prompt longer than the limit (32 tokens for the book encoder, 77 for CLIP) is
-# truncated with a warning that counts the dropped tokens.
+# Bad prompts fail with a sentence in every encoder, and a prompt over the limit (32 tokens for the
+# book encoder, 77 for CLIP) is truncated with a warning.
 
 # %%
-for bad in ([], ["a red circle", 7], "a red circle"):
+for bad, pattern in (([], "empty list"), (["a red circle", 7], r"prompts\[1\]: expected a string"),
+                     ("a red circle", "single string")):
     try:
-        book_text.encode(bad)
-    except ValueError as e:
-        print("ValueError:", e)
+        book_text(bad)
+    except ValueError as err:
+        print("ValueError:", err)
+        assert re.search(pattern, str(err))
     else:
         raise AssertionError(f"{bad!r} was accepted")
-long_prompt = " ".join(["a big red circle left of a small blue square"] * 4)  # 40 words
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    long_emb = book_text.encode([long_prompt, "a red circle"])
+    long_emb = book_text([" ".join(["a big red circle left of a small blue square"] * 4), "a red circle"])
 print("UserWarning:", caught[0].message)
 assert len(caught) == 1 and "dropping the last 10 tokens" in str(caught[0].message)
 assert long_emb.tokens.shape[1] == book_text.max_length and long_emb.mask[1].sum() == 5
 
 # %% [markdown]
-# ## 5. Two encoders at once, and keeping the big one out of the way
+# ## 7. Two encoders at once, and keeping the big one out of the way
 #
-# SD3 (Esser et al., 2024) reads three text encoders: two CLIPs for the pooled vector and short
-# tokens, and T5-XXL for long, detailed token sequences. PixArt reads T5 alone. The pattern we build
-# is SD3's, with one CLIP as the **primary** encoder (its pooled vector conditions adaLN) and T5 as
-# the optional **secondary**: its tokens join the sequence after CLIP's. The two token widths differ
-# (768 vs 4096 at real scale), so the narrower one is **zero-padded** to the common width, as SD3
-# pads CLIP's 2048-wide states to T5's 4096; the DiT's caption projection then learns one linear map
-# for both:
-#
-# $$\text{tokens} = \big[\,\operatorname{pad}_D(\text{CLIP tokens}) \;\|\; \operatorname{pad}_D(\text{T5 tokens})\,\big]
-#   \in \mathbb R^{B \times (T_1 + T_2) \times D},\qquad \text{mask} = [\,m_1 \,\|\, m_2\,].$$
-#
-# **Offloading.** T5-XXL's encoder has about 4.7 B parameters: 9.5 GB in bf16, more than the whole
-# DiT. It runs once per prompt, not once per denoising step, so it does not need to *live* on the GPU.
-# `DualTextEncoder` keeps it off the compute device — parked in CPU memory (`offload="cpu"`) or not in
-# memory at all (`offload="disk"`: the weights are written once to a safetensors file and the
-# parameters become storage-less `meta` tensors) — brings it in only while it encodes, and releases
-# it right after. A small LRU cache of T5 outputs means a repeated prompt (the negative prompt, a
-# prompt re-run with another seed) does not bring it in at all.
-#
-# Moving parameters must not break weight tying (T5 shares its input embedding between `shared` and
-# `encoder.embed_tokens`; `module.to("meta")` silently unties them). So we swap each *unique*
-# parameter in place (`torch.utils.swap_tensors`): every module that holds it sees the new storage.
+# SD3 reads CLIP for the pooled vector and short tokens, and T5-XXL for long, detailed token
+# sequences. Our `DualTextEncoder` has one CLIP as the **primary** (its pooled vector conditions
+# adaLN) and T5 as the optional **secondary**, whose tokens join the sequence after CLIP's. The widths
+# differ (768 vs 4096 at real scale), so each side is **zero-padded** to the common width, as SD3 pads
+# CLIP's states to T5's, and the masks are concatenated the same way:
 
 # %%
-# | export
-def where(module: nn.Module) -> str:
-    """The device(s) a module's parameters live on, e.g. 'cpu', 'meta' or 'cuda:0'."""
-    devices = sorted({str(p.device) for p in module.parameters()})
-    return "+".join(devices) if devices else "no parameters"
-
-
-def _swap_tensors(module: nn.Module, make) -> None:
-    """Replace every unique parameter and buffer by `make(name, tensor)`, in place, so that tied
-    weights stay tied (each Python object keeps its identity; only its storage changes)."""
-    with torch.no_grad():
-        for name, p in list(module.named_parameters()):
-            torch.utils.swap_tensors(p, nn.Parameter(make(name, p), requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers()):
-            torch.utils.swap_tensors(b, make(name, b))
-
-
-class DualTextEncoder(TextEncoder):
-    """A primary encoder (CLIP: tokens + pooled) and an optional secondary (T5: tokens), SD3-style
-    (Esser et al. 2024): tokens zero-padded to a common width and concatenated along the sequence,
-    masks concatenated, pooled from the primary.
-
-    `offload`: where the secondary waits between encodes: None (stays on `device`), "cpu" (CPU
-    memory) or "disk" (weights in a safetensors file under `offload_dir`, parameters on `meta`).
-    `cache_size`: how many prompts' secondary outputs to remember (0 = no cache).
-    `events` records, step by step, where the secondary's weights were.
-    """
-
-    OFFLOAD = (None, "cpu", "disk")
-
-    def __init__(self, primary: TextEncoder, secondary: TextEncoder | None = None, width: int | None = None,
-                 offload: str | None = "cpu", device: str | torch.device | None = None,
-                 offload_dir: str | Path | None = None, cache_size: int = 32):
-        super().__init__()
-        if offload not in self.OFFLOAD:
-            raise ValueError(f"offload: expected one of {self.OFFLOAD}, got {offload!r}")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size: expected an integer >= 0, got {cache_size!r}")
-        widths = [primary.width] + ([secondary.width] if secondary is not None else [])
-        self.width = max(widths) if width is None else width
-        if self.width < max(widths):
-            raise ValueError(f"width: expected at least the widest encoder's {max(widths)}, got {width}")
-        self.primary = primary
-        object.__setattr__(self, "secondary", secondary)  # not a submodule: .to() must not move it
-        self.compute_device = torch.device(device) if device is not None else primary.device
-        self.primary.to(self.compute_device)
-        self.offload, self.cache_size = offload, cache_size
-        self.pooled_width = primary.pooled_width
-        self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)
-        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.cache_hits = self.cache_misses = 0
-        self.events: list[tuple[str, str]] = []
-        self._weights_file = None
-        if secondary is not None:
-            if offload == "disk":
-                self._weights_file = Path(offload_dir or tempfile.mkdtemp(prefix="tinydit_offload_")) / "secondary.safetensors"
-            self._release() if offload else secondary.to(self.compute_device)
-            self._log("built")
-
-    @property
-    def device(self) -> torch.device:
-        return self.compute_device
-
-    def _apply(self, fn, *args, **kwargs):
-        """`.to(device)` moves the primary (a submodule); follow it, and move a resident secondary."""
-        super()._apply(fn, *args, **kwargs)
-        self.compute_device = self.primary.device
-        if self.secondary is not None and not self.offload:
-            self.secondary.to(self.compute_device)
-        return self
-
-    def where(self) -> dict[str, str]:
-        """Where each encoder's weights are right now."""
-        return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
-
-    def _log(self, step: str) -> None:
-        self.events.append((step, where(self.secondary)))
-
-    def _bring_in(self) -> None:
-        if self.offload == "disk":
-            from safetensors.torch import load_file
-
-            weights = load_file(str(self._weights_file), device=str(self.compute_device))
-            _swap_tensors(self.secondary, lambda name, t: weights[name])
-        elif self.offload == "cpu":
-            _swap_tensors(self.secondary, lambda name, t: t.detach().to(self.compute_device))
-        self._log("brought in")
-
-    def _release(self) -> None:
-        if self.offload == "disk":
-            if not self._weights_file.is_file():  # first release: write the weights once
-                from safetensors.torch import save_file
-
-                self._weights_file.parent.mkdir(parents=True, exist_ok=True)
-                state = {**dict(self.secondary.named_parameters()), **dict(self.secondary.named_buffers())}
-                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self._weights_file))
-            _swap_tensors(self.secondary, lambda name, t: torch.empty_like(t, device="meta"))
-        elif self.offload == "cpu":
-            _swap_tensors(self.secondary, lambda name, t: t.detach().to("cpu"))
-        self._log("released")
-
-    def _secondary_rows(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(tokens (T, D2), mask (T,)) per prompt, from the cache or from one offloaded run."""
-        rows = {}
-        for p in prompts:
-            if p in self.cache:
-                self.cache.move_to_end(p)  # most recently used last
-                rows[p] = self.cache[p]
-        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
-        self.cache_hits += sum(p in rows for p in prompts)
-        if not missing:
-            self._log("all prompts cached")
-            return [rows[p] for p in prompts]
-        self.cache_misses += len(missing)
-        if self.offload:
-            self._bring_in()
-        hooks = [m.register_forward_pre_hook(lambda m, a: self._log("encoding")) for m in self.secondary.children()]
-        try:
-            emb = self.secondary.encode(missing)
-        finally:
-            for h in hooks:
-                h.remove()
-            if self.offload:
-                self._release()
-        for i, p in enumerate(missing):
-            rows[p] = (emb.tokens[i].to("cpu"), emb.mask[i].to("cpu"))
-            if self.cache_size:
-                self.cache[p] = rows[p]
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)  # evict the least recently used
-        return [rows[p] for p in prompts]
-
-    def _pad_width(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, self.width - x.shape[-1]))  # (B, T, width): zeros on the right, as SD3
-
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
-        first = self.primary.encode(prompts)  # tokens (B, T1, D1), pooled (B, Dp)
-        tokens, mask = self._pad_width(first.tokens), first.mask.to(self.compute_device)
-        if self.secondary is not None:
-            rows = self._secondary_rows(prompts)
-            t2 = max(r[0].shape[0] for r in rows)
-            sec = torch.stack([F.pad(t, (0, 0, 0, t2 - t.shape[0])) for t, _ in rows]).to(self.compute_device)  # (B, T2, D2)
-            sec_mask = torch.stack([F.pad(m, (0, t2 - m.shape[0])) for _, m in rows]).to(self.compute_device)  # (B, T2)
-            tokens = torch.cat([tokens, self._pad_width(sec).to(tokens.dtype)], dim=1)  # (B, T1 + T2, D)
-            mask = torch.cat([mask, sec_mask], dim=1)  # (B, T1 + T2)
-        return TextEmbeddings(tokens, mask, first.pooled)
+clip_tokens, t5_tokens = torch.randn(2, 5, 96), torch.randn(2, 7, 64)  # (B, T1, D1), (B, T2, D2)
+D = max(clip_tokens.shape[-1], t5_tokens.shape[-1])
+joint = torch.cat([F.pad(clip_tokens, (0, D - 96)), F.pad(t5_tokens, (0, D - 64))], dim=1)  # (B, T1 + T2, D)
+assert joint.shape == (2, 12, 96) and (joint[:, 5:, 64:] == 0).all()
 
 # %% [markdown]
-# ## 5b. The dual encoder and the offloading timeline
-#
-# We have no T5-XXL here (9.5 GB, and no network), so the secondary encoder is a **tiny T5 with
-# random weights** built with `transformers` — the same class, the same code path, the same tied
-# embedding. The primary is the book's CLIP. We ask for `offload="disk"`: between encodes the T5
-# parameters are `meta` tensors (shape, no storage), so it costs no memory at all. `events` records,
-# step by step, where the T5 weights were; the forward hook inside `encode` logs the device at the
-# moment T5 actually runs.
+# **Offloading.** T5-XXL's encoder has about 4.7 B parameters: 9.5 GB in bf16, more than the whole
+# DiT. It runs once per prompt, not once per denoising step, so it does not need to *live* on the
+# GPU. The idea is three lines: move it in, run, move it back out.
+
+# %%
+def encode_offloaded(encoder, prompts, device):
+    encoder.to(device)  # 1. bring the weights in
+    try:
+        return encoder.encode(prompts)  # 2. run
+    finally:
+        encoder.to("cpu")  # 3. send them back out, even if the run failed
+
+
+e = encode_offloaded(te, captions, "cpu")  # no GPU here: the same path, a move to where it already is
+assert torch.equal(e.tokens, tokens)
+
+# %% [markdown]
+# Production needs three more things. (1) Parking in CPU memory still costs 9.5 GB of RAM; with
+# `offload="disk"` the weights are written once to a safetensors file and the parameters become
+# storage-less `meta` tensors. (2) `.to()` **unties** shared weights: T5 uses one embedding as
+# `shared` and `encoder.embed_tokens`, and after `.to("meta")` they are two tensors (see below). So we
+# swap each *unique* parameter in place (`torch.utils.swap_tensors`): every module holding it sees the
+# new storage. (3) The temporary folder must go away (on `close()`, at garbage collection, at exit),
+# and an encoder offloaded on your behalf must still work when you call it yourself: it carries its
+# `Offloader` and brings itself in for the call.
 
 # %%
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
@@ -999,907 +998,7 @@ t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) 
 tiny_t5 = T5TextEncoder(T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                                 num_heads=4, relative_attention_num_buckets=8)),
                         T5Tokenizer(vocab=t5_vocab, extra_ids=0), max_length=24)
-dual = DualTextEncoder(book_text, tiny_t5, offload="disk", device="cpu", cache_size=8)
-print("after building:", dual.where())
-e1 = dual.encode(["a red circle", "a blue square on a black background"])
-e2 = dual.encode(["a red circle", "a blue square on a black background"])  # same prompts: cached
-e3 = dual.encode(["a red circle", "a green triangle at the top"])  # one new prompt
-print(f"tokens {tuple(e1.tokens.shape)}: CLIP's {book_text.width}-wide and T5's {tiny_t5.width}-wide tokens, "
-      f"zero-padded to {dual.width} and concatenated; mask {tuple(e1.mask.shape)}; pooled {tuple(e1.pooled.shape)}")
-print(f"cache: {dual.cache_hits} hits, {dual.cache_misses} misses")
-print(f"{'step':>22s}   T5 weights on")
-for step, device in dual.events:
-    print(f"{step:>22s}   {device}")
-states = [d for _, d in dual.events]
-assert states[0] == "meta" and [d for s, d in dual.events if s == "encoding"] == ["cpu", "cpu"]
-assert states[-1] == "meta" and dual.cache_hits == 3 and dual.cache_misses == 3
-assert torch.equal(e1.tokens, e2.tokens) and e1.tokens.shape[-1] == max(book_text.width, tiny_t5.width)
-assert tiny_t5.model.shared.weight is tiny_t5.model.encoder.embed_tokens.weight  # still tied
+untied = T5EncoderModel(tiny_t5.model.config).to("meta")
+print("tied after .to('meta')?", untied.shared.weight is untied.encoder.embed_tokens.weight)
+assert tiny_t5.model.shared.weight is tiny_t5.model.encoder.embed_tokens.weight
 
-fig, ax = plt.subplots(figsize=(8, 1.8))
-levels = {"meta": 0, "cpu": 1}
-ax.step(range(len(states)), [levels[s] for s in states], where="mid", color="C3")
-ax.set_xticks(range(len(states)), [s for s, _ in dual.events], rotation=30, ha="right", fontsize=7)
-ax.set_yticks([0, 1], ["disk (meta)", "compute device (cpu)"])
-ax.set_ylim(-0.3, 1.3)
-ax.set_title("where the T5 weights are, step by step (offload='disk')", fontsize=9)
-plt.show()
-
-# %% [markdown]
-# On a GPU the same mechanism keeps T5 off the card: with `offload="cpu"` the weights wait in CPU
-# memory and visit the GPU only during `encode`, so the GPU's peak memory during denoising is the
-# DiT's alone. This machine has no GPU, so the measurement below runs only where one is present.
-
-# %%
-if torch.cuda.is_available():
-    for mode in (None, "cpu"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        d = DualTextEncoder(book_text, tiny_t5, offload=mode, device="cuda", cache_size=0)
-        d.encode(["a red circle"])
-        resident = torch.cuda.memory_allocated()
-        print(f"offload={mode}: resident after encode {resident / 2**20:.1f} MiB, "
-              f"peak {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
-        d._release() if mode else tiny_t5.to("cpu")
-    book_text.to("cpu")
-else:
-    print("no CUDA device here: the GPU peak-memory comparison is skipped (the offloading mechanism itself "
-          "was checked above on CPU/meta)")
-
-# %% [markdown]
-# The next cells extend `tinydit.dit` (they are exported into it, after chapter 05's cells). To run
-# them here, the notebook first imports what chapter 05 defined.
-
-# %%
-from dataclasses import dataclass, replace
-
-from tinydit.attention import BACKENDS, Attention
-from tinydit.checkpoint import (
-    check_and_load,
-    load_state_dict,
-    resolve_pretrained,
-    unwrap_state_dict,
-)
-from tinydit.dit import (
-    _HEADS_BY_WIDTH,
-    DiT,
-    DiTConfig,
-    FinalLayer,
-    Mlp,
-    PatchEmbed,
-    _from_original,
-    _from_pretrained,
-    diffusers_transformer_class,
-    modulate,
-    unpatchify,
-)
-from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-
-# %% [markdown]
-# ## 6. Cross-attention: image tokens read the caption
-#
-# In self-attention, queries, keys and values all come from the image tokens. In **cross-attention**
-# the queries still come from the $N$ image tokens $x$, but keys and values come from the $T$ text
-# tokens $c$:
-#
-# $$\operatorname{CrossAttn}(x, c) = \operatorname{softmax}\!\Big(\frac{(xW_Q)(cW_K)^\top}{\sqrt d} + M\Big)\, cW_V,
-#   \qquad M_{nj} = \begin{cases}0 & \text{token } j \text{ is real}\\ -\infty & \text{padding}\end{cases}$$
-#
-# Row $n$ of the softmax is a distribution over the caption's words: *which words does image patch
-# $n$ read?* The key-padding mask keeps padding out of that distribution, so a caption means the
-# same thing whether it is padded to 5 tokens or to 300. `CrossAttention` uses chapter 05's
-# `attention()` with a `(B, T)` mask; its parameter names (`q_linear`, `kv_linear` holding $W_K$ and
-# $W_V$ stacked, `proj`) are PixArt's, so original checkpoints load without renaming.
-#
-# The text-conditioned block puts cross-attention between self-attention and the MLP
-# (PixArt-α, fig. 4):
-#
-# $$x \leftarrow x + g_1 \odot \operatorname{SelfAttn}(\operatorname{mod}_1(x)),\qquad
-#   x \leftarrow x + \operatorname{CrossAttn}(x, c),\qquad
-#   x \leftarrow x + g_2 \odot \operatorname{MLP}(\operatorname{mod}_2(x)),$$
-#
-# with $\operatorname{mod}(x) = \operatorname{LN}(x)(1 + \gamma) + \beta$. Where do $\beta, \gamma, g$
-# come from? Two answers:
-#
-# - **adaLN-Zero** (DiT; the book model): each block has its own linear map from the conditioning
-#   vector $c = e_t + \operatorname{MLP}(\text{pooled text})$ (SD3 adds the pooled CLIP vector the same
-#   way) to the six vectors; $6D^2$ parameters per block. The book block adds a LayerNorm before
-#   cross-attention and zero-initialises its output projection, so every block still starts as the
-#   identity.
-# - **adaLN-single** (PixArt-α, §2.3): **one** shared map $\bar s = W\,\operatorname{SiLU}(e_t)$ for the
-#   whole network, and per block only a learned table $E^{(i)} \in \mathbb R^{6 \times D}$ added to it:
-#   $(\beta_1, \gamma_1, g_1, \beta_2, \gamma_2, g_2) = \bar s + E^{(i)}$. For DiT-XL that removes
-#   $27 \times 6D^2 \approx 215$ M parameters (26 % of the model), which PixArt spends on
-#   cross-attention instead. No LayerNorm before cross-attention (as the original code).
-#
-# PixArt-α at 1024² also embeds the image **resolution** and **aspect ratio** (sinusoid + MLP, each
-# $D/3$ wide; 2 + 1 of them fill $D$) and adds them to $e_t$ ("micro-conditions"). Its position table
-# is rescaled to the training resolution: positions are $i \,/\, (\text{grid}/\text{base}) \,/\, s$
-# with base = the training grid and the interpolation scale $s$ = 0.5, 1, 2 at 256, 512, 1024 px, so
-# other grids see positions in the same range.
-
-# %%
-# | export dit
-_MODULATIONS = ("adaln_single", "adaln_zero")  # chapter 06: the two ways a text-conditioned block is modulated
-
-from tinydit.attention import RMSNorm, attention  # noqa: E402  (chapter 06 extends this module)
-
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from image tokens x (B, N, D), keys and values from text
-    tokens (B, T, D_ctx), with a (B, T) key-padding mask (True = real token). Parameter names follow
-    PixArt's `MultiHeadCrossAttention` (Chen et al. 2023): `q_linear`, `kv_linear` (k and v stacked),
-    `proj`."""
-
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False,
-                 backend: str = "auto"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.context_dim = context_dim or dim
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(self.context_dim, 2 * dim)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def qkv_heads(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, D = x.shape
-        T = context.shape[1]
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim:
-            raise ValueError(f"context: expected ({B}, T, {self.context_dim}), got {tuple(context.shape)}")
-        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
-        kv = self.kv_linear(context).reshape(B, T, 2, self.num_heads, self.head_dim)  # (B, T, 2, heads, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # (B, heads, T, hd) each
-        return self.q_norm(q), self.k_norm(k), v
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv_heads(x, context)  # (B, heads, N|T, hd)
-        out = attention(q, k, v, mask=mask, backend=self.backend)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
-
-
-class ProjMlp(nn.Module):
-    """Linear -> activation -> Linear with its own output width: PixArt's caption projection
-    `y_proj` (GELU-tanh) and SD3's pooled-text embedder (SiLU). Names `fc1`, `fc2` (timm's Mlp)."""
-
-    def __init__(self, in_features: int, hidden: int, out_features: int, act: str = "gelu_tanh"):
-        super().__init__()
-        if act not in ("gelu_tanh", "silu"):
-            raise ValueError(f"act: expected 'gelu_tanh' or 'silu', got {act!r}")
-        self.act = act
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        h = F.gelu(h, approximate="tanh") if self.act == "gelu_tanh" else F.silu(h)
-        return self.fc2(h)
-
-
-class CaptionEmbedder(nn.Module):
-    """Text tokens (B, T, D_ctx) -> (B, T, D) with PixArt's `y_proj` MLP; `y_embedding` (T_null,
-    D_ctx) is the learned **null caption** for classifier-free guidance (PixArt-α), or absent."""
-
-    def __init__(self, context_dim: int, hidden_size: int, caption_tokens: int = 0):
-        super().__init__()
-        self.y_proj = ProjMlp(context_dim, hidden_size, hidden_size, act="gelu_tanh")
-        if caption_tokens:
-            self.register_buffer("y_embedding", torch.randn(caption_tokens, context_dim) / context_dim**0.5)
-        else:
-            self.y_embedding = None
-
-    def forward(self, context: torch.Tensor) -> torch.Tensor:
-        return self.y_proj(context)  # (B, T, D)
-
-
-class TextDiTBlock(nn.Module):
-    """Self-attention -> cross-attention -> MLP. `modulation="adaln_single"`: a per-block
-    `scale_shift_table` (6, D) added to the shared modulation (PixArt-α, Chen et al. 2023), no norm
-    before cross-attention; `"adaln_zero"`: a per-block adaLN-Zero map from c (Peebles & Xie 2023)
-    and a LayerNorm before cross-attention."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, modulation: str = "adaln_single",
-                 qk_norm: bool = False, attn_backend: str = "auto", norm_eps: float = 1e-6):
-        super().__init__()
-        if modulation not in _MODULATIONS:
-            raise ValueError(f"modulation: expected one of {_MODULATIONS}, got {modulation!r}")
-        D = hidden_size
-        self.modulation = modulation
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=norm_eps)
-        self.attn = Attention(D, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=attn_backend)
-        self.norm_cross = nn.LayerNorm(D, eps=norm_eps) if modulation == "adaln_zero" else nn.Identity()
-        self.cross_attn = CrossAttention(D, num_heads, qk_norm=qk_norm, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=norm_eps)
-        self.mlp = Mlp(D, int(D * mlp_ratio))
-        if modulation == "adaln_single":
-            self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
-        else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-
-    def modulation_params(self, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Six (B, D) vectors (shift, scale, gate for attention; the same for the MLP). `mod` is the
-        shared (B, 6D) vector (adaLN-single) or the conditioning c (B, D) (adaLN-Zero)."""
-        if self.modulation == "adaln_single":
-            return (self.scale_shift_table[None] + mod.reshape(mod.shape[0], 6, -1)).unbind(1)  # 6 x (B, D)
-        return self.adaLN_modulation(mod).chunk(6, dim=1)  # 6 x (B, D)
-
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation_params(mod)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
-        x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
-        return x
-
-
-class T2IFinalLayer(nn.Module):
-    """PixArt's final layer: LayerNorm modulated by a learned `scale_shift_table` (2, D) plus the
-    embedded timestep, then a linear map to p x p x C_out patches."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)  # (B, D) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
-
-# %% [markdown]
-# The model is a subclass of chapter 05's `DiT` (so `isinstance(model, dit.DiT)` holds and the
-# patchify, position table and unpatchify are shared), with its own config subclass: each new field
-# says why it exists. Presets: PixArt-α/Σ XL/2 and `book-text`, the book's text-conditioned DiT.
-# `model(x, t, context=..., context_mask=...)` also accepts a `TextEmbeddings` as `context`
-# (tokens, mask and pooled in one argument); `pooled=` passes the pooled vector explicitly.
-
-# %%
-# | export dit
-@dataclass
-class TextDiTConfig(DiTConfig):
-    """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
-    Presets: `TextDiTConfig.preset("PixArt-alpha-XL/2-1024")`, `"PixArt-Sigma-XL/2-1024"`,
-    `"PixArt-XL/2-512"`, `"PixArt-XL/2-256"`, `"book-text"`."""
-
-    num_classes: int = 1  # unused: text models read captions, not labels (kept for DiTConfig's checks)
-    class_dropout_prob: float = 0.0  # unused: caption dropout for CFG happens in training (chapter 07)
-    context_dim: int = 4096  # width of the text tokens read (T5-XXL 4096; the book encoder 96)
-    modulation: str = "adaln_single"  # "adaln_single" (PixArt: one shared map + per-block tables) or "adaln_zero"
-    pooled_dim: int = 0  # width of the pooled text vector added to the timestep embedding (SD3-style); 0 = none
-    caption_tokens: int = 0  # rows of the learned null caption y_embedding (PixArt-α 120, Σ 300); 0 = none
-    micro_conditions: bool = False  # PixArt-α 1024: add resolution and aspect-ratio embeddings to e_t
-    pos_base_size: int | None = None  # PixArt: grid the position table is scaled to (input_size // patch); None = DiT's raw indices
-    interpolation_scale: float = 1.0  # PixArt: position scale s, 0.5 / 1 / 2 at 256 / 512 / 1024 px
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.modulation not in _MODULATIONS:
-            raise ValueError(f"modulation: expected one of {_MODULATIONS}, got {self.modulation!r}")
-        for name in ("context_dim",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        for name in ("pooled_dim", "caption_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
-        if self.micro_conditions and self.hidden_size % 3:
-            raise ValueError(f"micro_conditions: need hidden_size divisible by 3 (resolution 2/3 + aspect "
-                             f"ratio 1/3 of the width), got hidden_size={self.hidden_size}")
-        if self.pos_base_size is not None and self.pos_base_size <= 0:
-            raise ValueError(f"pos_base_size: expected a positive number or None, got {self.pos_base_size!r}")
-        if self.interpolation_scale <= 0:
-            raise ValueError(f"interpolation_scale: expected a positive number, got {self.interpolation_scale!r}")
-
-    @classmethod
-    def preset_names(cls) -> list[str]:
-        return ["PixArt-XL/2-256", "PixArt-XL/2-512", "PixArt-alpha-XL/2-1024", "PixArt-Sigma-XL/2-1024", "book-text"]
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> TextDiTConfig:
-        """A named architecture (figures from the PixArt-α/Σ papers and code), optionally overridden."""
-        if name == "book-text":
-            base = cls(input_size=8, patch_size=2, in_channels=4, hidden_size=192, depth=6, num_heads=6,
-                       learn_sigma=False, context_dim=96, pooled_dim=64, modulation="adaln_zero")
-        else:
-            latent = {"PixArt-XL/2-256": 32, "PixArt-XL/2-512": 64, "PixArt-alpha-XL/2-1024": 128,
-                      "PixArt-Sigma-XL/2-1024": 128}.get(name)
-            if latent is None:
-                raise ValueError(f"name: unknown text DiT preset {name!r}; expected one of {cls.preset_names()}")
-            base = cls(input_size=latent, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                       learn_sigma=True, context_dim=4096, modulation="adaln_single",
-                       caption_tokens=300 if "Sigma" in name else 120, micro_conditions=name.startswith("PixArt-alpha"),
-                       pos_base_size=latent // 2, interpolation_scale=latent / 64)
-        return replace(base, **overrides)
-
-
-class TextDiT(DiT):
-    """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
-    model). Parameter names follow the original PixArt code.
-
-    `model(x, t, context=tokens, context_mask=mask)`: x (B, C, H, W), t (B,) or scalar, context
-    (B, T, context_dim) text tokens (or a `TextEmbeddings`), context_mask (B, T) True = real token;
-    `pooled` (B, pooled_dim) when the config has `pooled_dim`; `resolution` (B, 2) as (height, width)
-    in pixels and `aspect_ratio` (B,) when it has `micro_conditions`. `context=None` uses the learned
-    null caption. Returns the raw output (B, C_out, H, W).
-    """
-
-    def __init__(self, config: TextDiTConfig | None = None):
-        nn.Module.__init__(self)  # DiT's own __init__ builds a label embedder we do not want
-        self.config = cfg = config if config is not None else TextDiTConfig()
-        if not isinstance(cfg, TextDiTConfig):
-            raise ValueError(f"config: expected a TextDiTConfig, got {type(cfg).__name__} (use DiT for class labels)")
-        D = cfg.hidden_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D, cfg.frequency_embedding_size, flip_sin_to_cos=True,
-                                           downscale_freq_shift=cfg.freq_shift)
-        if cfg.micro_conditions:  # PixArt's SizeEmbedders: sinusoid + MLP per number, D/3 wide
-            self.csize_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
-            self.ar_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
-        if cfg.pooled_dim:
-            self.pooled_embedder = ProjMlp(cfg.pooled_dim, D, D, act="silu")
-        if cfg.modulation == "adaln_single":
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.y_embedder = CaptionEmbedder(cfg.context_dim, D, cfg.caption_tokens)
-        grid = cfg.input_size // cfg.patch_size
-        table = sincos_pos_embed_2d(D, grid, base_size=cfg.pos_base_size, interpolation_scale=cfg.interpolation_scale)
-        self.register_buffer("pos_embed", table[None])  # (1, T, D), fixed
-        self.blocks = nn.ModuleList([
-            TextDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.modulation, cfg.qk_norm, cfg.attn_backend, cfg.norm_eps)
-            for _ in range(cfg.depth)
-        ])
-        if cfg.modulation == "adaln_single":
-            self.final_layer = T2IFinalLayer(D, cfg.patch_size, cfg.out_channels)
-        else:
-            self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
-        cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
-        self._init_linears_and_patch_embed()
-        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
-        for name in ("csize_embedder", "ar_embedder"):
-            if hasattr(self, name):
-                embedders += [getattr(self, name).mlp[0], getattr(self, name).mlp[2]]
-        if hasattr(self, "pooled_embedder"):
-            embedders += [self.pooled_embedder.fc1, self.pooled_embedder.fc2]
-        if hasattr(self, "t_block"):
-            embedders.append(self.t_block[1])
-        for lin in embedders:
-            nn.init.normal_(lin.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
-            if block.modulation == "adaln_zero":
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-        if isinstance(self.final_layer, FinalLayer):
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-
-    def null_context(self, batch_size: int) -> torch.Tensor:
-        """The learned null caption (B, T_null, context_dim) for the unconditional branch of CFG."""
-        if self.y_embedder.y_embedding is None:
-            raise ValueError("context: this model has no learned null caption (caption_tokens=0; diffusers' "
-                             "PixArt folders do not store y_embedding); pass the text encoder's encoding of an "
-                             "empty prompt '' as context, as diffusers' pipeline does")
-        return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
-
-    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
-        """Position table for an h x w grid: the stored one, PixArt's rescaled table for other grids,
-        or (DiT-style, no base size) the stored table's top-left corner."""
-        cfg = self.config
-        g = cfg.input_size // cfg.patch_size
-        if (h, w) == (g, g) or cfg.pos_base_size is None:
-            return super().pos_embed_for(h, w)  # (1, T, D)
-        table = sincos_pos_embed_2d(cfg.hidden_size, (h, w), base_size=cfg.pos_base_size,
-                                    interpolation_scale=cfg.interpolation_scale)  # (h*w, D)
-        return table[None].to(self.pos_embed.device)  # (1, T, D)
-
-    def _check_text_inputs(self, x, t, y, context, context_mask, pooled, resolution, aspect_ratio):
-        cfg = self.config
-        # PixArt-style models recompute their position table, so any grid size is allowed
-        t = self._check_latents(x, t, fixed_table=cfg.pos_base_size is None)
-        B = x.shape[0]
-        if y is not None:
-            raise ValueError("y: a text-conditioned DiT takes no class labels; pass the caption as context=")
-        if context is None:
-            if context_mask is not None:
-                raise ValueError("context_mask: given without context; pass the caption tokens as context= too")
-            context = self.null_context(B)
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
-            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"context: expected text tokens of shape ({B}, T, {cfg.context_dim}), got {got}")
-        if context.shape[2] != cfg.context_dim:
-            raise ValueError(f"context: expected text tokens of width {cfg.context_dim} (the model's context_dim), "
-                             f"got width {context.shape[2]}; is this the text encoder the model was built for?")
-        context = context.to(x.device)  # text encoders often live on another device (CPU, offloaded)
-        if pooled is not None:
-            pooled = torch.as_tensor(pooled).to(x.device)
-        if context_mask is not None:
-            context_mask = torch.as_tensor(context_mask, device=x.device)
-            if context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask: expected shape (B, T) = {tuple(context.shape[:2])} (one flag per "
-                                 f"text token, True = real), got {tuple(context_mask.shape)}")
-            context_mask = context_mask.bool()
-            if not context_mask.any(1).all():
-                raise ValueError("context_mask: every caption needs at least one real (True) token; got a row of "
-                                 "padding only")
-        if cfg.pooled_dim:
-            if pooled is None or pooled.shape != (B, cfg.pooled_dim):
-                got = None if pooled is None else tuple(pooled.shape)
-                raise ValueError(f"pooled: this model adds a pooled text vector to the timestep embedding; "
-                                 f"expected shape ({B}, {cfg.pooled_dim}), got {got}")
-        elif pooled is not None:
-            raise ValueError("pooled: this model has no pooled-text embedder (pooled_dim=0); leave pooled=None")
-        if cfg.micro_conditions:
-            if resolution is None or aspect_ratio is None:
-                raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
-                                 "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
-            resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2)
-            aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1)
-            for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
-                if v.shape[0] not in (1, B):
-                    raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), "
-                                     f"got {v.shape[0]}")
-            resolution, aspect_ratio = resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
-        elif resolution is not None or aspect_ratio is not None:
-            raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
-        return t, context, context_mask, pooled, resolution, aspect_ratio
-
-    def condition(self, t: torch.Tensor, pooled: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
-                  aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
-        """The conditioning vector c = e_t (+ size embeddings) (+ pooled text embedding), (B, D)."""
-        c = self.t_embedder(t)  # (B, D)
-        if self.config.micro_conditions:
-            B = t.shape[0]
-            csize = self.csize_embedder(resolution.reshape(-1)).reshape(B, -1)  # (B, 2D/3)
-            ar = self.ar_embedder(aspect_ratio.reshape(-1)).reshape(B, -1)  # (B, D/3)
-            c = c + torch.cat([csize, ar], dim=1)  # (B, D)
-        if self.config.pooled_dim:
-            c = c + self.pooled_embedder(pooled.to(c.dtype))  # (B, D)
-        return c
-
-    def forward(self, x: torch.Tensor, t, y=None, context=None, context_mask=None, resolution=None,
-                aspect_ratio=None, pooled=None) -> torch.Tensor:
-        if hasattr(context, "tokens") and hasattr(context, "mask"):  # a TextEmbeddings from tinydit.text
-            context_mask = context.mask if context_mask is None else context_mask
-            if pooled is None and self.config.pooled_dim:
-                pooled = context.pooled
-            context = context.tokens
-        t, context, context_mask, pooled, resolution, aspect_ratio = self._check_text_inputs(
-            x, t, y, context, context_mask, pooled, resolution, aspect_ratio)
-        B, _, H, W = x.shape
-        h, w = H // self.config.patch_size, W // self.config.patch_size
-        tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, N, D)
-        c = self.condition(t, pooled, resolution, aspect_ratio).to(tokens.dtype)  # (B, D)
-        mod = self.t_block(c) if self.config.modulation == "adaln_single" else c  # (B, 6D) or (B, D)
-        ctx = self.y_embedder(context.to(tokens.dtype))  # (B, T, D)
-        for block in self.blocks:
-            tokens = block(tokens, mod, ctx, context_mask)  # (B, N, D)
-        out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` (tinydit's own layout)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"_class": "TextDiT", **self.config.to_dict()}, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
-
-# %% [markdown]
-# ### The book model, and where each word looks
-#
-# The `book-text` preset is chapter 05's book DiT (6 blocks, width 192, 4×8×8 latents → 16 tokens)
-# with cross-attention to the book encoder's 96-wide tokens and its 64-wide pooled vector added to
-# the timestep embedding. Fresh from initialisation it predicts exactly zero (zero final layer) and
-# every block is the identity (zero adaLN-Zero maps and cross-attention outputs).
-#
-# Below, for one prompt, the last block's cross-attention map (averaged over heads) over the 4×4
-# latent grid of a generated 32×32 image, one panel per token. This model is **untrained** — chapter
-# 07 trains it — so the maps are still arbitrary; what we can already check is the mechanics: every
-# row of the map is a distribution over the real tokens, and padding receives exactly zero attention.
-
-# %%
-from tinydit.attention import attention_weights
-from tinydit.dit import DiT, TextDiT, TextDiTConfig
-
-torch.manual_seed(0)
-book_dit = TextDiT(TextDiTConfig.preset("book-text")).eval()
-prompts = ["a red circle left of a blue square", "a big green triangle"]
-text_emb = book_text.encode(prompts)  # tokens (2, T, 96), mask (2, T), pooled (2, 64)
-x_lat = torch.randn(2, 4, 8, 8)  # (B, C, H, W) book latents
-out = book_dit(x_lat, torch.tensor([500, 500]), context=text_emb)
-print(f"book text DiT: {book_dit.num_params / 1e6:.2f} M parameters; context {tuple(text_emb.tokens.shape)} -> "
-      f"output {tuple(out.shape)}; isinstance(model, DiT): {isinstance(book_dit, DiT)}")
-assert out.shape == x_lat.shape and (out == 0).all() and isinstance(book_dit, DiT)
-tok0 = torch.randn(2, 16, 192)
-assert all(torch.equal(blk(tok0, torch.randn(2, 192), torch.randn(2, text_emb.tokens.shape[1], 192), text_emb.mask), tok0)
-           for blk in book_dit.blocks)
-
-with torch.no_grad():  # re-run the forward pass by hand up to the last block's cross-attention
-    cfg_b = book_dit.config
-    tk = book_dit.x_embedder(x_lat) + book_dit.pos_embed_for(4, 4)  # (B, 16, D)
-    c = book_dit.condition(torch.tensor([500, 500]), text_emb.pooled)  # (B, D)
-    ctx = book_dit.y_embedder(text_emb.tokens)  # (B, T, D)
-    for blk in book_dit.blocks[:-1]:
-        tk = blk(tk, c, ctx, text_emb.mask)
-    last = book_dit.blocks[-1]
-    sh, sc, g, *_ = last.modulation_params(c)
-    tk = tk + g.unsqueeze(1) * last.attn(modulate(last.norm1(tk), sh, sc))
-    q, k, _ = last.cross_attn.qkv_heads(last.norm_cross(tk), ctx)  # (B, heads, 16|T, hd)
-    amap = attention_weights(q, k, text_emb.mask)  # (B, heads, 16, T)
-words = book_text.tokenizer.convert_ids_to_tokens(book_text.tokenizer(prompts[0])["input_ids"])
-fig, axes = plt.subplots(1, len(words), figsize=(1.3 * len(words), 1.8))
-for j, (ax, word) in enumerate(zip(axes, words)):
-    ax.imshow(amap[0, :, :, j].mean(0).reshape(4, 4), cmap="magma", vmin=0, vmax=float(amap[0].mean(0).max()))
-    ax.set_title(word.replace("<|", "").replace("|>", ""), fontsize=7)
-    ax.axis("off")
-plt.suptitle(f"cross-attention of each 8x8-pixel patch to each token (untrained): {prompts[0]!r}", fontsize=8)
-plt.show()
-assert torch.allclose(amap.sum(-1), torch.ones_like(amap[..., 0]), atol=1e-5)
-assert (amap[1][..., ~text_emb.mask[1]] == 0).all()  # the shorter prompt's padding is never read
-
-# %% [markdown]
-# Wrong inputs fail with a sentence, not a torch shape error: text tokens of the wrong width (a
-# model built for one encoder fed by another), a mask of the wrong shape, a missing pooled vector.
-
-# %%
-for bad in (lambda: book_dit(x_lat, 10, context=torch.randn(2, 5, 77), pooled=text_emb.pooled),
-            lambda: book_dit(x_lat, 10, context=text_emb.tokens, context_mask=text_emb.mask[:, :3], pooled=text_emb.pooled),
-            lambda: book_dit(x_lat, 10, context=text_emb.tokens, context_mask=text_emb.mask),
-            lambda: book_dit(x_lat, 10, y=torch.tensor([1, 2]), context=text_emb)):
-    try:
-        bad()
-    except ValueError as e:
-        print("ValueError:", e)
-    else:
-        raise AssertionError("bad input was accepted")
-
-# %% [markdown]
-# ### adaLN-single, counted
-#
-# Built on the `meta` device (shapes without memory), PixArt-α XL/2 with adaLN-single and the same
-# network with a per-block adaLN-Zero map:
-
-# %%
-with torch.device("meta"):
-    pixart = TextDiT(TextDiTConfig.preset("PixArt-alpha-XL/2-1024"))
-    per_block = TextDiT(TextDiTConfig.preset("PixArt-alpha-XL/2-1024", modulation="adaln_zero"))
-saved = per_block.num_params - pixart.num_params
-print(f"PixArt-alpha XL/2: {pixart.num_params / 1e6:.1f} M parameters with adaLN-single, "
-      f"{per_block.num_params / 1e6:.1f} M with per-block adaLN-Zero: {saved / 1e6:.1f} M saved "
-      f"({saved / per_block.num_params:.0%})")
-assert 600e6 < pixart.num_params < 620e6  # the paper's 0.6 B
-
-# %% [markdown]
-# ## 7. Loading PixArt checkpoints
-#
-# As for DiT in chapter 05, two layouts:
-#
-# - **diffusers'** `PixArtTransformer2DModel` folder. It splits `qkv` into `to_q/to_k/to_v`, and the
-#   cross-attention's `kv_linear` into `to_k/to_v`; it calls the shared timestep map
-#   `adaln_single.linear` (our `t_block.1`) and the caption MLP `caption_projection`. It does **not**
-#   store the null caption `y_embedding`: its pipeline encodes an empty negative prompt with T5
-#   instead, so a model loaded from it has `caption_tokens=0` and `null_context` says so.
-# - **the original** PixArt-α/Σ checkpoints (`PixArt-XL-2-1024-MS.pth`, a `{"state_dict": ...}`
-#   wrapper), whose names are ours. The config is inferred from the weights: width, patch, depth,
-#   caption width, null-caption length (120 → α, 300 → Σ), micro-conditions (are `csize_embedder`
-#   weights present?). Not in the weights: the number of heads (1152 → 16, as DiT-XL) and the
-#   position interpolation scale (latent side / 64: 0.5, 1, 2 at 256, 512, 1024 px), which we check
-#   against the stored `pos_embed` table when it is there.
-#
-# **Where diffusers and the original code differ**, we follow the original, which trained the
-# weights: the caption padding is masked out exactly (the original attends over the real tokens
-# only, via xformers' block-diagonal mask; diffusers adds a bias of $-10^4$, which in fp32 gives the
-# same softmax to the last bit); the null caption for guidance is the learned `y_embedding` where
-# the checkpoint has it; and when a diffusers config leaves `interpolation_scale` empty we use the
-# original rule (latent side / 64, so 0.5 at 256 px) where diffusers' default would give 1. The timestep sinusoid is the same in both (`flip_sin_to_cos=True`, shift 0),
-# unlike diffusers' DiT port of chapter 05.
-#
-# `DiT.from_pretrained` stays the single entry point: it reads `config.json`'s `_class_name` and
-# dispatches; `DiT.from_original` looks for PixArt's `t_block` weights. Both fall back to chapter
-# 05's loaders for class-conditional DiTs.
-
-# %%
-# | export dit
-def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
-    if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
-        raise ValueError("checkpoint: not a diffusers PixArtTransformer2DModel state dict (no "
-                         "'adaln_single.linear.weight' / 'transformer_blocks.0.attn2.to_q.weight')")
-    sd = dict(sd)
-    out: dict[str, torch.Tensor] = {}
-
-    def take(src: str, dst: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{src}.{suffix}" in sd:
-                out[f"{dst}.{suffix}"] = sd.pop(f"{src}.{suffix}")
-
-    take("pos_embed.proj", "x_embedder.proj")
-    take("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
-    take("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
-    take("adaln_single.emb.resolution_embedder.linear_1", "csize_embedder.mlp.0")
-    take("adaln_single.emb.resolution_embedder.linear_2", "csize_embedder.mlp.2")
-    take("adaln_single.emb.aspect_ratio_embedder.linear_1", "ar_embedder.mlp.0")
-    take("adaln_single.emb.aspect_ratio_embedder.linear_2", "ar_embedder.mlp.2")
-    take("adaln_single.linear", "t_block.1")
-    take("caption_projection.linear_1", "y_embedder.y_proj.fc1")
-    take("caption_projection.linear_2", "y_embedder.y_proj.fc2")
-    take("proj_out", "final_layer.linear")
-    out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    for n in range(depth):
-        b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
-        out[o + "scale_shift_table"] = sd.pop(b + "scale_shift_table")
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([sd.pop(b + f"attn1.to_{x}.{suffix}") for x in "qkv"])
-            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([sd.pop(b + f"attn2.to_{x}.{suffix}") for x in "kv"])
-        take(b + "attn1.to_out.0", o + "attn.proj")
-        take(b + "attn2.to_q", o + "cross_attn.q_linear")
-        take(b + "attn2.to_out.0", o + "cross_attn.proj")
-        take(b + "ff.net.0.proj", o + "mlp.fc1")
-        take(b + "ff.net.2", o + "mlp.fc2")
-    if sd:
-        raise ValueError(f"checkpoint: {len(sd)} diffusers PixArt keys that tinydit does not know how to map: "
-                         f"{sorted(sd)[:10]}")
-    return out
-
-
-def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
-    """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
-    if diffusers_transformer_class(d) != "PixArtTransformer2DModel":
-        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
-                         f"(norm_type={d.get('norm_type')!r})")
-    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    hidden = heads * head_dim
-    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
-                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"),
-                                            ("attention_type", "default")) if d.get(k, ok) != ok}
-    if d.get("caption_channels") is None:
-        unsupported["caption_channels"] = None
-    if d.get("cross_attention_dim", hidden) != hidden:
-        unsupported["cross_attention_dim"] = d["cross_attention_dim"]
-    if unsupported:
-        raise ValueError(f"config: PixArt options tinydit does not implement: {unsupported}")
-    in_ch = d.get("in_channels", 4)
-    out_ch = d.get("out_channels") or in_ch
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"config: out_channels={out_ch} for in_channels={in_ch}; expected the same or twice as many")
-    sample, patch = d.get("sample_size", 128), d.get("patch_size", 2)
-    micro = d.get("use_additional_conditions")
-    cfg = dict(input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=d.get("num_layers", 28),
-               num_heads=heads, learn_sigma=out_ch == 2 * in_ch, norm_eps=d.get("norm_eps", 1e-6),
-               context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
-               micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
-               pos_base_size=sample // patch,
-               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
-               # default, max(sample_size // 64, 1), gives 1 at 256 px
-               interpolation_scale=d.get("interpolation_scale") or sample / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                                      **overrides) -> TextDiTConfig:
-    """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
-    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight",
-              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"checkpoint: not a PixArt checkpoint in the original layout; missing {missing}")
-    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    if "pos_embed" in sd:
-        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
-    elif "input_size" in overrides:
-        input_size = overrides["input_size"]
-    else:
-        raise ValueError("checkpoint: no 'pos_embed' to read the training resolution from; pass input_size= "
-                         "(latent side: 32, 64, 128 for 256, 512, 1024 px)")
-    y_emb = sd.get("y_embedder.y_embedding")
-    cfg = dict(input_size=input_size, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-               num_heads=num_heads or _HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out_ch == 2 * in_ch,
-               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
-               qk_norm="blocks.0.attn.q_norm.weight" in sd, context_dim=sd["y_embedder.y_proj.fc1.weight"].shape[1],
-               modulation="adaln_single", caption_tokens=0 if y_emb is None else y_emb.shape[0],
-               micro_conditions="csize_embedder.mlp.0.weight" in sd, pos_base_size=input_size // p,
-               interpolation_scale=input_size / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def _pixart_from_state_dict(sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
-                            **overrides) -> TextDiT:
-    model = TextDiT(infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides))
-    stored = sd.get("pos_embed")
-    if stored is not None and stored.abs().sum() > 0 and stored.shape == model.pos_embed.shape:
-        diff = (stored.float() - model.pos_embed).abs().max().item()
-        if diff > 1e-4:
-            raise ValueError(f"checkpoint: its stored position table differs from the one for "
-                             f"interpolation_scale={model.config.interpolation_scale} by {diff:.3g}; pass the "
-                             "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
-    sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
-    check_and_load(model, sd, what=f"PixArt checkpoint {name}")
-    return model
-
-
-_from_pretrained_dit = _from_pretrained  # chapter 05's loaders, for class-conditional DiTs
-_from_original_dit = _from_original
-
-
-def _from_pretrained_any(cls, path_or_id: str | Path, subfolder: str | None = None, **overrides) -> DiT:
-    """Load a diffusers `DiTTransformer2DModel` or `PixArtTransformer2DModel` folder, or a tinydit
-    DiT / TextDiT folder (local path or hub id); dispatches on config.json."""
-    folder = resolve_pretrained(path_or_id, subfolder)
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("_class") == "TextDiT":  # tinydit's own layout
-        config.pop("_class")
-        model = TextDiT(TextDiTConfig.from_dict({**config, **overrides}))
-        sd = load_state_dict(folder / "model.safetensors")
-    elif diffusers_transformer_class(config) == "PixArtTransformer2DModel":
-        model = TextDiT(config_from_diffusers_pixart(config, **overrides))
-        weights = next((folder / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                        if (folder / n).is_file()), None)
-        if weights is None:
-            raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
-        sd = convert_diffusers_pixart(load_state_dict(weights))
-    else:
-        return _from_pretrained_dit(DiT, folder, **overrides)
-    sd = {**sd, "pos_embed": model.pos_embed}
-    check_and_load(model, sd, what=f"weights in {folder}")
-    return model
-
-
-def _from_original_any(cls, path: str | Path, num_heads: int | None = None, **overrides) -> DiT:
-    """Load an original-layout checkpoint: PixArt-α/Σ (has `t_block`) or facebookresearch DiT."""
-    sd = unwrap_state_dict(load_state_dict(path))
-    if "t_block.1.weight" in sd:
-        return _pixart_from_state_dict(sd, Path(path).name, num_heads=num_heads, **overrides)
-    return _from_original_dit(DiT, path, num_heads=num_heads, state_dict=sd, **overrides)
-
-
-DiT.from_pretrained = classmethod(_from_pretrained_any)
-DiT.from_original = classmethod(_from_original_any)
-
-# %% [markdown]
-# ### Parity with diffusers, measured
-#
-# A tiny random `PixArtTransformer2DModel` saved in diffusers' format, loaded with
-# `DiT.from_pretrained`, compared on padded captions at several timesteps: once PixArt-α-style (with
-# resolution / aspect-ratio micro-conditions), once PixArt-Σ-style (without), at the training grid
-# and at a larger, non-square one (the position table is recomputed, PixArt-style). Then the same
-# weights renamed to the **original** layout, saved as a `.pth` with a `{"state_dict": ...}` wrapper
-# as PixArt's releases are, and loaded with `DiT.from_original`.
-
-# %%
-import tempfile
-
-try:
-    import diffusers
-except ImportError:
-    diffusers = None
-    print("diffusers is not installed (pip install -e '.[dev]'); skipping the live comparison")
-if diffusers is not None:
-    worst = {}
-    for micro in (True, False):
-        torch.manual_seed(0)
-        ref = diffusers.PixArtTransformer2DModel(
-            num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-            cross_attention_dim=48, caption_channels=24, sample_size=8, patch_size=2, norm_eps=1e-6,
-            use_additional_conditions=micro, interpolation_scale=8 / 64).eval()
-        with torch.no_grad():  # random weights everywhere, including the zero-initialised ones
-            for p in ref.parameters():
-                p.normal_(0, 0.1)
-        with tempfile.TemporaryDirectory() as tmp:
-            ref.save_pretrained(tmp)
-            ours = DiT.from_pretrained(tmp).eval()
-            torch.save({"state_dict": ours.state_dict()}, f"{tmp}/PixArt-tiny.pth")
-            ours_original = DiT.from_original(f"{tmp}/PixArt-tiny.pth", num_heads=4).eval()
-        ctx = torch.randn(3, 7, 24)  # (B, T, caption_channels)
-        cmask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])  # padded captions
-        errs = []
-        for shape in ((3, 4, 8, 8), (3, 4, 12, 16)):
-            xp = torch.randn(shape)
-            res, ar = torch.tensor([[64.0, 64.0]] * 3), torch.tensor([[1.0]] * 3)
-            added = dict(resolution=res, aspect_ratio=ar) if micro else None
-            mine_kw = dict(resolution=res, aspect_ratio=ar) if micro else {}
-            for tp in (torch.tensor([0.0, 10.0, 999.0]), torch.tensor([500.0, 250.0, 1.0])):
-                with torch.no_grad():
-                    r = ref(xp, encoder_hidden_states=ctx, timestep=tp, encoder_attention_mask=cmask,
-                            added_cond_kwargs=added).sample
-                    errs += [(ours(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item(),
-                             (ours_original(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item()]
-        worst["alpha (micro-conditions)" if micro else "sigma (none)"] = max(errs)
-    for name, err in worst.items():
-        print(f"PixArt-{name}: max |diffusers - tinydit| = {err:.2e} over 2 grids x 2 timestep sets, "
-              "from_pretrained and from_original")
-    assert max(worst.values()) <= 1e-5
-
-# %% [markdown]
-# ### The null caption
-#
-# Classifier-free guidance (chapter 09) needs an unconditional prediction. PixArt learns one: the
-# `y_embedding` table (120 rows for α, 300 for Σ) replaces the T5 tokens of a dropped caption during
-# training, and `model(x, t)` with no context uses it. (PixArt's inference scripts pass the prompt's
-# own mask along with it.) The book model has no such table; its null caption is the encoding of an
-# empty prompt, `book_text.encode([""])`: just the start and end tokens.
-
-# %%
-torch.manual_seed(0)
-with_null = TextDiT(TextDiTConfig(input_size=8, patch_size=2, hidden_size=48, depth=2, num_heads=4, context_dim=24,
-                                  caption_tokens=12, pos_base_size=4, interpolation_scale=8 / 64))
-xn = torch.randn(2, 4, 8, 8)
-assert torch.equal(with_null(xn, 10), with_null(xn, 10, context=with_null.null_context(2)))
-empty = book_text.encode([""])
-print("null caption of the book model:", book_text.tokenizer.convert_ids_to_tokens(
-    book_text.tokenizer("")["input_ids"]), "->", tuple(empty.tokens.shape), "pooled", tuple(empty.pooled.shape))
-assert empty.mask.sum() == 2
-
-# %% [markdown]
-# ## 8. Real CLIP-L and T5, if you have them
-#
-# Point `TINYDIT_CLIP_PATH` at a folder with the CLIP ViT-L/14 text tower (for example a download of
-# `openai/clip-vit-large-patch14`, or an SD pipeline folder, with `TINYDIT_CLIP_SUBFOLDER=text_encoder`)
-# and `TINYDIT_T5_PATH` at a T5 encoder folder (a PixArt pipeline, `TINYDIT_T5_SUBFOLDER=text_encoder`),
-# and this cell encodes with them. Without them — as in CI, and on this machine, which has no
-# network — it says so and moves on. A hub id that cannot be reached fails in one line:
-
-# %%
-try:
-    CLIPTextEncoder.from_pretrained("openai/clip-vit-large-patch14")
-except OSError as e:
-    print("OSError:", e)
-real = {"CLIP": (CLIPTextEncoder, os.environ.get("TINYDIT_CLIP_PATH"), os.environ.get("TINYDIT_CLIP_SUBFOLDER")),
-        "T5": (T5TextEncoder, os.environ.get("TINYDIT_T5_PATH"), os.environ.get("TINYDIT_T5_SUBFOLDER"))}
-for name, (cls, path, sub) in real.items():
-    if not path:
-        print(f"{name}: no local weights (set TINYDIT_{name.upper()}_PATH to use them); skipped")
-        continue
-    enc = cls.from_pretrained(path, subfolder=sub)
-    e = enc.encode(["a photo of a red circle on a white table"])
-    print(f"{name}: tokens {tuple(e.tokens.shape)}, mask {int(e.mask.sum())} real tokens, "
-          f"pooled {None if e.pooled is None else tuple(e.pooled.shape)}")
-
-# %% [markdown]
-# ## What we built
-#
-# - `tinydit.text`: `TextEmbeddings` and the `TextEncoder` interface; `CLIPTextEncoder` (last or
-#   penultimate layer; projected or EOS pooled) and `T5TextEncoder` from folders or hub ids;
-#   `DualTextEncoder` (CLIP primary, T5 secondary offloaded to CPU or disk, with a prompt cache);
-#   `build_book_tokenizer`, `train_book_text_encoder`, `load_book_text_encoder`,
-#   `load_book_image_encoder` and `evaluate_book_encoders`.
-# - `tinydit.dit` (extended): `CrossAttention`, `TextDiTBlock` (adaLN-Zero or adaLN-single),
-#   `T2IFinalLayer`, `TextDiTConfig` with PixArt and `book-text` presets, `TextDiT` (a `DiT`), and
-#   `DiT.from_pretrained` / `DiT.from_original` that now also load PixArt-α/Σ in diffusers' and the
-#   original layout, equal to diffusers to within $10^{-5}$.
-#
-# The shipped book text encoder (0.35 M parameters, trained 1,500 steps x 128
-# pairs in 24 minutes on 2 busy CPU cores), on 2,000 test pairs of the shapes
-# dataset (full-size run of `evaluate_book_encoders(n=2000)`):
-#
-# | measure | all test captions | captions with a `HELD_OUT` pair |
-# |---|---|---|
-# | caption → image top-1, exact (the very image; chance 0.05 %) | 50.6 % | 56.4 % (445 queries) |
-# | caption → image top-1, semantic (the image satisfies the caption) | 95.8 % | 91.5 % |
-# | zero-shot colour, single-object images | 99.5 % (1,216 images) | 97.1 % (205 images) |
-# | zero-shot shape | 98.3 % | 89.8 % |
-# | zero-shot (colour, shape) pair, 18-way | 97.8 % | 86.8 % |
-#
-# The held-out pairs ("red triangle", "blue circle", "yellow square") were never seen together in
-# training, and the encoder still names 87 % of them exactly: it has learned colour and shape words
-# separately, not memorised the pairs. Shape is the harder half for the held-out images.
-#
-# Next, chapter 07 trains the `book-text` DiT on these embeddings.

@@ -112,7 +112,6 @@ def test_held_out_pairs_only_in_test():
         return {(o["color"], o["shape"]) for i in range(len(ds)) for o in ds.attributes(i)}
 
     train, test = pairs(data.ShapesDataset(3000)), pairs(data.ShapesDataset(500, split="test"))
-    assert len(data.HELD_OUT) >= 2
     assert not train & set(data.HELD_OUT)
     assert set(data.HELD_OUT) <= test
     assert len(train) == 18 - len(data.HELD_OUT)
@@ -134,13 +133,35 @@ def test_captions_vary():
 
 
 @pytest.mark.parametrize(
-    "kwargs, argname",
-    [(dict(n=0), "n"), (dict(n=-3), "n"), (dict(n=2.5), "n"), (dict(n=4, size=4), "size"),
-     (dict(n=4, split="val"), "split"), (dict(n=4, seed=-1), "seed")],
+    "kwargs, error, pattern",
+    [(dict(n=0), ValueError, r"^n: expected an integer >= 1, got 0"),
+     (dict(n=-3), ValueError, r"^n:"),
+     (dict(n=2.5), TypeError, r"^n: expected an integer, got 2\.5"),
+     (dict(n=10**20), ValueError, r"^n: expected an integer <= \d+, got 100000000000000000000"),
+     (dict(n=4, size=4), ValueError, r"^size: expected an integer >= 8"),
+     (dict(n=4, size=100_000), ValueError, r"^size=100000 .*GiB"),
+     (dict(n=4, size="32"), TypeError, r"^size:"),
+     (dict(n=4, split="val"), ValueError, r"^split:"),
+     (dict(n=4, seed=-1), ValueError, r"^seed:"),
+     (dict(n=4, seed=1.0), TypeError, r"^seed:")],
 )
-def test_bad_arguments(kwargs, argname):
-    with pytest.raises(ValueError, match=rf"^{argname}:"):
+def test_bad_arguments(kwargs, error, pattern):
+    """Refused at construction (not later, in len() or indexing), naming the argument."""
+    with pytest.raises(error, match=pattern):
         data.ShapesDataset(**kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    ds = data.ShapesDataset(np.int64(6), size=np.int32(16), seed=np.uint8(3))
+    assert len(ds) == 6 and type(ds.n) is int and type(ds.size) is int
+    ref = data.ShapesDataset(6, size=16, seed=3)
+    assert torch.equal(ds[np.int64(2)][0], ref[2][0]) and ds[np.int16(-1)][1] == ref[5][1]
+    assert ds[0][0].shape == (3, 16, 16)
+
+
+def test_largest_n_is_usable():
+    ds = data.ShapesDataset(data.MAX_SAMPLES)
+    assert len(ds) == data.MAX_SAMPLES and ds[-1][0].shape == (3, 32, 32)
 
 
 def test_bad_split_lists_allowed_values():
@@ -170,6 +191,44 @@ def test_image_grid_with_captions():
         data.image_grid(torch.stack([ds[0][0], ds[1][0]]), ["only one"])
     with pytest.raises(ValueError, match="images"):
         data.image_grid(torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda t: data.image_grid(t, ["a red circle", None]), TypeError, r"^captions\[1\]: expected a str, got None"),
+        (lambda t: data.image_grid(t, "one caption"), TypeError, r"^captions: expected a list of 2 strings"),
+        (lambda t: data.image_grid(t, cols=2.0), TypeError, r"^cols: expected an integer, got 2\.0"),
+        (lambda t: data.image_grid(t, scale=0), ValueError, r"^scale: expected an integer >= 1"),
+        (lambda t: data.image_grid(t, font_px=None), TypeError, r"^font_px:"),
+        (lambda t: data.image_grid("grid.png"), TypeError, r"^images: .*path 'grid\.png'.*PIL\.Image\.open"),
+        (lambda t: data.image_grid(__import__("pathlib").Path("x.png")), TypeError, r"^images: .*path 'x\.png'"),
+        (lambda t: data.image_grid(t.permute(0, 2, 3, 1).numpy()), TypeError,
+         r"^images: .*numpy array of shape \(2, 8, 8, 3\).*torch\.from_numpy"),
+        (lambda t: data.image_grid([data.tensor_to_pil(t[0]), "b.png"]), TypeError, r"^images\[1\]: expected a PIL image"),
+        (lambda t: data.image_grid([]), ValueError, r"^images: expected at least one image"),
+        (lambda t: data.image_grid(t, scale=100_000), ValueError, r"^images \(2 of 8x8\) at scale=100000: .*GiB"),
+        (lambda t: data.dataset_grid(data.ShapesDataset(3), n=0), ValueError, r"^n: expected an integer >= 1"),
+        (lambda t: data.tensor_to_pil(t), ValueError, r"^x: expected a \(3, H, W\) image tensor"),
+        (lambda t: data.tensor_to_pil(t[0].numpy()), TypeError, r"^x: expected a torch\.Tensor"),
+    ],
+)
+def test_grid_arguments_named_in_errors(call, error, pattern):
+    tiles = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(error, match=pattern):
+        call(tiles)
+
+
+def test_image_grid_accepts_numpy_ints_and_pil_lists():
+    pils = [data.tensor_to_pil(torch.zeros(3, 8, 8)) for _ in range(3)]
+    grid = data.image_grid(iter(pils), ("a", "b", "c"), cols=np.int64(2), scale=np.int32(2))
+    assert grid.width == 2 * (16 + 4) + 4
+
+
+def test_render_scene_refuses_huge_canvas():
+    scene = data.ShapesDataset(1).scene(0)
+    with pytest.raises(ValueError, match=r"^size=100000 with supersample=4: .*GiB"):
+        data.render_scene(scene, size=100_000)
 
 
 def test_tensor_pil_round_trip():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from tinydit.dit import DiT, DiTConfig, dit_macs, infer_config_from_original
 from tinydit.embeddings import sincos_pos_embed_2d
@@ -129,7 +130,21 @@ def test_head_rule_for_the_paper_presets():
         assert infer_config_from_original(sd) == cfg, name
     with torch.device("meta"):
         sd = DiT(DiTConfig(**{**TINY, "hidden_size": 128, "num_heads": 2})).state_dict()
-    assert infer_config_from_original(sd).num_heads == 2  # width // 64 for non-preset widths
+        book = DiT(DiTConfig.preset("book")).state_dict()
+    assert infer_config_from_original(sd, num_heads=2).num_heads == 2
+    for state in (sd, book):  # the file does not say: no guess, the error asks for the argument
+        with pytest.raises(ValueError, match="num_heads: the checkpoint does not store"):
+            infer_config_from_original(state)
+    with pytest.raises(ValueError, match="num_heads: must divide the checkpoint's width 128, got 3"):
+        infer_config_from_original(sd, num_heads=3)
+
+
+def test_loaded_models_are_in_eval_mode(tmp_path):
+    model = randomize(DiT(DiTConfig(**TINY)))
+    save_file(model.state_dict(), tmp_path / "dit.safetensors")
+    model.save_pretrained(tmp_path / "folder")
+    for loaded in (DiT.from_original(tmp_path / "dit.safetensors", num_heads=4), DiT.from_pretrained(tmp_path / "folder")):
+        assert not loaded.training and not any(m.training for m in loaded.modules())
 
 
 def test_wrapped_training_checkpoint_loads(tmp_path):
@@ -240,11 +255,22 @@ def test_mac_formula_matches_torch_flop_counter():
     assert counter.get_total_flops() / 2 == pytest.approx(dit_macs(model.config), rel=1e-3)
 
 
-def test_single_batch_overfit_on_book_vae_latents():
-    """The verification loop: a tiny DiT memorises 8 book-VAE latents (epsilon loss 1 -> < 0.1)."""
+class _Zeros(nn.Module):
+    """Stands in for a removed part: returns zeros shaped like the input (attention) or (B, D)."""
+
+    def __init__(self, width: int | None = None):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x, *args):
+        return x.new_zeros(x.shape[0], self.width) if self.width else torch.zeros_like(x)
+
+
+def _verification_loop(ablation: str | None):
+    """Chapter 05's verification loop with an optional wiring bug: overfit, then the wiring report."""
     from tinydit import schedules, vae
     from tinydit.data import ShapesDataset
-    from tinydit.dit import overfit_single_batch
+    from tinydit.dit import overfit_single_batch, wiring_report
 
     ds = ShapesDataset(8, seed=0)
     with torch.no_grad():
@@ -252,9 +278,36 @@ def test_single_batch_overfit_on_book_vae_latents():
     ab = schedules.alphas_cumprod(schedules.make_betas("linear"))
     torch.manual_seed(0)
     model = DiT(DiTConfig.preset("book", hidden_size=96, depth=2, num_heads=4, class_dropout_prob=0.0))
+    if ablation == "no attention":
+        for block in model.blocks:
+            block.attn = _Zeros()
+    elif ablation == "timestep ignored":
+        model.t_embedder = _Zeros(width=96)
     losses = overfit_single_batch(model, latents, torch.arange(8), ab, steps=800, lr=2e-3, seed=0, disable=True)
+    return losses, wiring_report(model, latents, torch.arange(8), ab)
+
+
+def verification_passes(losses, report) -> bool:
+    """The chapter's criteria: loss below 0.1 and both wiring numbers above their minimum."""
+    from tinydit.dit import WIRING_MIN
+
+    return (sum(losses[-100:]) / 100 < 0.1 and report["loss"] < 0.1
+            and all(report[k] > v for k, v in WIRING_MIN.items()))
+
+
+def test_verification_loop_passes_the_real_model():
+    """A tiny DiT memorises 8 book-VAE latents (epsilon loss 1 -> < 0.1) and reads t and other tokens."""
+    losses, report = _verification_loop(None)
+    print(f"real model: last-100 loss {sum(losses[-100:]) / 100:.4f}, report {report}")
     assert losses[0] > 0.5  # the zero-initialised model predicts 0: loss = E[eps^2] = 1
-    assert sum(losses[-100:]) / 100 < 0.1
+    assert verification_passes(losses, report)
+
+
+@pytest.mark.parametrize("ablation", ["no attention", "timestep ignored"])
+def test_verification_loop_catches_wiring_bugs(ablation):
+    losses, report = _verification_loop(ablation)
+    print(f"{ablation}: last-100 loss {sum(losses[-100:]) / 100:.4f}, report {report}")
+    assert not verification_passes(losses, report), f"the verification loop passed a model with {ablation}"
 
 
 def test_legacy_transformer2dmodel_dit_config_loads(tmp_path):
@@ -285,5 +338,13 @@ def test_unknown_diffusers_dit_keys_are_refused(tmp_path):
 
 
 def test_class_conditioned_dit_refuses_context():
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(TypeError, match="context"):
         DiT(DiTConfig(**TINY))(torch.randn(1, 4, 8, 8), 1, context=torch.randn(1, 3, 32))
+
+
+def test_dit_refuses_a_pixart_folder_and_says_what_to_use(tmp_path):
+    from tinydit.textdit import TextDiT, TextDiTConfig
+
+    TextDiT(TextDiTConfig.preset("book-text", depth=1)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="TextDiT.from_pretrained"):
+        DiT.from_pretrained(tmp_path)

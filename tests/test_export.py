@@ -124,6 +124,18 @@ def test_export_without_default_module_is_an_error(tmp_path):
     assert proc.returncode == 2 and "default_exp" in proc.stderr
 
 
+@pytest.mark.parametrize("flags", [(), ("--check",)])
+def test_module_fed_by_two_notebooks_is_refused(tmp_path, flags):
+    root = make_project(tmp_path)
+    second = "# %%\n# | default_exp other\n\n# %%\n# | export toy\nEXTENDED = True\n"
+    (root / "notebooks" / "08_more.py").write_text("# ---\n# ---\n\n" + second)
+    proc = run_tool(root, *flags)
+    assert proc.returncode == 2
+    assert "tinydit/toy.py is fed by 2 notebooks" in proc.stderr
+    assert "07_toy.py" in proc.stderr and "08_more.py" in proc.stderr
+    assert not (root / "tinydit" / "toy.py").exists() or "EXTENDED" not in (root / "tinydit" / "toy.py").read_text()
+
+
 def test_split_cells_kinds():
     cells = export.split_cells("header\n# %% [markdown]\n# text\n# %%\nx = 1\n")
     assert [k for k, _ in cells] == ["markdown", "code"]

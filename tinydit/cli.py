@@ -1,15 +1,28 @@
 """Command line: `python -m tinydit <command> ...` (or the `tinydit` script).
 
 Hand-written glue (no notebook owns it): each subcommand parses flags and calls what the chapters
-exported. Errors in flags or values print one line and exit with status 2, never a traceback.
+exported. Errors in flags or values print one line that names the flag and exit with status 2,
+never a traceback. Every flag is checked before any work starts: ranges in the argparse types,
+output paths and the size of the picture to draw in `_check_*` helpers.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+MAX_SAMPLES = 4096  # --n: at 8 columns that is a 512-row grid of ~90 megapixels
+MAX_IMAGE_SIZE = 1024  # --size: pixels per side of one sample
+MAX_SCALE = 64  # --scale: enlargement of each tile
+MAX_GRID_PIXELS = 2**27  # ~134 megapixels (~400 MB in memory) for the whole grid
+MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 4096
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_JPEG_SIDE = 65_500  # the JPEG format stores each side in 16 bits
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -19,17 +32,69 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
+class _FlagError(ValueError):
+    """A flag's value is unusable; the message starts with the flag's name."""
+
+
+def _int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high] (argparse prefixes the flag's name)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid <name> value" messages
+    return parse
+
+
+def _check_image_path(flag: str, text: str) -> Path:
+    """`text` as a .png / .jpg file path whose folder exists or can be created."""
+    out = Path(text)
+    if out.is_dir():
+        raise _FlagError(f"{flag}: expected an image file path ending in .png or .jpg, got {text!r}, "
+                         "which is a folder (try --out grid.png)")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        got = f"extension {out.suffix!r}" if out.suffix else "no extension"
+        raise _FlagError(f"{flag}: expected an image file path ending in .png or .jpg, got {text!r} ({got})")
+    _check_writable_folder(flag, out.parent)
+    return out
+
+
+def _check_writable_folder(flag: str, folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, before any work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise _FlagError(f"{flag}: cannot write to the folder {str(folder)!r} (it is a file); "
+                         "choose a folder you can write to")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise _FlagError(f"{flag}: cannot write to the folder {str(folder)!r} ({reason}); "
+                         "choose a folder you can write to") from None
+
+
+def _check_grid_fits(args: argparse.Namespace) -> None:
+    """Refuse a grid that would not fit in memory (e.g. --n 4096 --size 1024), before drawing it."""
+    tile = args.size * args.scale + 4  # pixels per tile side, with padding
+    cols = min(args.cols, args.n)
+    rows = math.ceil(args.n / cols)
+    width, height = cols * tile, rows * tile  # captions make it taller still
+    if width * height > MAX_GRID_PIXELS:
+        raise _FlagError(f"--n/--size/--scale/--cols: the grid would be at least {width}x{height} px "
+                         f"({width * height / 1e6:,.0f} megapixels), more than the "
+                         f"{MAX_GRID_PIXELS / 1e6:.0f} megapixels allowed; lower --n, --size or --scale")
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
+    _check_grid_fits(args)  # before _check_image_path, which may create the output folder
+    out = _check_image_path("--out", args.out)
     from tinydit import data
 
     if args.dataset == "shapes":
@@ -38,9 +103,9 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
         ds = data.EmojiDataset(size=args.size)
     t0 = time.perf_counter()
     grid = data.dataset_grid(ds, n=args.n, cols=args.cols, scale=args.scale)
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
+    if out.suffix.lower() != ".png" and max(grid.size) > MAX_JPEG_SIDE:
+        raise _FlagError(f"--out: a JPEG side is at most {MAX_JPEG_SIDE} px but this grid is "
+                         f"{grid.width}x{grid.height}; write a .png or show fewer samples (--n)")
     grid.save(out)
     shown = min(args.n, len(ds))
     print(f"wrote {out} ({shown} {args.dataset} samples, {grid.width}x{grid.height} px, "
@@ -49,14 +114,15 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:
+    _check_writable_folder("--out", Path(args.out))
+    import torch
+
     from tinydit import vae
 
     t0 = time.perf_counter()
     model, history = vae.train_book_vae(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                         out_dir=args.out)
     images = vae.shapes_images(256, seed=0, split="test")
-    import torch
-
     with torch.no_grad():
         rec = model.decode(model.encode(images).mode()).clamp(-1, 1)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s); held-out PSNR "
@@ -65,6 +131,7 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_text_encoder(args: argparse.Namespace) -> int:
+    _check_writable_folder("--out", Path(args.out))
     from tinydit import text
 
     t0 = time.perf_counter()
@@ -73,6 +140,19 @@ def _cmd_train_text_encoder(args: argparse.Namespace) -> int:
     metrics = text.evaluate_book_encoders(encoders.text_encoder, encoders.image_encoder, n=1000, seed=1)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s); held-out metrics: {metrics}")
     return 0
+
+
+def _subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every flag's default."""
+    return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+
+def _add_training_flags(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int) -> None:
+    p.add_argument("--out", default=out, help="output folder (created if missing; checked to be "
+                   "writable before training starts)")
+    p.add_argument("--steps", type=_int_in(1, 10**9), default=steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=batch_size, help=f"batch size, 1..{MAX_BATCH_SIZE}")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help=f"training seed, 0..{MAX_SEED}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,49 +164,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineParser)
     sub.required = True
 
-    p = sub.add_parser(
-        "dataset",
+    p = _subparser(
+        sub, "dataset",
         help="draw a captioned grid of the book's training data (chapter 01)",
         description="Render samples of the book's dataset with their captions into one PNG grid. "
         "Shapes are drawn procedurally (deterministic in --seed and --split); emoji need the "
         "fonts-noto-color-emoji system package.",
     )
-    p.add_argument("--n", type=_positive_int, default=64, help="number of samples to show (default 64)")
-    p.add_argument("--out", default="grid.png", help="output PNG path (default grid.png)")
-    p.add_argument("--dataset", choices=("shapes", "emoji"), default="shapes",
-                   help="which dataset (default shapes)")
+    p.add_argument("--n", type=_int_in(1, MAX_SAMPLES), default=64, help=f"number of samples to show, 1..{MAX_SAMPLES}")
+    p.add_argument("--out", default="grid.png", help="output image path, ending in .png or .jpg")
+    p.add_argument("--dataset", choices=("shapes", "emoji"), default="shapes", help="which dataset")
     p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="shapes split; 'test' includes the held-out colour/shape pairs (default train)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    p.add_argument("--size", type=_positive_int, default=32, help="image side in pixels, >= 8 (default 32)")
-    p.add_argument("--cols", type=_positive_int, default=8, help="grid columns (default 8)")
-    p.add_argument("--scale", type=_positive_int, default=4, help="enlargement of each tile (default 4)")
+                   help="shapes split; 'test' includes the held-out colour/shape pairs")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help=f"dataset seed, 0..{MAX_SEED}")
+    p.add_argument("--size", type=_int_in(8, MAX_IMAGE_SIZE), default=32, help=f"image side in pixels, 8..{MAX_IMAGE_SIZE}")
+    p.add_argument("--cols", type=_int_in(1, MAX_SAMPLES), default=8, help="grid columns")
+    p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=4, help=f"enlargement of each tile, 1..{MAX_SCALE}")
     p.set_defaults(func=_cmd_dataset)
 
-    p = sub.add_parser(
-        "train-vae",
+    p = _subparser(
+        sub, "train-vae",
         help="retrain the book's tiny VAE (chapter 02) and save it",
         description="Train the book VAE on the shapes dataset (32x32 images -> 4x8x8 latents) with "
         "the chapter 02 recipe, save config.json + model.safetensors to --out, and print the held-out "
         "PSNR. The defaults reproduce the weights shipped in tinydit/assets/book_vae.",
     )
-    p.add_argument("--out", default="outputs/book_vae", help="output folder (default outputs/book_vae)")
-    p.add_argument("--steps", type=_positive_int, default=4500, help="optimizer steps (default 4500)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _add_training_flags(p, out="outputs/book_vae", steps=4500, batch_size=32)
     p.set_defaults(func=_cmd_train_vae)
 
-    p = sub.add_parser(
-        "train-text-encoder",
+    p = _subparser(
+        sub, "train-text-encoder",
         help="retrain the book's text encoder contrastively (chapter 06) and save it",
         description="Train the book's CLIP-style text encoder against a small image encoder on the "
         "shapes dataset (contrastive loss), save it in the Hugging Face format to --out. The defaults "
         "reproduce the weights shipped in tinydit/assets/book_text_encoder.",
     )
-    p.add_argument("--out", default="outputs/book_text_encoder", help="output folder")
-    p.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps (default 1500)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _add_training_flags(p, out="outputs/book_text_encoder", steps=1500, batch_size=128)
     p.set_defaults(func=_cmd_train_text_encoder)
     return parser
 
@@ -136,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except MemoryError:
+        print(f"{parser.prog} {args.command}: error: out of memory; ask for less "
+              "(smaller --n, --size, --scale or --batch-size)", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+
+from tinydit.validation import check_choice, check_int, check_memory, check_tensor
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # RGB, far apart in hue so a pixel reader can name them
@@ -156,8 +160,19 @@ def sample_scene(seed: int, split: str, index: int) -> Scene:
     return Scene(background, objects, make_caption(rng, background, objects, relation))
 
 
-def render_scene(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Image:
+SUPERSAMPLE = 4  # render_scene draws this many times larger, then box-filters down
+
+
+def _check_canvas(size, supersample) -> tuple[int, int]:
+    """`size` and `supersample` as ints >= 1 whose big RGB canvas fits in memory."""
+    size, supersample = check_int("size", size, minimum=1), check_int("supersample", supersample, minimum=1)
+    check_memory(f"size={size} with supersample={supersample}", 3 * (size * supersample) ** 2)
+    return size, supersample
+
+
+def render_scene(scene: Scene, size: int = 32, supersample: int = SUPERSAMPLE) -> Image.Image:
     """Draw a scene at `size`×`size`, anti-aliased by drawing large and box-filtering down."""
+    size, supersample = _check_canvas(size, supersample)
     big = size * supersample
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
@@ -179,6 +194,13 @@ def render_scene(scene: Scene, size: int = 32, supersample: int = 4) -> Image.Im
     return img.resize((size, size), Image.Resampling.BOX)
 
 
+def _check_chw(name: str, x) -> torch.Tensor:
+    check_tensor(name, x)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"{name}: expected a (3, H, W) image tensor, got shape {tuple(x.shape)}")
+    return x
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
@@ -187,10 +209,28 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image (values outside are clipped)."""
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"x: expected a (3, H, W) image tensor, got shape {tuple(x.shape)}")
+    _check_chw("x", x)
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+MAX_SAMPLES = sys.maxsize  # len() of a Dataset must fit in a C ssize_t
+
+
+def _check_image_size(size) -> int:
+    """Pixels per side: an int >= 8 whose supersampled canvas fits in memory."""
+    size = check_int("size", size, minimum=8)
+    _check_canvas(size, SUPERSAMPLE)
+    return size
+
+
+def _check_index(i, n: int) -> int:
+    """`i` as a position in 0..n-1; negative values count from the end, as for a list."""
+    i = check_int("index", i)
+    if not -n <= i < n:
+        raise IndexError(f"index: {i} is out of range for a dataset of n={n} "
+                         f"(allowed: 0..{n - 1}, or negative from the end)")
+    return i % n
 
 
 class ShapesDataset(Dataset):
@@ -202,31 +242,17 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, n: int, size: int = 32, seed: int = 0, split: str = "train"):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected an integer >= 1, got {n!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"size: expected an integer >= 8 (pixels per side), got {size!r}")
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-        self.n, self.size, self.seed, self.split = n, size, seed, split
+        self.n = check_int("n", n, minimum=1, maximum=MAX_SAMPLES)
+        self.size = _check_image_size(size)
+        self.split = check_choice("split", split, SPLITS)
+        self.seed = check_int("seed", seed, minimum=0)
 
     def __len__(self) -> int:
         return self.n
 
-    def _check_index(self, i) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index: expected an integer, got {type(i).__name__}")
-        i = int(i)
-        if not -self.n <= i < self.n:
-            raise IndexError(f"index: {i} is out of range for a dataset of n={self.n} "
-                             f"(allowed: 0..{self.n - 1}, or negative from the end)")
-        return i % self.n
-
     def scene(self, i: int) -> Scene:
         """The ground-truth scene of sample `i` (objects with geometry, background, caption)."""
-        return sample_scene(self.seed, self.split, self._check_index(i))
+        return sample_scene(self.seed, self.split, _check_index(i, self.n))
 
     def attributes(self, i: int) -> list[dict]:
         """One `{"shape", "color", "size", "position"}` dict per object in sample `i`."""
@@ -240,11 +266,46 @@ class ShapesDataset(Dataset):
         return f"ShapesDataset(n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r})"
 
 
-def _font(px: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=px)  # scalable font bundled with Pillow >= 10.1
-    except TypeError:  # very old Pillow without FreeType
-        return ImageFont.load_default()
+def _describe(value) -> str:
+    """A wrong `images` value in words, with the fix when there is an obvious one."""
+    if isinstance(value, (str, os.PathLike)):
+        return f"the path {str(value)!r}; open image files with PIL.Image.open first"
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {value.shape}; use torch.from_numpy, scaled to [-1, 1]"
+    return type(value).__name__
+
+
+def _grid_tiles(images) -> list[Image.Image]:
+    """The tiles of a grid: a (B, 3, H, W) tensor in [-1, 1], or an iterable of PIL images."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        return [tensor_to_pil(x) for x in images]
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not hasattr(images, "__iter__"):
+        raise TypeError("images: expected a (B, 3, H, W) tensor in [-1, 1] or a list of PIL images, "
+                        f"got {_describe(images)}")
+    tiles = list(images)
+    for k, im in enumerate(tiles):
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"images[{k}]: expected a PIL image, got {type(im).__name__}")
+    if not tiles:
+        raise ValueError("images: expected at least one image, got none")
+    return [im.convert("RGB") for im in tiles]
+
+
+def _check_captions(captions, n: int) -> list[str] | None:
+    """None, or exactly `n` strings: one per image."""
+    if captions is None:
+        return None
+    if isinstance(captions, str) or not isinstance(captions, Sequence):
+        raise TypeError(f"captions: expected a list of {n} strings (one per image), "
+                        f"got {type(captions).__name__}")
+    if len(captions) != n:
+        raise ValueError(f"captions: expected {n} captions (one per image), got {len(captions)}")
+    for k, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise TypeError(f"captions[{k}]: expected a str, got {c!r} ({type(c).__name__})")
+    return list(captions)
 
 
 def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, scale: int = 4,
@@ -254,21 +315,13 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
     Each tile is enlarged `scale` times (nearest neighbour); captions, if given, are wrapped under
     their tile.
     """
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected a (B, 3, H, W) tensor, got {tuple(images.shape)}")
-        tiles = [tensor_to_pil(x) for x in images]
-    else:
-        tiles = [im.convert("RGB") for im in images]
-    if not tiles:
-        raise ValueError("images: expected at least one image, got none")
-    if captions is not None and len(captions) != len(tiles):
-        raise ValueError(f"captions: expected {len(tiles)} captions (one per image), got {len(captions)}")
-    if cols < 1 or scale < 1:
-        raise ValueError(f"cols, scale: expected integers >= 1, got cols={cols}, scale={scale}")
+    tiles = _grid_tiles(images)
+    captions = _check_captions(captions, len(tiles))
+    cols, scale = check_int("cols", cols, minimum=1), check_int("scale", scale, minimum=1)
+    font_px = check_int("font_px", font_px, minimum=1)
     w, h = tiles[0].size
     tw, th = w * scale, h * scale
-    font = _font(font_px)
+    font = ImageFont.load_default(size=font_px)  # scalable font bundled with Pillow >= 10.1
     line_h = font_px + 2
     wrapped = None
     if captions is not None:
@@ -278,7 +331,9 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
     pad = 4
     cols = min(cols, len(tiles))
     rows = math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + text_h + pad) + pad), "white")
+    width, height = cols * (tw + pad) + pad, rows * (th + text_h + pad) + pad
+    check_memory(f"images ({len(tiles)} of {w}x{h}) at scale={scale}", 3 * width * height)
+    grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     for k, tile in enumerate(tiles):
         x0 = pad + (k % cols) * (tw + pad)
@@ -292,9 +347,7 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
 
 def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Image.Image:
     """A captioned grid of the first `n` samples of a dataset that yields (image, caption)."""
-    if n < 1:
-        raise ValueError(f"n: expected an integer >= 1, got {n}")
-    n = min(n, len(ds))
+    n = min(check_int("n", n, minimum=1), len(ds))
     images, captions = zip(*(ds[i] for i in range(n)))
     return image_grid(torch.stack(images), list(captions), cols=cols, scale=scale)
 
@@ -321,6 +374,23 @@ def find_emoji_font(font_path: str | Path | None = None) -> Path:
     )
 
 
+def _emoji_items() -> list[tuple[str, str]]:
+    """(emoji, caption) for every fully qualified emoji without a skin tone, sorted by caption."""
+    try:
+        import emoji
+    except ImportError as e:
+        raise ImportError("EmojiDataset needs the `emoji` package: pip install emoji") from e
+    items = []
+    for ch, info in emoji.EMOJI_DATA.items():
+        if info.get("status") != emoji.STATUS["fully_qualified"] or SKIN_TONES & set(ch):
+            continue
+        name = info["en"].strip(":").replace("_", " ")
+        if all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in ch):  # two regional indicators = a flag
+            name = f"flag of {name}"
+        items.append((ch, name))
+    return sorted(items, key=lambda t: t[1])
+
+
 class EmojiDataset(Dataset):
     """Colour emoji rendered from Noto Color Emoji, captioned with their CLDR names.
 
@@ -330,23 +400,9 @@ class EmojiDataset(Dataset):
     RENDER_PX = 109  # the only size at which Pillow renders this bitmap font
 
     def __init__(self, size: int = 32, font_path: str | Path | None = None):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"size: expected an integer >= 8 (pixels per side), got {size!r}")
-        try:
-            import emoji
-        except ImportError as e:
-            raise ImportError("EmojiDataset needs the `emoji` package: pip install emoji") from e
-        self.size = size
+        self.size = _check_image_size(size)
+        self.items = _emoji_items()
         self.font = ImageFont.truetype(str(find_emoji_font(font_path)), self.RENDER_PX)
-        items = []
-        for ch, info in emoji.EMOJI_DATA.items():
-            if info.get("status") != emoji.STATUS["fully_qualified"] or SKIN_TONES & set(ch):
-                continue
-            name = info["en"].strip(":").replace("_", " ")
-            if all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in ch):  # two regional indicators = a flag
-                name = f"flag of {name}"
-            items.append((ch, name))
-        self.items = sorted(items, key=lambda t: t[1])
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -364,11 +420,7 @@ class EmojiDataset(Dataset):
         return square.convert("RGB").resize((self.size, self.size), Image.Resampling.LANCZOS)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index: expected an integer, got {type(i).__name__}")
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index: {i} is out of range (allowed: 0..{len(self) - 1})")
-        i = int(i) % len(self)
+        i = _check_index(i, len(self))
         if i not in self._cache:
             self._cache[i] = pil_to_tensor(self.render(i))  # (3, size, size)
         return self._cache[i], self.items[i][1]

@@ -12,8 +12,10 @@ and marks the code cells that belong to the package with a first line::
     # | export attention  (goes to tinydit/attention.py instead)
 
 Exported cells are written, in notebook order, to `tinydit/<module>.py` under a header that names
-the source notebook(s) and says not to edit the file. If several notebooks export to one module
-(a later chapter extending an earlier module), their cells are concatenated in notebook order.
+the source notebook and says not to edit the file. A notebook may feed several modules (chapter 05
+writes `dit` and `attention`), but a module is fed by exactly one notebook: a later chapter that
+needs more code writes its own module and imports the earlier one, so every module reads as one
+lesson. Two notebooks exporting to one module is an error.
 
     python tools/export.py           # (re)write the generated modules
     python tools/export.py --check   # exit 1 and name every stale, missing or orphan module
@@ -123,6 +125,9 @@ def render_modules(root: Path = ROOT) -> dict[Path, str]:
     out: dict[Path, str] = {}
     for module, parts in per_module.items():
         sources = [name for name, _ in parts]
+        if len(sources) > 1:
+            raise ExportError(f"module tinydit/{module}.py is fed by {len(sources)} notebooks ({', '.join(sources)}); "
+                              "one module comes from one notebook: give the later chapter its own module")
         chunks = [code for _, cells in parts for code in cells]
         out[root / "tinydit" / f"{module}.py"] = header(sources) + "\n" + "\n\n\n".join(chunks) + "\n"
     return out

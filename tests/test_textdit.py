@@ -1,4 +1,4 @@
-"""tinydit.dit's text-conditioned model: parity with diffusers' PixArtTransformer2DModel (PixArt-α
+"""tinydit.textdit, the text-conditioned model: parity with diffusers' PixArtTransformer2DModel (PixArt-α
 with micro-conditions, PixArt-Σ without), the original PixArt checkpoint layout, the book model,
 and bad input."""
 
@@ -6,8 +6,9 @@ import diffusers
 import pytest
 import torch
 
-from tinydit import dit, text
-from tinydit.dit import DiT, TextDiT, TextDiTConfig
+from tinydit import dit, text, textdit
+from tinydit.dit import DiT
+from tinydit.textdit import TextDiT, TextDiTConfig, load_transformer
 
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # width 48: divisible by 3 for the micro-condition embedders
 
@@ -49,8 +50,8 @@ def max_error(ref, ours, micro, shape, t, ctx, mask):
 @pytest.mark.parametrize("micro", [True, False], ids=["alpha-micro-conditions", "sigma-no-micro-conditions"])
 def test_parity_with_diffusers_pixart(tmp_path, micro):
     ref = make_pixart(tmp_path, micro)
-    ours = DiT.from_pretrained(tmp_path).eval()
-    assert isinstance(ours, TextDiT) and isinstance(ours, DiT)
+    ours = TextDiT.from_pretrained(tmp_path)
+    assert isinstance(ours, TextDiT) and not isinstance(ours, DiT) and not ours.training
     assert ours.config.micro_conditions == micro and ours.config.context_dim == CAPTION
     assert ours.config.learn_sigma and ours.config.caption_tokens == 0
     ctx, mask = captions()
@@ -62,7 +63,7 @@ def test_parity_with_diffusers_pixart(tmp_path, micro):
 
 def test_padding_is_masked_exactly(tmp_path):
     make_pixart(tmp_path, micro=False)
-    model = DiT.from_pretrained(tmp_path).eval()
+    model = TextDiT.from_pretrained(tmp_path)
     ctx, _ = captions(B=1, T=7)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -75,11 +76,11 @@ def test_padding_is_masked_exactly(tmp_path):
 
 def test_original_layout_loads_and_matches_diffusers(tmp_path):
     ref = make_pixart(tmp_path / "diffusers", micro=True)
-    converted = DiT.from_pretrained(tmp_path / "diffusers")
+    converted = TextDiT.from_pretrained(tmp_path / "diffusers")
     sd = dict(converted.state_dict())
     sd["y_embedder.y_embedding"] = torch.randn(12, CAPTION)  # the null caption, present in original checkpoints
     torch.save({"state_dict": sd}, tmp_path / "PixArt-tiny.pth")  # PixArt's release wrapper
-    ours = DiT.from_original(tmp_path / "PixArt-tiny.pth", num_heads=HEADS).eval()
+    ours = TextDiT.from_original(tmp_path / "PixArt-tiny.pth", num_heads=HEADS)
     assert isinstance(ours, TextDiT)
     c = ours.config
     assert (c.depth, c.hidden_size, c.context_dim, c.caption_tokens, c.micro_conditions) == (2, 48, CAPTION, 12, True)
@@ -97,18 +98,18 @@ def test_original_layout_loads_and_matches_diffusers(tmp_path):
     sd["pos_embed"] = dit.sincos_pos_embed_2d(48, 4, base_size=4, interpolation_scale=1.0)[None]
     torch.save(sd, tmp_path / "wrong-scale.pth")
     with pytest.raises(ValueError, match="interpolation_scale"):
-        DiT.from_original(tmp_path / "wrong-scale.pth", num_heads=HEADS)
+        TextDiT.from_original(tmp_path / "wrong-scale.pth", num_heads=HEADS)
 
 
-def test_loaders_still_load_class_conditional_dits(tmp_path):
+def test_load_transformer_dispatches_to_class_conditional_dits(tmp_path):
     torch.manual_seed(0)
     ref = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                           num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     ref.save_pretrained(tmp_path / "dit")
-    model = DiT.from_pretrained(tmp_path / "dit")
+    model = load_transformer(tmp_path / "dit")
     assert type(model) is DiT and model.config.num_classes == 10
     torch.save(model.state_dict(), tmp_path / "DiT-tiny.pt")
-    again = DiT.from_original(tmp_path / "DiT-tiny.pt", num_heads=2)
+    again = load_transformer(tmp_path / "DiT-tiny.pt", num_heads=2)
     assert type(again) is DiT and torch.equal(again.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
@@ -118,8 +119,10 @@ def test_tinydit_text_dit_folder_round_trip(tmp_path):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     model.save_pretrained(tmp_path)
-    again = DiT.from_pretrained(tmp_path)
+    again = load_transformer(tmp_path)
     assert isinstance(again, TextDiT) and again.config == model.config
+    with pytest.raises(ValueError, match="TextDiT.from_pretrained"):
+        DiT.from_pretrained(tmp_path)
     x, ctx, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 96), torch.randn(2, 64)
     with torch.no_grad():
         assert torch.equal(model(x, 3, context=ctx, pooled=pooled), again(x, 3, context=ctx, pooled=pooled))
@@ -127,7 +130,7 @@ def test_tinydit_text_dit_folder_round_trip(tmp_path):
 
 def test_book_model_starts_at_zero_and_accepts_text_embeddings():
     model = TextDiT(TextDiTConfig.preset("book-text")).eval()
-    assert isinstance(model, DiT) and 1e6 < model.num_params < 10e6
+    assert not isinstance(model, DiT) and 1e6 < model.num_params < 10e6
     emb = text.TextEmbeddings(torch.randn(2, 6, 96), torch.tensor([[1] * 6, [1] * 3 + [0] * 3]), torch.randn(2, 64))
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(model(x, torch.tensor([1, 900]), context=emb), torch.zeros(2, 4, 8, 8))
@@ -158,7 +161,7 @@ def test_presets_match_the_papers():
 
 def test_bad_inputs_fail_with_sentences(tmp_path):
     make_pixart(tmp_path, micro=True)
-    pix = DiT.from_pretrained(tmp_path).eval()
+    pix = TextDiT.from_pretrained(tmp_path)
     x = torch.randn(2, 4, 8, 8)
     ctx, mask = torch.randn(2, 5, CAPTION), torch.ones(2, 5, dtype=torch.bool)
     kw = dict(resolution=[[64.0, 64.0]], aspect_ratio=[1.0])
@@ -166,10 +169,10 @@ def test_bad_inputs_fail_with_sentences(tmp_path):
         (lambda: pix(x, 1, context=torch.randn(2, 5, 77), **kw), "context: expected text tokens of width 24"),
         (lambda: pix(x, 1, context=torch.randn(5, CAPTION), **kw), r"context: expected text tokens of shape \(2, T, 24\)"),
         (lambda: pix(x, 1, context=ctx, context_mask=mask[:, :3], **kw), r"context_mask: expected shape \(B, T\) = \(2, 5\)"),
-        (lambda: pix(x, 1, context=ctx, context_mask=torch.zeros(2, 5), **kw), "at least one real"),
+        (lambda: pix(x, 1, context=ctx, context_mask=torch.zeros(2, 5, dtype=torch.bool), **kw), "at least one real"),
+        (lambda: pix(x, 1, context=ctx, context_mask=torch.full((2, 5), 2), **kw), "only 0 and 1"),
         (lambda: pix(x, 1, context=ctx), "resolution, aspect_ratio"),
         (lambda: pix(x, 1, context=ctx, pooled=torch.randn(2, 8), **kw), "pooled"),
-        (lambda: pix(x, 1, y=torch.tensor([1, 2]), context=ctx, **kw), "y: a text-conditioned DiT"),
         (lambda: pix(x, 1, **kw), "null caption"),  # diffusers folders carry no y_embedding
         (lambda: pix(x, torch.ones(3), context=ctx, **kw), "t: expected"),
         (lambda: pix(x, 1, context=ctx, resolution=[[64.0, 64.0]] * 3, aspect_ratio=[1.0]), "resolution: expected"),
@@ -179,6 +182,11 @@ def test_bad_inputs_fail_with_sentences(tmp_path):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    additive = torch.tensor([[0.0, 0.0, 0.0, float("-inf"), float("-inf")]] * 2)  # 0 = attend, -inf = ignore
+    with pytest.raises(TypeError, match="context_mask: expected a boolean .* convert it with `mask == 0`"):
+        pix(x, 1, context=ctx, context_mask=additive, **kw)
+    with pytest.raises(TypeError, match="y"):
+        pix(x, 1, y=torch.tensor([1, 2]), context=ctx, **kw)
     book = TextDiT(TextDiTConfig.preset("book-text"))
     with pytest.raises(ValueError, match=r"pooled: .* expected shape \(2, 64\), got None"):
         book(x, 1, context=torch.randn(2, 5, 96))
@@ -188,7 +196,7 @@ def test_bad_inputs_fail_with_sentences(tmp_path):
         TextDiTConfig(modulation="film")
     with pytest.raises(ValueError, match="divisible by 3"):
         TextDiTConfig(hidden_size=32, num_heads=4, micro_conditions=True)
-    with pytest.raises(ValueError, match="TextDiTConfig"):
+    with pytest.raises(TypeError, match="config: expected a TextDiTConfig"):
         TextDiT(dit.DiTConfig())
 
 
@@ -196,20 +204,20 @@ def test_diffusers_state_dict_with_unknown_keys_is_refused(tmp_path):
     ref = make_pixart(tmp_path, micro=False, layers=1)
     sd = {**ref.state_dict(), "transformer_blocks.0.attn1.norm_q.weight": torch.ones(HEAD_DIM)}
     with pytest.raises(ValueError, match="does not know how to map"):
-        dit.convert_diffusers_pixart(sd)
+        textdit.convert_diffusers_pixart(sd)
     with pytest.raises(ValueError, match="not a diffusers PixArtTransformer2DModel"):
-        dit.convert_diffusers_pixart({"pos_embed.proj.weight": torch.zeros(1)})
+        textdit.convert_diffusers_pixart({"pos_embed.proj.weight": torch.zeros(1)})
 
 
 def test_missing_interpolation_scale_follows_the_original_rule():
     base = dict(_class_name="PixArtTransformer2DModel", num_attention_heads=16, attention_head_dim=72,
                 caption_channels=4096, cross_attention_dim=1152, out_channels=8)
-    scales = {s: dit.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
+    scales = {s: textdit.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
               for s in (32, 64, 128)}
     assert scales == {32: 0.5, 64: 1.0, 128: 2.0}  # 256, 512, 1024 px (diffusers' default would give 1 at 256)
-    assert dit.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
+    assert textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
     with pytest.raises(ValueError, match="PixArt options"):
-        dit.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
+        textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
 
 
 def test_legacy_transformer2dmodel_configs_load(tmp_path):
@@ -221,7 +229,7 @@ def test_legacy_transformer2dmodel_configs_load(tmp_path):
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "_class_name": "Transformer2DModel", "norm_type": "ada_norm_single"}))
-    ours = DiT.from_pretrained(tmp_path).eval()
+    ours = load_transformer(tmp_path)
     assert isinstance(ours, TextDiT)
     ctx, mask = captions()
     err, _ = max_error(ref, ours, False, (3, 4, 8, 8), torch.tensor([1.0, 500.0, 999.0]), ctx, mask)

@@ -1,0 +1,1032 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · The text-conditioned DiT: cross-attention, adaLN-single, PixArt
+#
+# Chapter 05's DiT draws one of 18 classes. To draw *a big red circle left of a small blue square*,
+# the image tokens must read the caption that chapter 06's text encoder turned into tokens. This
+# chapter adds the piece that does it, **cross-attention**, builds the two ways real models inject
+# the timestep into a text-conditioned block (adaLN-Zero as in DiT and SD3; adaLN-single as in
+# PixArt-α), and loads PixArt-α/Σ checkpoints. It exports `tinydit.textdit`.
+#
+# | tensor | shape | book | PixArt-α XL/2 at 1024² |
+# |---|---|---|---|
+# | text tokens `context` | $(B, T, D_\text{text})$ | $(B, T, 96)$ | $(B, 120, 4096)$ (T5-XXL) |
+# | key-padding `context_mask` | $(B, T)$, True = real token | $(B, T)$ | $(B, 120)$ |
+# | pooled text `pooled` | $(B, D_\text{pooled})$ or None | $(B, 64)$ | None |
+# | image tokens (queries) | $(B, N, D)$ | $(B, 16, 192)$ | $(B, 4096, 1152)$ |
+# | cross-attention map | $(B, \text{heads}, N, T)$ | $(B, 6, 16, T)$ | $(B, 16, 4096, 120)$ |
+
+# %%
+# | default_exp textdit
+
+# %%
+import os
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+from tinydit.text import load_book_text_encoder
+
+FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
+torch.manual_seed(0)
+book_text = load_book_text_encoder()  # chapter 06's shipped encoder: 96-wide tokens, 64-wide pooled
+
+# %% [markdown]
+# ## 1. Cross-attention: image tokens read the caption
+#
+# In self-attention, queries, keys and values all come from the image tokens. In **cross-attention**
+# the queries still come from the $N$ image tokens $x$, but keys and values come from the $T$ text
+# tokens $c$:
+#
+# $$\operatorname{CrossAttn}(x, c) = \operatorname{softmax}\!\Big(\frac{(xW_Q)(cW_K)^\top}{\sqrt d} + M\Big)\, cW_V,
+#   \qquad M_{nj} = \begin{cases}0 & \text{token } j \text{ is real}\\ -\infty & \text{padding}\end{cases}$$
+#
+# Row $n$ of the softmax is a distribution over the caption's words: *which words does image patch
+# $n$ read?* The key-padding mask keeps padding out of that distribution, so a caption means the
+# same thing whether it is padded to 5 tokens or to 300.
+
+# %% [markdown]
+# The idea in a few lines, with no guards: project, split heads, mask the padding, mix the values.
+
+# %%
+def cross_attention_lesson(x, c, pad, Wq, Wk, Wv, heads):
+    """x (B, N, D) image tokens read c (B, T, Dc) text tokens; pad (B, T) True = real token."""
+    B, N, D = x.shape
+    q = (x @ Wq).reshape(B, N, heads, -1).transpose(1, 2)  # (B, h, N, d)
+    k = (c @ Wk).reshape(B, c.shape[1], heads, -1).transpose(1, 2)  # (B, h, T, d)
+    v = (c @ Wv).reshape(B, c.shape[1], heads, -1).transpose(1, 2)  # (B, h, T, d)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, h, N, T)
+    scores = scores.masked_fill(~pad[:, None, None, :], float("-inf"))  # padding is never read
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+
+
+xs, cs = torch.randn(2, 16, 32), torch.randn(2, 5, 24)  # 16 image tokens, 5 text tokens
+pad = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # the second caption has 2 padding tokens
+Wq, Wk, Wv = torch.randn(32, 32) / 6, torch.randn(24, 32) / 5, torch.randn(24, 32) / 5
+lesson_out = cross_attention_lesson(xs, cs, pad, Wq, Wk, Wv, heads=4)
+assert lesson_out.shape == (2, 16, 32)
+# what padding holds must not matter: change it, and the output stays the same
+cs2 = cs.clone()
+cs2[1, 3:] = 100.0
+assert torch.allclose(cross_attention_lesson(xs, cs2, pad, Wq, Wk, Wv, 4), lesson_out)
+
+# %% [markdown]
+# The production `CrossAttention` below computes the same thing with chapter 05's `attention()`
+# (SDPA / flash backends), $W_K$ and $W_V$ stacked in one `kv_linear`, and an output projection.
+# Its parameter names (`q_linear`, `kv_linear`, `proj`) are PixArt's, so original checkpoints load
+# without renaming. The blocks' other parts (`Mlp`, `modulate`, `FinalLayer`) come from chapter 05.
+
+# %%
+# | export
+"""The text-conditioned Diffusion Transformer: cross-attention to text tokens, adaLN-Zero or
+adaLN-single modulation, PixArt-α/Σ (Chen et al. 2023/2024) and the book model, with loaders for
+diffusers' and the original PixArt layouts, and `load_transformer`, which reads any DiT / PixArt."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinydit.attention import BACKENDS, Attention, RMSNorm, attention
+from tinydit.checkpoint import (
+    check_and_load,
+    load_state_dict,
+    resolve_pretrained,
+    unwrap_state_dict,
+)
+from tinydit.dit import (
+    DiT,
+    FinalLayer,
+    LatentTransformer,
+    Mlp,
+    PatchEmbed,
+    TransformerConfig,
+    check_latents,
+    diffusers_weights_file,
+    heads_for,
+    infer_config_from_original,
+    modulate,
+    read_config_json,
+    transformer_kind,
+    unpatchify,
+)
+from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
+from tinydit.text import TextEmbeddings
+from tinydit.validation import check_choice, check_finite, check_float, check_int
+
+MODULATIONS = ("adaln_single", "adaln_zero")  # the two ways a text-conditioned block is modulated
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from image tokens x (B, N, D), keys and values from text
+    tokens (B, T, D_ctx), with a (B, T) key-padding mask (True = real token). Parameter names follow
+    PixArt's `MultiHeadCrossAttention` (Chen et al. 2023): `q_linear`, `kv_linear` (k and v stacked),
+    `proj`."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.context_dim = context_dim or dim
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(self.context_dim, 2 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, D = x.shape
+        T = context.shape[1]
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim:
+            raise ValueError(f"context: expected ({B}, T, {self.context_dim}), got {tuple(context.shape)}")
+        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
+        kv = self.kv_linear(context).reshape(B, T, 2, self.num_heads, self.head_dim)  # (B, T, 2, heads, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # (B, heads, T, hd) each
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv_heads(x, context)  # (B, heads, N|T, hd)
+        out = attention(q, k, v, mask=mask, backend=self.backend)  # (B, heads, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+# %%
+ca = CrossAttention(32, num_heads=4, context_dim=24)
+with torch.no_grad():
+    ca.q_linear.weight.copy_(Wq.T)
+    ca.q_linear.bias.zero_()
+    ca.kv_linear.weight.copy_(torch.cat([Wk, Wv], 1).T)
+    ca.kv_linear.bias.zero_()
+    ca.proj.weight.copy_(torch.eye(32))
+    ca.proj.bias.zero_()
+    torch.testing.assert_close(ca(xs, cs, pad), lesson_out, atol=1e-5, rtol=1e-5)
+print("CrossAttention == the lesson version (max diff "
+      f"{(ca(xs, cs, pad) - lesson_out).abs().max():.1e})")
+
+# %% [markdown]
+# ## 2. The text-conditioned block
+#
+# The text-conditioned block puts cross-attention between self-attention and the MLP
+# (PixArt-α, fig. 4):
+#
+# $$x \leftarrow x + g_1 \odot \operatorname{SelfAttn}(\operatorname{mod}_1(x)),\qquad
+#   x \leftarrow x + \operatorname{CrossAttn}(x, c),\qquad
+#   x \leftarrow x + g_2 \odot \operatorname{MLP}(\operatorname{mod}_2(x)),$$
+#
+# with $\operatorname{mod}(x) = \operatorname{LN}(x)(1 + \gamma) + \beta$. Where do $\beta, \gamma, g$
+# come from? Two answers:
+#
+# - **adaLN-Zero** (DiT; the book model): each block has its own linear map from the conditioning
+#   vector $c = e_t + \operatorname{MLP}(\text{pooled text})$ (SD3 adds the pooled CLIP vector the same
+#   way) to the six vectors; $6D^2$ parameters per block. The book block adds a LayerNorm before
+#   cross-attention and zero-initialises its output projection, so every block still starts as the
+#   identity.
+# - **adaLN-single** (PixArt-α, §2.3): **one** shared map $\bar s = W\,\operatorname{SiLU}(e_t)$ for the
+#   whole network, and per block only a learned table $E^{(i)} \in \mathbb R^{6 \times D}$ added to it:
+#   $(\beta_1, \gamma_1, g_1, \beta_2, \gamma_2, g_2) = \bar s + E^{(i)}$. For DiT-XL that removes
+#   $27 \times 6D^2 \approx 215$ M parameters (26 % of the model), which PixArt spends on
+#   cross-attention instead. No LayerNorm before cross-attention (as the original code).
+#
+# PixArt-α at 1024² also embeds the image **resolution** and **aspect ratio** (sinusoid + MLP, each
+# $D/3$ wide; 2 + 1 of them fill $D$) and adds them to $e_t$ ("micro-conditions"). Its position table
+# is rescaled to the training resolution: positions are $i \,/\, (\text{grid}/\text{base}) \,/\, s$
+# with base = the training grid and the interpolation scale $s$ = 0.5, 1, 2 at 256, 512, 1024 px, so
+# other grids see positions in the same range.
+
+# %%
+# | export
+class ProjMlp(nn.Module):
+    """Linear -> activation -> Linear with its own output width: PixArt's caption projection
+    `y_proj` (GELU-tanh) and SD3's pooled-text embedder (SiLU). Names `fc1`, `fc2` (timm's Mlp)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, act: str = "gelu_tanh"):
+        super().__init__()
+        if act not in ("gelu_tanh", "silu"):
+            raise ValueError(f"act: expected 'gelu_tanh' or 'silu', got {act!r}")
+        self.act = act
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h, approximate="tanh") if self.act == "gelu_tanh" else F.silu(h)
+        return self.fc2(h)
+
+
+class CaptionEmbedder(nn.Module):
+    """Text tokens (B, T, D_ctx) -> (B, T, D) with PixArt's `y_proj` MLP; `y_embedding` (T_null,
+    D_ctx) is the learned **null caption** for classifier-free guidance (PixArt-α), or absent."""
+
+    def __init__(self, context_dim: int, hidden_size: int, caption_tokens: int = 0):
+        super().__init__()
+        self.y_proj = ProjMlp(context_dim, hidden_size, hidden_size, act="gelu_tanh")
+        if caption_tokens:
+            self.register_buffer("y_embedding", torch.randn(caption_tokens, context_dim) / context_dim**0.5)
+        else:
+            self.y_embedding = None
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(context)  # (B, T, D)
+
+
+class TextDiTBlock(nn.Module):
+    """Self-attention -> cross-attention -> MLP. `modulation="adaln_single"`: a per-block
+    `scale_shift_table` (6, D) added to the shared modulation (PixArt-α, Chen et al. 2023), no norm
+    before cross-attention; `"adaln_zero"`: a per-block adaLN-Zero map from c (Peebles & Xie 2023)
+    and a LayerNorm before cross-attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, modulation: str = "adaln_single",
+                 qk_norm: bool = False, attn_backend: str = "auto", norm_eps: float = 1e-6):
+        super().__init__()
+        if modulation not in MODULATIONS:
+            raise ValueError(f"modulation: expected one of {MODULATIONS}, got {modulation!r}")
+        D = hidden_size
+        self.modulation = modulation
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=norm_eps)
+        self.attn = Attention(D, num_heads, qkv_bias=True, qk_norm=qk_norm, backend=attn_backend)
+        self.norm_cross = nn.LayerNorm(D, eps=norm_eps) if modulation == "adaln_zero" else nn.Identity()
+        self.cross_attn = CrossAttention(D, num_heads, qk_norm=qk_norm, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=norm_eps)
+        self.mlp = Mlp(D, int(D * mlp_ratio))
+        if modulation == "adaln_single":
+            self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def modulation_params(self, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six (B, D) vectors (shift, scale, gate for attention; the same for the MLP). `mod` is the
+        shared (B, 6D) vector (adaLN-single) or the conditioning c (B, D) (adaLN-Zero)."""
+        if self.modulation == "adaln_single":
+            return (self.scale_shift_table[None] + mod.reshape(mod.shape[0], 6, -1)).unbind(1)  # 6 x (B, D)
+        return self.adaLN_modulation(mod).chunk(6, dim=1)  # 6 x (B, D)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation_params(mod)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        x = x + self.cross_attn(self.norm_cross(x), context, mask)  # (B, N, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
+        return x
+
+
+class T2IFinalLayer(nn.Module):
+    """PixArt's final layer: LayerNorm modulated by a learned `scale_shift_table` (2, D) plus the
+    embedded timestep, then a linear map to p x p x C_out patches."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+
+# %% [markdown]
+# ## 3. The model
+#
+# `TextDiT` is a **sibling** of chapter 05's `DiT`: both derive from `LatentTransformer` (position
+# table, initialisation of linears, saving) and are built from the same parts; where `DiT` embeds a
+# class label, `TextDiT` reads a caption. Its config extends the shared `TransformerConfig`, and
+# each new field says why it exists. Presets: PixArt-α/Σ XL/2 and `book-text`, the book's
+# text-conditioned DiT. `model(x, t, context=..., context_mask=...)` also accepts a `TextEmbeddings`
+# as `context` (tokens, mask and pooled in one argument); `pooled=` passes the pooled vector
+# explicitly. Masks are boolean (or 0/1 integers), True = real token; an additive float mask is
+# refused, because cast to booleans it would mean the opposite.
+
+# %%
+# | export
+@dataclass
+class TextDiTConfig(TransformerConfig):
+    """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
+    Presets: `TextDiTConfig.preset("PixArt-alpha-XL/2-1024")`, `"PixArt-Sigma-XL/2-1024"`,
+    `"PixArt-XL/2-512"`, `"PixArt-XL/2-256"`, `"book-text"`."""
+
+    context_dim: int = 4096  # width of the text tokens read (T5-XXL 4096; the book encoder 96)
+    modulation: str = "adaln_single"  # "adaln_single" (PixArt: one shared map + per-block tables) or "adaln_zero"
+    pooled_dim: int = 0  # width of the pooled text vector added to the timestep embedding (SD3-style); 0 = none
+    caption_tokens: int = 0  # rows of the learned null caption y_embedding (PixArt-α 120, Σ 300); 0 = none
+    micro_conditions: bool = False  # PixArt-α 1024: add resolution and aspect-ratio embeddings to e_t
+    pos_base_size: int | None = None  # PixArt: grid the position table is scaled to (input_size // patch); None = DiT's raw indices
+    interpolation_scale: float = 1.0  # PixArt: position scale s, 0.5 / 1 / 2 at 256 / 512 / 1024 px
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("modulation", self.modulation, MODULATIONS)
+        self.context_dim = check_int("context_dim", self.context_dim, minimum=1)
+        self.pooled_dim = check_int("pooled_dim", self.pooled_dim, minimum=0)
+        self.caption_tokens = check_int("caption_tokens", self.caption_tokens, minimum=0)
+        if self.micro_conditions and self.hidden_size % 3:
+            raise ValueError(f"micro_conditions: need hidden_size divisible by 3 (resolution 2/3 + aspect "
+                             f"ratio 1/3 of the width), got hidden_size={self.hidden_size}")
+        if self.pos_base_size is not None:
+            check_float("pos_base_size", self.pos_base_size, minimum=0, min_inclusive=False)
+        check_float("interpolation_scale", self.interpolation_scale, minimum=0, min_inclusive=False)
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return ["PixArt-XL/2-256", "PixArt-XL/2-512", "PixArt-alpha-XL/2-1024", "PixArt-Sigma-XL/2-1024", "book-text"]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TextDiTConfig:
+        """A named architecture (figures from the PixArt-α/Σ papers and code), optionally overridden."""
+        if name == "book-text":
+            base = cls(input_size=8, patch_size=2, in_channels=4, hidden_size=192, depth=6, num_heads=6,
+                       learn_sigma=False, context_dim=96, pooled_dim=64, modulation="adaln_zero")
+        else:
+            latent = {"PixArt-XL/2-256": 32, "PixArt-XL/2-512": 64, "PixArt-alpha-XL/2-1024": 128,
+                      "PixArt-Sigma-XL/2-1024": 128}.get(name)
+            if latent is None:
+                raise ValueError(f"name: unknown text DiT preset {name!r}; expected one of {cls.preset_names()}")
+            base = cls(input_size=latent, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                       learn_sigma=True, context_dim=4096, modulation="adaln_single",
+                       caption_tokens=300 if "Sigma" in name else 120, micro_conditions=name.startswith("PixArt-alpha"),
+                       pos_base_size=latent // 2, interpolation_scale=latent / 64)
+        return replace(base, **overrides)
+
+# %%
+# | export
+class TextDiT(LatentTransformer):
+    """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
+    model). A sibling of chapter 05's `DiT`: the same patchify, blocks' parts and position table.
+
+    `model(x, t, context=tokens, context_mask=mask)`: x (B, C, H, W), t (B,) or scalar, context
+    (B, T, context_dim) text tokens (or a `TextEmbeddings`), context_mask (B, T) boolean, True = real
+    token; `pooled` (B, pooled_dim) when the config has `pooled_dim`; `resolution` (B, 2) as (height,
+    width) in pixels and `aspect_ratio` (B,) when it has `micro_conditions`. `context=None` uses the
+    learned null caption. Returns the raw output (B, C_out, H, W).
+    """
+
+    def __init__(self, config: TextDiTConfig | None = None):
+        super().__init__()
+        self.config = cfg = config if config is not None else TextDiTConfig()
+        if not isinstance(cfg, TextDiTConfig):
+            raise TypeError(f"config: expected a TextDiTConfig, got {type(cfg).__name__} (use DiT for class labels)")
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D, cfg.frequency_embedding_size, flip_sin_to_cos=True,
+                                           downscale_freq_shift=cfg.freq_shift)
+        if cfg.micro_conditions:  # PixArt's SizeEmbedders: sinusoid + MLP per number, D/3 wide
+            self.csize_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
+            self.ar_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
+        if cfg.pooled_dim:
+            self.pooled_embedder = ProjMlp(cfg.pooled_dim, D, D, act="silu")
+        if cfg.modulation == "adaln_single":
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.y_embedder = CaptionEmbedder(cfg.context_dim, D, cfg.caption_tokens)
+        grid = cfg.input_size // cfg.patch_size
+        table = sincos_pos_embed_2d(D, grid, base_size=cfg.pos_base_size, interpolation_scale=cfg.interpolation_scale)
+        self.register_buffer("pos_embed", table[None])  # (1, T, D), fixed
+        self.blocks = nn.ModuleList([
+            TextDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.modulation, cfg.qk_norm, cfg.attn_backend, cfg.norm_eps)
+            for _ in range(cfg.depth)
+        ])
+        if cfg.modulation == "adaln_single":
+            self.final_layer = T2IFinalLayer(D, cfg.patch_size, cfg.out_channels)
+        else:
+            self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
+        cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
+        self.init_linears_and_patch_embed()
+        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+        for name in ("csize_embedder", "ar_embedder"):
+            if hasattr(self, name):
+                embedders += [getattr(self, name).mlp[0], getattr(self, name).mlp[2]]
+        if hasattr(self, "pooled_embedder"):
+            embedders += [self.pooled_embedder.fc1, self.pooled_embedder.fc2]
+        if hasattr(self, "t_block"):
+            embedders.append(self.t_block[1])
+        for lin in embedders:
+            nn.init.normal_(lin.weight, std=0.02)
+        zeros = [self.final_layer.linear]  # the model starts by predicting exactly zero
+        for block in self.blocks:  # every block starts as the identity
+            zeros.append(block.cross_attn.proj)
+            if block.modulation == "adaln_zero":
+                zeros.append(block.adaLN_modulation[-1])
+        if isinstance(self.final_layer, FinalLayer):
+            zeros.append(self.final_layer.adaLN_modulation[-1])
+        for lin in zeros:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def null_context(self, batch_size: int) -> torch.Tensor:
+        """The learned null caption (B, T_null, context_dim) for the unconditional branch of CFG."""
+        if self.y_embedder.y_embedding is None:
+            raise ValueError("context: this model has no learned null caption (caption_tokens=0; diffusers' "
+                             "PixArt folders do not store y_embedding); pass the text encoder's encoding of an "
+                             "empty prompt '' as context, as diffusers' pipeline does")
+        return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """Position table for an h x w grid: the stored one, PixArt's rescaled table for other grids,
+        or (DiT-style, no base size) the stored table's top-left corner."""
+        cfg = self.config
+        g = cfg.input_size // cfg.patch_size
+        if (h, w) == (g, g) or cfg.pos_base_size is None:
+            return super().pos_embed_for(h, w)  # (1, T, D)
+        table = sincos_pos_embed_2d(cfg.hidden_size, (h, w), base_size=cfg.pos_base_size,
+                                    interpolation_scale=cfg.interpolation_scale)  # (h*w, D)
+        return table[None].to(self.pos_embed.device)  # (1, T, D)
+
+    def condition(self, t: torch.Tensor, pooled: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
+                  aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning vector c = e_t (+ size embeddings) (+ pooled text embedding), (B, D)."""
+        c = self.t_embedder(t)  # (B, D)
+        if self.config.micro_conditions:
+            B = t.shape[0]
+            csize = self.csize_embedder(resolution.reshape(-1)).reshape(B, -1)  # (B, 2D/3)
+            ar = self.ar_embedder(aspect_ratio.reshape(-1)).reshape(B, -1)  # (B, D/3)
+            c = c + torch.cat([csize, ar], dim=1)  # (B, D)
+        if self.config.pooled_dim:
+            c = c + self.pooled_embedder(pooled.to(c.dtype))  # (B, D)
+        return c
+
+    def check_values(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                     context_mask: torch.Tensor | None) -> None:
+        """Value checks run once per eager call (skipped inside torch.compile): finite inputs, and
+        at least one real token in every caption (a row of padding only has nothing to attend to)."""
+        check_finite("x", x)
+        check_finite("t", t.float())
+        check_finite("context", context)
+        if context_mask is not None and not bool(context_mask.any(1).all()):
+            raise ValueError("context_mask: every caption needs at least one real (True) token; got a row of "
+                             "padding only")
+
+    def forward(self, x: torch.Tensor, t, context=None, context_mask=None, pooled=None, resolution=None,
+                aspect_ratio=None) -> torch.Tensor:
+        t, context, context_mask, pooled, resolution, aspect_ratio = text_dit_inputs(
+            self, x, t, context, context_mask, pooled, resolution, aspect_ratio)
+        if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
+            self.check_values(x, t, context, context_mask)
+        B, _, H, W = x.shape
+        h, w = H // self.config.patch_size, W // self.config.patch_size
+        tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, N, D)
+        c = self.condition(t, pooled, resolution, aspect_ratio).to(tokens.dtype)  # (B, D)
+        mod = self.t_block(c) if self.config.modulation == "adaln_single" else c  # (B, 6D) or (B, D)
+        ctx = self.y_embedder(context.to(tokens.dtype))  # (B, T, D)
+        for block in self.blocks:
+            tokens = block(tokens, mod, ctx, context_mask)  # (B, N, D)
+        out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
+        return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, **overrides) -> TextDiT:
+        """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT folder."""
+        folder = resolve_pretrained(path_or_id, subfolder)
+        config = read_config_json(folder)
+        kind = transformer_kind(config)
+        if kind == "TextDiT":  # tinydit's own layout
+            model = cls(TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides}))
+            sd = load_state_dict(folder / "model.safetensors")
+        elif kind == "PixArtTransformer2DModel":
+            model = cls(config_from_diffusers_pixart(config, **overrides))
+            sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder)))
+        else:
+            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
+                             "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
+        sd = {**sd, "pos_embed": model.pos_embed}
+        check_and_load(model, sd, what=f"weights in {folder}")
+        return model.eval()
+
+    @classmethod
+    def from_original(cls, path: str | Path, num_heads: int | None = None, **overrides) -> TextDiT:
+        """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`)."""
+        sd = unwrap_state_dict(load_state_dict(path))
+        if "t_block.1.weight" not in sd:
+            raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
+                             "facebookresearch DiT loads with tinydit.dit.DiT.from_original")
+        return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, **overrides)
+
+# %%
+# | export
+def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
+    """Shape, dtype and presence checks of a TextDiT call (metadata only: no device sync); returns
+    (t, context, context_mask, pooled, resolution, aspect_ratio) ready for the forward pass."""
+    cfg = model.config
+    if isinstance(context, TextEmbeddings):  # tokens, mask and pooled in one argument
+        context_mask = context.mask if context_mask is None else context_mask
+        pooled = context.pooled if pooled is None and cfg.pooled_dim else pooled
+        context = context.tokens
+    # PixArt-style models recompute their position table, so any grid size is allowed
+    t = check_latents(x, t, cfg, fixed_table=cfg.pos_base_size is None)
+    B = x.shape[0]
+    if context is None:
+        if context_mask is not None:
+            raise ValueError("context_mask: given without context; pass the caption tokens as context= too")
+        context = model.null_context(B)
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B:
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"context: expected text tokens of shape ({B}, T, {cfg.context_dim}), got {got}")
+    if context.shape[2] != cfg.context_dim:
+        raise ValueError(f"context: expected text tokens of width {cfg.context_dim} (the model's context_dim), "
+                         f"got width {context.shape[2]}; is this the text encoder the model was built for?")
+    context = context.to(x.device)  # text encoders often live on another device (CPU, offloaded)
+    if context_mask is not None:
+        context_mask = key_padding_mask("context_mask", context_mask, tuple(context.shape[:2])).to(x.device)
+    if cfg.pooled_dim:
+        if not isinstance(pooled, torch.Tensor) or pooled.shape != (B, cfg.pooled_dim):
+            got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else pooled
+            raise ValueError(f"pooled: this model adds a pooled text vector to the timestep embedding; "
+                             f"expected shape ({B}, {cfg.pooled_dim}), got {got}")
+        pooled = pooled.to(x.device)
+    elif pooled is not None:
+        raise ValueError("pooled: this model has no pooled-text embedder (pooled_dim=0); leave pooled=None")
+    if cfg.micro_conditions:
+        if resolution is None or aspect_ratio is None:
+            raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
+                             "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
+        resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2)
+        aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1)
+        for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
+            if v.shape[0] not in (1, B):
+                raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), got {v.shape[0]}")
+        resolution, aspect_ratio = resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
+    elif resolution is not None or aspect_ratio is not None:
+        raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
+    return t, context, context_mask, pooled, resolution, aspect_ratio
+
+
+def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
+    """A (B, T) key-padding mask as booleans (True = real token). Integer 0/1 masks (the
+    transformers convention) are accepted; float masks are refused: an additive mask (0 = attend,
+    -inf = ignore) cast to bool would silently mean the opposite."""
+    mask = torch.as_tensor(mask)
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name}: expected a boolean (or 0/1 integer) mask, True = real token; got dtype "
+                        f"{mask.dtype}. An additive float mask (0 / -inf) means the opposite: convert it with `mask == 0`")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name}: expected shape (B, T) = {shape} (one flag per text token, True = real), "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name}: an integer mask must hold only 0 and 1, got values {mask.unique().tolist()[:5]}")
+    return mask.bool()
+
+# %% [markdown]
+# ### The book model, and where each word looks
+#
+# The `book-text` preset is chapter 05's book DiT (6 blocks, width 192, 4×8×8 latents → 16 tokens)
+# with cross-attention to the book encoder's 96-wide tokens and its 64-wide pooled vector added to
+# the timestep embedding. Fresh from initialisation it predicts exactly zero (zero final layer) and
+# every block is the identity (zero adaLN-Zero maps and cross-attention outputs).
+#
+# Fresh from initialisation its cross-attention maps are nearly uniform: nothing has taught a patch
+# which word to read. Section 4 overfits it on a few captioned images and looks again.
+
+# %%
+from tinydit.dit import DiT
+
+torch.manual_seed(0)
+book_dit = TextDiT(TextDiTConfig.preset("book-text")).eval()
+prompts = ["a red circle left of a blue square", "a big green triangle"]
+text_emb = book_text.encode(prompts)  # tokens (2, T, 96), mask (2, T), pooled (2, 64)
+x_lat = torch.randn(2, 4, 8, 8)  # (B, C, H, W) book latents
+out = book_dit(x_lat, torch.tensor([500, 500]), context=text_emb)
+print(f"book text DiT: {book_dit.num_params / 1e6:.2f} M parameters; context {tuple(text_emb.tokens.shape)} -> "
+      f"output {tuple(out.shape)}; a DiT subclass: {isinstance(book_dit, DiT)}")
+assert out.shape == x_lat.shape and (out == 0).all() and not isinstance(book_dit, DiT)
+tok0 = torch.randn(2, 16, 192)
+assert all(torch.equal(blk(tok0, torch.randn(2, 192), torch.randn(2, text_emb.tokens.shape[1], 192), text_emb.mask), tok0)
+           for blk in book_dit.blocks)
+
+# %% [markdown]
+# Wrong inputs fail with a sentence, not a torch shape error: text tokens of the wrong width (a
+# model built for one encoder fed by another), a mask of the wrong shape, a missing pooled vector.
+
+# %%
+for bad in (lambda: book_dit(x_lat, 10, context=torch.randn(2, 5, 77), pooled=text_emb.pooled),
+            lambda: book_dit(x_lat, 10, context=text_emb.tokens, context_mask=text_emb.mask[:, :3], pooled=text_emb.pooled),
+            lambda: book_dit(x_lat, 10, context=text_emb.tokens, context_mask=text_emb.mask),
+            lambda: book_dit(x_lat, 10, context=text_emb.tokens, context_mask=(~text_emb.mask).float() * -1e9,
+                             pooled=text_emb.pooled)):  # an additive float mask
+    try:
+        bad()
+    except (ValueError, TypeError) as e:
+        print(f"{type(e).__name__}:", e)
+        assert str(e).split(":")[0] in ("context", "context_mask", "pooled")
+    else:
+        raise AssertionError("bad input was accepted")
+
+# %% [markdown]
+# ### adaLN-single, counted
+#
+# Built on the `meta` device (shapes without memory), PixArt-α XL/2 with adaLN-single and the same
+# network with a per-block adaLN-Zero map:
+
+# %%
+with torch.device("meta"):
+    pixart = TextDiT(TextDiTConfig.preset("PixArt-alpha-XL/2-1024"))
+    per_block = TextDiT(TextDiTConfig.preset("PixArt-alpha-XL/2-1024", modulation="adaln_zero"))
+saved = per_block.num_params - pixart.num_params
+print(f"PixArt-alpha XL/2: {pixart.num_params / 1e6:.1f} M parameters with adaLN-single, "
+      f"{per_block.num_params / 1e6:.1f} M with per-block adaLN-Zero: {saved / 1e6:.1f} M saved "
+      f"({saved / per_block.num_params:.0%})")
+assert 600e6 < pixart.num_params < 620e6  # the paper's 0.6 B
+
+# %% [markdown]
+# ## 4. Where each word looks, after a little training
+#
+# An untrained model's cross-attention is nearly uniform: no patch has a reason to prefer a word.
+# To see the mechanism do something, we overfit a 2-block `book-text` model on 16 captioned images
+# with chapter 05's verification loop. `overfit_single_batch` and `wiring_report` call
+# `model(x_t, t, cond)`, so the same loop trains a text model when `cond` is a `TextEmbeddings`.
+
+# %%
+from tinydit import schedules, vae
+from tinydit.attention import attention_weights
+from tinydit.data import ShapesDataset
+from tinydit.dit import overfit_single_batch, wiring_report
+
+scenes = ShapesDataset(16, seed=3)
+images = torch.stack([scenes[i][0] for i in range(16)])  # (16, 3, 32, 32)
+captions = [scenes[i][1] for i in range(16)]
+with torch.no_grad():
+    latents = vae.load_book_vae().to_latent(images)  # (16, 4, 8, 8)
+    cond = book_text.encode(captions)  # tokens (16, T, 96), mask, pooled (16, 64)
+ab = schedules.alphas_cumprod(schedules.make_betas("linear"))
+torch.manual_seed(0)
+student = TextDiT(TextDiTConfig.preset("book-text", depth=2, hidden_size=96, num_heads=4))
+untrained = TextDiT(TextDiTConfig.preset("book-text", depth=2, hidden_size=96, num_heads=4))
+untrained.load_state_dict(student.state_dict())
+STEPS = 400 if FAST else 1500
+t0 = time.perf_counter()
+losses = overfit_single_batch(student, latents, cond, ab, steps=STEPS, lr=2e-3, seed=0)
+print(f"{STEPS} steps in {time.perf_counter() - t0:.1f} s: loss {losses[0]:.3f} -> {sum(losses[-50:]) / 50:.3f}")
+report = wiring_report(student, latents, cond, ab)
+print({k: round(v, 4) for k, v in report.items()})
+assert sum(losses[-50:]) / 50 < 0.25 and report["timestep_gain"] > 0 and report["token_mixing"] > 0
+
+
+# %%
+def cross_attention_maps(model: TextDiT, x: torch.Tensor, t: int, emb) -> torch.Tensor:
+    """The last block's cross-attention weights (B, heads, N, T), caught with a forward hook."""
+    seen = {}
+    block = model.blocks[-1]
+    hook = block.cross_attn.register_forward_pre_hook(lambda mod, args: seen.update(args=args))
+    with torch.no_grad():
+        model(x, t, context=emb)
+        hook.remove()
+        x_in, ctx, mask = seen["args"]
+        q, k, _ = block.cross_attn.qkv_heads(x_in, ctx)  # (B, heads, N|T, hd)
+        return attention_weights(q, k, mask)  # (B, heads, N, T)
+
+
+def spread(maps: torch.Tensor, mask: torch.Tensor) -> float:
+    """How far the maps are from uniform: std over patches of each real token's weight, averaged."""
+    per_token = maps.mean(1).std(1)  # (B, T): over the N patches, heads averaged
+    return float(per_token[mask].mean())
+
+
+x_noisy, _ = schedules.add_noise(latents, torch.full((16,), 200), ab, generator=torch.Generator().manual_seed(1))
+trained_maps = cross_attention_maps(student, x_noisy, 200, cond)
+untrained_maps = cross_attention_maps(untrained, x_noisy, 200, cond)
+print(f"spread of the maps: untrained {spread(untrained_maps, cond.mask):.4f}, "
+      f"after overfitting {spread(trained_maps, cond.mask):.4f}")
+assert torch.allclose(trained_maps.sum(-1), torch.ones_like(trained_maps[..., 0]), atol=1e-5)
+assert (trained_maps[~cond.mask[:, None, None, :].expand_as(trained_maps)] == 0).all()  # padding is never read
+assert spread(trained_maps, cond.mask) > 2 * spread(untrained_maps, cond.mask)
+
+# %% [markdown]
+# Pick an image and edit its caption: each panel shows how strongly each of the 4×4 patches (8×8
+# pixels each) reads that token, in the last block, heads averaged. Swap a colour or a shape word and
+# watch which panels change. (Only 16 images trained this model, so expect the maps to be
+# suggestive, not crisp; chapter 09 trains the real book model.)
+
+# %%
+import ipywidgets as widgets
+
+
+def show_maps(index: int = 0, caption: str = captions[0]):
+    emb = book_text.encode([caption or " "])
+    maps = cross_attention_maps(student, x_noisy[index:index + 1], 200, emb)[0].mean(0)  # (N, T)
+    words = book_text.tokenizer.convert_ids_to_tokens(book_text.tokenizer(caption)["input_ids"])
+    fig, axes = plt.subplots(1, len(words) + 1, figsize=(1.25 * (len(words) + 1), 1.7))
+    axes[0].imshow(((images[index] + 1) / 2).permute(1, 2, 0))
+    axes[0].set_title("image", fontsize=7)
+    for j, (ax, word) in enumerate(zip(axes[1:], words)):
+        ax.imshow(maps[:, j].reshape(4, 4), cmap="magma", vmin=0, vmax=float(maps.max()))
+        ax.set_title(word.replace("<|", "").replace("|>", ""), fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    plt.show()
+
+
+show_maps(0, captions[0])  # a static first picture for the printed book
+widgets.interact(show_maps, index=widgets.IntSlider(0, 0, 15), caption=widgets.Text(captions[0]))
+
+# %% [markdown]
+# ### The null caption
+#
+# Classifier-free guidance (chapter 10) needs an unconditional prediction. PixArt learns one: the
+# `y_embedding` table (120 rows for α, 300 for Σ) replaces the T5 tokens of a dropped caption during
+# training, and `model(x, t)` with no context uses it. (PixArt's inference scripts pass the prompt's
+# own mask along with it.) The book model has no such table; its null caption is the encoding of an
+# empty prompt, `book_text.encode([""])`: just the start and end tokens.
+
+# %%
+torch.manual_seed(0)
+with_null = TextDiT(TextDiTConfig(input_size=8, patch_size=2, hidden_size=48, depth=2, num_heads=4, context_dim=24,
+                                  caption_tokens=12, pos_base_size=4, interpolation_scale=8 / 64))
+xn = torch.randn(2, 4, 8, 8)
+assert torch.equal(with_null(xn, 10), with_null(xn, 10, context=with_null.null_context(2)))
+empty = book_text.encode([""])
+print("null caption of the book model:", book_text.tokenizer.convert_ids_to_tokens(
+    book_text.tokenizer("")["input_ids"]), "->", tuple(empty.tokens.shape), "pooled", tuple(empty.pooled.shape))
+assert empty.mask.sum() == 2
+
+# %% [markdown]
+# ## Summary
+#
+# - **Cross-attention** lets each image token read the caption: queries from the image, keys and
+#   values from the text, padding masked out exactly (the lesson version and `CrossAttention` agree).
+# - A text-conditioned block is self-attention → cross-attention → MLP, modulated by
+#   **adaLN-Zero** (a map per block; the book model, plus the pooled text vector) or
+#   **adaLN-single** (one shared map and a per-block table; PixArt), which saves about a quarter of
+#   PixArt-α's parameters (counted above on the `meta` device).
+# - `TextDiT` is a sibling of `DiT` built from the same parts; `TextDiTConfig` presets cover
+#   PixArt-α/Σ XL/2 and `book-text`. Bad input (wrong widths, float masks, missing pooled vector)
+#   fails with a sentence.
+# - Overfitting 16 captioned images turns near-uniform cross-attention maps into maps several
+#   times more spread (measured above), and the wiring report shows the model reads t and mixes tokens.
+# - Appendix: PixArt loads from diffusers' and the original layout and matches diffusers to
+#   $10^{-5}$; `load_transformer` reads any DiT or PixArt file or folder.
+#
+# ## Exercises
+#
+# 1. Remove the key-padding mask in `cross_attention_lesson` and pad one caption with random
+#    vectors. How much does its output change? Why does the production code refuse float masks?
+# 2. Count the parameters of `book-text` with `modulation="adaln_single"` and with `"adaln_zero"`.
+#    Which share does adaLN-Zero take at width 192, and why is it so much larger than PixArt's 26 %?
+# 3. In the widget, replace the colour word of a caption with one the image does not show. Do the
+#    maps of the shape word change? What does that say about how the model combines words?
+# 4. Train the `student` with the pooled vector zeroed (`cond.pooled * 0`). Does the loss still
+#    fall? Which path carries the caption now?
+
+# %% [markdown]
+# ## Appendix: loading PixArt checkpoints (skip on a first read)
+#
+# As for DiT in chapter 05, two layouts:
+#
+# - **diffusers'** `PixArtTransformer2DModel` folder. It splits `qkv` into `to_q/to_k/to_v`, and the
+#   cross-attention's `kv_linear` into `to_k/to_v`; it calls the shared timestep map
+#   `adaln_single.linear` (our `t_block.1`) and the caption MLP `caption_projection`. It does **not**
+#   store the null caption `y_embedding`: its pipeline encodes an empty negative prompt with T5
+#   instead, so a model loaded from it has `caption_tokens=0` and `null_context` says so.
+# - **the original** PixArt-α/Σ checkpoints (`PixArt-XL-2-1024-MS.pth`, a `{"state_dict": ...}`
+#   wrapper), whose names are ours. The config is inferred from the weights: width, patch, depth,
+#   caption width, null-caption length (120 → α, 300 → Σ), micro-conditions (are `csize_embedder`
+#   weights present?). Not in the weights: the number of heads (1152 → 16, as DiT-XL) and the
+#   position interpolation scale (latent side / 64: 0.5, 1, 2 at 256, 512, 1024 px), which we check
+#   against the stored `pos_embed` table when it is there.
+#
+# **Where diffusers and the original code differ**, we follow the original, which trained the
+# weights: the caption padding is masked out exactly (the original attends over the real tokens
+# only, via xformers' block-diagonal mask; diffusers adds a bias of $-10^4$, which in fp32 gives the
+# same softmax to the last bit); the null caption for guidance is the learned `y_embedding` where
+# the checkpoint has it; and when a diffusers config leaves `interpolation_scale` empty we use the
+# original rule (latent side / 64, so 0.5 at 256 px) where diffusers' default would give 1. The timestep sinusoid is the same in both (`flip_sin_to_cos=True`, shift 0),
+# unlike diffusers' DiT port of chapter 05.
+#
+# `TextDiT.from_pretrained` / `TextDiT.from_original` load PixArt; chapter 05's `DiT` loaders load
+# class-conditional DiTs, and each refuses the other's files with a sentence saying which to use.
+# `load_transformer(path_or_id)` reads either, dispatching on the files' contents: a single file in
+# the original layout (PixArt when it has `t_block` weights), or a folder's `config.json`.
+
+# %%
+# | export
+def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
+    if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
+        raise ValueError("checkpoint: not a diffusers PixArtTransformer2DModel state dict (no "
+                         "'adaln_single.linear.weight' / 'transformer_blocks.0.attn2.to_q.weight')")
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(src: str, dst: str) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{src}.{suffix}" in sd:
+                out[f"{dst}.{suffix}"] = sd.pop(f"{src}.{suffix}")
+
+    take("pos_embed.proj", "x_embedder.proj")
+    take("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    take("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    take("adaln_single.emb.resolution_embedder.linear_1", "csize_embedder.mlp.0")
+    take("adaln_single.emb.resolution_embedder.linear_2", "csize_embedder.mlp.2")
+    take("adaln_single.emb.aspect_ratio_embedder.linear_1", "ar_embedder.mlp.0")
+    take("adaln_single.emb.aspect_ratio_embedder.linear_2", "ar_embedder.mlp.2")
+    take("adaln_single.linear", "t_block.1")
+    take("caption_projection.linear_1", "y_embedder.y_proj.fc1")
+    take("caption_projection.linear_2", "y_embedder.y_proj.fc2")
+    take("proj_out", "final_layer.linear")
+    out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for n in range(depth):
+        b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
+        out[o + "scale_shift_table"] = sd.pop(b + "scale_shift_table")
+        for suffix in ("weight", "bias"):
+            out[o + f"attn.qkv.{suffix}"] = torch.cat([sd.pop(b + f"attn1.to_{x}.{suffix}") for x in "qkv"])
+            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([sd.pop(b + f"attn2.to_{x}.{suffix}") for x in "kv"])
+        take(b + "attn1.to_out.0", o + "attn.proj")
+        take(b + "attn2.to_q", o + "cross_attn.q_linear")
+        take(b + "attn2.to_out.0", o + "cross_attn.proj")
+        take(b + "ff.net.0.proj", o + "mlp.fc1")
+        take(b + "ff.net.2", o + "mlp.fc2")
+    if sd:
+        raise ValueError(f"checkpoint: {len(sd)} diffusers PixArt keys that tinydit does not know how to map: "
+                         f"{sorted(sd)[:10]}")
+    return out
+
+
+def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
+    """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
+    if transformer_kind(d) != "PixArtTransformer2DModel":
+        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
+    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
+    hidden = heads * head_dim
+    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
+                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"),
+                                            ("attention_type", "default")) if d.get(k, ok) != ok}
+    if d.get("caption_channels") is None:
+        unsupported["caption_channels"] = None
+    if d.get("cross_attention_dim", hidden) != hidden:
+        unsupported["cross_attention_dim"] = d["cross_attention_dim"]
+    if unsupported:
+        raise ValueError(f"config: PixArt options tinydit does not implement: {unsupported}")
+    in_ch = d.get("in_channels", 4)
+    out_ch = d.get("out_channels") or in_ch
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"config: out_channels={out_ch} for in_channels={in_ch}; expected the same or twice as many")
+    sample, patch = d.get("sample_size", 128), d.get("patch_size", 2)
+    micro = d.get("use_additional_conditions")
+    cfg = dict(input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=d.get("num_layers", 28),
+               num_heads=heads, learn_sigma=out_ch == 2 * in_ch, norm_eps=d.get("norm_eps", 1e-6),
+               context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
+               micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
+               pos_base_size=sample // patch,
+               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
+               # default, max(sample_size // 64, 1), gives 1 at 256 px
+               interpolation_scale=d.get("interpolation_scale") or sample / 64)
+    return TextDiTConfig(**{**cfg, **overrides})
+
+
+def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
+                                      **overrides) -> TextDiTConfig:
+    """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
+    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight",
+              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"checkpoint: not a PixArt checkpoint in the original layout; missing {missing}")
+    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if "pos_embed" in sd:
+        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
+    elif "input_size" in overrides:
+        input_size = overrides["input_size"]
+    else:
+        raise ValueError("checkpoint: no 'pos_embed' to read the training resolution from; pass input_size= "
+                         "(latent side: 32, 64, 128 for 256, 512, 1024 px)")
+    y_emb = sd.get("y_embedder.y_embedding")
+    cfg = dict(input_size=input_size, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
+               num_heads=heads_for(depth, hidden, num_heads),
+               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out_ch == 2 * in_ch,
+               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
+               qk_norm="blocks.0.attn.q_norm.weight" in sd, context_dim=sd["y_embedder.y_proj.fc1.weight"].shape[1],
+               modulation="adaln_single", caption_tokens=0 if y_emb is None else y_emb.shape[0],
+               micro_conditions="csize_embedder.mlp.0.weight" in sd, pos_base_size=input_size // p,
+               interpolation_scale=input_size / 64)
+    return TextDiTConfig(**{**cfg, **overrides})
+
+
+def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
+                           **overrides) -> TextDiT:
+    """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
+    position table against the one the config implies."""
+    model = cls(infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides))
+    stored = sd.get("pos_embed")
+    if stored is not None and stored.abs().sum() > 0 and stored.shape == model.pos_embed.shape:
+        diff = (stored.float() - model.pos_embed).abs().max().item()
+        if diff > 1e-4:
+            raise ValueError(f"interpolation_scale: the checkpoint's stored position table differs from the one for "
+                             f"interpolation_scale={model.config.interpolation_scale} by {diff:.3g}; pass the "
+                             "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
+    sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
+    check_and_load(model, sd, what=f"PixArt checkpoint {name}")
+    return model.eval()
+
+
+def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
+                     **overrides) -> DiT | TextDiT:
+    """Load any transformer this book knows, dispatching on the files' contents.
+
+    A file (`.pt`, `.pth`, `.safetensors`) is read in the original layout: PixArt-α/Σ when it has
+    `t_block` weights, else facebookresearch DiT. A folder (or hub id) is read by its config.json:
+    a diffusers `DiTTransformer2DModel` / `PixArtTransformer2DModel`, or a tinydit DiT / TextDiT.
+    """
+    path = Path(path_or_id)
+    if path.is_file():
+        if subfolder is not None:
+            raise ValueError(f"subfolder: {path} is a file; subfolder only applies to folders and hub ids")
+        sd = unwrap_state_dict(load_state_dict(path))
+        if "t_block.1.weight" in sd:
+            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, **overrides)
+        model = DiT(infer_config_from_original(sd, num_heads=num_heads, **overrides))
+        check_and_load(model, {**sd, "pos_embed": model.pos_embed}, what=f"DiT checkpoint {path.name}")
+        return model.eval()
+    if num_heads is not None:
+        raise ValueError("num_heads: a model folder's config.json states its heads; pass num_heads only with a "
+                         "single checkpoint file")
+    folder = resolve_pretrained(path_or_id, subfolder)
+    kind = transformer_kind(read_config_json(folder))
+    if kind in ("TextDiT", "PixArtTransformer2DModel"):
+        return TextDiT.from_pretrained(folder, **overrides)
+    if kind in ("DiT", "DiTTransformer2DModel"):
+        return DiT.from_pretrained(folder, **overrides)
+    raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
+                     "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")
+
+# %% [markdown]
+# ### Parity with diffusers, measured
+#
+# A tiny random `PixArtTransformer2DModel` saved in diffusers' format, loaded with
+# `TextDiT.from_pretrained`, compared on padded captions at several timesteps: once PixArt-α-style (with
+# resolution / aspect-ratio micro-conditions), once PixArt-Σ-style (without), at the training grid
+# and at a larger, non-square one (the position table is recomputed, PixArt-style). Then the same
+# weights renamed to the **original** layout, saved as a `.pth` with a `{"state_dict": ...}` wrapper
+# as PixArt's releases are, and loaded with `TextDiT.from_original`.
+
+# %%
+import tempfile
+
+try:
+    import diffusers
+except ImportError:
+    diffusers = None
+    print("diffusers is not installed (pip install -e '.[dev]'); skipping the live comparison")
+if diffusers is not None:
+    worst = {}
+    for micro in (True, False):
+        torch.manual_seed(0)
+        ref = diffusers.PixArtTransformer2DModel(
+            num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+            cross_attention_dim=48, caption_channels=24, sample_size=8, patch_size=2, norm_eps=1e-6,
+            use_additional_conditions=micro, interpolation_scale=8 / 64).eval()
+        with torch.no_grad():  # random weights everywhere, including the zero-initialised ones
+            for p in ref.parameters():
+                p.normal_(0, 0.1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref.save_pretrained(tmp)
+            ours = load_transformer(tmp)
+            assert isinstance(ours, TextDiT)
+            torch.save({"state_dict": ours.state_dict()}, f"{tmp}/PixArt-tiny.pth")
+            ours_original = TextDiT.from_original(f"{tmp}/PixArt-tiny.pth", num_heads=4)
+        ctx = torch.randn(3, 7, 24)  # (B, T, caption_channels)
+        cmask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])  # padded captions
+        errs = []
+        for shape in ((3, 4, 8, 8), (3, 4, 12, 16)):
+            xp = torch.randn(shape)
+            res, ar = torch.tensor([[64.0, 64.0]] * 3), torch.tensor([[1.0]] * 3)
+            added = dict(resolution=res, aspect_ratio=ar) if micro else None
+            mine_kw = dict(resolution=res, aspect_ratio=ar) if micro else {}
+            for tp in (torch.tensor([0.0, 10.0, 999.0]), torch.tensor([500.0, 250.0, 1.0])):
+                with torch.no_grad():
+                    r = ref(xp, encoder_hidden_states=ctx, timestep=tp, encoder_attention_mask=cmask,
+                            added_cond_kwargs=added).sample
+                    errs += [(ours(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item(),
+                             (ours_original(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item()]
+        worst["alpha (micro-conditions)" if micro else "sigma (none)"] = max(errs)
+    for name, err in worst.items():
+        print(f"PixArt-{name}: max |diffusers - tinydit| = {err:.2e} over 2 grids x 2 timestep sets, "
+              "from_pretrained and from_original")
+    assert max(worst.values()) <= 1e-5
