@@ -39,21 +39,24 @@
 #
 # | # | chapter | module | builds |
 # |---|---|---|---|
-# | 00 | introduction | — | this page |
+# | 00 | introduction | `tinydit.validation` | this page; the one convention for bad input |
 # | 01 | data | `tinydit.data` | procedural shapes with captions; optional colour emoji |
-# | 02 | VAE | `tinydit.vae` | AutoencoderKL; the book's tiny VAE; loading SD/SDXL/SD3/Flux VAEs |
+# | 02 | VAE | `tinydit.vae`, `tinydit.checkpoint` | AutoencoderKL; the book's tiny VAE; loading SD/SDXL/SD3/Flux VAEs |
 # | 03 | embeddings | `tinydit.embeddings` | sinusoidal timestep, 2D sin-cos position, rotary embeddings |
 # | 04 | noise schedules | `tinydit.schedules` | linear, cosine, scaled-linear, zero-terminal-SNR, flow matching |
 # | 05 | DiT | `tinydit.dit`, `tinydit.attention` | patchify, attention, adaLN-Zero; loading DiT-XL/2 |
-# | 06 | text encoders | `tinydit.text` | CLIP + T5 dual encoder, cross-attention, PixArt loading |
-# | 07 | training | `tinydit.train` | losses, CFG dropout, EMA, the book model |
-# | 08 | samplers | `tinydit.samplers` | Euler, Euler ancestral, DPM++ 2M / SDE |
-# | 09 | guidance | `tinydit.guidance` | classifier-free guidance, rescale, dynamic thresholding |
-# | 10 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 weights |
-# | 11 | pipeline | `tinydit.pipeline` | text-to-image end to end, CLI, widget demo |
-# | 12 | img2img & inpainting | `tinydit.pipeline` | SDEdit strength, masked latent blending |
-# | 13 | safety | `tinydit.safety` | a safety checker on generated images |
+# | 06 | text encoders | `tinydit.text` | CLIP + T5 dual encoder with T5 offloading; the book text encoder |
+# | 07 | text-conditioned DiT | `tinydit.textdit` | cross-attention, adaLN-single, PixArt-α/Σ loading |
+# | 08 | samplers | `tinydit.samplers` | denoiser wrappers; Euler, Euler ancestral, Heun, DPM++ 2M / SDE, DDIM |
+# | 09 | training | `tinydit.train` | objectives, CFG dropout, EMA, the book model |
+# | 10 | guidance | `tinydit.guidance` | classifier-free guidance, rescale, dynamic thresholding, APG |
+# | 11 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 / fp8 weights, caching |
+# | 12 | pipeline | `tinydit.pipeline` | text-to-image end to end, CLI, widget demo |
+# | 13 | img2img & inpainting | `tinydit.pipeline` | SDEdit strength, masked latent blending |
+# | 14 | safety | `tinydit.safety` | a safety checker on generated images |
 #
+# Each module comes from exactly one notebook (a notebook may write two small modules), so every
+# module reads as one lesson; `tools/export.py --check` enforces it.
 # Each chapter uses only what came before it. The README lists which chapters have landed.
 
 # %% [markdown]
@@ -263,3 +266,21 @@ ds = ShapesDataset(8, seed=0)
 image, caption = ds[0]
 assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1
 dataset_grid(ds, n=8, cols=8, scale=3)
+
+# %% [markdown]
+# ## Summary
+#
+# - The book builds a latent text-to-image DiT in fifteen chapters; each chapter exports one module
+#   of `tinydit` and later chapters import it.
+# - Every chapter runs at book size by default and at CI size with `TINYDIT_FAST=1`.
+# - Bad input gets an error that names the argument, what was expected and what was given
+#   (`tinydit.validation`); value checks run at entry points, never inside a model's `forward`.
+#
+# ## Exercises
+#
+# 1. Call `check_int("n", True)` and `check_int("n", np.int64(3))`. Why is a boolean refused where a
+#    numpy integer is accepted?
+# 2. `check_memory` refuses requests above 8 GiB. Estimate the bytes of a grid of 100,000 book images
+#    at scale 3 and check that chapter 01's `image_grid` refuses it before allocating.
+# 3. Run chapter 05 with and without `TINYDIT_FAST=1` and compare its printed timings. Which cells
+#    take the difference?

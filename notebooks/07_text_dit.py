@@ -216,6 +216,23 @@ print("CrossAttention == the lesson version (max diff "
 # with base = the training grid and the interpolation scale $s$ = 0.5, 1, 2 at 256, 512, 1024 px, so
 # other grids see positions in the same range.
 
+# %% [markdown]
+# The adaLN-single block in a dozen lines: one shared vector `s` (B, 6D) for the whole network, a
+# learned (6, D) table per block, LayerNorm without its own scale, and three residual branches.
+
+# %%
+def text_block_lesson(x, s, table, ctx, pad, attn, cross, mlp):
+    """x (B, N, D) image tokens; s (B, 6D) the shared modulation; table (6, D) this block's own."""
+    B, N, D = x.shape
+    shift1, scale1, gate1, shift2, scale2, gate2 = (table + s.reshape(B, 6, D)).unbind(1)  # 6 x (B, D)
+    norm = lambda h: torch.nn.functional.layer_norm(h, (D,), eps=1e-6)  # noqa: E731
+    h = norm(x) * (1 + scale1[:, None]) + shift1[:, None]  # (B, N, D), modulated
+    x = x + gate1[:, None] * attn(h)  # self-attention, gated
+    x = x + cross(x, ctx, pad)  # cross-attention: no gate, no norm (PixArt)
+    h = norm(x) * (1 + scale2[:, None]) + shift2[:, None]
+    return x + gate2[:, None] * mlp(h)  # (B, N, D)
+
+
 # %%
 # | export
 class ProjMlp(nn.Module):
@@ -305,6 +322,16 @@ class T2IFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)  # (B, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
+
+# %%
+torch.manual_seed(0)
+blk = TextDiTBlock(32, num_heads=4, modulation="adaln_single")
+ctx32, s6 = torch.randn(2, 5, 32), torch.randn(2, 6 * 32)
+with torch.no_grad():
+    ours = blk(xs, s6, ctx32, pad)
+    lesson = text_block_lesson(xs, s6, blk.scale_shift_table, ctx32, pad, blk.attn, blk.cross_attn, blk.mlp)
+torch.testing.assert_close(ours, lesson)
+print(f"TextDiTBlock (adaLN-single) == the lesson block; {sum(p.numel() for p in blk.parameters()):,} parameters")
 
 # %% [markdown]
 # ## 3. The model
@@ -588,6 +615,34 @@ def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: an integer mask must hold only 0 and 1, got values {mask.unique().tolist()[:5]}")
     return mask.bool()
+
+# %% [markdown]
+# Stripped of its checks, the forward pass is a short recipe. Written with the model's own parts
+# (so the weights are shared), it must give exactly what `forward` gives:
+
+# %%
+def text_dit_lesson(model, x, t, ctx, pad, pooled):
+    """The book model's forward pass: patchify, condition, blocks, unpatchify."""
+    p = model.config.patch_size
+    h, w = x.shape[2] // p, x.shape[3] // p
+    tokens = model.x_embedder(x) + model.pos_embed_for(h, w)  # (B, N, D)
+    c = model.t_embedder(t) + model.pooled_embedder(pooled)  # (B, D): timestep + pooled text
+    ctx = model.y_embedder(ctx)  # (B, T, D): text tokens projected to the model width
+    for block in model.blocks:
+        tokens = block(tokens, c, ctx, pad)  # adaLN-Zero blocks read c directly
+    return unpatchify(model.final_layer(tokens, c), p, h, w)  # (B, C_out, H, W)
+
+
+torch.manual_seed(0)
+lesson_model = TextDiT(TextDiTConfig.preset("book-text", depth=2)).eval()
+for prm in lesson_model.parameters():  # non-zero everywhere, so every path is exercised
+    torch.nn.init.normal_(prm, std=0.05)
+emb = book_text.encode(["a red circle", "a big blue square left of a green triangle"])
+xl, tl = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+with torch.no_grad():
+    torch.testing.assert_close(lesson_model(xl, tl, context=emb),
+                               text_dit_lesson(lesson_model, xl, tl, emb.tokens, emb.mask, emb.pooled))
+print("TextDiT.forward == the lesson forward")
 
 # %% [markdown]
 # ### The book model, and where each word looks
@@ -980,53 +1035,42 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
 # ### Parity with diffusers, measured
 #
 # A tiny random `PixArtTransformer2DModel` saved in diffusers' format, loaded with
-# `TextDiT.from_pretrained`, compared on padded captions at several timesteps: once PixArt-α-style (with
-# resolution / aspect-ratio micro-conditions), once PixArt-Σ-style (without), at the training grid
-# and at a larger, non-square one (the position table is recomputed, PixArt-style). Then the same
-# weights renamed to the **original** layout, saved as a `.pth` with a `{"state_dict": ...}` wrapper
-# as PixArt's releases are, and loaded with `TextDiT.from_original`.
+# `load_transformer`, and the same weights saved in the original layout (a `.pth` with PixArt's
+# `{"state_dict": ...}` wrapper) and loaded with `TextDiT.from_original`; compared on padded captions,
+# PixArt-α-style (with micro-conditions) and Σ-style (without), at the training grid and a larger,
+# non-square one. `tests/test_textdit.py` repeats this with more timesteps and layouts.
 
 # %%
 import tempfile
 
-try:
-    import diffusers
-except ImportError:
-    diffusers = None
-    print("diffusers is not installed (pip install -e '.[dev]'); skipping the live comparison")
-if diffusers is not None:
-    worst = {}
-    for micro in (True, False):
-        torch.manual_seed(0)
-        ref = diffusers.PixArtTransformer2DModel(
-            num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-            cross_attention_dim=48, caption_channels=24, sample_size=8, patch_size=2, norm_eps=1e-6,
-            use_additional_conditions=micro, interpolation_scale=8 / 64).eval()
-        with torch.no_grad():  # random weights everywhere, including the zero-initialised ones
-            for p in ref.parameters():
-                p.normal_(0, 0.1)
-        with tempfile.TemporaryDirectory() as tmp:
-            ref.save_pretrained(tmp)
-            ours = load_transformer(tmp)
-            assert isinstance(ours, TextDiT)
-            torch.save({"state_dict": ours.state_dict()}, f"{tmp}/PixArt-tiny.pth")
-            ours_original = TextDiT.from_original(f"{tmp}/PixArt-tiny.pth", num_heads=4)
-        ctx = torch.randn(3, 7, 24)  # (B, T, caption_channels)
-        cmask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])  # padded captions
-        errs = []
-        for shape in ((3, 4, 8, 8), (3, 4, 12, 16)):
-            xp = torch.randn(shape)
-            res, ar = torch.tensor([[64.0, 64.0]] * 3), torch.tensor([[1.0]] * 3)
-            added = dict(resolution=res, aspect_ratio=ar) if micro else None
-            mine_kw = dict(resolution=res, aspect_ratio=ar) if micro else {}
-            for tp in (torch.tensor([0.0, 10.0, 999.0]), torch.tensor([500.0, 250.0, 1.0])):
-                with torch.no_grad():
-                    r = ref(xp, encoder_hidden_states=ctx, timestep=tp, encoder_attention_mask=cmask,
-                            added_cond_kwargs=added).sample
-                    errs += [(ours(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item(),
-                             (ours_original(xp, tp, context=ctx, context_mask=cmask, **mine_kw) - r).abs().max().item()]
-        worst["alpha (micro-conditions)" if micro else "sigma (none)"] = max(errs)
-    for name, err in worst.items():
-        print(f"PixArt-{name}: max |diffusers - tinydit| = {err:.2e} over 2 grids x 2 timestep sets, "
-              "from_pretrained and from_original")
-    assert max(worst.values()) <= 1e-5
+import diffusers  # a dev dependency: the reference, never a run-time one
+
+worst = {}
+for micro in (True, False):
+    torch.manual_seed(0)
+    ref = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=48, caption_channels=24, sample_size=8, patch_size=2, norm_eps=1e-6,
+        use_additional_conditions=micro, interpolation_scale=8 / 64).eval()
+    with torch.no_grad():  # random weights everywhere, including the zero-initialised ones
+        for prm in ref.parameters():
+            prm.normal_(0, 0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        loaded = [load_transformer(tmp)]
+        torch.save({"state_dict": loaded[0].state_dict()}, f"{tmp}/PixArt-tiny.pth")
+        loaded.append(TextDiT.from_original(f"{tmp}/PixArt-tiny.pth", num_heads=4))
+    ctx, cmask = torch.randn(3, 7, 24), torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    res, ar = torch.tensor([[64.0, 64.0]] * 3), torch.tensor([[1.0]] * 3)
+    kw = dict(resolution=res, aspect_ratio=ar) if micro else {}
+    errs = []
+    for shape, tp in (((3, 4, 8, 8), torch.tensor([0.0, 10.0, 999.0])), ((3, 4, 12, 16), torch.tensor([500.0, 250.0, 1.0]))):
+        xp = torch.randn(shape)
+        with torch.no_grad():
+            r = ref(xp, encoder_hidden_states=ctx, timestep=tp, encoder_attention_mask=cmask,
+                    added_cond_kwargs=kw or None).sample
+            errs += [(m(xp, tp, context=ctx, context_mask=cmask, **kw) - r).abs().max().item() for m in loaded]
+    worst["alpha (micro-conditions)" if micro else "sigma (none)"] = max(errs)
+for name, err in worst.items():
+    print(f"PixArt-{name}: max |diffusers - tinydit| = {err:.2e} (2 grids, both layouts)")
+assert max(worst.values()) <= 1e-5
