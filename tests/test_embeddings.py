@@ -3,6 +3,7 @@ the RoPE relative-position property, and clear errors on bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import (
@@ -188,3 +189,41 @@ def test_rope_score_depends_only_on_relative_offset_2d():
 def test_bad_input_names_the_argument(call, argument):
     with pytest.raises(ValueError, match=rf"^{argument}\b.*expected.*got"):
         call()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: E.timestep_embedding(torch.tensor([0.0, NAN]), 8), r"^t: expected finite values, got 1 NaN"),
+    (lambda: E.timestep_embedding(torch.tensor([INF, 1.0]), 8), r"^t: expected finite values, got 0 NaN and 1 inf"),
+    (lambda: E.timestep_embedding(-INF, 8), r"^t: expected finite values"),
+    (lambda: E.TimestepEmbedder(8, 16)(torch.tensor([NAN])), r"^t: expected finite values, got 1 NaN"),
+    (lambda: E.timestep_embedding(T_VALUES, 8, max_period=NAN), r"^max_period: expected a finite number, got nan"),
+    (lambda: E.timestep_embedding(T_VALUES, 8, downscale_freq_shift=INF),
+     r"^downscale_freq_shift: expected a finite number, got inf"),
+    (lambda: E.timestep_embedding(T_VALUES, 8, scale=NAN), r"^scale: expected a finite number, got nan"),
+    (lambda: E.sincos_embed_1d(8, torch.tensor([1.0, NAN])), r"^pos: expected finite values, got 1 NaN"),
+    (lambda: E.sincos_pos_embed_2d(32, 4, base_size=16, interpolation_scale=NAN),
+     r"^interpolation_scale: expected a finite number, got nan"),
+    (lambda: E.rope_frequencies(torch.tensor([0.0, INF]), 8), r"^pos: expected finite values, got 0 NaN and 1 inf"),
+    (lambda: E.rope_frequencies(torch.arange(4), 8, theta=NAN), r"^theta: expected a finite number, got nan"),
+])
+def test_non_finite_input_is_refused(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_numpy_integers_count_as_integers_and_bools_do_not():
+    assert E.timestep_embedding(T_VALUES, np.int64(8)).shape == (len(T_VALUES), 8)
+    assert E.TimestepEmbedder(np.int32(16), np.int64(32))(torch.tensor([3])).shape == (1, 16)
+    assert E.sincos_pos_embed_2d(np.int64(32), (np.int64(2), 3)).shape == (6, 32)
+    assert E.rope_2d(np.int64(2), 3, np.int16(8))[0].shape == (6, 8)
+    with pytest.raises(TypeError, match=r"^dim: expected an integer, got True"):
+        E.timestep_embedding(T_VALUES, True)
+    with pytest.raises(TypeError, match=r"^hidden_size: expected an integer, got False"):
+        E.TimestepEmbedder(False)
+    with pytest.raises(TypeError, match=r"^grid_size: expected an integer, got True"):
+        E.sincos_pos_embed_2d(32, (True, 4))
+    with pytest.raises(TypeError, match=r"^h: expected an integer, got 2.0"):
+        E.rope_2d(2.0, 3, 8)

@@ -233,3 +233,85 @@ def test_bad_input_names_argument_given_and_expected(call, argument, fragment):
     with pytest.raises(ValueError, match=rf"^{argument}\b.*expected") as info:
         call()
     assert fragment in str(info.value)
+
+
+NAN, INF = float("nan"), float("inf")
+AC_LINEAR = S.alphas_cumprod(S.make_betas("linear"))
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: S.karras_sigmas(10, 0.03, 14.6, rho=NAN), r"^rho: expected a finite number, got nan"),
+    (lambda: S.karras_sigmas(10, 0.03, INF), r"^sigma_max: expected a finite number, got inf"),
+    (lambda: S.karras_sigmas(10, NAN, 14.6), r"^sigma_min: expected a finite number, got nan"),
+    (lambda: S.flow_sigmas(28, shift=NAN), r"^shift: expected a finite number, got nan"),
+    (lambda: S.flow_sigmas(28, mu=INF), r"^mu: expected a finite number, got inf"),
+    (lambda: S.shift_sigmas(torch.tensor([0.5, NAN]), 3.0), r"^t: expected finite values, got 1 NaN"),
+    (lambda: S.flow_add_noise(torch.zeros(2, 3), torch.tensor([0.5, NAN])), r"^t: expected finite values, got 1 NaN"),
+    (lambda: S.t_to_sigma(torch.tensor([3.0, NAN]), AC_LINEAR), r"^t: expected finite values, got 1 NaN"),
+    (lambda: S.t_to_sigma(torch.tensor([INF]), AC_LINEAR), r"^t: expected finite values, got 0 NaN and 1 inf"),
+    (lambda: S.sigma_to_t(torch.tensor([NAN]), AC_LINEAR), r"^sigma: expected noise levels >= 0"),
+    (lambda: S.sigma_to_t(torch.tensor([-1.0]), AC_LINEAR), r"^sigma: expected noise levels >= 0"),
+    (lambda: S.make_betas("linear", beta_start=NAN), r"^beta_start: expected a finite number, got nan"),
+    (lambda: S.alphas_cumprod(torch.tensor([0.1, INF])), r"^betas: expected finite values, got 0 NaN and 1 inf"),
+    (lambda: S.alphas_cumprod(torch.tensor([0.1, 1.5])), r"^betas: expected values in \[0, 1\]"),
+    (lambda: S.logit_normal_timesteps(10, std=NAN), r"^std: expected a finite number, got nan"),
+    (lambda: S.min_snr_weights(torch.ones(3), gamma=NAN), r"^gamma: expected a finite number, got nan"),
+    (lambda: S.discrete_sigmas(torch.tensor([0.9, NAN]), 1), r"^alphas_cumprod: expected finite values"),
+])
+def test_non_finite_input_is_refused(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("betas", [torch.tensor([0.02]), torch.tensor([])])
+def test_zero_terminal_snr_needs_at_least_two_betas(betas):
+    with pytest.raises(ValueError, match=r"^betas: expected at least 2 values \(T,\), got [01]"):
+        S.rescale_zero_terminal_snr(betas)
+
+
+def test_zero_terminal_snr_needs_a_schedule_that_loses_signal():
+    with pytest.raises(ValueError, match=r"^betas: expected a schedule that loses signal"):
+        S.rescale_zero_terminal_snr(torch.tensor([0.1, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("t, pattern", [
+    (torch.tensor([0, 1000]), r"^t: expected timesteps in \[0, 1000\), got values from 0 to 1000"),
+    (torch.tensor([-1, 5]), r"^t: expected timesteps in \[0, 1000\), got values from -1 to 5"),
+    (np.array([3, 1200]), r"^t: expected timesteps in \[0, 1000\), got values from 3 to 1200"),
+    (np.int64(-3), r"^t: expected timesteps in \[0, 1000\), got values from -3 to -3"),
+    (True, r"^t: expected integer timestep indices in \[0, 1000\), got a torch.bool tensor"),
+])
+def test_discrete_timesteps_outside_the_schedule_are_refused(t, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        S.check_timesteps(t, 1000)
+    with pytest.raises(ValueError, match=pattern):
+        S.add_noise(torch.zeros(2, 3) if np.ndim(t) else torch.zeros(1, 3), t, AC_LINEAR)
+
+
+@pytest.mark.parametrize("n, T, offset, room", [(10, 1000, 100, 99), (1000, 1000, 1, 0), (3, 10, 4, 3)])
+def test_steps_offset_past_the_schedule_is_refused(n, T, offset, room):
+    assert S.timestep_spacing(n, T, "leading", steps_offset=room).max() == T - 1  # the largest offset that fits
+    with pytest.raises(ValueError, match=rf"^steps_offset: expected at most {room} .*got {offset}"):
+        S.timestep_spacing(n, T, "leading", steps_offset=offset)
+    with pytest.raises(ValueError, match=rf"^steps_offset: expected at most {room}"):
+        S.discrete_sigmas(S.alphas_cumprod(S.make_betas("linear", T)), n, "leading", steps_offset=offset)
+    with pytest.raises(ValueError, match=r"^steps_offset: expected an integer >= 0, got -1"):
+        S.timestep_spacing(n, T, "leading", steps_offset=-1)
+
+
+def test_numpy_integers_count_as_integers_and_bools_do_not():
+    assert torch.equal(S.make_betas("linear", np.int64(50)), S.make_betas("linear", 50))
+    assert torch.equal(S.timestep_spacing(np.int32(10), np.int64(1000), "leading", np.int64(1)),
+                       S.timestep_spacing(10, 1000, "leading", 1))
+    assert torch.equal(S.karras_sigmas(np.int64(5), 0.1, 10.0), S.karras_sigmas(5, 0.1, 10.0))
+    assert torch.equal(S.flow_sigmas(np.int16(8), shift=np.float32(3.0)), S.flow_sigmas(8, shift=3.0))
+    x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    xt, _ = S.add_noise(x0, np.int64(10), AC_LINEAR, generator=torch.Generator().manual_seed(1))
+    ref, _ = S.add_noise(x0, 10, AC_LINEAR, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(xt, ref)
+    with pytest.raises(TypeError, match=r"^num_train_timesteps: expected an integer, got True"):
+        S.make_betas("linear", True)
+    with pytest.raises(TypeError, match=r"^n: expected an integer, got True"):
+        S.karras_sigmas(True, 0.1, 10.0)
+    with pytest.raises(TypeError, match=r"^steps_offset: expected an integer, got False"):
+        S.timestep_spacing(10, spacing="leading", steps_offset=False)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from tinydit.validation import check_choice, check_int, check_memory, check_tensor
+from tinydit.validation import check_choice, check_finite, check_int, check_memory, check_tensor
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # RGB, far apart in hue so a pixel reader can name them
@@ -203,6 +203,8 @@ def _check_chw(name: str, x) -> torch.Tensor:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"img: expected a PIL image, got {_describe(img)}")
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
@@ -210,6 +212,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image (values outside are clipped)."""
     _check_chw("x", x)
+    check_finite("x", x)
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).numpy())  # (H, W, 3)
 
@@ -280,6 +283,7 @@ def _grid_tiles(images) -> list[Image.Image]:
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        check_finite("images", images)  # a NaN would be drawn as a plausible pixel
         return [tensor_to_pil(x) for x in images]
     if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not hasattr(images, "__iter__"):
         raise TypeError("images: expected a (B, 3, H, W) tensor in [-1, 1] or a list of PIL images, "
@@ -347,6 +351,9 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
 
 def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Image.Image:
     """A captioned grid of the first `n` samples of a dataset that yields (image, caption)."""
+    if not isinstance(ds, Dataset) and not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) \
+            or isinstance(ds, (str, bytes)):
+        raise TypeError(f"ds: expected a dataset yielding (image, caption) pairs, got {type(ds).__name__}")
     n = min(check_int("n", n, minimum=1), len(ds))
     images, captions = zip(*(ds[i] for i in range(n)))
     return image_grid(torch.stack(images), list(captions), cols=cols, scale=scale)

@@ -16,15 +16,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tinydit.validation import check_finite, check_float, check_int, check_tensor
+
 
 def _as_1d_times(t, name: str = "t") -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
+    """A scalar or a 1-D sequence of finite times (or positions) as a 1-D tensor (B,)."""
+    t = torch.as_tensor(t)
     if t.ndim == 0:
         t = t[None]
     if t.ndim != 1:
         raise ValueError(f"{name}: expected a scalar or a 1-D tensor of times (B,), got shape {tuple(t.shape)}")
-    return t
+    return check_finite(name, t)
+
+
+def _check_frequencies(dim, downscale_freq_shift, max_period, dim_name: str = "dim") -> int:
+    """The embedding width as an int >= 2, and a finite shift below dim // 2 and max_period > 1."""
+    dim = check_int(dim_name, dim, minimum=2)
+    shift = check_float("downscale_freq_shift", downscale_freq_shift)
+    if dim // 2 - shift <= 0:
+        raise ValueError(f"downscale_freq_shift: expected a value below {dim_name} // 2 = {dim // 2}, got {shift!r}")
+    check_float("max_period", max_period, minimum=1, min_inclusive=False)
+    return dim
 
 
 def timestep_embedding(
@@ -39,19 +51,14 @@ def timestep_embedding(
 
     Frequencies `max_period ** (-i / (dim // 2 - downscale_freq_shift))`, `sin` half then `cos`
     half (`flip_sin_to_cos=True` puts `cos` first); an odd `dim` is zero-padded by one. Defaults are
-    the DDPM layout (Ho et al. 2020, after Vaswani et al. 2017); the original DiT / PixArt layout is
-    `flip_sin_to_cos=True, downscale_freq_shift=0`. Matches diffusers' `get_timestep_embedding`.
+    the DDPM layout (Ho et al. 2020, after Vaswani et al. 2017); the SD UNet / original DiT / PixArt
+    layout is `flip_sin_to_cos=True, downscale_freq_shift=0`. Matches diffusers' `get_timestep_embedding`.
+    NaN or infinite times are refused.
     """
     t = _as_1d_times(t)  # (B,)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim: expected an integer >= 2, got {dim!r}")
+    dim = _check_frequencies(dim, downscale_freq_shift, max_period)
+    scale = check_float("scale", scale)
     half = dim // 2
-    if half - downscale_freq_shift <= 0:
-        raise ValueError(
-            f"downscale_freq_shift: expected a value below dim // 2 = {half}, got {downscale_freq_shift!r}"
-        )
-    if max_period <= 1:
-        raise ValueError(f"max_period: expected a number > 1, got {max_period!r}")
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
     freqs = torch.exp(exponent / (half - downscale_freq_shift))  # (half,)
     args = scale * (t[:, None].float() * freqs[None, :])  # (B, half)
@@ -75,15 +82,14 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, flip_sin_to_cos: bool = True,
                  downscale_freq_shift: float = 0.0, max_period: float = 10000):
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("frequency_embedding_size", frequency_embedding_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ValueError(f"{name}: expected an integer >= 2, got {value!r}")
-        self.frequency_embedding_size = frequency_embedding_size
+        hidden_size = check_int("hidden_size", hidden_size, minimum=2)
+        self.frequency_embedding_size = _check_frequencies(frequency_embedding_size, downscale_freq_shift,
+                                                           max_period, "frequency_embedding_size")
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
         self.max_period = max_period
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.Linear(self.frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
@@ -98,11 +104,30 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, hidden)
 
 
+def _check_multiple(name: str, value, multiple: int, why: str = "") -> int:
+    """`value` as a positive integer multiple of `multiple` (an even width, two halves, ...)."""
+    value = check_int(name, value, minimum=1)
+    if value % multiple:
+        raise ValueError(f"{name}: expected a positive multiple of {multiple}{why}, got {value}")
+    return value
+
+
+def _grid_sides(grid_size) -> tuple[int, int]:
+    """An int side or an (h, w) pair -> two integers >= 1."""
+    if isinstance(grid_size, Sequence) and not isinstance(grid_size, str):
+        if len(grid_size) != 2:
+            raise ValueError(f"grid_size: expected an int or an (h, w) pair, got {grid_size!r}")
+        h, w = grid_size
+    else:
+        h = w = grid_size
+    return check_int("grid_size", h, minimum=1), check_int("grid_size", w, minimum=1)
+
+
 def sincos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """1D sin-cos embedding of positions `pos` (M,) -> (M, embed_dim): `[sin | cos]`, frequencies
     `10000 ** (-2i / embed_dim)` (Vaswani et al. 2017; MAE's `get_1d_sincos_pos_embed_from_grid`)."""
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 2 or embed_dim % 2:
-        raise ValueError(f"embed_dim: expected a positive even integer, got {embed_dim!r}")
+    embed_dim = _check_multiple("embed_dim", embed_dim, 2)
+    pos = check_finite("pos", torch.as_tensor(pos))
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)  # (D/2,)
     omega = 1.0 / 10000**omega  # (D/2,)
     out = torch.outer(pos.reshape(-1).double(), omega)  # (M, D/2)
@@ -118,22 +143,25 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int | Sequence[int], base_siz
     `index / (size / base_size) / interpolation_scale` (PixArt-alpha/Sigma; diffusers'
     `get_2d_sincos_pos_embed`, whose `base_size` defaults to 16).
     """
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 4 or embed_dim % 4:
-        raise ValueError(f"embed_dim: expected a positive multiple of 4 (two sin-cos halves), got {embed_dim!r}")
-    h, w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    if min(h, w) < 1:
-        raise ValueError(f"grid_size: expected sides >= 1, got {grid_size!r}")
-    if interpolation_scale <= 0:
-        raise ValueError(f"interpolation_scale: expected a positive number, got {interpolation_scale!r}")
-    if base_size is not None and base_size <= 0:
-        raise ValueError(f"base_size: expected a positive number or None, got {base_size!r}")
+    embed_dim = _check_multiple("embed_dim", embed_dim, 4, " (two sin-cos halves)")
+    h, w = _grid_sides(grid_size)
+    interpolation_scale = check_float("interpolation_scale", interpolation_scale, minimum=0, min_inclusive=False)
     rows = torch.arange(h, dtype=torch.float32)  # (h,)
     cols = torch.arange(w, dtype=torch.float32)  # (w,)
     if base_size is not None:
+        base_size = check_float("base_size", base_size, minimum=0, min_inclusive=False)
         rows = rows / (h / base_size) / interpolation_scale
         cols = cols / (w / base_size) / interpolation_scale
     rr, cc = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
     return torch.cat([sincos_embed_1d(embed_dim // 2, cc), sincos_embed_1d(embed_dim // 2, rr)], dim=1)  # (h*w, D)
+
+
+def _check_rope_inputs(x, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x (..., N, D) with even D, and cos, sin tables of shape (N, D)."""
+    check_tensor("x", x, floating=True)
+    if x.ndim < 2 or x.shape[-1] % 2 or x.shape[-2:] != cos.shape or cos.shape != sin.shape:
+        raise ValueError(f"x, cos, sin: expected x (..., N, D) with even D and cos, sin (N, D), got "
+                         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
 
 
 def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +171,8 @@ def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tup
     (interleaved pairs, as RoFormer, Flux and diffusers' `get_1d_rotary_pos_embed(use_real=True,
     repeat_interleave_real=True)`). Computed in float64, returned in float32.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
-        raise ValueError(f"dim: expected a positive even integer, got {dim!r}")
+    dim = _check_multiple("dim", dim, 2)
+    theta = check_float("theta", theta, minimum=0, min_inclusive=False)
     pos = _as_1d_times(pos, "pos")  # (N,)
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # (dim/2,)
     angles = torch.outer(pos.double(), inv_freq)  # (N, dim/2)
@@ -159,6 +187,7 @@ def rope_axial(ids: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.
     Axis a rotates its own `axes_dim[a]` coordinates by `ids[:, a]`; the tables are concatenated in
     axis order (Flux's `EmbedND` / diffusers' `FluxPosEmbed`).
     """
+    check_tensor("ids", ids)
     if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
         raise ValueError(f"ids: expected shape (N, {len(axes_dim)}) for axes_dim={tuple(axes_dim)}, "
                          f"got {tuple(ids.shape)}")
@@ -171,10 +200,8 @@ def rope_2d(h: int, w: int, dim: int, theta: float = 10000.0) -> tuple[torch.Ten
 
     The first `dim // 2` coordinates rotate with the row, the rest with the column.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4 or dim % 4:
-        raise ValueError(f"dim: expected a positive multiple of 4 (two axes of pairs), got {dim!r}")
-    if h < 1 or w < 1:
-        raise ValueError(f"h, w: expected grid sides >= 1, got h={h!r}, w={w!r}")
+    dim = _check_multiple("dim", dim, 4, " (two axes of pairs)")
+    h, w = check_int("h", h, minimum=1), check_int("w", w, minimum=1)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
     ids = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)  # (h*w, 2)
     return rope_axial(ids, (dim // 2, dim // 2), theta)
@@ -186,9 +213,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Interleaved pairs `(x[2i], x[2i+1])` are rotated by their angle; computed in float32 and
     returned in `x`'s dtype (diffusers' `apply_rotary_emb` with `use_real_unbind_dim=-1`).
     """
-    if x.shape[-1] % 2 or x.shape[-2:] != cos.shape or cos.shape != sin.shape:
-        raise ValueError(f"x, cos, sin: expected x (..., N, D) with even D and cos, sin (N, D), got "
-                         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    _check_rope_inputs(x, cos, sin)
     x_even, x_odd = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (..., N, D/2) each
     rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)  # (..., N, D)
     return (x.float() * cos.to(x.device) + rotated * sin.to(x.device)).to(x.dtype)  # (..., N, D)

@@ -16,6 +16,8 @@ import math
 import numpy as np
 import torch
 
+from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
+
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}  # diffusers' name for the cosine schedule
 DEFAULT_BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
@@ -23,10 +25,32 @@ COSINE_S = 0.008  # Nichol & Dhariwal's offset, keeps beta_0 from being vanishin
 MAX_BETA = 0.999  # cap of the cosine schedule near t = T
 
 
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _check_betas(betas, minimum_length: int = 1) -> torch.Tensor:
+    """A 1-D floating tensor of at least `minimum_length` finite betas in [0, 1]."""
+    check_tensor("betas", betas, ndim=1, floating=True, finite=True)
+    if len(betas) < minimum_length:
+        raise ValueError(f"betas: expected at least {minimum_length} values (T,), got {len(betas)}")
+    if len(betas) and bool(((betas < 0) | (betas > 1)).any()):
+        raise ValueError(f"betas: expected values in [0, 1], got values from {float(betas.min())} "
+                         f"to {float(betas.max())}")
+    return betas
+
+
+def _beta_range(name: str, beta_start, beta_end) -> tuple[float, float] | None:
+    """(beta_start, beta_end) of a linear-type schedule, defaults filled in, 0 < start <= end < 1;
+    None for the cosine schedule, which has no range (both must be None)."""
+    if name == "cosine":
+        if beta_start is not None or beta_end is not None:
+            raise ValueError(f"beta_start, beta_end: the cosine schedule has no beta range, got "
+                             f"beta_start={beta_start!r}, beta_end={beta_end!r}; expected None")
+        return None
+    b0, b1 = DEFAULT_BETA_RANGES[name]
+    b0 = b0 if beta_start is None else check_float("beta_start", beta_start)
+    b1 = b1 if beta_end is None else check_float("beta_end", beta_end)
+    if not 0 < b0 <= b1 < 1:
+        raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got "
+                         f"beta_start={b0!r}, beta_end={b1!r}")
+    return b0, b1
 
 
 def cosine_alpha_bar(u, s: float = COSINE_S):
@@ -40,27 +64,18 @@ def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | N
                beta_end: float | None = None) -> torch.Tensor:
     """The beta schedule `name` over `num_train_timesteps` steps -> float32 (T,).
 
-    `"linear"` (Ho et al. 2020; default 1e-4 -> 0.02), `"scaled_linear"` (Stable Diffusion: linear in
-    sqrt(beta); default 0.00085 -> 0.012) or `"cosine"` (Nichol & Dhariwal 2021, betas capped at
-    0.999; alias `"squaredcos_cap_v2"`). Matches diffusers' `DDPMScheduler.betas`.
+    `"linear"` (Ho et al. 2020; DiT, PixArt; default 1e-4 -> 0.02), `"scaled_linear"` (Stable
+    Diffusion: linear in sqrt(beta); default 0.00085 -> 0.012) or `"cosine"` (Nichol & Dhariwal 2021,
+    betas capped at 0.999; alias `"squaredcos_cap_v2"`). Matches diffusers' `DDPMScheduler.betas`.
     """
+    check_choice("name", name, SCHEDULES + tuple(SCHEDULE_ALIASES))
     key = SCHEDULE_ALIASES.get(name, name)
-    if key not in SCHEDULES:
-        valid = ", ".join(repr(n) for n in SCHEDULES + tuple(SCHEDULE_ALIASES))
-        raise ValueError(f"name: unknown schedule {name!r}; expected one of {valid}")
-    T = _check_count("num_train_timesteps", num_train_timesteps, 2)
-    if key == "cosine":
-        if beta_start is not None or beta_end is not None:
-            raise ValueError(f"beta_start, beta_end: the cosine schedule has no beta range, got "
-                             f"beta_start={beta_start!r}, beta_end={beta_end!r}; expected None")
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+    beta_range = _beta_range(key, beta_start, beta_end)
+    if beta_range is None:
         betas = [min(1 - cosine_alpha_bar((i + 1) / T) / cosine_alpha_bar(i / T), MAX_BETA) for i in range(T)]
         return torch.tensor(betas, dtype=torch.float32)  # (T,)
-    b0, b1 = DEFAULT_BETA_RANGES[key]
-    b0 = b0 if beta_start is None else beta_start
-    b1 = b1 if beta_end is None else beta_end
-    if not 0 < b0 <= b1 < 1:
-        raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got "
-                         f"beta_start={b0!r}, beta_end={b1!r}")
+    b0, b1 = beta_range
     if key == "linear":
         return torch.linspace(b0, b1, T, dtype=torch.float32)  # (T,)
     return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2  # (T,)
@@ -68,186 +83,20 @@ def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | N
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s) (Ho et al. 2020, eq. 4) -> (T,)."""
-    if betas.ndim != 1 or len(betas) < 1:
-        raise ValueError(f"betas: expected a 1-D tensor (T,), got shape {tuple(betas.shape)}")
+    _check_betas(betas)
     return torch.cumprod(1.0 - betas, dim=0)  # (T,)
-
-
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma = sqrt((1 - alpha_bar) / alpha_bar), the Karras et al. (2022) noise level of x_t / sqrt(alpha_bar)."""
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """alpha_bar = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod`."""
-    return 1 / (1 + sigmas**2)
-
-
-def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021)."""
-    return alphas_cumprod / (1 - alphas_cumprod)
-
-
-def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """log(alpha_bar) - log(1 - alpha_bar) = -2 log sigma."""
-    return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
 
 
 def check_timesteps(t, num_train_timesteps: int) -> torch.Tensor:
     """Validate integer timestep indices in [0, T); returns them as a long tensor (B,) or ()."""
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
     t = torch.as_tensor(t)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"t: expected integer timestep indices in [0, {num_train_timesteps}), got a "
+        raise ValueError(f"t: expected integer timestep indices in [0, {T}), got a "
                          f"{t.dtype} tensor (use t_to_sigma for fractional times)")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_train_timesteps):
-        raise ValueError(f"t: expected timesteps in [0, {num_train_timesteps}), got values from "
-                         f"{int(t.min())} to {int(t.max())}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+        raise ValueError(f"t: expected timesteps in [0, {T}), got values from {int(t.min())} to {int(t.max())}")
     return t.long()
-
-
-def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma at (possibly fractional) t in [0, T-1], interpolated linearly between integer steps."""
-    table = sigmas_from_alphas_cumprod(alphas_cumprod).double()  # (T,)
-    t = torch.as_tensor(t, dtype=torch.float64)
-    if t.numel() and (float(t.min()) < 0 or float(t.max()) > len(table) - 1):
-        raise ValueError(f"t: expected times in [0, {len(table) - 1}], got values from "
-                         f"{float(t.min())} to {float(t.max())}")
-    lo = t.floor().long().clamp(max=len(table) - 2)
-    w = t - lo
-    return ((1 - w) * table[lo] + w * table[lo + 1]).float()
-
-
-def sigma_to_t(sigma, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Fractional timestep of noise level `sigma`, interpolating in log sigma (k-diffusion's
-    `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`). Clamped to [0, T-1]."""
-    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).double().log()  # (T,)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    log_sigma = sigma.clamp(min=1e-10).log().reshape(-1)  # (N,)
-    dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, N)
-    low = (dists >= 0).long().cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)  # (N,)
-    lo_v, hi_v = log_sigmas[low], log_sigmas[low + 1]
-    w = ((lo_v - log_sigma) / (lo_v - hi_v)).clamp(0, 1)
-    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape).float()
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Rescale betas so that alpha_bar_{T-1} = 0 (zero terminal SNR), keeping alpha_bar_0
-    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
-    sqrt_ab = alphas_cumprod(betas).sqrt()  # (T,)
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # (T,)
-    ab = sqrt_ab**2
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # (T,): undo the cumulative product
-    return 1 - alphas
-
-
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-
-
-def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
-                     steps_offset: int = 0) -> torch.Tensor:
-    """The n sampling timesteps (descending, float32) for a spacing of Lin et al. (2024), Table 2:
-    `"linspace"`, `"leading"` (plus `steps_offset`) or `"trailing"`. As diffusers' Euler scheduler."""
-    n = _check_count("num_inference_steps", num_inference_steps)
-    T = _check_count("num_train_timesteps", num_train_timesteps, 2)
-    if n > T:
-        raise ValueError(f"num_inference_steps: expected at most num_train_timesteps={T}, got {n}")
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-    elif spacing == "leading":
-        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
-    else:
-        raise ValueError(f"spacing: unknown timestep spacing {spacing!r}; expected one of {TIMESTEP_SPACINGS}")
-    return torch.from_numpy(np.ascontiguousarray(ts))  # (n,)
-
-
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022), eq. 5: n noise levels from sigma_max down to sigma_min, evenly spaced
-    in sigma^(1/rho), then a final 0 -> float32 (n+1,)."""
-    n = _check_count("n", n)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got "
-                         f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
-    if rho <= 0:
-        raise ValueError(f"rho: expected a positive number, got {rho!r}")
-    ramp = np.linspace(0, 1, n)
-    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho  # (n,)
-    return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
-
-
-def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spacing: str = "linspace",
-                    karras: bool = False, steps_offset: int = 0, rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling noise levels of a discrete-time model -> (sigmas (n+1,) ending in 0, timesteps (n,)).
-
-    Timesteps follow `spacing`; their sigmas are interpolated from the training table. With
-    `karras=True` the sigmas are re-spaced by `karras_sigmas` between the end points and the
-    timesteps recomputed by `sigma_to_t`. A zero alpha_bar (zero terminal SNR) becomes 2^-24.
-    Matches diffusers' `EulerDiscreteScheduler.set_timesteps`.
-    """
-    ac = torch.where(alphas_cumprod > 0, alphas_cumprod, torch.full_like(alphas_cumprod, 2.0**-24))  # (T,)
-    ts = timestep_spacing(num_inference_steps, len(ac), spacing, steps_offset)  # (n,)
-    sigmas = t_to_sigma(ts, ac).numpy()  # (n,)
-    if karras:
-        sigmas = karras_sigmas(len(ts), float(sigmas[-1]), float(sigmas[0]), rho)[:-1].double().numpy()
-        ts = sigma_to_t(torch.from_numpy(sigmas), ac)  # (n,)
-    out = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
-    return out, ts.float()
-
-
-def shift_sigmas(t, shift: float) -> torch.Tensor:
-    """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift * t / (1 + (shift - 1) * t)."""
-    if shift <= 0:
-        raise ValueError(f"shift: expected a positive number, got {shift!r}")
-    t = torch.as_tensor(t)
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def time_shift_exponential(t, mu: float) -> torch.Tensor:
-    """Flux's resolution-dependent shift: t' = e^mu / (e^mu + (1/t - 1)) (shift = e^mu)."""
-    t = torch.as_tensor(t)
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
-
-
-def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
-                mu: float | None = None) -> torch.Tensor:
-    """Sampling times of a rectified-flow model (SD3 / Flux) -> float32 (n+1,), from 1 down to 0.
-
-    n times evenly spaced between 1 and the (shifted) smallest training time 1/T, then shifted by
-    `shift` (SD3) or, if `mu` is given, by Flux's exponential shift. Matches diffusers'
-    `FlowMatchEulerDiscreteScheduler.set_timesteps` (which shifts the lower end point twice).
-    """
-    n = _check_count("num_inference_steps", num_inference_steps)
-    T = _check_count("num_train_timesteps", num_train_timesteps, 2)
-    if mu is None:
-        t_min = float(shift_sigmas(torch.tensor(1.0 / T, dtype=torch.float32), shift))
-    else:
-        t_min = float(torch.tensor(1.0 / T, dtype=torch.float32))
-    ts = np.linspace(T * 1.0, t_min * T, n) / T  # (n,)
-    ts = shift_sigmas(torch.from_numpy(ts), shift) if mu is None else time_shift_exponential(torch.from_numpy(ts), mu)
-    return torch.cat([ts.float(), torch.zeros(1)])  # (n+1,)
-
-
-def flow_snr(t: torch.Tensor) -> torch.Tensor:
-    """SNR of x_t = (1 - t) x0 + t eps: ((1 - t) / t)^2."""
-    return ((1 - t) / t) ** 2
-
-
-def flow_to_karras_sigma(t: torch.Tensor) -> torch.Tensor:
-    """Karras noise level of a flow time: x_t / (1 - t) = x0 + t / (1 - t) eps, so sigma = t / (1 - t)."""
-    return t / (1 - t)
-
-
-def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """n training times t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, section 3.1) -> (n,)."""
-    n = _check_count("n", n)
-    if std <= 0:
-        raise ValueError(f"std: expected a positive number, got {std!r}")
-    device = generator.device if generator is not None else "cpu"
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))  # (n,)
 
 
 def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -273,10 +122,226 @@ def add_noise(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Te
 
     `x0` (B, ...), integer `t` (B,) or scalar in [0, T); returns `(x_t, noise)`.
     """
+    check_tensor("x0", x0, floating=True)
+    check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True)
     t = check_timesteps(t, len(alphas_cumprod))
     ab = _per_sample(alphas_cumprod.to(x0.device)[t.to(x0.device)], x0, "t").to(x0.dtype)  # (B, 1, ..., 1)
     noise = _draw_noise(x0, noise, generator)  # (B, ...)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, noise
+
+
+def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
+    """A 1-D floating table alpha_bar_t (T,), T >= 2, of finite values in [0, 1]."""
+    ac = check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
+    if len(ac) < 2:
+        raise ValueError(f"alphas_cumprod: expected at least 2 values (T,), got {len(ac)}")
+    if bool(((ac < 0) | (ac > 1)).any()):
+        raise ValueError(f"alphas_cumprod: expected values in [0, 1], got values from {float(ac.min())} "
+                         f"to {float(ac.max())}")
+    return ac
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar), the Karras et al. (2022) noise level of x_t / sqrt(alpha_bar)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod`."""
+    return 1 / (1 + sigmas**2)
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021)."""
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """log(alpha_bar) - log(1 - alpha_bar) = -2 log sigma."""
+    return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+
+
+def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma at (possibly fractional) t in [0, T-1], interpolated linearly between integer steps."""
+    table = sigmas_from_alphas_cumprod(_check_alphas_cumprod(alphas_cumprod)).double()  # (T,)
+    t = check_finite("t", torch.as_tensor(t, dtype=torch.float64))
+    if t.numel() and (float(t.min()) < 0 or float(t.max()) > len(table) - 1):
+        raise ValueError(f"t: expected times in [0, {len(table) - 1}], got values from "
+                         f"{float(t.min())} to {float(t.max())}")
+    lo = t.floor().long().clamp(max=len(table) - 2)
+    w = t - lo
+    return ((1 - w) * table[lo] + w * table[lo + 1]).float()
+
+
+def sigma_to_t(sigma, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep of noise level `sigma`, interpolating in log sigma (k-diffusion's
+    `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`). Clamped to [0, T-1]."""
+    log_sigmas = sigmas_from_alphas_cumprod(_check_alphas_cumprod(alphas_cumprod)).double().log()  # (T,)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    if sigma.numel() and bool((sigma.isnan() | (sigma < 0)).any()):
+        raise ValueError(f"sigma: expected noise levels >= 0, got {sigma.flatten()[:8].tolist()}")
+    log_sigma = sigma.clamp(min=1e-10).log().reshape(-1)  # (N,)
+    dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, N)
+    low = (dists >= 0).long().cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)  # (N,)
+    lo_v, hi_v = log_sigmas[low], log_sigmas[low + 1]
+    w = ((lo_v - log_sigma) / (lo_v - hi_v)).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape).float()
+
+
+def _check_rescalable(betas) -> torch.Tensor:
+    """Betas whose alpha_bar falls from t = 0 to t = T-1, so zero-terminal-SNR rescaling is defined."""
+    _check_betas(betas, minimum_length=2)
+    ab = alphas_cumprod(betas)  # (T,)
+    if not bool(ab[-1] < ab[0]):
+        raise ValueError(f"betas: expected a schedule that loses signal (alpha_bar_(T-1) < alpha_bar_0), got "
+                         f"alpha_bar_0 = {float(ab[0])} and alpha_bar_(T-1) = {float(ab[-1])}")
+    return betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas so that alpha_bar_{T-1} = 0 (zero terminal SNR), keeping alpha_bar_0
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
+    sqrt_ab = alphas_cumprod(_check_rescalable(betas)).sqrt()  # (T,)
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # (T,)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # (T,): undo the cumulative product
+    return 1 - alphas
+
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _check_steps_offset(steps_offset, n: int, T: int) -> int:
+    """A steps_offset >= 0 that keeps the first `leading` timestep, (n-1) * (T // n) + offset, below T."""
+    offset = check_int("steps_offset", steps_offset, minimum=0)
+    room = T - 1 - (n - 1) * (T // n)
+    if offset > room:
+        raise ValueError(f"steps_offset: expected at most {room} for {n} leading steps of num_train_timesteps={T} "
+                         f"(the first timestep would be {T - 1 - room + offset} >= {T}), got {offset}")
+    return offset
+
+
+def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
+                     steps_offset: int = 0) -> torch.Tensor:
+    """The n sampling timesteps (descending, float32) for a spacing of Lin et al. (2024), Table 2:
+    `"linspace"`, `"leading"` (plus `steps_offset`) or `"trailing"`. As diffusers' Euler scheduler."""
+    n = check_int("num_inference_steps", num_inference_steps, minimum=1)
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+    if n > T:
+        raise ValueError(f"num_inference_steps: expected at most num_train_timesteps={T}, got {n}")
+    check_choice("spacing", spacing, TIMESTEP_SPACINGS)
+    steps_offset = _check_steps_offset(steps_offset, n, T)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
+    else:
+        ts = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
+    return torch.from_numpy(np.ascontiguousarray(ts))  # (n,)
+
+
+def _check_sigma_range(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
+    """Finite 0 < sigma_min < sigma_max and a finite rho > 0."""
+    sigma_min = check_float("sigma_min", sigma_min, minimum=0, min_inclusive=False)
+    sigma_max = check_float("sigma_max", sigma_max)
+    if not sigma_min < sigma_max:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got "
+                         f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+    return sigma_min, sigma_max, check_float("rho", rho, minimum=0, min_inclusive=False)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: n noise levels from sigma_max down to sigma_min, evenly spaced
+    in sigma^(1/rho), then a final 0 -> float32 (n+1,)."""
+    n = check_int("n", n, minimum=1)
+    sigma_min, sigma_max, rho = _check_sigma_range(sigma_min, sigma_max, rho)
+    ramp = np.linspace(0, 1, n)
+    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho  # (n,)
+    return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spacing: str = "linspace",
+                    karras: bool = False, steps_offset: int = 0, rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling noise levels of a discrete-time model -> (sigmas (n+1,) ending in 0, timesteps (n,)).
+
+    Timesteps follow `spacing`; their sigmas are interpolated from the training table. With
+    `karras=True` the sigmas are re-spaced by `karras_sigmas` between the end points and the
+    timesteps recomputed by `sigma_to_t`. A zero alpha_bar (zero terminal SNR) becomes 2^-24.
+    Matches diffusers' `EulerDiscreteScheduler.set_timesteps`.
+    """
+    ac = _check_alphas_cumprod(alphas_cumprod)
+    ac = torch.where(ac > 0, ac, torch.full_like(ac, 2.0**-24))  # (T,)
+    ts = timestep_spacing(num_inference_steps, len(ac), spacing, steps_offset)  # (n,)
+    sigmas = t_to_sigma(ts, ac).numpy()  # (n,)
+    if karras:
+        sigmas = karras_sigmas(len(ts), float(sigmas[-1]), float(sigmas[0]), rho)[:-1].double().numpy()
+        ts = sigma_to_t(torch.from_numpy(sigmas), ac)  # (n,)
+    out = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
+    return out, ts.float()
+
+
+def shift_sigmas(t, shift: float) -> torch.Tensor:
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift * t / (1 + (shift - 1) * t)."""
+    shift = check_float("shift", shift, minimum=0, min_inclusive=False)
+    t = check_finite("t", torch.as_tensor(t))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_shift_exponential(t, mu: float) -> torch.Tensor:
+    """Flux's resolution-dependent shift: t' = e^mu / (e^mu + (1/t - 1)) (shift = e^mu)."""
+    mu = check_float("mu", mu)
+    t = torch.as_tensor(t)
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
+                mu: float | None = None) -> torch.Tensor:
+    """Sampling times of a rectified-flow model (SD3 / Flux) -> float32 (n+1,), from 1 down to 0.
+
+    n times evenly spaced between 1 and the (shifted) smallest training time 1/T, then shifted by
+    `shift` (SD3) or, if `mu` is given, by Flux's exponential shift. Matches diffusers'
+    `FlowMatchEulerDiscreteScheduler.set_timesteps` (which shifts the lower end point twice).
+    """
+    n = check_int("num_inference_steps", num_inference_steps, minimum=1)
+    T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+    shift = check_float("shift", shift, minimum=0, min_inclusive=False)
+    if mu is None:
+        t_min = float(shift_sigmas(torch.tensor(1.0 / T, dtype=torch.float32), shift))
+    else:
+        t_min = float(torch.tensor(1.0 / T, dtype=torch.float32))
+    ts = np.linspace(T * 1.0, t_min * T, n) / T  # (n,)
+    ts = shift_sigmas(torch.from_numpy(ts), shift) if mu is None else time_shift_exponential(torch.from_numpy(ts), mu)
+    return torch.cat([ts.float(), torch.zeros(1)])  # (n+1,)
+
+
+def flow_snr(t: torch.Tensor) -> torch.Tensor:
+    """SNR of x_t = (1 - t) x0 + t eps: ((1 - t) / t)^2."""
+    return ((1 - t) / t) ** 2
+
+
+def flow_to_karras_sigma(t: torch.Tensor) -> torch.Tensor:
+    """Karras noise level of a flow time: x_t / (1 - t) = x0 + t / (1 - t) eps, so sigma = t / (1 - t)."""
+    return t / (1 - t)
+
+
+def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """n training times t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, section 3.1) -> (n,)."""
+    n = check_int("n", n, minimum=1)
+    mean = check_float("mean", mean)
+    std = check_float("std", std, minimum=0, min_inclusive=False)
+    device = generator.device if generator is not None else "cpu"
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))  # (n,)
+
+
+def _check_flow_times(t, x0: torch.Tensor) -> torch.Tensor:
+    """Finite flow times in [0, 1], as a tensor in x0's dtype and device."""
+    t = check_finite("t", torch.as_tensor(t, dtype=x0.dtype, device=x0.device))
+    if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
+        raise ValueError(f"t: expected flow times in [0, 1], got values from {float(t.min())} to {float(t.max())}")
+    return t
 
 
 def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
@@ -285,10 +350,8 @@ def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
 
     `x0` (B, ...), `t` (B,) or scalar; returns `(x_t, noise)`. The velocity target is `noise - x0`.
     """
-    t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
-    if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
-        raise ValueError(f"t: expected flow times in [0, 1], got values from {float(t.min())} to {float(t.max())}")
-    tb = _per_sample(t, x0, "t")  # (B, 1, ..., 1)
+    check_tensor("x0", x0, floating=True)
+    tb = _per_sample(_check_flow_times(t, x0), x0, "t")  # (B, 1, ..., 1)
     noise = _draw_noise(x0, noise, generator)  # (B, ...)
     return (1 - tb) * x0 + tb * noise, noise
 
@@ -299,13 +362,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def min_snr_weights(snr_values: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon") -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) for a loss on the `prediction_type` target:
     min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v_prediction), or min(SNR, gamma) (sample)."""
-    if gamma <= 0:
-        raise ValueError(f"gamma: expected a positive number, got {gamma!r}")
+    gamma = check_float("gamma", gamma, minimum=0, min_inclusive=False)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     clipped = torch.clamp(snr_values, max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr_values
     if prediction_type == "v_prediction":
         return clipped / (snr_values + 1)
-    if prediction_type == "sample":
-        return clipped
-    raise ValueError(f"prediction_type: unknown {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return clipped
