@@ -117,7 +117,14 @@ from tinydit.validation import check_finite, check_float, check_int, check_tenso
 
 def _as_1d_times(t, name: str = "t") -> torch.Tensor:
     """A scalar or a 1-D sequence of finite times (or positions) as a 1-D tensor (B,)."""
-    t = torch.as_tensor(t)
+    if isinstance(t, (str, bytes)) or (not isinstance(t, torch.Tensor) and t is None):
+        raise TypeError(f"{name}: expected numbers (a scalar or a 1-D tensor), got {type(t).__name__}")
+    try:
+        t = torch.as_tensor(t)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name}: expected numbers (a scalar or a 1-D tensor), got {type(t).__name__} ({e})") from None
+    if t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected numbers, got a boolean tensor")
     if t.ndim == 0:
         t = t[None]
     if t.ndim != 1:

@@ -16,7 +16,14 @@ import math
 import numpy as np
 import torch
 
-from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
+from tinydit.validation import (
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    check_memory,
+    check_tensor,
+)
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}  # diffusers' name for the cosine schedule
@@ -71,6 +78,7 @@ def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | N
     check_choice("name", name, SCHEDULES + tuple(SCHEDULE_ALIASES))
     key = SCHEDULE_ALIASES.get(name, name)
     T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+    check_memory("num_train_timesteps", 8 * T)
     beta_range = _beta_range(key, beta_start, beta_end)
     if beta_range is None:
         betas = [min(1 - cosine_alpha_bar((i + 1) / T) / cosine_alpha_bar(i / T), MAX_BETA) for i in range(T)]
@@ -101,6 +109,7 @@ def check_timesteps(t, num_train_timesteps: int) -> torch.Tensor:
 
 def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     if noise is not None:
+        check_tensor("noise", noise, floating=True, finite=True)
         if noise.shape != x0.shape:
             raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
         return noise
@@ -122,7 +131,7 @@ def add_noise(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Te
 
     `x0` (B, ...), integer `t` (B,) or scalar in [0, T); returns `(x_t, noise)`.
     """
-    check_tensor("x0", x0, floating=True)
+    check_tensor("x0", x0, floating=True, finite=True)
     check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True)
     t = check_timesteps(t, len(alphas_cumprod))
     ab = _per_sample(alphas_cumprod.to(x0.device)[t.to(x0.device)], x0, "t").to(x0.dtype)  # (B, 1, ..., 1)
@@ -255,6 +264,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     """Karras et al. (2022), eq. 5: n noise levels from sigma_max down to sigma_min, evenly spaced
     in sigma^(1/rho), then a final 0 -> float32 (n+1,)."""
     n = check_int("n", n, minimum=1)
+    check_memory("n", 8 * n)
     sigma_min, sigma_max, rho = _check_sigma_range(sigma_min, sigma_max, rho)
     ramp = np.linspace(0, 1, n)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -282,17 +292,25 @@ def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spac
     return out, ts.float()
 
 
+def _unit_times(t) -> torch.Tensor:
+    """Finite flow times in [0, 1] as a tensor."""
+    t = check_finite("t", torch.as_tensor(t))
+    if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
+        raise ValueError(f"t: expected flow times in [0, 1], got values from {float(t.min())} to {float(t.max())}")
+    return t
+
+
 def shift_sigmas(t, shift: float) -> torch.Tensor:
     """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift * t / (1 + (shift - 1) * t)."""
     shift = check_float("shift", shift, minimum=0, min_inclusive=False)
-    t = check_finite("t", torch.as_tensor(t))
+    t = _unit_times(t)
     return shift * t / (1 + (shift - 1) * t)
 
 
 def time_shift_exponential(t, mu: float) -> torch.Tensor:
     """Flux's resolution-dependent shift: t' = e^mu / (e^mu + (1/t - 1)) (shift = e^mu)."""
     mu = check_float("mu", mu)
-    t = torch.as_tensor(t)
+    t = _unit_times(t)
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
@@ -350,7 +368,7 @@ def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
 
     `x0` (B, ...), `t` (B,) or scalar; returns `(x_t, noise)`. The velocity target is `noise - x0`.
     """
-    check_tensor("x0", x0, floating=True)
+    check_tensor("x0", x0, floating=True, finite=True)
     tb = _per_sample(_check_flow_times(t, x0), x0, "t")  # (B, 1, ..., 1)
     noise = _draw_noise(x0, noise, generator)  # (B, ...)
     return (1 - tb) * x0 + tb * noise, noise

@@ -1,0 +1,1113 @@
+"""Hostile input (issue 10): bad input never yields a silent wrong result.
+
+One line per case in `CASES`: `(id, callable, expected exception type(s), message regex)`.
+
+- An *error case* passes when the callable raises the expected type with a message matching the
+  regex (`re.search`). Where the package's convention applies (tinydit/validation.py) the regex is
+  anchored: the message starts with the argument's name, then what was expected and what was given.
+- A *behaviour case* has `None, None`: the callable checks the correct behaviour itself (eval mode
+  after loading, a mask meaning "attend", equal outputs, no temporary folder left) and raises
+  `AssertionError` when the result is wrong.
+
+No case asserts on a traceback. Models are tiny and random; nothing trains (the two training
+entry points are called with values that must be refused before the first step). The CLI is run
+in-process through `tinydit.cli.main` (stderr captured) plus two real `python -m tinydit` runs.
+`classify(case)` sorts one outcome into clear / raw / silent (used by a report script).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import gc
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinydit import attention, cli, data, dit, embeddings, schedules, text, textdit, vae
+from tinydit.checkpoint import WeightsMismatchError
+
+NAN, INF = float("nan"), float("inf")
+
+
+def expect(ok: bool, wrong: str) -> None:
+    """A behaviour check inside a one-line case."""
+    if not ok:
+        raise AssertionError(wrong)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core machine thread contention
+    makes a millisecond forward take seconds. Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared scratch: one temporary folder for the whole module, files and tiny models made lazily.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def work() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="tinydit_hostile_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _file(name: str, content: bytes) -> Path:
+    path = work() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@functools.cache
+def a_regular_file() -> Path:
+    """A plain file: a folder below it can never be created (unwritable even for root)."""
+    return _file("a_regular_file", b"not a folder")
+
+
+@functools.cache
+def valid_safetensors_bytes() -> bytes:
+    path = work() / "_valid.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    return path.read_bytes()
+
+
+@functools.cache
+def valid_pickle_bytes() -> bytes:
+    path = work() / "_valid.pt"
+    torch.save({"w": torch.randn(64, 64)}, path)
+    return path.read_bytes()
+
+
+def corrupt(kind: str, suffix: str) -> Path:
+    """An empty, truncated or garbage weights file (`.safetensors`, `.ckpt`, `.pt`)."""
+    whole = valid_safetensors_bytes() if suffix == ".safetensors" else valid_pickle_bytes()
+    content = {"empty": b"", "truncated": whole[: len(whole) // 2],
+               "garbage": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))}[kind]
+    return _file(f"corrupt/{kind}{suffix}", content)
+
+
+class _Refused:
+    """Pickles to a call of a function of a blocked module (os): a checkpoint that carries code.
+    `torch.load(weights_only=True)` refuses it; tinydit must say refused, not damaged."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@functools.cache
+def code_pickle() -> Path:
+    path = work() / "code.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Refused()}, path)
+    return path
+
+
+@functools.cache
+def namespace_pickle() -> Path:
+    """A training checkpoint that also pickled its argparse.Namespace (common; not code, not tensors)."""
+    import argparse
+
+    path = work() / "namespace.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-4)}, path)
+    return path
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Non-zero weights everywhere (adaLN-Zero and zero-init layers would hide wiring errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ---- VAE ------------------------------------------------------------------------------------
+
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                sample_size=8, force_upcast=False)
+
+
+@functools.cache
+def tiny_vae() -> vae.AutoencoderKL:
+    torch.manual_seed(0)
+    return vae.AutoencoderKL(vae.VAEConfig(**TINY_VAE)).eval()
+
+
+def image(b: int = 2, side: int = 8) -> torch.Tensor:
+    return torch.rand(b, 3, side, side, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def latent(b: int = 2, side: int = 4) -> torch.Tensor:
+    return torch.randn(b, 4, side, side, generator=torch.Generator().manual_seed(2))
+
+
+def with_value(x: torch.Tensor, value: float) -> torch.Tensor:
+    x = x.clone()
+    x.view(-1)[3] = value
+    return x
+
+
+def vae_folder(name: str, config=None, weights=None, weights_name="diffusion_pytorch_model.safetensors") -> Path:
+    """A diffusers-layout VAE folder; `config` (dict or raw text) and `weights` (state dict) override."""
+    folder = work() / "vae" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_vae().config.to_diffusers() if config is None else config
+    (folder / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    sd = {k: v.contiguous() for k, v in tiny_vae().state_dict().items()} if weights is None else weights
+    if weights_name:
+        save_file(sd, str(folder / weights_name))
+    return folder
+
+
+def vae_folder_raw_weights(name: str, content: bytes) -> Path:
+    folder = vae_folder(name, weights_name=None)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(content)
+    return folder
+
+
+def vae_weights(transform) -> dict[str, torch.Tensor]:
+    sd = {k: v.clone().contiguous() for k, v in tiny_vae().state_dict().items()}
+    key = "encoder.conv_in.weight"
+    sd[key] = transform(sd[key])
+    return sd
+
+
+def ldm_file(name: str, transform=lambda v: v) -> Path:
+    """The tiny VAE in the original LDM single-file layout (nested under first_stage_model.)."""
+    sd = vae.diffusers_to_ldm(tiny_vae().state_dict(), len(TINY_VAE["block_out_channels"]))
+    sd = {f"first_stage_model.{k}": v.clone().contiguous() for k, v in sd.items()}
+    sd["first_stage_model.encoder.conv_in.weight"] = transform(sd["first_stage_model.encoder.conv_in.weight"])
+    path = work() / "ldm" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def single_file(path) -> vae.AutoencoderKL:
+    return vae.AutoencoderKL.from_single_file(path, config=vae.VAEConfig(**TINY_VAE))
+
+
+def _vae_dtype_behaviour(dtype):
+    def check():
+        m, x = tiny_vae(), image()
+        ref = m.encode(x).mean
+        out = m.encode(x.to(dtype)).mean
+        assert out.dtype == torch.float32, f"encode({dtype}) returned {out.dtype}"
+        assert torch.allclose(out, ref, atol=1e-2), f"encode({dtype}) differs from float32"
+        z = m.decode(latent().to(dtype))
+        assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    return check
+
+
+def _vae_fp16_weights_load_as_float32():
+    m = vae.AutoencoderKL.from_pretrained(vae_folder("fp16", weights=vae_weights(lambda v: v.half())))
+    assert m.dtype == torch.float32 and torch.isfinite(m.decode(latent())).all()
+
+
+def _vae_loaders_return_eval_mode():
+    for m in (vae.AutoencoderKL.from_pretrained(vae_folder("ok")), single_file(ldm_file("ok.safetensors")),
+              vae.load_book_vae()):
+        assert not any(mod.training for mod in m.modules()), "a VAE loader returned a model in training mode"
+
+
+# ---- DiT ------------------------------------------------------------------------------------
+
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                num_classes=3, learn_sigma=False, frequency_embedding_size=32, class_dropout_prob=0.5)
+
+
+@functools.cache
+def tiny_dit() -> dit.DiT:
+    torch.manual_seed(0)
+    return randomize(dit.DiT(dit.DiTConfig(**TINY_DIT))).eval()
+
+
+def dit_call(x=None, t=None, y=None, model=None):
+    model = model or tiny_dit()
+    x = latent(2) if x is None else x
+    t = torch.tensor([10, 500]) if t is None else t
+    return model(x, t, y)
+
+
+@functools.cache
+def dit_original_file(name: str = "tiny.pt") -> Path:
+    """The tiny DiT as a facebookresearch checkpoint (state dict, torch.save)."""
+    path = work() / "dit" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_dit().state_dict(), path)
+    return path
+
+
+@functools.cache
+def dit_book_file() -> Path:
+    """A DiTConfig.preset('book') state dict: 6 heads, 192 wide, depth 6 (not a released preset)."""
+    path = work() / "dit" / "book.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(dit.DiT(dit.DiTConfig.preset("book")).state_dict(), path)
+    return path
+
+
+def dit_weights_file(name: str, transform) -> Path:
+    sd = {k: v.clone().contiguous() for k, v in tiny_dit().state_dict().items()}
+    sd["blocks.0.attn.qkv.weight"] = transform(sd["blocks.0.attn.qkv.weight"])
+    path = work() / "dit" / name
+    save_file(sd, str(path))
+    return path
+
+
+@functools.cache
+def dit_folder() -> Path:
+    folder = work() / "dit" / "saved"
+    tiny_dit().save_pretrained(folder)
+    return folder
+
+
+def dit_config_folder(name: str, config, weights: bytes | None = None) -> Path:
+    """A transformer folder with the tiny DiT's weights (or raw `weights` bytes) and the given
+    config.json (a dict, text or raw bytes)."""
+    folder = work() / "dit" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights is None:
+        shutil.copy(dit_folder() / "model.safetensors", folder / "model.safetensors")
+    else:
+        (folder / "model.safetensors").write_bytes(weights)
+    if isinstance(config, bytes):
+        (folder / "config.json").write_bytes(config)
+    else:
+        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder
+
+
+def tinydit_config(**changes) -> dict:
+    return {"_class": "DiT", **tiny_dit().config.to_dict(), **changes}
+
+
+def diffusers_dit_config(**changes) -> dict:
+    cfg = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2, "attention_head_dim": 16,
+           "in_channels": 4, "out_channels": 4, "num_layers": 2, "sample_size": 8, "patch_size": 2,
+           "num_embeds_ada_norm": 3, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False}
+    cfg.update(changes)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _assert_loaded_dit_behaves(model, ref, atol=1e-5):
+    assert not any(m.training for m in model.modules()), "loaded model is in training mode (label dropout on)"
+    x, t, y = latent(2), torch.tensor([10, 500]), torch.tensor([0, 2])
+    with torch.no_grad():
+        outs = [model(x, t, y) for _ in range(8)]
+        want = ref(x, t, y)
+    assert all(torch.equal(o, outs[0]) for o in outs), "the same call gave different outputs"
+    assert torch.allclose(outs[0], want, atol=atol), "loaded model differs from the saved one"
+
+
+def _dit_bf16_weights_load_as_float32():
+    path = work() / "dit" / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tiny_dit().state_dict().items()}, str(path))
+    model = dit.DiT.from_original(path, num_heads=2)
+    assert next(model.parameters()).dtype == torch.float32
+    _assert_loaded_dit_behaves(model, tiny_dit(), atol=5e-2)  # bf16 rounding of the weights
+
+
+def _dit_from_original_behaves():
+    _assert_loaded_dit_behaves(dit.DiT.from_original(dit_original_file(), num_heads=2), tiny_dit())
+
+
+def _dit_from_pretrained_behaves():
+    _assert_loaded_dit_behaves(dit.DiT.from_pretrained(dit_folder()), tiny_dit())
+
+
+def _load_transformer_behaves():
+    _assert_loaded_dit_behaves(textdit.load_transformer(dit_original_file(), num_heads=2), tiny_dit())
+    _assert_loaded_dit_behaves(textdit.load_transformer(dit_folder()), tiny_dit())
+
+
+def _dit_float64_input():
+    """float64 latents: either a clear error naming x, or the float32 result."""
+    x = latent(2)
+    try:
+        out = dit_call(x=x.double())
+    except (TypeError, ValueError) as e:
+        if not re.match(r"x: ", str(e)):
+            raise  # refused, but not by the convention: a raw error
+        return
+    assert torch.allclose(out.float(), dit_call(x=x), atol=1e-4), "float64 input gives another result"
+
+
+def _dit_numpy_int_config():
+    cfg = dit.DiTConfig(**{**TINY_DIT, "hidden_size": np.int64(32), "num_heads": np.int32(2)})
+    assert type(cfg.hidden_size) is int and type(cfg.num_heads) is int
+
+
+# ---- TextDiT --------------------------------------------------------------------------------
+
+TINY_TEXTDIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                    learn_sigma=False, frequency_embedding_size=32, context_dim=16, modulation="adaln_single",
+                    caption_tokens=0, pos_base_size=4, interpolation_scale=8 / 64)  # PixArt's table rule
+
+
+@functools.cache
+def tiny_textdit() -> textdit.TextDiT:
+    torch.manual_seed(0)
+    return randomize(textdit.TextDiT(textdit.TextDiTConfig(**TINY_TEXTDIT)), seed=3).eval()
+
+
+def ctx(b: int = 2, t: int = 4, d: int = 16) -> torch.Tensor:
+    return torch.randn(b, t, d, generator=torch.Generator().manual_seed(4))
+
+
+ADDITIVE = torch.tensor([[0.0, 0.0, -INF, -INF], [0.0, 0.0, 0.0, -INF]])  # 0 = attend, -inf = ignore
+KEEP = torch.tensor([[True, True, False, False], [True, True, True, False]])
+
+
+def textdit_call(context=None, context_mask=None, x=None, t=None, **kw):
+    x = latent(2) if x is None else x
+    t = torch.tensor([10, 500]) if t is None else t
+    context = ctx() if context is None else context
+    return tiny_textdit()(x, t, context=context, context_mask=context_mask, **kw)
+
+
+def _textdit_bool_mask_means_attend():
+    """True = real token: masked padding must not change the output (compare with it cut off)."""
+    x, t, c = latent(1), torch.tensor([300]), ctx(1)
+    with torch.no_grad():
+        masked = tiny_textdit()(x, t, context=c, context_mask=KEEP[:1])
+        cut = tiny_textdit()(x, t, context=c[:, :2])
+        other_padding = tiny_textdit()(x, t, context=torch.cat([c[:, :2], -c[:, 2:]], 1), context_mask=KEEP[:1])
+    assert torch.allclose(masked, cut, atol=1e-5), "a boolean mask does not mean True = attend"
+    assert torch.allclose(masked, other_padding, atol=1e-5), "the model reads masked padding tokens"
+
+
+def _textdit_int_mask_equals_bool():
+    with torch.no_grad():
+        a = textdit_call(context_mask=KEEP.long())
+        b = textdit_call(context_mask=KEEP)
+    assert torch.equal(a, b), "a 0/1 integer mask gives another result than the boolean mask"
+
+
+def _textdit_float64_input():
+    x = latent(2)
+    try:
+        out = textdit_call(x=x.double())
+    except (TypeError, ValueError) as e:
+        if not re.match(r"x: ", str(e)):
+            raise  # refused, but not by the convention: a raw error
+        return
+    assert torch.allclose(out.float(), textdit_call(x=x), atol=1e-4), "float64 input gives another result"
+
+
+@functools.cache
+def textdit_folder() -> Path:
+    folder = work() / "textdit" / "saved"
+    tiny_textdit().save_pretrained(folder)
+    return folder
+
+
+@functools.cache
+def pixart_original_file() -> Path:
+    """The tiny TextDiT's state dict (original PixArt names) as a single file: no head count in it."""
+    path = work() / "textdit" / "pixart.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tiny_textdit().state_dict().items()}, str(path))
+    return path
+
+
+def pixart_weights_file(name: str, transform) -> Path:
+    sd = {k: v.clone().contiguous() for k, v in tiny_textdit().state_dict().items()}
+    sd["blocks.0.attn.qkv.weight"] = transform(sd["blocks.0.attn.qkv.weight"])
+    path = work() / "textdit" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def _textdit_loaders_behave():
+    for model in (textdit.TextDiT.from_pretrained(textdit_folder()), textdit.load_transformer(textdit_folder()),
+                  textdit.TextDiT.from_original(pixart_original_file(), num_heads=2)):
+        assert not any(m.training for m in model.modules()), "a TextDiT loader returned training mode"
+        with torch.no_grad():
+            assert torch.allclose(model(latent(2), torch.tensor([10, 500]), context=ctx(), context_mask=KEEP),
+                                  textdit_call(context_mask=KEEP), atol=1e-5), "loaded TextDiT differs"
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+def qkv(b=2, heads=2, tq=3, tk=4, d=8):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(b, heads, tq, d, generator=g), torch.randn(b, heads, tk, d, generator=g),
+            torch.randn(b, heads, tk, d, generator=g))
+
+
+def _attention_3d_mask_is_per_batch():
+    """A (B, T_q, T_k) mask is one mask per sample shared by the heads, also when B == heads."""
+    for b, heads in ((2, 2), (3, 2), (2, 4)):
+        q, k, v = qkv(b=b, heads=heads)
+        g = torch.Generator().manual_seed(b * 10 + heads)
+        mask = torch.rand(b, 3, 4, generator=g) > 0.5
+        mask[..., 0] = True  # every query keeps one key
+        want = torch.stack([  # sample by sample, written out
+            (((q[i] @ k[i].transpose(-1, -2)) / math.sqrt(8)).masked_fill(~mask[i], -INF).softmax(-1) @ v[i])
+            for i in range(b)])
+        for backend in ("sdpa", "math"):
+            got = attention.attention(q, k, v, mask=mask, backend=backend)
+            assert torch.allclose(got, want, atol=1e-5), f"3-D mask not broadcast per sample (B={b}, heads={heads}, {backend})"
+
+
+def _attention_2d_mask_means_attend():
+    q, k, v = qkv()
+    got = attention.attention(q, k, v, mask=KEEP)
+    want = torch.stack([attention.attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n])[0]
+                        for i, n in enumerate((2, 3))])
+    assert torch.allclose(got, want, atol=1e-5), "a (B, T_k) boolean mask does not mean True = attend"
+
+
+# ---- text encoders --------------------------------------------------------------------------
+
+CAPTIONS = ["a big red circle to the left of a small blue square on a gray background",
+            "a tiny green triangle", "an image of a red square on the right"]
+T5_WORDS = "a an big small tiny red blue green circle square triangle left right of on the to gray".split()
+
+
+@functools.cache
+def book_tok():
+    return text.build_book_tokenizer(CAPTIONS)
+
+
+def tiny_clip_model(seed=0, intermediate=64, projection=True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = book_tok()
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16, projection_dim=24,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def tiny_t5(seed=0):
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in T5_WORDS]
+    model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                    relative_attention_num_buckets=8)).eval()
+    return model, T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+@functools.cache
+def clip_encoder() -> text.CLIPTextEncoder:
+    return text.CLIPTextEncoder(tiny_clip_model(), book_tok())
+
+
+def clip_folder(name: str, rename=None, model=None, weights_transform=None) -> Path:
+    """A saved tiny CLIP text model + tokenizer; `rename` maps checkpoint keys (keys that do not fit)."""
+    folder = work() / "clip" / name
+    (model or tiny_clip_model()).save_pretrained(folder)
+    book_tok().save_pretrained(folder)
+    if rename or weights_transform:
+        sd = load_file(str(folder / "model.safetensors"))
+        if rename:
+            sd = {rename(k): v for k, v in sd.items()}
+        if weights_transform:
+            sd = weights_transform(sd)
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def clip_folder_with_other_config() -> Path:
+    """The checkpoint of a CLIP with a 64-wide MLP under a config.json that says 48: shapes do not fit."""
+    folder = clip_folder("other_width")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def clip_folder_holding_t5() -> Path:
+    folder = work() / "clip" / "holds_t5"
+    model, tok = tiny_t5()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def t5_folder(name: str, rename=None) -> Path:
+    folder = work() / "t5" / name
+    model, tok = tiny_t5()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if rename:
+        sd = {rename(k): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def corrupt_clip_folder() -> Path:
+    folder = clip_folder("corrupt")
+    whole = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[: len(whole) // 3])
+    return folder
+
+
+def _clip_loads_strictly_and_in_eval_mode():
+    enc = text.CLIPTextEncoder.from_pretrained(clip_folder("ok"))
+    assert not any(m.training for m in enc.model.modules()), "CLIPTextEncoder.from_pretrained returned training mode"
+    ref = text.CLIPTextEncoder(tiny_clip_model(), book_tok())
+    assert torch.allclose(enc.encode(CAPTIONS[1:]).tokens, ref.encode(CAPTIONS[1:]).tokens, atol=1e-6), \
+        "loaded CLIP encodes differently from the saved one"
+
+
+def _text_embeddings_int_mask():
+    e = text.TextEmbeddings(torch.zeros(2, 4, 8), KEEP.long())
+    assert e.mask.dtype == torch.bool and torch.equal(e.mask, KEEP)
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """Point `tempfile` at an empty folder for the block, so that leftovers can be counted."""
+    folder = Path(tempfile.mkdtemp(dir=work()))
+    old = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = old
+
+
+def _dual_disk_offload_cleans_up_and_leaves_callers_t5_usable():
+    model, tok = tiny_t5()
+    mine = text.T5TextEncoder(model, tok, max_length=8)
+    before = mine.encode(["a red circle"]).tokens
+    with private_tempdir() as tmp:
+        dual = text.DualTextEncoder(clip_encoder(), mine, offload="disk", device="cpu")
+        dual.encode(["a red circle", "a blue square"])
+        assert torch.equal(mine.encode(["a red circle"]).tokens, before), "the caller's T5 changed while offloaded"
+        dual.close()
+        left = sorted(p.name for p in tmp.glob("tinydit_offload_*"))
+        assert not left, f"close() left temporary folders {left}"
+        assert text.where(mine) == "cpu", f"the caller's T5 is on {text.where(mine)} after close()"
+        assert torch.equal(mine.encode(["a red circle"]).tokens, before), "the caller's T5 changed after close()"
+        with text.DualTextEncoder(clip_encoder(), mine, offload="disk") as second:  # a second one around it
+            second.encode(["a green triangle"])
+        assert not list(tmp.glob("tinydit_offload_*")), "the with-block left a temporary folder"
+        assert torch.equal(mine.encode(["a red circle"]).tokens, before)
+        other = text.T5TextEncoder(tiny_t5(seed=1)[0], tok, max_length=8)
+        text.DualTextEncoder(clip_encoder(), other, offload="disk").encode(["a red circle"])  # never closed
+        del other
+        gc.collect()
+        assert not list(tmp.glob("tinydit_offload_*")), "an unclosed, collected DualTextEncoder left its folder"
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+class CliRefused(Exception):
+    """A command that exited with a non-zero status: str() is 'exit=N lines=L <stderr lines>'."""
+
+
+def _refused(code, stderr: str):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    raise CliRefused(f"exit={code} lines={len(lines)} " + " | ".join(lines))
+
+
+def cli_main(*argv: str):
+    """`tinydit.cli.main(argv)` in-process; a refusal raises CliRefused, success returns None.
+    Training is replaced by an assertion: a refused --out must be found before training starts."""
+    err, out = io.StringIO(), io.StringIO()
+    started = AssertionError("training started before the flags were checked")
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), \
+            mock.patch.object(vae, "train_book_vae", side_effect=started), \
+            mock.patch.object(text, "train_book_text_encoder", side_effect=started):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    if code not in (0, None):
+        _refused(code, err.getvalue())
+
+
+def cli_process(*argv: str):
+    """A real `python -m tinydit ...` run."""
+    proc = subprocess.run([sys.executable, "-m", "tinydit", *map(str, argv)], capture_output=True, text=True,
+                          timeout=120, cwd=work())
+    if proc.returncode != 0:
+        _refused(proc.returncode, proc.stderr)
+
+
+def one_line(flag: str) -> str:
+    """Exit status 2, one stderr line, which names `flag` after 'error:'."""
+    return rf"^exit=2 lines=1 .*error: .*{re.escape(flag)}"
+
+
+def unwritable(name: str) -> str:
+    return str(a_regular_file() / name)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def ds4():
+    return data.ShapesDataset(4)
+
+
+def imgs():
+    return image(2)
+
+
+def _numpy_ints_are_numbers():
+    ds = data.ShapesDataset(np.int64(5), size=np.int32(16), seed=np.uint8(3))
+    assert len(ds) == 5 and ds[np.int64(4)][0].shape == (3, 16, 16)
+    assert data.image_grid(imgs(), cols=np.int64(1), scale=np.int16(2)).size[0] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The table: (id, callable, expected exception type(s), message regex); None, None = behaviour.
+# --------------------------------------------------------------------------------------------
+
+VE, TE = ValueError, TypeError
+CASES = [
+    # ---- tinydit.data -----------------------------------------------------------------------
+    ("data.ShapesDataset.n_1e20", lambda: data.ShapesDataset(10**20), VE, r"^n: "),
+    ("data.ShapesDataset.n_zero", lambda: data.ShapesDataset(0), VE, r"^n: "),
+    ("data.ShapesDataset.n_negative", lambda: data.ShapesDataset(-5), VE, r"^n: "),
+    ("data.ShapesDataset.n_float", lambda: data.ShapesDataset(2.5), TE, r"^n: "),
+    ("data.ShapesDataset.n_str", lambda: data.ShapesDataset("10"), TE, r"^n: "),
+    ("data.ShapesDataset.n_bool", lambda: data.ShapesDataset(True), TE, r"^n: "),
+    ("data.ShapesDataset.size_huge", lambda: data.ShapesDataset(4, size=10**6), VE, r"^size\b.*memory"),
+    ("data.ShapesDataset.size_tiny", lambda: data.ShapesDataset(4, size=4), VE, r"^size: "),
+    ("data.ShapesDataset.size_float", lambda: data.ShapesDataset(4, size=32.0), TE, r"^size: "),
+    ("data.ShapesDataset.split_unknown", lambda: data.ShapesDataset(4, split="val"), VE, r"^split: "),
+    ("data.ShapesDataset.seed_negative", lambda: data.ShapesDataset(4, seed=-1), VE, r"^seed: "),
+    ("data.ShapesDataset.seed_float", lambda: data.ShapesDataset(4, seed=1.5), TE, r"^seed: "),
+    ("data.ShapesDataset.index_out_of_range", lambda: ds4()[10], IndexError, r"^index: "),
+    ("data.ShapesDataset.index_float", lambda: ds4()[1.0], TE, r"^index: "),
+    ("data.ShapesDataset.index_str", lambda: ds4()["0"], TE, r"^index: "),
+    ("data.numpy_integers_are_numbers", _numpy_ints_are_numbers, None, None),
+    ("data.image_grid.caption_none", lambda: data.image_grid(imgs(), captions=["a", None]), TE, r"^captions\[1\]: "),
+    ("data.image_grid.captions_count", lambda: data.image_grid(imgs(), captions=["a"]), VE, r"^captions: "),
+    ("data.image_grid.captions_str", lambda: data.image_grid(imgs(), captions="ab"), TE, r"^captions: "),
+    ("data.image_grid.cols_float", lambda: data.image_grid(imgs(), cols=2.5), TE, r"^cols: "),
+    ("data.image_grid.cols_zero", lambda: data.image_grid(imgs(), cols=0), VE, r"^cols: "),
+    ("data.image_grid.scale_huge", lambda: data.image_grid(imgs(), scale=10**5), VE, r"^(images|scale)\b.*memory"),
+    ("data.image_grid.path", lambda: data.image_grid("grid.png"), TE, r"^images: .*path"),
+    ("data.image_grid.path_list", lambda: data.image_grid(["a.png", "b.png"]), TE, r"^images\[0\]: "),
+    ("data.image_grid.numpy", lambda: data.image_grid(np.zeros((2, 8, 8, 3))), TE, r"^images: .*numpy"),
+    ("data.image_grid.empty_list", lambda: data.image_grid([]), VE, r"^images: "),
+    ("data.image_grid.one_channel", lambda: data.image_grid(torch.zeros(2, 1, 8, 8)), VE, r"^images: "),
+    ("data.image_grid.nan_pixels", lambda: data.image_grid(with_value(imgs(), NAN)), VE, r"^(images|x): .*(NaN|finite)"),
+    ("data.dataset_grid.n_zero", lambda: data.dataset_grid(ds4(), n=0), VE, r"^n: "),
+    ("data.dataset_grid.n_float", lambda: data.dataset_grid(ds4(), n=2.0), TE, r"^n: "),
+    ("data.dataset_grid.cols_none", lambda: data.dataset_grid(ds4(), cols=None), TE, r"^cols: "),
+    ("data.dataset_grid.not_a_dataset", lambda: data.dataset_grid("abc"), TE, r"^ds: "),
+    ("data.pil_to_tensor.path", lambda: data.pil_to_tensor("image.png"), TE, r"^img: "),
+    ("data.tensor_to_pil.batch", lambda: data.tensor_to_pil(imgs()), VE, r"^x: "),
+    ("data.find_emoji_font.missing", lambda: data.find_emoji_font("/no/such/font.ttf"), FileNotFoundError, r"font_path"),
+
+    # ---- tinydit.vae: inputs ----------------------------------------------------------------
+    ("vae.encode.uint8", lambda: tiny_vae().encode(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), TE, r"^x: .*dtype"),
+    ("vae.encode.float64_is_cast", _vae_dtype_behaviour(torch.float64), None, None),
+    ("vae.encode.float16_is_cast", _vae_dtype_behaviour(torch.float16), None, None),
+    ("vae.encode.batch_zero", lambda: tiny_vae().encode(torch.zeros(0, 3, 8, 8)), VE, r"^x: "),
+    ("vae.encode.nan_pixel", lambda: tiny_vae().encode(with_value(image(), NAN)), VE, r"^x: .*NaN"),
+    ("vae.encode.inf_pixel", lambda: tiny_vae().encode(with_value(image(), INF)), VE, r"^x: .*infinite"),
+    ("vae.encode.three_dims", lambda: tiny_vae().encode(torch.zeros(3, 8, 8)), VE, r"^x: "),
+    ("vae.encode.channels", lambda: tiny_vae().encode(torch.zeros(1, 4, 8, 8)), VE, r"^x: "),
+    ("vae.encode.odd_side", lambda: tiny_vae().encode(torch.zeros(1, 3, 9, 8)), VE, r"^x: .*divisible"),
+    ("vae.encode.0_255_range", lambda: tiny_vae().encode(torch.full((1, 3, 8, 8), 200.0)), VE, r"^x: .*0-255"),
+    ("vae.encode.numpy", lambda: tiny_vae().encode(np.zeros((1, 3, 8, 8), np.float32)), TE, r"^x: "),
+    ("vae.encode.list", lambda: tiny_vae().encode([[0.0]]), TE, r"^x: "),
+    ("vae.decode.nan", lambda: tiny_vae().decode(with_value(latent(), NAN)), VE, r"^z: .*NaN"),
+    ("vae.decode.channels", lambda: tiny_vae().decode(torch.zeros(1, 16, 4, 4)), VE, r"^z: "),
+    ("vae.decode.batch_zero", lambda: tiny_vae().decode(torch.zeros(0, 4, 4, 4)), VE, r"^z: "),
+    ("vae.decode.int", lambda: tiny_vae().decode(torch.zeros(1, 4, 4, 4, dtype=torch.int64)), TE, r"^z: "),
+    ("vae.to_latent.nan", lambda: tiny_vae().to_latent(with_value(image(), NAN)), VE, r"^x: .*NaN"),
+    ("vae.to_latent.batch_zero", lambda: tiny_vae().to_latent(torch.zeros(0, 3, 8, 8)), VE, r"^x: "),
+    ("vae.from_latent.inf", lambda: tiny_vae().from_latent(with_value(latent(), -INF)), VE, r"^z: .*infinite"),
+    ("vae.from_latent.nan", lambda: tiny_vae().from_latent(with_value(latent(), NAN)), VE, r"^z: .*NaN"),
+    # ---- tinydit.vae: config ----------------------------------------------------------------
+    ("vae.VAEConfig.groups_zero", lambda: vae.VAEConfig(norm_num_groups=0), VE, r"^norm_num_groups: "),
+    ("vae.VAEConfig.latent_float", lambda: vae.VAEConfig(latent_channels=2.5), TE, r"^latent_channels: "),
+    ("vae.VAEConfig.layers_str", lambda: vae.VAEConfig(layers_per_block="2"), TE, r"^layers_per_block: "),
+    ("vae.VAEConfig.widths_indivisible", lambda: vae.VAEConfig(block_out_channels=(8, 12), norm_num_groups=8), VE, r"^block_out_channels: "),
+    ("vae.VAEConfig.widths_int", lambda: vae.VAEConfig(block_out_channels=64), TE, r"^block_out_channels: "),
+    ("vae.VAEConfig.widths_empty", lambda: vae.VAEConfig(block_out_channels=()), VE, r"^block_out_channels: "),
+    ("vae.VAEConfig.scaling_nan", lambda: vae.VAEConfig(scaling_factor=NAN), VE, r"^scaling_factor: "),
+    ("vae.VAEConfig.scaling_zero", lambda: vae.VAEConfig(scaling_factor=0), VE, r"^scaling_factor: "),
+    ("vae.VAEConfig.shift_inf", lambda: vae.VAEConfig(shift_factor=INF), VE, r"^shift_factor: "),
+    ("vae.VAEConfig.preset_unknown", lambda: vae.VAEConfig.preset("sd5"), VE, r"^(name|preset): "),
+    # ---- tinydit.vae: loaders ---------------------------------------------------------------
+    ("vae.from_pretrained.missing", lambda: vae.AutoencoderKL.from_pretrained(work() / "nope"), FileNotFoundError, r"^path_or_id: "),
+    ("vae.from_pretrained.no_config", lambda: vae.AutoencoderKL.from_pretrained(Path(tempfile.mkdtemp(dir=work()))), FileNotFoundError, r"^path_or_id: .*config\.json"),
+    ("vae.from_pretrained.config_unparsable", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("bad_json", "{not json")), VE, r"^path_or_id: .*config\.json"),
+    ("vae.from_pretrained.config_list", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("list_json", "[1, 2]")), (VE, TE), r"^(path_or_id|config): .*(object|dict)"),
+    ("vae.from_pretrained.config_str_ints", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("str_ints", {**tiny_vae().config.to_diffusers(), "layers_per_block": "1"})), TE, r"^layers_per_block: "),
+    ("vae.from_pretrained.config_other_class", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("unet", {"_class_name": "UNet2DConditionModel"})), VE, r"^config: .*AutoencoderKL"),
+    ("vae.from_pretrained.weights_empty", lambda: vae.AutoencoderKL.from_pretrained(vae_folder_raw_weights("empty_w", b"")), VE, r"^path: .*corrupt"),
+    ("vae.from_pretrained.weights_truncated", lambda: vae.AutoencoderKL.from_pretrained(vae_folder_raw_weights("trunc_w", valid_safetensors_bytes()[:100])), VE, r"^path: .*corrupt"),
+    ("vae.from_pretrained.weights_int8", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("int8", weights=vae_weights(lambda v: v.to(torch.int8)))), VE, r"safetensors: expected floating-point weights"),
+    ("vae.from_pretrained.weights_int32", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("int32", weights=vae_weights(lambda v: v.to(torch.int32)))), VE, r"safetensors: expected floating-point weights"),
+    ("vae.from_pretrained.weights_nan", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("nan", weights=vae_weights(lambda v: torch.full_like(v, NAN)))), VE, r"NaN or infinite"),
+    ("vae.from_pretrained.weights_wrong_keys", lambda: vae.AutoencoderKL.from_pretrained(vae_folder("keys", weights={"x": torch.zeros(1)})), WeightsMismatchError, r"does not fit.*\n.*missing keys"),
+    ("vae.from_single_file.empty_safetensors", lambda: single_file(corrupt("empty", ".safetensors")), VE, r"^path: .*corrupt"),
+    ("vae.from_single_file.truncated_safetensors", lambda: single_file(corrupt("truncated", ".safetensors")), VE, r"^path: .*corrupt"),
+    ("vae.from_single_file.garbage_safetensors", lambda: single_file(corrupt("garbage", ".safetensors")), VE, r"^path: .*corrupt"),
+    ("vae.from_single_file.empty_ckpt", lambda: single_file(corrupt("empty", ".ckpt")), VE, r"^path: .*damaged"),
+    ("vae.from_single_file.truncated_ckpt", lambda: single_file(corrupt("truncated", ".ckpt")), VE, r"^path: .*damaged"),
+    ("vae.from_single_file.garbage_pt", lambda: single_file(corrupt("garbage", ".pt")), VE, r"^path: .*damaged"),
+    ("vae.from_single_file.code_pickle", lambda: single_file(code_pickle()), VE, r"^path: .*refused"),
+    ("vae.from_single_file.namespace_pickle", lambda: single_file(namespace_pickle()), VE, r"^path: .*refused"),
+    ("vae.from_single_file.txt_suffix", lambda: single_file(_file("weights.txt", b"hello")), VE, r"^path: .*safetensors"),
+    ("vae.from_single_file.missing", lambda: single_file(work() / "none.safetensors"), FileNotFoundError, r"^path: "),
+    ("vae.from_single_file.wrong_preset", lambda: vae.AutoencoderKL.from_single_file(ldm_file("ok.safetensors"), preset="sdxl"), WeightsMismatchError, r"preset='sdxl'"),
+    ("vae.from_single_file.unknown_preset", lambda: vae.AutoencoderKL.from_single_file(ldm_file("ok.safetensors"), preset="sd9"), VE, r"^preset: "),
+    ("vae.from_single_file.int8", lambda: single_file(ldm_file("int8.safetensors", lambda v: v.to(torch.int8))), VE, r"expected floating-point weights"),
+    ("vae.from_single_file.nan", lambda: single_file(ldm_file("nan.safetensors", lambda v: torch.full_like(v, NAN))), VE, r"NaN or infinite"),
+    ("vae.loaders_return_eval_mode", _vae_loaders_return_eval_mode, None, None),
+    ("vae.from_pretrained.fp16_weights_upcast", _vae_fp16_weights_load_as_float32, None, None),
+    ("vae.train_book_vae.lr_nan", lambda: vae.train_book_vae(steps=1, batch_size=2, lr=NAN, n_images=4, disable=True), VE, r"^lr: "),
+    ("vae.train_book_vae.steps_zero", lambda: vae.train_book_vae(steps=0, n_images=4, disable=True), VE, r"^steps: "),
+
+    # ---- tinydit.embeddings -----------------------------------------------------------------
+    ("embeddings.timestep_embedding.t_nan", lambda: embeddings.timestep_embedding(torch.tensor([1.0, NAN]), 8), VE, r"^t: "),
+    ("embeddings.timestep_embedding.t_inf", lambda: embeddings.timestep_embedding(INF, 8), VE, r"^t: "),
+    ("embeddings.timestep_embedding.t_2d", lambda: embeddings.timestep_embedding(torch.zeros(2, 2), 8), VE, r"^t: "),
+    ("embeddings.timestep_embedding.t_str", lambda: embeddings.timestep_embedding("5", 8), (TE, VE), r"^t: "),
+    ("embeddings.timestep_embedding.dim_zero", lambda: embeddings.timestep_embedding(torch.ones(2), 0), VE, r"^dim: "),
+    ("embeddings.timestep_embedding.dim_float", lambda: embeddings.timestep_embedding(torch.ones(2), 8.0), TE, r"^dim: "),
+    ("embeddings.timestep_embedding.max_period_nan", lambda: embeddings.timestep_embedding(torch.ones(2), 8, max_period=NAN), VE, r"^max_period: "),
+    ("embeddings.timestep_embedding.shift_too_big", lambda: embeddings.timestep_embedding(torch.ones(2), 8, downscale_freq_shift=4), VE, r"^downscale_freq_shift: "),
+    ("embeddings.timestep_embedding.scale_inf", lambda: embeddings.timestep_embedding(torch.ones(2), 8, scale=INF), VE, r"^scale: "),
+    ("embeddings.TimestepEmbedder.hidden_zero", lambda: embeddings.TimestepEmbedder(0), VE, r"^hidden_size: "),
+    ("embeddings.TimestepEmbedder.t_nan", lambda: embeddings.TimestepEmbedder(8, 16)(torch.tensor([NAN])), VE, r"^t: "),
+    ("embeddings.sincos_pos_embed_2d.dim_not_4k", lambda: embeddings.sincos_pos_embed_2d(6, 4), VE, r"^embed_dim: "),
+    ("embeddings.sincos_pos_embed_2d.grid_zero", lambda: embeddings.sincos_pos_embed_2d(8, 0), VE, r"^grid_size: "),
+    ("embeddings.sincos_pos_embed_2d.grid_triple", lambda: embeddings.sincos_pos_embed_2d(8, (2, 2, 2)), VE, r"^grid_size: "),
+    ("embeddings.sincos_pos_embed_2d.grid_float", lambda: embeddings.sincos_pos_embed_2d(8, 4.0), TE, r"^grid_size: "),
+    ("embeddings.sincos_pos_embed_2d.scale_nan", lambda: embeddings.sincos_pos_embed_2d(8, 4, interpolation_scale=NAN), VE, r"^interpolation_scale: "),
+    ("embeddings.sincos_pos_embed_2d.base_inf", lambda: embeddings.sincos_pos_embed_2d(8, 4, base_size=INF), VE, r"^base_size: "),
+    ("embeddings.sincos_embed_1d.pos_nan", lambda: embeddings.sincos_embed_1d(8, torch.tensor([0.0, NAN])), VE, r"^pos: "),
+    ("embeddings.rope_frequencies.pos_nan", lambda: embeddings.rope_frequencies(torch.tensor([0.0, NAN]), 8), VE, r"^pos: "),
+    ("embeddings.rope_frequencies.dim_odd", lambda: embeddings.rope_frequencies(torch.arange(4), 5), VE, r"^dim: "),
+    ("embeddings.rope_frequencies.theta_zero", lambda: embeddings.rope_frequencies(torch.arange(4), 8, theta=0), VE, r"^theta: "),
+    ("embeddings.rope_2d.h_zero", lambda: embeddings.rope_2d(0, 2, 8), VE, r"^h: "),
+    ("embeddings.rope_axial.ids_shape", lambda: embeddings.rope_axial(torch.zeros(4, 3), (4, 4)), VE, r"^ids: "),
+    ("embeddings.apply_rope.int_x", lambda: embeddings.apply_rope(torch.zeros(4, 8, dtype=torch.long), *embeddings.rope_frequencies(torch.arange(4), 8)), TE, r"^x: "),
+    ("embeddings.apply_rope.shapes", lambda: embeddings.apply_rope(torch.zeros(5, 8), *embeddings.rope_frequencies(torch.arange(4), 8)), VE, r"^x\b"),
+
+    # ---- tinydit.schedules ------------------------------------------------------------------
+    ("schedules.make_betas.name_unknown", lambda: schedules.make_betas("sigmoid"), VE, r"^name: "),
+    ("schedules.make_betas.T_one", lambda: schedules.make_betas("linear", 1), VE, r"^num_train_timesteps: "),
+    ("schedules.make_betas.T_float", lambda: schedules.make_betas("linear", 1000.0), TE, r"^num_train_timesteps: "),
+    ("schedules.make_betas.T_huge", lambda: schedules.make_betas("linear", 10**13), VE, r"^num_train_timesteps\b"),
+    ("schedules.make_betas.T_numpy", lambda: expect(schedules.make_betas("linear", np.int64(10)).shape == (10,), "numpy T refused"), None, None),
+    ("schedules.make_betas.start_nan", lambda: schedules.make_betas("linear", beta_start=NAN), VE, r"^beta_start: "),
+    ("schedules.make_betas.start_above_end", lambda: schedules.make_betas("linear", beta_start=0.1, beta_end=0.01), VE, r"^beta_start\b"),
+    ("schedules.make_betas.end_one", lambda: schedules.make_betas("scaled_linear", beta_end=1.0), VE, r"^beta_start, beta_end: "),
+    ("schedules.make_betas.cosine_with_range", lambda: schedules.make_betas("cosine", beta_start=0.1), VE, r"^beta_start\b"),
+    ("schedules.alphas_cumprod.betas_above_one", lambda: schedules.alphas_cumprod(torch.tensor([0.5, 1.5])), VE, r"^betas: "),
+    ("schedules.alphas_cumprod.betas_nan", lambda: schedules.alphas_cumprod(torch.tensor([0.5, NAN])), VE, r"^betas: "),
+    ("schedules.karras_sigmas.rho_nan", lambda: schedules.karras_sigmas(10, 0.1, 10.0, rho=NAN), VE, r"^rho: "),
+    ("schedules.karras_sigmas.rho_zero", lambda: schedules.karras_sigmas(10, 0.1, 10.0, rho=0), VE, r"^rho: "),
+    ("schedules.karras_sigmas.sigma_max_inf", lambda: schedules.karras_sigmas(10, 0.1, INF), VE, r"^sigma_max: "),
+    ("schedules.karras_sigmas.sigma_min_zero", lambda: schedules.karras_sigmas(10, 0.0, 10.0), VE, r"^sigma_min: "),
+    ("schedules.karras_sigmas.min_above_max", lambda: schedules.karras_sigmas(10, 10.0, 0.1), VE, r"^sigma_min, sigma_max: "),
+    ("schedules.karras_sigmas.n_zero", lambda: schedules.karras_sigmas(0, 0.1, 10.0), VE, r"^n: "),
+    ("schedules.karras_sigmas.n_float", lambda: schedules.karras_sigmas(10.0, 0.1, 10.0), TE, r"^n: "),
+    ("schedules.karras_sigmas.n_huge", lambda: schedules.karras_sigmas(10**13, 0.1, 10.0), VE, r"^n\b"),
+    ("schedules.karras_sigmas.numpy_numbers", lambda: expect(len(schedules.karras_sigmas(np.int64(5), np.float32(0.1), np.float64(10))) == 6, "wrong length"), None, None),
+    ("schedules.flow_sigmas.shift_nan", lambda: schedules.flow_sigmas(10, shift=NAN), VE, r"^shift: "),
+    ("schedules.flow_sigmas.shift_zero", lambda: schedules.flow_sigmas(10, shift=0), VE, r"^shift: "),
+    ("schedules.flow_sigmas.shift_negative", lambda: schedules.flow_sigmas(10, shift=-3.0), VE, r"^shift: "),
+    ("schedules.flow_sigmas.mu_nan", lambda: schedules.flow_sigmas(10, mu=NAN), VE, r"^mu: "),
+    ("schedules.flow_sigmas.steps_zero", lambda: schedules.flow_sigmas(0), VE, r"^num_inference_steps: "),
+    ("schedules.shift_sigmas.shift_inf", lambda: schedules.shift_sigmas(torch.tensor([0.5]), INF), VE, r"^shift: "),
+    ("schedules.shift_sigmas.t_nan", lambda: schedules.shift_sigmas(torch.tensor([NAN]), 3.0), VE, r"^t: "),
+    ("schedules.shift_sigmas.t_above_one", lambda: schedules.shift_sigmas(torch.tensor([1.5]), 3.0), VE, r"^t: "),
+    ("schedules.time_shift_exponential.t_nan", lambda: schedules.time_shift_exponential(torch.tensor([NAN]), 1.0), VE, r"^t: "),
+    ("schedules.time_shift_exponential.mu_inf", lambda: schedules.time_shift_exponential(torch.tensor([0.5]), INF), VE, r"^mu: "),
+    ("schedules.rescale_zero_terminal_snr.one_beta", lambda: schedules.rescale_zero_terminal_snr(torch.tensor([0.02])), VE, r"^betas: "),
+    ("schedules.rescale_zero_terminal_snr.nan", lambda: schedules.rescale_zero_terminal_snr(torch.tensor([0.01, NAN, 0.02])), VE, r"^betas: "),
+    ("schedules.rescale_zero_terminal_snr.zeros", lambda: schedules.rescale_zero_terminal_snr(torch.zeros(10)), VE, r"^betas: "),
+    ("schedules.rescale_zero_terminal_snr.list", lambda: schedules.rescale_zero_terminal_snr([0.01, 0.02]), TE, r"^betas: "),
+    ("schedules.rescale_zero_terminal_snr.int", lambda: schedules.rescale_zero_terminal_snr(torch.tensor([0, 1])), TE, r"^betas: "),
+    ("schedules.add_noise.t_equals_T", lambda: schedules.add_noise(image(), 1000, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^t: "),
+    ("schedules.add_noise.t_negative", lambda: schedules.add_noise(image(), torch.tensor([-1, 5]), schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^t: "),
+    ("schedules.add_noise.t_fractional", lambda: schedules.add_noise(image(), 0.5, schedules.alphas_cumprod(schedules.make_betas("linear"))), (VE, TE), r"^t: "),
+    ("schedules.add_noise.t_bool", lambda: schedules.add_noise(image(), True, schedules.alphas_cumprod(schedules.make_betas("linear"))), (VE, TE), r"^t: "),
+    ("schedules.add_noise.t_batch", lambda: schedules.add_noise(image(2), torch.tensor([1, 2, 3]), schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^t: "),
+    ("schedules.add_noise.x0_nan", lambda: schedules.add_noise(with_value(image(), NAN), 5, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^x0: "),
+    ("schedules.add_noise.x0_int", lambda: schedules.add_noise(torch.zeros(2, 3, dtype=torch.long), 5, schedules.alphas_cumprod(schedules.make_betas("linear"))), TE, r"^x0: "),
+    ("schedules.add_noise.noise_shape", lambda: schedules.add_noise(image(), 5, schedules.alphas_cumprod(schedules.make_betas("linear")), noise=torch.zeros(3)), VE, r"^noise: "),
+    ("schedules.add_noise.noise_nan", lambda: schedules.add_noise(image(), 5, schedules.alphas_cumprod(schedules.make_betas("linear")), noise=with_value(image(), NAN)), VE, r"^noise: "),
+    ("schedules.flow_add_noise.t_above_one", lambda: schedules.flow_add_noise(image(), 1.5), VE, r"^t: "),
+    ("schedules.flow_add_noise.t_nan", lambda: schedules.flow_add_noise(image(), NAN), VE, r"^t: "),
+    ("schedules.flow_add_noise.x0_nan", lambda: schedules.flow_add_noise(with_value(image(), NAN), 0.5), VE, r"^x0: "),
+    ("schedules.t_to_sigma.t_equals_T", lambda: schedules.t_to_sigma(1000, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^t: "),
+    ("schedules.t_to_sigma.t_nan", lambda: schedules.t_to_sigma(NAN, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^t: "),
+    ("schedules.sigma_to_t.sigma_nan", lambda: schedules.sigma_to_t(NAN, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^sigma: "),
+    ("schedules.sigma_to_t.sigma_negative", lambda: schedules.sigma_to_t(-1.0, schedules.alphas_cumprod(schedules.make_betas("linear"))), VE, r"^sigma: "),
+    ("schedules.timestep_spacing.offset_past_T", lambda: schedules.timestep_spacing(10, 1000, "leading", steps_offset=200), VE, r"^steps_offset: "),
+    ("schedules.timestep_spacing.offset_negative", lambda: schedules.timestep_spacing(10, 1000, "leading", steps_offset=-1), VE, r"^steps_offset: "),
+    ("schedules.timestep_spacing.offset_float", lambda: schedules.timestep_spacing(10, 1000, "leading", steps_offset=1.5), TE, r"^steps_offset: "),
+    ("schedules.timestep_spacing.steps_above_T", lambda: schedules.timestep_spacing(2000, 1000), VE, r"^num_inference_steps: "),
+    ("schedules.timestep_spacing.spacing_unknown", lambda: schedules.timestep_spacing(10, spacing="karras"), VE, r"^spacing: "),
+    ("schedules.discrete_sigmas.offset_past_T", lambda: schedules.discrete_sigmas(schedules.alphas_cumprod(schedules.make_betas("linear")), 10, "leading", steps_offset=500), VE, r"^steps_offset: "),
+    ("schedules.discrete_sigmas.rho_nan", lambda: schedules.discrete_sigmas(schedules.alphas_cumprod(schedules.make_betas("linear")), 10, karras=True, rho=NAN), VE, r"^rho: "),
+    ("schedules.logit_normal_timesteps.std_zero", lambda: schedules.logit_normal_timesteps(5, std=0), VE, r"^std: "),
+    ("schedules.min_snr_weights.gamma_nan", lambda: schedules.min_snr_weights(torch.ones(3), gamma=NAN), VE, r"^gamma: "),
+    ("schedules.min_snr_weights.prediction_type", lambda: schedules.min_snr_weights(torch.ones(3), prediction_type="x0"), VE, r"^prediction_type: "),
+
+    # ---- tinydit.attention ------------------------------------------------------------------
+    ("attention.additive_float_mask", lambda: attention.attention(*qkv(), mask=torch.zeros(2, 4).masked_fill(~KEEP, -INF)), (VE, TE), r"^mask: "),
+    ("attention.float_ones_mask", lambda: attention.attention(*qkv(), mask=torch.ones(2, 4)), (VE, TE), r"^mask: "),
+    ("attention.float_mask_math_backend", lambda: attention.attention(*qkv(), mask=torch.zeros(2, 3, 4), backend="math"), (VE, TE), r"^mask: "),
+    ("attention.3d_mask_per_batch", _attention_3d_mask_is_per_batch, None, None),
+    ("attention.2d_mask_means_attend", _attention_2d_mask_means_attend, None, None),
+    ("attention.mask_shape", lambda: attention.attention(*qkv(), mask=torch.ones(3, 4, dtype=torch.bool)), VE, r"^mask: "),
+    ("attention.mask_row_all_false", lambda: attention.attention(*qkv(), mask=torch.tensor([[True] * 4, [False] * 4])), VE, r"^mask: "),
+    ("attention.q_3d", lambda: attention.attention(torch.zeros(2, 3, 8), *qkv()[1:]), VE, r"^q: "),
+    ("attention.head_dim_mismatch", lambda: attention.attention(qkv(d=8)[0], *qkv(d=4)[1:]), VE, r"^q, k, v: "),
+    ("attention.dtype_mismatch", lambda: attention.attention(qkv()[0].double(), *qkv()[1:]), (VE, TE), r"^q, k, v\b|^q: "),
+    ("attention.backend_unknown", lambda: attention.attention(*qkv(), backend="cuda"), VE, r"^backend: "),
+    ("attention.flash_on_cpu", lambda: attention.attention(*qkv(), backend="flash"), VE, r"^backend: "),
+    ("attention.attention_weights.float_mask", lambda: attention.attention_weights(*qkv()[:2], mask=torch.zeros(2, 4)), (VE, TE), r"^mask: "),
+    ("attention.Attention.heads_zero", lambda: attention.Attention(32, 0), VE, r"^num_heads: "),
+    ("attention.Attention.heads_indivisible", lambda: attention.Attention(32, 3), VE, r"^num_heads: "),
+    ("attention.Attention.heads_float", lambda: attention.Attention(32, 2.0), TE, r"^num_heads: "),
+    ("attention.Attention.float_mask", lambda: attention.Attention(16, 2)(torch.zeros(2, 4, 16), mask=torch.zeros(2, 4)), (VE, TE), r"^mask: "),
+
+    # ---- tinydit.dit: config ----------------------------------------------------------------
+    ("dit.DiTConfig.heads_zero", lambda: dit.DiTConfig(**{**TINY_DIT, "num_heads": 0}), VE, r"^num_heads: "),
+    ("dit.DiTConfig.heads_indivisible", lambda: dit.DiTConfig(**{**TINY_DIT, "num_heads": 3}), VE, r"^num_heads: "),
+    ("dit.DiTConfig.mlp_ratio_negative", lambda: dit.DiTConfig(**{**TINY_DIT, "mlp_ratio": -1.0}), VE, r"^mlp_ratio: "),
+    ("dit.DiTConfig.mlp_ratio_nan", lambda: dit.DiTConfig(**{**TINY_DIT, "mlp_ratio": NAN}), VE, r"^mlp_ratio: "),
+    ("dit.DiTConfig.depth_str", lambda: dit.DiTConfig(**{**TINY_DIT, "depth": "2"}), TE, r"^depth: "),
+    ("dit.DiTConfig.hidden_float", lambda: dit.DiTConfig(**{**TINY_DIT, "hidden_size": 32.0}), TE, r"^hidden_size: "),
+    ("dit.DiTConfig.numpy_ints", _dit_numpy_int_config, None, None),
+    ("dit.DiTConfig.input_not_multiple", lambda: dit.DiTConfig(**{**TINY_DIT, "input_size": 9}), VE, r"^input_size: "),
+    ("dit.DiTConfig.classes_zero", lambda: dit.DiTConfig(**{**TINY_DIT, "num_classes": 0}), VE, r"^num_classes: "),
+    ("dit.DiTConfig.dropout_above_one", lambda: dit.DiTConfig(**{**TINY_DIT, "class_dropout_prob": 1.5}), VE, r"^class_dropout_prob: "),
+    ("dit.DiTConfig.backend_unknown", lambda: dit.DiTConfig(**{**TINY_DIT, "attn_backend": "xformers"}), VE, r"^attn_backend: "),
+    ("dit.DiTConfig.qk_norm_str", lambda: dit.DiTConfig(**{**TINY_DIT, "qk_norm": "false"}), TE, r"^qk_norm: "),
+    ("dit.DiTConfig.learn_sigma_str", lambda: dit.DiTConfig(**{**TINY_DIT, "learn_sigma": "False"}), TE, r"^learn_sigma: "),
+    ("dit.DiTConfig.preset_unknown", lambda: dit.DiTConfig.preset("DiT-XXL/2"), VE, r"^name: "),
+    ("dit.DiTConfig.preset_override_zero", lambda: dit.DiTConfig.preset("book", depth=0), VE, r"^depth: "),
+    ("dit.DiTConfig.preset_override_unknown", lambda: dit.DiTConfig.preset("book", heads=4), TE, r"heads"),
+    ("dit.DiT.config_str", lambda: dit.DiT("DiT-XL/2"), TE, r"^config: "),
+    # ---- tinydit.dit: forward ---------------------------------------------------------------
+    ("dit.forward.t_nan", lambda: dit_call(t=torch.tensor([NAN, 1.0])), VE, r"^t: "),
+    ("dit.forward.t_inf", lambda: dit_call(t=INF), VE, r"^t: "),
+    ("dit.forward.t_bool", lambda: dit_call(t=torch.tensor([True, False])), TE, r"^t: "),
+    ("dit.forward.t_str", lambda: dit_call(t="10"), (TE, VE), r"^t: "),
+    ("dit.forward.t_batch", lambda: dit_call(t=torch.tensor([1, 2, 3])), VE, r"^t: "),
+    ("dit.forward.x_nan", lambda: dit_call(x=with_value(latent(), NAN)), VE, r"^x: "),
+    ("dit.forward.y_bool", lambda: dit_call(y=torch.tensor([True, False])), (TE, VE), r"^y: "),
+    ("dit.forward.y_float", lambda: dit_call(y=torch.tensor([1.0, 2.0])), (TE, VE), r"^y: "),
+    ("dit.forward.y_too_big", lambda: dit_call(y=torch.tensor([0, 99])), VE, r"^y: "),
+    ("dit.forward.y_negative", lambda: dit_call(y=torch.tensor([-1, 0])), VE, r"^y: "),
+    ("dit.forward.batch_zero", lambda: dit_call(x=torch.zeros(0, 4, 8, 8), t=torch.zeros(0)), VE, r"^x: "),
+    ("dit.forward.float64", _dit_float64_input, None, None),
+    ("dit.forward.x_int", lambda: dit_call(x=torch.zeros(2, 4, 8, 8, dtype=torch.long)), TE, r"^x: "),
+    ("dit.forward.x_channels", lambda: dit_call(x=torch.zeros(2, 3, 8, 8)), VE, r"^x: "),
+    ("dit.forward.x_too_large", lambda: dit_call(x=torch.zeros(2, 4, 16, 16)), VE, r"^x: "),
+    ("dit.forward.x_odd", lambda: dit_call(x=torch.zeros(2, 4, 7, 8)), VE, r"^x: "),
+    # ---- tinydit.dit: loaders ---------------------------------------------------------------
+    ("dit.from_original.heads_not_stored_book", lambda: dit.DiT.from_original(dit_book_file()), VE, r"^num_heads: "),
+    ("dit.from_original.heads_not_stored_tiny", lambda: dit.DiT.from_original(dit_original_file()), VE, r"^num_heads: "),
+    ("dit.from_original.heads_indivisible", lambda: dit.DiT.from_original(dit_original_file(), num_heads=3), VE, r"^num_heads: "),
+    ("dit.from_original.heads_zero", lambda: dit.DiT.from_original(dit_original_file(), num_heads=0), VE, r"^num_heads: "),
+    ("dit.from_original.heads_float", lambda: dit.DiT.from_original(dit_original_file(), num_heads=2.0), TE, r"^num_heads: "),
+    ("dit.from_original.eval_and_equal", _dit_from_original_behaves, None, None),
+    ("dit.from_original.truncated_pt", lambda: dit.DiT.from_original(corrupt("truncated", ".pt"), num_heads=2), VE, r"^path: .*damaged"),
+    ("dit.from_original.empty_safetensors", lambda: dit.DiT.from_original(corrupt("empty", ".safetensors"), num_heads=2), VE, r"^path: .*corrupt"),
+    ("dit.from_original.code_pickle", lambda: dit.DiT.from_original(code_pickle(), num_heads=2), VE, r"^path: .*refused"),
+    ("dit.from_original.int8", lambda: dit.DiT.from_original(dit_weights_file("int8.safetensors", lambda v: v.to(torch.int8)), num_heads=2), VE, r"expected floating-point weights"),
+    ("dit.from_original.bf16_weights_upcast", _dit_bf16_weights_load_as_float32, None, None),
+    ("dit.from_original.nan", lambda: dit.DiT.from_original(dit_weights_file("nan.safetensors", lambda v: torch.full_like(v, NAN)), num_heads=2), VE, r"NaN or infinite"),
+    ("dit.from_original.not_a_dit", lambda: dit.DiT.from_original(ldm_file("ok.safetensors"), num_heads=2), VE, r"^(path|checkpoint): .*not a DiT"),
+    ("dit.from_pretrained.eval_and_equal", _dit_from_pretrained_behaves, None, None),
+    ("dit.from_pretrained.config_unparsable", lambda: dit.DiT.from_pretrained(dit_config_folder("bad_json", "{oops")), VE, r"^path_or_id: .*config\.json"),
+    ("dit.from_pretrained.config_list", lambda: dit.DiT.from_pretrained(dit_config_folder("list_json", "[1]")), (VE, TE), r"^path_or_id: .*config\.json"),
+    ("dit.from_pretrained.config_binary", lambda: dit.DiT.from_pretrained(dit_config_folder("bin_json", b"\xff\xfe{\x00")), VE, r"^path_or_id: .*config\.json"),
+    ("dit.from_pretrained.no_num_attention_heads", lambda: dit.DiT.from_pretrained(dit_config_folder("no_heads", diffusers_dit_config(num_attention_heads=None))), VE, r"^(config|path_or_id)\b.*num_attention_heads"),
+    ("dit.from_pretrained.diffusers_layers_float", lambda: dit.DiT.from_pretrained(dit_config_folder("layers_float", diffusers_dit_config(num_layers=2.5))), TE, r"^(depth|num_layers|config\.num_layers): "),
+    ("dit.from_pretrained.diffusers_heads_str", lambda: dit.DiT.from_pretrained(dit_config_folder("heads_str", diffusers_dit_config(num_attention_heads="2"))), TE, r"num_attention_heads: "),
+    ("dit.from_pretrained.tinydit_heads_zero", lambda: dit.DiT.from_pretrained(dit_config_folder("heads_zero", tinydit_config(num_heads=0))), VE, r"^num_heads: "),
+    ("dit.from_pretrained.tinydit_depth_str", lambda: dit.DiT.from_pretrained(dit_config_folder("depth_str", tinydit_config(depth="2"))), TE, r"^depth: "),
+    ("dit.from_pretrained.tinydit_unknown_field", lambda: dit.DiT.from_pretrained(dit_config_folder("unknown_field", tinydit_config(heads=2))), VE, r"^config: .*heads"),
+    ("dit.from_pretrained.vae_folder", lambda: dit.DiT.from_pretrained(vae_folder("ok")), VE, r"^path_or_id: "),
+    ("dit.from_pretrained.empty_folder", lambda: dit.DiT.from_pretrained(Path(tempfile.mkdtemp(dir=work()))), FileNotFoundError, r"^path_or_id: "),
+    ("dit.from_pretrained.weights_truncated", lambda: dit.DiT.from_pretrained(dit_config_folder("trunc_w", tinydit_config(), weights=valid_safetensors_bytes()[:100])), VE, r"^path: .*corrupt"),
+
+    # ---- tinydit.textdit ----------------------------------------------------------------------
+    ("textdit.forward.additive_float_mask", lambda: textdit_call(context_mask=ADDITIVE), (TE, VE), r"^context_mask: "),
+    ("textdit.forward.float_ones_mask", lambda: textdit_call(context_mask=KEEP.float()), (TE, VE), r"^context_mask: "),
+    ("textdit.forward.bool_mask_means_attend", _textdit_bool_mask_means_attend, None, None),
+    ("textdit.forward.int_mask_equals_bool", _textdit_int_mask_equals_bool, None, None),
+    ("textdit.forward.int_mask_values", lambda: textdit_call(context_mask=KEEP.long() * 2), VE, r"^context_mask: "),
+    ("textdit.forward.mask_shape", lambda: textdit_call(context_mask=KEEP[:, :3]), VE, r"^context_mask: "),
+    ("textdit.forward.mask_row_all_padding", lambda: textdit_call(context_mask=torch.tensor([[True] * 4, [False] * 4])), VE, r"^context_mask: "),
+    ("textdit.forward.mask_without_context", lambda: tiny_textdit()(latent(2), 5, context=None, context_mask=KEEP), VE, r"^context_mask: "),
+    ("textdit.forward.context_width", lambda: textdit_call(context=ctx(d=24)), VE, r"^context: .*width"),
+    ("textdit.forward.context_batch", lambda: textdit_call(context=ctx(b=3)), VE, r"^context: "),
+    ("textdit.forward.context_2d", lambda: textdit_call(context=torch.zeros(2, 16)), VE, r"^context: "),
+    ("textdit.forward.context_nan", lambda: textdit_call(context=with_value(ctx(), NAN)), VE, r"^context: "),
+    ("textdit.forward.context_none_no_null", lambda: tiny_textdit()(latent(2), 5), VE, r"^context: "),
+    ("textdit.forward.embeddings_float_mask", lambda: textdit_call(context=text.TextEmbeddings(ctx(), ADDITIVE)), (TE, VE), r"^mask: "),
+    ("textdit.forward.t_nan", lambda: textdit_call(t=torch.tensor([NAN, 1.0])), VE, r"^t: "),
+    ("textdit.forward.t_bool", lambda: textdit_call(t=torch.tensor([True, True])), TE, r"^t: "),
+    ("textdit.forward.x_nan", lambda: textdit_call(x=with_value(latent(), NAN)), VE, r"^x: "),
+    ("textdit.forward.batch_zero", lambda: tiny_textdit()(torch.zeros(0, 4, 8, 8), torch.zeros(0), context=torch.zeros(0, 4, 16)), VE, r"^x: "),
+    ("textdit.forward.float64", _textdit_float64_input, None, None),
+    ("textdit.forward.pooled_unexpected", lambda: textdit_call(pooled=torch.zeros(2, 8)), VE, r"^pooled: "),
+    ("textdit.forward.micro_unexpected", lambda: textdit_call(resolution=[[64.0, 64.0]]), VE, r"^resolution"),
+    ("textdit.TextDiTConfig.context_zero", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "context_dim": 0}), VE, r"^context_dim: "),
+    ("textdit.TextDiTConfig.context_float", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "context_dim": 16.0}), TE, r"^context_dim: "),
+    ("textdit.TextDiTConfig.modulation", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "modulation": "film"}), VE, r"^modulation: "),
+    ("textdit.TextDiTConfig.heads_zero", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "num_heads": 0}), VE, r"^num_heads: "),
+    ("textdit.TextDiTConfig.micro_width", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "micro_conditions": True}), VE, r"^micro_conditions: "),
+    ("textdit.TextDiTConfig.interp_nan", lambda: textdit.TextDiTConfig(**{**TINY_TEXTDIT, "interpolation_scale": NAN}), VE, r"^interpolation_scale: "),
+    ("textdit.TextDiT.dit_config", lambda: textdit.TextDiT(dit.DiTConfig(**TINY_DIT)), TE, r"^config: "),
+    ("textdit.loaders.eval_and_equal", _textdit_loaders_behave, None, None),
+    ("textdit.from_original.heads_not_stored", lambda: textdit.TextDiT.from_original(pixart_original_file()), VE, r"^num_heads: "),
+    ("textdit.from_original.nan", lambda: textdit.TextDiT.from_original(pixart_weights_file("nan.safetensors", lambda v: torch.full_like(v, NAN)), num_heads=2), VE, r"NaN or infinite"),
+    ("textdit.from_original.int32", lambda: textdit.TextDiT.from_original(pixart_weights_file("int32.safetensors", lambda v: v.to(torch.int32)), num_heads=2), VE, r"expected floating-point weights"),
+    ("textdit.from_original.dit_file", lambda: textdit.TextDiT.from_original(dit_original_file(), num_heads=2), VE, r"^path: "),
+    ("textdit.load_transformer.heads_not_stored", lambda: textdit.load_transformer(pixart_original_file()), VE, r"^num_heads: "),
+    ("textdit.load_transformer.dit_heads_not_stored", lambda: textdit.load_transformer(dit_original_file()), VE, r"^num_heads: "),
+    ("textdit.load_transformer.behaves", _load_transformer_behaves, None, None),
+    ("textdit.load_transformer.garbage_pt", lambda: textdit.load_transformer(corrupt("garbage", ".pt")), VE, r"^path: .*damaged"),
+    ("textdit.load_transformer.empty_ckpt", lambda: textdit.load_transformer(corrupt("empty", ".ckpt")), VE, r"^path: .*damaged"),
+    ("textdit.load_transformer.truncated_safetensors", lambda: textdit.load_transformer(corrupt("truncated", ".safetensors")), VE, r"^path: .*corrupt"),
+    ("textdit.load_transformer.code_pickle", lambda: textdit.load_transformer(code_pickle()), VE, r"^path: .*refused"),
+    ("textdit.load_transformer.txt_file", lambda: textdit.load_transformer(_file("junk.txt", b"junk")), VE, r"^path: "),
+    ("textdit.load_transformer.vae_file", lambda: textdit.load_transformer(ldm_file("ok.safetensors"), num_heads=2), VE, r"^(path|checkpoint): .*not a DiT"),
+    ("textdit.load_transformer.missing", lambda: textdit.load_transformer(work() / "no_such_model"), FileNotFoundError, r"^path_or_id: "),
+    ("textdit.load_transformer.config_junk", lambda: textdit.load_transformer(dit_config_folder("junk_json", "junk")), VE, r"^path_or_id: .*config\.json"),
+    ("textdit.load_transformer.config_unet", lambda: textdit.load_transformer(dit_config_folder("unet_json", {"_class_name": "UNet2DConditionModel"})), VE, r"^path_or_id: "),
+    ("textdit.load_transformer.file_with_subfolder", lambda: textdit.load_transformer(dit_original_file(), subfolder="transformer"), VE, r"^subfolder: "),
+    ("textdit.load_transformer.folder_with_heads", lambda: textdit.load_transformer(dit_folder(), num_heads=2), VE, r"^num_heads: "),
+
+    # ---- tinydit.text -----------------------------------------------------------------------
+    ("text.TextEmbeddings.additive_float_mask", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), ADDITIVE), TE, r"^mask: "),
+    ("text.TextEmbeddings.float_ones_mask", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), KEEP.float()), TE, r"^mask: "),
+    ("text.TextEmbeddings.int_mask_values", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), KEEP.long() * 2), VE, r"^mask: "),
+    ("text.TextEmbeddings.int_mask_is_converted", _text_embeddings_int_mask, None, None),
+    ("text.TextEmbeddings.mask_shape", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), KEEP[:, :3]), VE, r"^tokens, mask: "),
+    ("text.TextEmbeddings.tokens_list", lambda: text.TextEmbeddings([[0.0]], KEEP), TE, r"^tokens: "),
+    ("text.TextEmbeddings.pooled_batch", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), KEEP, torch.zeros(3, 8)), VE, r"^pooled: "),
+    ("text.CLIPTextEncoder.from_pretrained.eval_and_equal", _clip_loads_strictly_and_in_eval_mode, None, None),
+    ("text.CLIPTextEncoder.from_pretrained.keys_do_not_fit", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder("renamed", rename=lambda k: k.replace("text_model.", "txt_model."))), WeightsMismatchError, r"^CLIPTextEncoder: .*does not fit"),
+    ("text.CLIPTextEncoder.from_pretrained.plain_model_keys_do_not_fit", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder("plain_renamed", model=tiny_clip_model(projection=False), rename=lambda k: k.replace("embeddings.", "embedding."))), WeightsMismatchError, r"^CLIPTextEncoder: .*does not fit CLIPTextModel\b"),
+    ("text.CLIPTextEncoder.from_pretrained.keys_missing", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder("dropped", weights_transform=lambda sd: {k: v for k, v in sd.items() if "layers.0.mlp" not in k})), WeightsMismatchError, r"^CLIPTextEncoder: .*does not fit"),
+    ("text.CLIPTextEncoder.from_pretrained.shapes_do_not_fit", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder_with_other_config()), WeightsMismatchError, r"^CLIPTextEncoder: .*does not fit"),
+    ("text.CLIPTextEncoder.from_pretrained.t5_folder", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder_holding_t5()), (WeightsMismatchError, VE), r"^CLIPTextEncoder: "),
+    ("text.CLIPTextEncoder.from_pretrained.nan_weights", lambda: text.CLIPTextEncoder.from_pretrained(clip_folder("nan_w", weights_transform=lambda sd: {k: torch.full_like(v, NAN) if "embeddings" in k and v.is_floating_point() else v for k, v in sd.items()})), VE, r"^CLIPTextEncoder: .*NaN"),
+    ("text.CLIPTextEncoder.from_pretrained.truncated_weights", lambda: text.CLIPTextEncoder.from_pretrained(corrupt_clip_folder()), (VE, OSError), r"^(CLIPTextEncoder|path_or_id|path): .*(corrupt|damaged|truncated)"),
+    ("text.CLIPTextEncoder.from_pretrained.missing", lambda: text.CLIPTextEncoder.from_pretrained(work() / "no_clip_here"), OSError, r"^(CLIPTextEncoder: )?path_or_id: "),
+    ("text.CLIPTextEncoder.layer_unknown", lambda: text.CLIPTextEncoder(tiny_clip_model(), book_tok(), layer="middle"), VE, r"^layer: "),
+    ("text.CLIPTextEncoder.max_length_too_big", lambda: text.CLIPTextEncoder(tiny_clip_model(), book_tok(), max_length=1000), VE, r"^max_length: "),
+    ("text.CLIPTextEncoder.max_length_float", lambda: text.CLIPTextEncoder(tiny_clip_model(), book_tok(), max_length=8.0), TE, r"^max_length: "),
+    ("text.CLIPTextEncoder.pooled_unknown", lambda: text.CLIPTextEncoder(tiny_clip_model(), book_tok(), pooled="mean"), VE, r"^pooled: "),
+    ("text.encode.single_string", lambda: clip_encoder().encode("a red circle"), (VE, TE), r"^prompts: "),
+    ("text.encode.empty_list", lambda: clip_encoder().encode([]), VE, r"^prompts: "),
+    ("text.encode.none_prompt", lambda: clip_encoder().encode(["a", None]), (VE, TE), r"^prompts\[1\]: "),
+    ("text.T5TextEncoder.from_pretrained.keys_do_not_fit", lambda: text.T5TextEncoder.from_pretrained(t5_folder("renamed", rename=lambda k: k.replace("encoder.", "enc."))), WeightsMismatchError, r"^T5TextEncoder: .*does not fit"),
+    ("text.T5TextEncoder.max_length_zero", lambda: text.T5TextEncoder(*tiny_t5(), max_length=0), VE, r"^max_length: "),
+    ("text.DualTextEncoder.offload_unknown", lambda: text.DualTextEncoder(clip_encoder(), text.T5TextEncoder(*tiny_t5()), offload="gpu"), VE, r"^offload: "),
+    ("text.DualTextEncoder.width_too_small", lambda: text.DualTextEncoder(clip_encoder(), None, width=8, offload=None), VE, r"^width: "),
+    ("text.DualTextEncoder.width_float", lambda: text.DualTextEncoder(clip_encoder(), None, width=64.0, offload=None), TE, r"^width: "),
+    ("text.DualTextEncoder.cache_negative", lambda: text.DualTextEncoder(clip_encoder(), None, cache_size=-1, offload=None), VE, r"^cache_size: "),
+    ("text.DualTextEncoder.disk_offload_cleans_up", _dual_disk_offload_cleans_up_and_leaves_callers_t5_usable, None, None),
+    ("text.train_book_text_encoder.lr_nan", lambda: text.train_book_text_encoder(steps=1, batch_size=2, n_train=4, lr=NAN, disable=True), VE, r"^lr: "),
+    ("text.train_book_text_encoder.batch_above_n", lambda: text.train_book_text_encoder(steps=1, batch_size=8, n_train=4, disable=True), VE, r"^batch_size: "),
+
+    # ---- CLI ----------------------------------------------------------------------------------
+    ("cli.dataset.size_huge", lambda: cli_main("dataset", "--size", "100000", "--out", work() / "g.png"), CliRefused, one_line("--size")),
+    ("cli.dataset.scale_huge", lambda: cli_main("dataset", "--scale", "100000", "--out", work() / "g.png"), CliRefused, one_line("--scale")),
+    ("cli.dataset.n_huge", lambda: cli_main("dataset", "--n", "1000000000", "--out", work() / "g.png"), CliRefused, one_line("--n")),
+    ("cli.dataset.n_zero", lambda: cli_main("dataset", "--n", "0", "--out", work() / "g.png"), CliRefused, one_line("--n")),
+    ("cli.dataset.n_text", lambda: cli_main("dataset", "--n", "abc", "--out", work() / "g.png"), CliRefused, one_line("--n")),
+    ("cli.dataset.seed_overflow", lambda: cli_main("dataset", "--seed", str(2**70), "--out", work() / "g.png"), CliRefused, one_line("--seed")),
+    ("cli.dataset.seed_negative", lambda: cli_main("dataset", "--seed", "-1", "--out", work() / "g.png"), CliRefused, one_line("--seed")),
+    ("cli.dataset.grid_too_big", lambda: cli_main("dataset", "--n", "4096", "--size", "1024", "--out", work() / "g.png"), CliRefused, one_line("--size")),
+    ("cli.dataset.split_unknown", lambda: cli_main("dataset", "--split", "val", "--out", work() / "g.png"), CliRefused, one_line("--split")),
+    ("cli.dataset.dataset_unknown", lambda: cli_main("dataset", "--dataset", "mnist", "--out", work() / "g.png"), CliRefused, one_line("--dataset")),
+    ("cli.dataset.out_txt", lambda: cli_main("dataset", "--n", "2", "--out", work() / "grid.txt"), CliRefused, one_line("--out")),
+    ("cli.dataset.out_folder", lambda: cli_main("dataset", "--n", "2", "--out", work()), CliRefused, one_line("--out")),
+    ("cli.dataset.out_unwritable", lambda: cli_main("dataset", "--n", "2", "--out", unwritable("grid.png")), CliRefused, one_line("--out")),
+    ("cli.dataset.unknown_flag", lambda: cli_main("dataset", "--bogus"), CliRefused, one_line("--bogus")),
+    ("cli.unknown_command", lambda: cli_main("paint"), CliRefused, one_line("paint")),
+    ("cli.no_command", lambda: cli_main(), CliRefused, r"^exit=2 lines=1 .*error: "),
+    ("cli.train_vae.out_unwritable", lambda: cli_main("train-vae", "--steps", "1", "--out", unwritable("vae")), CliRefused, one_line("--out")),
+    ("cli.train_vae.steps_zero", lambda: cli_main("train-vae", "--steps", "0"), CliRefused, one_line("--steps")),
+    ("cli.train_vae.batch_huge", lambda: cli_main("train-vae", "--batch-size", "1000000"), CliRefused, one_line("--batch-size")),
+    ("cli.train_vae.seed_overflow", lambda: cli_main("train-vae", "--seed", str(2**64)), CliRefused, one_line("--seed")),
+    ("cli.train_text_encoder.out_unwritable", lambda: cli_main("train-text-encoder", "--steps", "1", "--out", unwritable("enc")), CliRefused, one_line("--out")),
+    ("cli.train_text_encoder.batch_zero", lambda: cli_main("train-text-encoder", "--batch-size", "0"), CliRefused, one_line("--batch-size")),
+    ("cli.train_text_encoder.steps_negative", lambda: cli_main("train-text-encoder", "--steps", "-3"), CliRefused, one_line("--steps")),
+    ("cli.process.dataset_size_huge", lambda: cli_process("dataset", "--size", "100000"), CliRefused, one_line("--size")),
+    ("cli.process.train_vae_out_unwritable", lambda: cli_process("train-vae", "--steps", "1", "--out", unwritable("vae")), CliRefused, one_line("--out")),
+]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def classify(case) -> tuple[str, str]:
+    """('clear' | 'raw' | 'silent', what happened) for one case.
+
+    clear: the expected error type with a message matching the pattern, or the correct behaviour;
+    raw: another exception (deep inside torch / safetensors / PIL, or a message that does not match);
+    silent: no error where one is due, or a behaviour check that found a wrong result.
+    """
+    _, call, exc, pattern = case
+    try:
+        call()
+    except AssertionError as e:
+        return "silent", f"wrong result: {str(e).splitlines()[0] if str(e) else 'AssertionError'}"
+    except Exception as e:  # noqa: BLE001 - sorting every outcome is the point
+        first = str(e).splitlines()[0] if str(e) else ""
+        what = f"{type(e).__name__}: {first}"
+        if exc is not None and isinstance(e, exc) and re.search(pattern, str(e)):
+            return "clear", what
+        return "raw", what
+    if exc is None:
+        return "clear", "behaves correctly"
+    return "silent", "no error"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(case):
+    _, call, exc, pattern = case
+    if exc is None:  # behaviour case: the callable asserts the correct result itself
+        call()
+        return
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_case_ids_are_unique():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
