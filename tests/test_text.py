@@ -1,11 +1,17 @@
 """tinydit.text: the encoder interface, CLIP / T5 loading, the dual encoder with offloading, the
 book encoder, and bad input. Real models are tiny random `transformers` models saved to tmp_path."""
 
+import gc
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -16,7 +22,6 @@ from transformers import (
 )
 
 from tinydit import text
-from tinydit.data import HELD_OUT
 
 WORDS = "a an big small tiny red blue green circle square triangle left right of on the to gray background".split()
 
@@ -43,13 +48,29 @@ def tiny_t5(seed=0):
     return model, T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def test_text_embeddings_checks_shapes():
-    e = text.TextEmbeddings(torch.zeros(2, 5, 8), torch.ones(2, 5, dtype=torch.long), torch.zeros(2, 3))
-    assert e.mask.dtype == torch.bool and len(e) == 2
+def test_text_embeddings_checks_shapes_and_mask_dtype():
+    e = text.TextEmbeddings(torch.zeros(2, 5, 8), torch.tensor([[1] * 5, [1] * 3 + [0] * 2]), torch.zeros(2, 3))
+    assert e.mask.dtype == torch.bool and len(e) == 2 and e.mask.sum().item() == 8  # 0/1 integers: converted
     with pytest.raises(ValueError, match="tokens, mask"):
-        text.TextEmbeddings(torch.zeros(2, 5, 8), torch.ones(2, 4))
+        text.TextEmbeddings(torch.zeros(2, 5, 8), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="pooled"):
-        text.TextEmbeddings(torch.zeros(2, 5, 8), torch.ones(2, 5), torch.zeros(3, 3))
+        text.TextEmbeddings(torch.zeros(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), torch.zeros(3, 3))
+    # a float mask is ambiguous (additive masks use 0 = keep, -inf = drop; .bool() would flip them)
+    additive = torch.zeros(2, 5).masked_fill(torch.tensor([[False] * 5, [False] * 3 + [True] * 2]), -torch.inf)
+    for float_mask in (additive, torch.ones(2, 5)):
+        with pytest.raises(TypeError, match=r"mask: expected a boolean mask .* got dtype torch.float32"):
+            text.TextEmbeddings(torch.zeros(2, 5, 8), float_mask)
+    with pytest.raises(ValueError, match=r"mask: expected 0/1 values"):
+        text.TextEmbeddings(torch.zeros(2, 5, 8), torch.full((2, 5), 2))
+
+
+def test_text_encoder_is_callable_like_a_module(book_tok):
+    enc = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
+    called, encoded = enc(["a red circle", "a blue square"]), enc.encode(["a red circle", "a blue square"])
+    assert isinstance(called, text.TextEmbeddings)
+    assert torch.equal(called.tokens, encoded.tokens) and torch.equal(called.pooled, encoded.pooled)
+    with pytest.raises(ValueError, match="single string"):
+        enc("a red circle")
 
 
 def test_clip_encoder_layers_pooling_and_mask(book_tok):
@@ -119,6 +140,50 @@ def test_clip_text_tower_loads_from_a_full_clip_model_folder(book_tok, tmp_path)
     assert e.pooled.shape == (1, 24) and torch.allclose(e.pooled, ref, atol=1e-5)
 
 
+def test_from_pretrained_refuses_checkpoints_whose_keys_do_not_fit(book_tok, tmp_path):
+    # transformers only logs a report and leaves the unmatched weights random: we must raise instead
+    tiny_clip(book_tok).save_pretrained(tmp_path / "clip")
+    book_tok.save_pretrained(tmp_path / "clip")
+    weights = tmp_path / "clip" / "model.safetensors"
+    sd = load_file(weights)
+    save_file({k.replace("text_model.", "txt."): v for k, v in sd.items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?s)CLIPTextEncoder: .*does not fit CLIPTextModelWithProjection.*"
+                                         r"missing keys.*text_model\.embeddings\.token_embedding\.weight.*"
+                                         r"unexpected keys.*txt\.embeddings\.token_embedding\.weight"):
+        text.CLIPTextEncoder.from_pretrained(tmp_path / "clip")
+
+    tiny_clip(book_tok).save_pretrained(tmp_path / "shape")  # same keys, another MLP width in the config
+    book_tok.save_pretrained(tmp_path / "shape")
+    cfg = json.loads((tmp_path / "shape" / "config.json").read_text())
+    (tmp_path / "shape" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"(?s)shape mismatches.*mlp\.fc1\.weight: checkpoint \(64, 32\) vs model \(48, 32\)"):
+        text.CLIPTextEncoder.from_pretrained(tmp_path / "shape")
+
+    t5, t5_tok = tiny_t5()
+    t5.save_pretrained(tmp_path / "t5")
+    t5_tok.save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"(?s)CLIPTextEncoder: .*missing keys.*unexpected keys.*encoder\.block\.0"):
+        text.CLIPTextEncoder.from_pretrained(tmp_path / "t5")  # the wrong subfolder of a pipeline
+    weights = tmp_path / "t5" / "model.safetensors"
+    sd = load_file(weights)
+    save_file({k.replace("encoder.block.1.", "encoder.blocks.1."): v for k, v in sd.items()}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?s)T5TextEncoder: .*does not fit T5EncoderModel.*missing keys.*"
+                                         r"encoder\.block\.1\.layer\.0\.SelfAttention\.q\.weight"):
+        text.T5TextEncoder.from_pretrained(tmp_path / "t5")
+
+
+def test_load_book_text_encoder_shows_no_progress_bar_and_restores_settings(capfd):
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    text.load_book_text_encoder()
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err
+    assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled() == bar
+
+
 def test_unreachable_hub_id_gives_one_line_error():
     for cls in (text.CLIPTextEncoder, text.T5TextEncoder):
         with pytest.raises(OSError) as info:
@@ -161,8 +226,12 @@ def test_dual_encoder_concatenates_and_pads_widths(book_tok):
     assert only.tokens.shape == (2, c.tokens.shape[1], 48)
     with pytest.raises(ValueError, match="width"):
         text.DualTextEncoder(clip, t5_enc, width=33)
-    with pytest.raises(ValueError, match="offload"):
+    with pytest.raises(ValueError, match="offload: expected one of None, 'cpu', 'disk', got 'gpu'"):
         text.DualTextEncoder(clip, t5_enc, offload="gpu")
+    with pytest.raises(ValueError, match="cache_size: expected an integer >= 0"):
+        text.DualTextEncoder(clip, t5_enc, cache_size=-1)
+    joined = text.join_embeddings([c, t], 40)  # the same join as a function
+    assert torch.equal(joined.tokens, e.tokens) and torch.equal(joined.mask, e.mask)
 
 
 @pytest.mark.parametrize("offload", ["disk", "cpu"])
@@ -197,6 +266,76 @@ def test_t5_offloading_places_weights_before_during_after(book_tok, tmp_path, of
     assert len(seen) == calls and dual.cache_hits == 1 and torch.equal(e2.tokens[0], e.tokens[1])
     assert [s for s, _ in dual.events] == ["released", "built", "brought in", "encoding", "released",
                                            "all prompts cached"]
+
+
+def test_disk_offload_cleans_up_and_keeps_the_callers_encoder_usable(book_tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts tinydit_offload_*
+    clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
+    t5, t5_tok = tiny_t5()
+    mine = text.T5TextEncoder(t5, t5_tok, max_length=10)
+    before = mine.encode(["a red circle"])
+    dual = text.DualTextEncoder(clip, mine, offload="disk", device="cpu")
+    assert [p.name[:16] for p in tmp_path.iterdir()] == ["tinydit_offload_"] and text.where(mine) == "meta"
+    for _ in range(2):  # my own reference still encodes (it brings itself in) and goes back out
+        assert torch.equal(mine.encode(["a red circle"]).tokens, before.tokens) and text.where(mine) == "meta"
+        dual.encode(["a red circle", "a blue square"])
+    dual.close()
+    assert not list(tmp_path.iterdir()) and text.where(mine) == "cpu" and mine.offloader is None
+    assert torch.equal(mine(["a red circle"]).tokens, before.tokens)
+    assert torch.allclose(dual.encode(["a red circle"]).tokens[:, -10:], before.tokens, atol=1e-6)  # cached in a batch
+    dual.close()  # twice is fine
+
+    with text.DualTextEncoder(clip, mine, offload="disk") as d:
+        d.encode(["a green triangle"])
+        assert len(list(tmp_path.iterdir())) == 1
+    assert not list(tmp_path.iterdir()) and text.where(mine) == "cpu"
+
+    other = text.T5TextEncoder(tiny_t5(seed=1)[0], t5_tok, max_length=10)
+    text.DualTextEncoder(clip, other, offload="disk")  # never closed: garbage collection removes the folder
+    assert len(list(tmp_path.iterdir())) == 1
+    del other
+    gc.collect()
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_offload_folder_is_removed_at_interpreter_exit(tmp_path):
+    script = """
+import tempfile
+from pathlib import Path
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from tinydit import text
+vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581red", -1.0), ("\u2581circle", -1.0)]
+t5 = T5EncoderModel(T5Config(vocab_size=5, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
+secondary = text.T5TextEncoder(t5, T5Tokenizer(vocab=vocab, extra_ids=0), max_length=4)
+dual = text.DualTextEncoder(text.load_book_text_encoder(), secondary, offload="disk")
+dual.encode(["red circle"])
+assert [p.name[:16] for p in Path(tempfile.gettempdir()).iterdir()] == ["tinydit_offload_"]
+print("ok")  # exits without close()
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    assert not list(tmp_path.glob("tinydit_offload_*"))
+
+
+def test_offload_refuses_a_secondary_already_offloaded(book_tok, tmp_path):
+    clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
+    t5, t5_tok = tiny_t5()
+    mine = text.T5TextEncoder(t5, t5_tok, max_length=8)
+    first = text.DualTextEncoder(clip, mine, offload="cpu")
+    with pytest.raises(ValueError, match="secondary: already offloaded by another DualTextEncoder; call its close"):
+        text.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path)
+    first.close()
+    text.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path).close()
+
+
+def test_disk_offload_overwrites_a_stale_weights_file(book_tok, tmp_path):
+    clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
+    (t5_a, tok), (t5_b, _) = tiny_t5(seed=0), tiny_t5(seed=1)
+    ref = text.T5TextEncoder(tiny_t5(seed=1)[0], tok, max_length=8).encode(["a red circle"])
+    text.DualTextEncoder(clip, text.T5TextEncoder(t5_a, tok, max_length=8), offload="disk", offload_dir=tmp_path)
+    dual = text.DualTextEncoder(clip, text.T5TextEncoder(t5_b, tok, max_length=8), offload="disk", offload_dir=tmp_path)
+    assert torch.equal(dual.encode(["a red circle"]).tokens[:, -8:], ref.tokens)  # not the other model's file
 
 
 def test_dual_cache_is_lru_and_bounded(book_tok):
@@ -244,11 +383,22 @@ def test_shipped_book_encoder_is_accurate_including_held_out_pairs():
     enc = text.load_book_text_encoder()
     assert enc.width == 96 and enc.pooled_width == 64
     size = sum(f.stat().st_size for f in text.BOOK_TEXT_ENCODER_DIR.iterdir())
-    assert size < 5 * 2**20
+    assert size < 5 * 2**20  # a packaging budget (measured 1.87 MB), not an accuracy threshold
     m = text.evaluate_book_encoders(enc, text.load_book_image_encoder(), n=300, seed=7)
-    assert m["heldout_queries"] > 20
-    assert m["retrieval_top1_exact"] > 0.2 and m["retrieval_top1_semantic"] > 0.85
-    assert m["attributes"]["color"] > 0.95 and m["attributes"]["shape"] > 0.9
-    assert m["heldout_retrieval_top1_semantic"] > 0.75
-    assert m["heldout_attributes"]["color"] > 0.8 and m["heldout_attributes"]["shape"] > 0.75
-    assert set(HELD_OUT)  # the held-out pairs are what heldout_* measures
+    assert m["heldout_queries"] == 64  # how many of these 300 test captions name a HELD_OUT pair
+    # Measured on CPU (float32) with these weights: value = hits / count. Margin: 2 of `count`
+    # (queries or images), either way, for near-tied similarities that may flip on another CPU or BLAS.
+    measured = {  # name: (hits, count)
+        "retrieval_top1_exact": (240, 300),
+        "retrieval_top1_semantic": (294, 300),
+        "heldout_retrieval_top1_exact": (54, 64),
+        "heldout_retrieval_top1_semantic": (62, 64),
+        "attributes.color": (189, 190),
+        "attributes.shape": (188, 190),
+        "heldout_attributes.color": (29, 29),
+        "heldout_attributes.shape": (27, 29),
+    }
+    for name, (hits, count) in measured.items():
+        group, _, key = name.rpartition(".")
+        value = m[group][key] if group else m[name]
+        assert value == pytest.approx(hits / count, abs=2 / count + 1e-9), (name, value, hits / count)

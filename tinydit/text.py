@@ -3,19 +3,22 @@
 
 """Text encoders for diffusion transformers, behind one interface.
 
-`encoder.encode(prompts) -> TextEmbeddings(tokens (B, T, D), mask (B, T), pooled (B, D_p) | None)`
-for CLIP's text tower (Radford et al. 2021), T5's encoder (Raffel et al. 2020), a dual encoder that
-combines them as SD3 does (Esser et al. 2024) with the secondary encoder offloaded, and the book's
-tiny CLIP text encoder trained contrastively on the shapes dataset.
+`encoder(prompts)` (or `encoder.encode(prompts)`) `-> TextEmbeddings(tokens (B, T, D), mask (B, T),
+pooled (B, D_p) | None)` for CLIP's text tower (Radford et al. 2021), T5's encoder (Raffel et al.
+2020), a dual encoder that combines them as SD3 does (Esser et al. 2024) with the secondary
+offloaded, and the book's tiny CLIP text encoder trained contrastively on the shapes dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,10 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinydit
-from tinydit.checkpoint import resolve_pretrained
+from tinydit.checkpoint import WeightsMismatchError, _listing, resolve_pretrained
+from tinydit.validation import check_bool_mask, check_choice, check_int
 
 BOOK_TEXT_ENCODER_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_text_encoder"
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
+
+
+def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = real token): 0/1 integer masks are converted, float masks refused."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
+        if not mask.is_meta and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"mask: expected 0/1 values (1 = real token), got {mask.unique()[:6].tolist()}")
+        mask = mask.bool()
+    return check_bool_mask("mask", mask)
 
 
 @dataclass
@@ -41,13 +54,13 @@ class TextEmbeddings:
     pooled: torch.Tensor | None = None  # (B, D_pooled) one vector per prompt (CLIP), or None (T5)
 
     def __post_init__(self):
-        if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2]:
+        self.mask = _as_bool_mask(self.mask)
+        if self.tokens.ndim != 3 or tuple(self.mask.shape) != tuple(self.tokens.shape[:2]):
             raise ValueError(f"tokens, mask: expected tokens (B, T, D) and mask (B, T), got "
                              f"{tuple(self.tokens.shape)} and {tuple(self.mask.shape)}")
         if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != self.tokens.shape[0]):
             raise ValueError(f"pooled: expected (B, D_pooled) with B={self.tokens.shape[0]}, got "
                              f"{tuple(self.pooled.shape)}")
-        self.mask = self.mask.bool()
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -88,15 +101,17 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max
 
 
 class TextEncoder(nn.Module):
-    """The interface: `encode(prompts: list[str]) -> TextEmbeddings`.
+    """The interface: `encoder(prompts)` or `encoder.encode(prompts)` -> `TextEmbeddings`.
 
     Subclasses set `width` (D of the tokens), `pooled_width` (or None) and `max_length`, and
-    implement `_encode(prompts)`. `encode` checks the prompts and runs without gradients.
+    implement `_encode(prompts)`. `encode` checks the prompts, brings offloaded weights in for the
+    call (`offloader`, see `Offloader`) and runs without gradients.
     """
 
     width: int
     pooled_width: int | None
     max_length: int
+    offloader: Offloader | None = None  # set by DualTextEncoder while it offloads this encoder
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +120,11 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         prompts = check_prompts(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), (self.offloader or contextlib.nullcontext()):
             return self._encode(prompts)
+
+    def forward(self, prompts: list[str]) -> TextEmbeddings:
+        return self.encode(prompts)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         raise NotImplementedError
@@ -133,6 +151,50 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
 
+@contextlib.contextmanager
+def _quiet_transformers(progress_bar: bool = True):
+    """Within the block only: no transformers load report (we check the loading info ourselves)
+    and, unless `progress_bar`, no "Loading weights" bar. The previous settings come back after."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar_was_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars_off, hide_bar = hub_utils.are_progress_bars_disabled(), bar_was_on and not progress_bar
+    hf_logging.set_verbosity_error()
+    if hide_bar:
+        hf_logging.disable_progress_bar()  # also turns the hub's bars off: restored below
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if hide_bar:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS is set
+                hf_logging.enable_progress_bar()
+            if hub_bars_off:
+                hub_utils.disable_progress_bars()
+
+
+def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
+    """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
+    (transformers would log a report and leave those weights random). Checkpoint keys starting with
+    one of `allow_unused` may go unused (e.g. the vision tower of a full CLIP model)."""
+    with _quiet_transformers():
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                **kwargs)
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(allow_unused))
+    shapes = sorted(f"{k[0]}: checkpoint {tuple(k[1])} vs model {tuple(k[2])}" if isinstance(k, tuple) else str(k)
+                    for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or shapes or info.get("error_msgs"):
+        raise WeightsMismatchError(
+            f"{what}: the checkpoint in {str(folder)!r} does not fit {model_cls.__name__} (those weights would "
+            "stay random); is it the right folder / subfolder?" + _listing("missing keys", missing)
+            + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes)
+            + _listing("errors", [str(m) for m in info.get("error_msgs", ())]))
+    return model
+
+
 class CLIPTextEncoder(TextEncoder):
     """CLIP text tower (Radford et al. 2021) behind the `TextEncoder` interface.
 
@@ -148,10 +210,8 @@ class CLIPTextEncoder(TextEncoder):
     def __init__(self, model, tokenizer, layer: str = "last", pooled: str = "auto",
                  max_length: int | None = None, padding: str = "max_length"):
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer: expected one of {self.LAYERS}, got {layer!r}")
-        if pooled not in self.POOLED:
-            raise ValueError(f"pooled: expected one of {self.POOLED}, got {pooled!r}")
+        check_choice("layer", layer, self.LAYERS)
+        check_choice("pooled", pooled, self.POOLED)
         has_projection = hasattr(model, "text_projection")
         if pooled == "auto":
             pooled = "projected" if has_projection else "eos"
@@ -176,13 +236,14 @@ class CLIPTextEncoder(TextEncoder):
                         device: str | torch.device = "cpu", **kwargs) -> CLIPTextEncoder:
         """Load a CLIP text tower and its tokenizer from a folder or hub id (e.g. the CLIP ViT-L/14
         text tower `openai/clip-vit-large-patch14`, or an SDXL pipeline with subfolder
-        `text_encoder_2`). The projection head is used when the checkpoint has one."""
+        `text_encoder_2`). The projection head is used when the checkpoint has one. A checkpoint
+        whose keys do not fit raises `WeightsMismatchError` naming them."""
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         folder = _local_folder(path_or_id, subfolder, "CLIPTextEncoder")
         tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "CLIPTextEncoder")
         config = json.loads((folder / "config.json").read_text())
-        kwargs_model = {"dtype": dtype or torch.float32}
+        kwargs_model, unused = {"dtype": dtype or torch.float32}, ()
         if config.get("model_type") == "clip":  # a full CLIPModel (text + vision): keep the text tower
             from transformers import CLIPConfig
 
@@ -190,11 +251,12 @@ class CLIPTextEncoder(TextEncoder):
             text_config = full.text_config
             text_config.projection_dim = full.projection_dim  # the projection size lives on the full config
             model_cls, kwargs_model["config"] = CLIPTextModelWithProjection, text_config
+            unused = ("vision_model.", "visual_projection.", "logit_scale")
         elif "CLIPTextModelWithProjection" in config.get("architectures", []):
             model_cls = CLIPTextModelWithProjection
         else:
             model_cls = CLIPTextModel
-        model = model_cls.from_pretrained(folder, **kwargs_model).to(device)
+        model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -218,8 +280,7 @@ class T5TextEncoder(TextEncoder):
 
     def __init__(self, model, tokenizer, max_length: int = 120, padding: str = "max_length"):
         super().__init__()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+        max_length = check_int("max_length", max_length, minimum=1)
         self.model, self.tokenizer, self.max_length, self.padding = model.eval(), tokenizer, max_length, padding
         self.width, self.pooled_width = model.config.d_model, None
 
@@ -228,12 +289,13 @@ class T5TextEncoder(TextEncoder):
                         tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", **kwargs) -> T5TextEncoder:
         """Load a `T5EncoderModel` and its tokenizer from a folder or hub id (e.g. a PixArt
-        pipeline with subfolder `text_encoder`, or `google/t5-v1_1-xxl`)."""
+        pipeline with subfolder `text_encoder`, or `google/t5-v1_1-xxl`; a full encoder-decoder
+        checkpoint's decoder is skipped). Keys that do not fit raise `WeightsMismatchError`."""
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = _local_folder(path_or_id, subfolder, "T5TextEncoder")
         tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "T5TextEncoder")
-        model = T5EncoderModel.from_pretrained(folder, dtype=dtype or torch.float32).to(device)
+        model = _load_checked(T5EncoderModel, folder, "T5TextEncoder", dtype=dtype or torch.float32).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -346,11 +408,8 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
 
     from tinydit.data import ShapesDataset
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("n_train", n_train)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if batch_size > n_train:
-        raise ValueError(f"batch_size: expected at most n_train={n_train}, got {batch_size}")
+    steps, n_train = check_int("steps", steps, minimum=1), check_int("n_train", n_train, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1, maximum=n_train)
     c = config or BookTextConfig()
     t0 = time.perf_counter()
     ds = ShapesDataset(n_train, size=c.image_size, seed=seed, split="train")
@@ -417,7 +476,8 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         raise FileNotFoundError(f"path: no book text encoder in {str(folder)!r} (expected config.json, "
                                 "model.safetensors and tokenizer files); train one with "
                                 "tinydit.text.train_book_text_encoder(out_dir=...)")
-    return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest")
+    with _quiet_transformers(progress_bar=False):  # a 1.4 MB model: no "Loading weights" bar
+        return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest")
 
 
 def load_book_image_encoder(path: str | Path | None = None) -> ImageEncoder:
@@ -524,46 +584,154 @@ def _swap_tensors(module: nn.Module, make) -> None:
             torch.utils.swap_tensors(b, make(name, b))
 
 
-class DualTextEncoder(TextEncoder):
-    """A primary encoder (CLIP: tokens + pooled) and an optional secondary (T5: tokens), SD3-style
-    (Esser et al. 2024): tokens zero-padded to a common width and concatenated along the sequence,
-    masks concatenated, pooled from the primary.
+class Offloader:
+    """Keeps `module`'s weights off the compute `device` between calls: `with offloader:` brings them
+    in and sends them back out after, even when the call fails. Tied weights stay tied.
 
-    `offload`: where the secondary waits between encodes: None (stays on `device`), "cpu" (CPU
-    memory) or "disk" (weights in a safetensors file under `offload_dir`, parameters on `meta`).
-    `cache_size`: how many prompts' secondary outputs to remember (0 = no cache).
-    `events` records, step by step, where the secondary's weights were.
+    `mode`: "cpu" (they wait in CPU memory) or "disk" (written to `folder/{name}.safetensors` on the
+    first release; the parameters become storage-less `meta` tensors). Without `folder`, a temporary
+    `tinydit_offload_*` folder is made and deleted by `close()`, when the offloader is garbage
+    collected, or at interpreter exit. `close()` puts the weights back where they were, for good.
+    """
+
+    MODES = ("cpu", "disk")
+
+    def __init__(self, module: nn.Module, mode: str = "cpu", device: str | torch.device | None = None,
+                 folder: str | Path | None = None, name: str = "weights", events: list | None = None):
+        self.module, self.mode = module, check_choice("mode", mode, self.MODES)
+        self.home = next(module.parameters(), torch.empty(0)).device  # where close() puts the weights
+        self.device = torch.device(device) if device is not None else self.home
+        self.events = [] if events is None else events  # (step, where the weights are) after each move
+        self.closed, self._written, self._remove_folder = False, False, None
+        if mode == "disk" and folder is None:
+            folder = tempfile.mkdtemp(prefix="tinydit_offload_")
+            self._remove_folder = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        self.file = Path(folder) / f"{name}.safetensors" if mode == "disk" else None
+        self.release()
+
+    def __enter__(self) -> nn.Module:
+        self.bring_in()
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def bring_in(self, device: str | torch.device | None = None) -> None:
+        if self.closed:
+            return
+        device = self.device if device is None else torch.device(device)
+        if self.mode == "disk":
+            from safetensors.torch import load_file
+
+            weights = load_file(str(self.file), device=str(device))
+            _swap_tensors(self.module, lambda name, t: weights[name])
+        else:
+            _swap_tensors(self.module, lambda name, t: t.detach().to(device))
+        self.events.append(("brought in", where(self.module)))
+
+    def release(self) -> None:
+        if self.closed:
+            return
+        if self.mode == "disk":
+            if not self._written:  # once per offloader, overwriting an older file of that name
+                from safetensors.torch import save_file
+
+                self.file.parent.mkdir(parents=True, exist_ok=True)
+                state = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self.file))
+                self._written = True
+            _swap_tensors(self.module, lambda name, t: torch.empty_like(t, device="meta"))
+        else:
+            _swap_tensors(self.module, lambda name, t: t.detach().to("cpu"))
+        self.events.append(("released", where(self.module)))
+
+    def close(self) -> None:
+        """Bring the weights home for good and delete the temporary folder; safe to call twice."""
+        if not self.closed:
+            self.bring_in(self.home)
+            self.closed = True
+        if self._remove_folder is not None:
+            self._remove_folder()
+
+
+def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> TextEmbeddings:
+    """SD3's joint sequence: each part's tokens zero-padded on the right to `width` and concatenated
+    along the sequence, masks concatenated, pooled from the first part."""
+    dtype = parts[0].tokens.dtype
+    tokens = [F.pad(p.tokens.to(device, dtype), (0, width - p.tokens.shape[-1])) for p in parts]  # (B, Ti, width)
+    mask = torch.cat([p.mask.to(device) for p in parts], dim=1)  # (B, T1 + T2 + ...)
+    return TextEmbeddings(torch.cat(tokens, dim=1), mask, parts[0].pooled)  # tokens (B, T1 + T2 + ..., width)
+
+
+class PromptCache(OrderedDict):
+    """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.size, self.hits, self.misses = size, 0, 0
+
+    def encode(self, encoder: TextEncoder, prompts: list[str]) -> TextEmbeddings:
+        """`encoder.encode(prompts)`, running the encoder once on the prompts not cached (if any)."""
+        rows = {}
+        for p in prompts:
+            if p in self:
+                self.move_to_end(p)  # most recently used last
+                rows[p] = self[p]
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        self.hits, self.misses = self.hits + sum(p in rows for p in prompts), self.misses + len(missing)
+        if missing:
+            emb = encoder.encode(missing)
+            for i, p in enumerate(missing):
+                rows[p] = (emb.tokens[i].cpu(), emb.mask[i].cpu())  # (T, D), (T,)
+                if self.size:
+                    self[p] = rows[p]
+                    while len(self) > self.size:
+                        self.popitem(last=False)  # evict the least recently used
+        T = max(rows[p][0].shape[0] for p in prompts)
+        tokens = torch.stack([F.pad(rows[p][0], (0, 0, 0, T - rows[p][0].shape[0])) for p in prompts])  # (B, T, D)
+        return TextEmbeddings(tokens, torch.stack([F.pad(rows[p][1], (0, T - rows[p][1].shape[0])) for p in prompts]))
+
+
+class DualTextEncoder(TextEncoder):
+    """A primary encoder (CLIP: tokens + pooled) and an optional secondary (T5: tokens), joined as
+    SD3 does (Esser et al. 2024; `join_embeddings`), with an LRU cache of `cache_size` prompts.
+
+    `offload`: None (the secondary stays on `device`), "cpu" or "disk" (see `Offloader`; in
+    `offload_dir` or a temporary folder). The secondary you pass is offloaded *in place*: your own
+    reference to it has its weights on the CPU or `meta` between encodes too, and still encodes (it
+    brings itself in). `close()` or the end of a `with` block gives it back with its weights where
+    they were and deletes the temporary folder. `events`: where its weights were, step by step.
     """
 
     OFFLOAD = (None, "cpu", "disk")
+    cache_hits = property(lambda self: self.cache.hits)
+    cache_misses = property(lambda self: self.cache.misses)
 
     def __init__(self, primary: TextEncoder, secondary: TextEncoder | None = None, width: int | None = None,
                  offload: str | None = "cpu", device: str | torch.device | None = None,
                  offload_dir: str | Path | None = None, cache_size: int = 32):
         super().__init__()
-        if offload not in self.OFFLOAD:
-            raise ValueError(f"offload: expected one of {self.OFFLOAD}, got {offload!r}")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size: expected an integer >= 0, got {cache_size!r}")
+        self.offload = check_choice("offload", offload, self.OFFLOAD)
+        self.cache = PromptCache(check_int("cache_size", cache_size, minimum=0))
         widths = [primary.width] + ([secondary.width] if secondary is not None else [])
         self.width = max(widths) if width is None else width
         if self.width < max(widths):
             raise ValueError(f"width: expected at least the widest encoder's {max(widths)}, got {width}")
+        if secondary is not None and secondary.offloader is not None:
+            raise ValueError("secondary: already offloaded by another DualTextEncoder; call its close() first")
         self.primary = primary
         object.__setattr__(self, "secondary", secondary)  # not a submodule: .to() must not move it
         self.compute_device = torch.device(device) if device is not None else primary.device
         self.primary.to(self.compute_device)
-        self.offload, self.cache_size = offload, cache_size
         self.pooled_width = primary.pooled_width
         self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)
-        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.cache_hits = self.cache_misses = 0
         self.events: list[tuple[str, str]] = []
-        self._weights_file = None
         if secondary is not None:
-            if offload == "disk":
-                self._weights_file = Path(offload_dir or tempfile.mkdtemp(prefix="tinydit_offload_")) / "secondary.safetensors"
-            self._release() if offload else secondary.to(self.compute_device)
+            if offload:
+                secondary.offloader = Offloader(secondary, offload, self.compute_device, offload_dir,
+                                                "secondary", self.events)
+            else:
+                secondary.to(self.compute_device)
             self._log("built")
 
     @property
@@ -571,10 +739,12 @@ class DualTextEncoder(TextEncoder):
         return self.compute_device
 
     def _apply(self, fn, *args, **kwargs):
-        """`.to(device)` moves the primary (a submodule); follow it, and move a resident secondary."""
+        """`.to(device)` moves the primary (a submodule); follow it with the secondary."""
         super()._apply(fn, *args, **kwargs)
         self.compute_device = self.primary.device
-        if self.secondary is not None and not self.offload:
+        if self.secondary is not None and self.secondary.offloader is not None:
+            self.secondary.offloader.device = self.compute_device  # brought in there from now on
+        elif self.secondary is not None:
             self.secondary.to(self.compute_device)
         return self
 
@@ -582,74 +752,32 @@ class DualTextEncoder(TextEncoder):
         """Where each encoder's weights are right now."""
         return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
 
+    def close(self) -> None:
+        """Give the secondary back (weights where they were before, no offloader) and delete the
+        temporary offload folder; encoding still works afterwards, without offloading."""
+        if self.secondary is not None and self.secondary.offloader is not None:
+            self.secondary.offloader.close()
+            self.secondary.offloader = None
+
+    def __enter__(self) -> DualTextEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _log(self, step: str) -> None:
         self.events.append((step, where(self.secondary)))
 
-    def _bring_in(self) -> None:
-        if self.offload == "disk":
-            from safetensors.torch import load_file
-
-            weights = load_file(str(self._weights_file), device=str(self.compute_device))
-            _swap_tensors(self.secondary, lambda name, t: weights[name])
-        elif self.offload == "cpu":
-            _swap_tensors(self.secondary, lambda name, t: t.detach().to(self.compute_device))
-        self._log("brought in")
-
-    def _release(self) -> None:
-        if self.offload == "disk":
-            if not self._weights_file.is_file():  # first release: write the weights once
-                from safetensors.torch import save_file
-
-                self._weights_file.parent.mkdir(parents=True, exist_ok=True)
-                state = {**dict(self.secondary.named_parameters()), **dict(self.secondary.named_buffers())}
-                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self._weights_file))
-            _swap_tensors(self.secondary, lambda name, t: torch.empty_like(t, device="meta"))
-        elif self.offload == "cpu":
-            _swap_tensors(self.secondary, lambda name, t: t.detach().to("cpu"))
-        self._log("released")
-
-    def _secondary_rows(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(tokens (T, D2), mask (T,)) per prompt, from the cache or from one offloaded run."""
-        rows = {}
-        for p in prompts:
-            if p in self.cache:
-                self.cache.move_to_end(p)  # most recently used last
-                rows[p] = self.cache[p]
-        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
-        self.cache_hits += sum(p in rows for p in prompts)
-        if not missing:
-            self._log("all prompts cached")
-            return [rows[p] for p in prompts]
-        self.cache_misses += len(missing)
-        if self.offload:
-            self._bring_in()
-        hooks = [m.register_forward_pre_hook(lambda m, a: self._log("encoding")) for m in self.secondary.children()]
-        try:
-            emb = self.secondary.encode(missing)
-        finally:
-            for h in hooks:
-                h.remove()
-            if self.offload:
-                self._release()
-        for i, p in enumerate(missing):
-            rows[p] = (emb.tokens[i].to("cpu"), emb.mask[i].to("cpu"))
-            if self.cache_size:
-                self.cache[p] = rows[p]
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)  # evict the least recently used
-        return [rows[p] for p in prompts]
-
-    def _pad_width(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, self.width - x.shape[-1]))  # (B, T, width): zeros on the right, as SD3
-
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
-        first = self.primary.encode(prompts)  # tokens (B, T1, D1), pooled (B, Dp)
-        tokens, mask = self._pad_width(first.tokens), first.mask.to(self.compute_device)
+        parts = [self.primary.encode(prompts)]  # tokens (B, T1, D1), pooled (B, Dp)
         if self.secondary is not None:
-            rows = self._secondary_rows(prompts)
-            t2 = max(r[0].shape[0] for r in rows)
-            sec = torch.stack([F.pad(t, (0, 0, 0, t2 - t.shape[0])) for t, _ in rows]).to(self.compute_device)  # (B, T2, D2)
-            sec_mask = torch.stack([F.pad(m, (0, t2 - m.shape[0])) for _, m in rows]).to(self.compute_device)  # (B, T2)
-            tokens = torch.cat([tokens, self._pad_width(sec).to(tokens.dtype)], dim=1)  # (B, T1 + T2, D)
-            mask = torch.cat([mask, sec_mask], dim=1)  # (B, T1 + T2)
-        return TextEmbeddings(tokens, mask, first.pooled)
+            misses = self.cache.misses
+            hooks = [m.register_forward_pre_hook(lambda m, a: self._log("encoding")) for m in self.secondary.children()]
+            try:
+                parts.append(self.cache.encode(self.secondary, prompts))  # tokens (B, T2, D2); offloader moves it
+            finally:
+                for h in hooks:
+                    h.remove()
+            if self.cache.misses == misses:
+                self._log("all prompts cached")
+        return join_embeddings(parts, self.width, self.compute_device)
