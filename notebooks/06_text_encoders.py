@@ -137,11 +137,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 import tinydit
 from tinydit.checkpoint import WeightsMismatchError, _listing, resolve_pretrained
-from tinydit.validation import check_bool_mask, check_choice, check_int
+from tinydit.validation import check_bool_mask, check_choice, check_float, check_int, check_tensor
 
 BOOK_TEXT_ENCODER_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_text_encoder"
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
@@ -165,6 +166,9 @@ class TextEmbeddings:
     pooled: torch.Tensor | None = None  # (B, D_pooled) one vector per prompt (CLIP), or None (T5)
 
     def __post_init__(self):
+        check_tensor("tokens", self.tokens, ndim=3, floating=True)
+        if self.pooled is not None:
+            check_tensor("pooled", self.pooled, floating=True)
         self.mask = _as_bool_mask(self.mask)
         if self.tokens.ndim != 3 or tuple(self.mask.shape) != tuple(self.tokens.shape[:2]):
             raise ValueError(f"tokens, mask: expected tokens (B, T, D) and mask (B, T), got "
@@ -348,8 +352,16 @@ def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, .
     (transformers would log a report and leave those weights random). Checkpoint keys starting with
     one of `allow_unused` may go unused (e.g. the vision tower of a full CLIP model)."""
     with _quiet_transformers():
-        model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                **kwargs)
+        try:
+            model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                    **kwargs)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{what}: the weights in {str(folder)!r} are corrupt or truncated ({e}); "
+                             "download them again") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{what}: the checkpoint in {str(folder)!r} holds NaN or infinite weights in "
+                         f"{len(bad)} tensor(s), e.g. {bad[:3]}; refusing to load a broken model")
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(allow_unused))
     shapes = sorted(f"{k[0]}: checkpoint {tuple(k[1])} vs model {tuple(k[2])}" if isinstance(k, tuple) else str(k)
@@ -395,7 +407,7 @@ class CLIPTextEncoder(TextEncoder):
         self.model, self.tokenizer, self.layer, self.pooled_mode, self.padding = model, tokenizer, layer, pooled, padding
         cfg = model.config
         limit = min(cfg.max_position_embeddings, getattr(tokenizer, "model_max_length", 10**9))
-        self.max_length = limit if max_length is None else max_length
+        self.max_length = limit if max_length is None else check_int("max_length", max_length)
         if not 2 <= self.max_length <= cfg.max_position_embeddings:
             raise ValueError(f"max_length: expected 2..{cfg.max_position_embeddings} (the position table), "
                              f"got {max_length}")
@@ -660,6 +672,7 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
     from tinydit.data import ShapesDataset
 
     steps, n_train = check_int("steps", steps, minimum=1), check_int("n_train", n_train, minimum=1)
+    lr = check_float("lr", lr, minimum=0, min_inclusive=False)
     batch_size = check_int("batch_size", batch_size, minimum=1, maximum=n_train)
     c = config or BookTextConfig()
     t0 = time.perf_counter()
@@ -1160,7 +1173,7 @@ class DualTextEncoder(TextEncoder):
         self.offload = check_choice("offload", offload, self.OFFLOAD)
         self.cache = PromptCache(check_int("cache_size", cache_size, minimum=0))
         widths = [primary.width] + ([secondary.width] if secondary is not None else [])
-        self.width = max(widths) if width is None else width
+        self.width = max(widths) if width is None else check_int("width", width)
         if self.width < max(widths):
             raise ValueError(f"width: expected at least the widest encoder's {max(widths)}, got {width}")
         if secondary is not None and secondary.offloader is not None:
