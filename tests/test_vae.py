@@ -1,8 +1,11 @@
 """tinydit.vae: parity with diffusers' AutoencoderKL (diffusers and LDM single-file layouts),
 strict loading errors, bad-input errors, and the shipped book VAE's reconstruction quality."""
 
+import argparse
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from tinydit import vae
+from tinydit import checkpoint, vae
 
 TOL = 1e-5
 
@@ -205,6 +208,8 @@ def test_offline_hub_id_gives_one_line_error(monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg
     assert "stabilityai/sdxl-vae" in msg and "offline" in msg and "local folder" in msg
+    # current huggingface_hub ships the `hf` command (`huggingface-cli` is gone)
+    assert "`hf download stabilityai/sdxl-vae --local-dir <folder>`" in msg and "huggingface-cli" not in msg
     with pytest.raises(FileNotFoundError, match="path_or_id"):
         vae.AutoencoderKL.from_pretrained("./no/such/folder/here")
 
@@ -259,10 +264,13 @@ def test_book_vae_psnr_and_latents():
         rec = m.from_latent(z)
     assert z.shape == (256, 4, 8, 8) and rec.shape == x.shape
     p = vae.psnr(rec, x).mean().item()
-    print(f"book VAE PSNR on 256 test images: {p:.2f} dB")
-    assert p >= 30.0
-    # calibrated scale: diffusion-space latents have about zero mean and unit variance
-    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.25
+    print(f"book VAE PSNR on 256 test images: {p:.2f} dB; latents mean {z.mean():.4f} std {z.std():.4f}")
+    # Measured 39.19 dB (CPU, float32). The computation is deterministic; only the order of float32
+    # operations differs between CPUs / BLAS builds, which moves the mean by far less than 0.01 dB.
+    # 0.5 dB (~11 % more MSE) leaves room for that and still fails on any real regression.
+    assert p >= 38.69
+    # calibrated scale, on held-out images: measured mean 0.019, std 1.020; 0.05 margin on each
+    assert abs(z.mean().item()) < 0.07 and abs(z.std().item() - 1.02) < 0.05
 
 
 def test_book_vae_assets_are_small_and_diffusers_readable():
@@ -304,3 +312,169 @@ def test_legacy_attention_names_load(tmp_path):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert (ours.decode(ours.encode(x).mode()) - ref(x).sample).abs().max() < 1e-5
+
+
+# --- input checks, damaged files and bad weights -----------------------------------------------------
+
+def tiny_model() -> vae.AutoencoderKL:
+    torch.manual_seed(0)
+    return vae.AutoencoderKL(vae.VAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1,
+                                           norm_num_groups=4)).eval()
+
+
+def test_loaders_are_methods_of_the_class_body():
+    body = vae.AutoencoderKL.__dict__
+    assert isinstance(body["from_pretrained"], classmethod) and isinstance(body["from_single_file"], classmethod)
+    assert callable(body["save_pretrained"])
+    for module in (vae, checkpoint):
+        lines = Path(module.__file__).read_text().splitlines()
+        assert not any("= classmethod(" in line for line in lines), module.__name__
+        imports = [i for i, line in enumerate(lines) if re.match(r"\s*(import \w|from \S+ import )", line)]
+        first_def = min(i for i, line in enumerate(lines) if re.match(r"(def |class |@)", line))
+        assert max(imports) < first_def, f"{module.__name__}: an import after the first definition"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_refused(bad):
+    m = tiny_model()
+    x = torch.zeros(2, 3, 16, 16)
+    x[1, 0, 3, 4] = bad
+    z = torch.zeros(1, 4, 4, 4)
+    z[0, 2, 1, 1] = bad
+    for call, name in ((lambda: m.encode(x), "x"), (lambda: m.to_latent(x), "x"), (lambda: m(x), "x"),
+                       (lambda: m.decode(z), "z"), (lambda: m.from_latent(z), "z")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected finite values, got \d NaN and \d infinite"):
+            call()
+
+
+def test_empty_batch_and_integer_dtypes_are_refused():
+    m = tiny_model()
+    for call, name in ((lambda: m.encode(torch.zeros(0, 3, 16, 16)), "x"),
+                       (lambda: m.to_latent(torch.zeros(0, 3, 16, 16)), "x"),
+                       (lambda: m.decode(torch.zeros(0, 4, 4, 4)), "z"),
+                       (lambda: m.from_latent(torch.zeros(0, 4, 4, 4)), "z")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a batch of at least one, got shape \(0, "):
+            call()
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor, got dtype torch.uint8; a 0-255 image"):
+        m.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"^z: expected a floating-point tensor, got dtype torch.int64"):
+        m.from_latent(torch.zeros(1, 4, 4, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got list"):
+        m.encode([[0.0]])
+
+
+def test_other_float_precisions_are_cast_to_the_model_dtype():
+    m = tiny_model()
+    x = images(2, 16)
+    with torch.no_grad():
+        ref = m.encode(x).mean
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            out = m.encode(x.to(dtype)).mean
+            assert out.dtype == torch.float32
+            # float64 -> float32 is exact for these values; fp16 / bf16 inputs carry their rounding
+            torch.testing.assert_close(out, m.encode(x.to(dtype).float()).mean, rtol=0, atol=0)
+        assert torch.equal(m.encode(x.double()).mean, ref)
+        assert m.decode(ref.double()).dtype == torch.float32
+
+
+def corrupt_copies(good: bytes) -> dict[str, bytes]:
+    return {"empty": b"", "truncated": good[: len(good) // 2], "header-only": good[:40],
+            "garbage": bytes(range(256)) * 4}
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "header-only", "garbage"])
+def test_corrupt_safetensors_is_called_corrupt(damage, tmp_path):
+    ref = diffusers_vae("sd-like")
+    ref.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(corrupt_copies(weights.read_bytes())[damage])
+    with pytest.raises(ValueError, match=r"^path: diffusion_pytorch_model\.safetensors \([\d,]+ bytes\) is corrupt"):
+        vae.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    single = tmp_path / "vae.safetensors"
+    single.write_bytes(weights.read_bytes())
+    with pytest.raises(ValueError, match=r"vae\.safetensors \([\d,]+ bytes\) is corrupt.*download it again"):
+        vae.AutoencoderKL.from_single_file(single, preset="sd1")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+@pytest.mark.parametrize("size", ["vae", "small"])
+def test_damaged_ckpt_is_called_damaged(damage, size, tmp_path):
+    # a small zip archive cut in half fails with OSError inside torch.load, a large one with RuntimeError
+    sd = ldm_state_dict(diffusers_vae("sd-like")) if size == "vae" else {"w": torch.randn(64, 64)}
+    path = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": sd}, path)
+    path.write_bytes(corrupt_copies(path.read_bytes())[damage])
+    with pytest.raises(ValueError, match=r"^path: vae\.ckpt \([\d,]+ bytes\) is damaged") as e:
+        vae.AutoencoderKL.from_single_file(path, preset="sd1")
+    assert "more than tensors" not in str(e.value)
+
+
+class _CallsCode:
+    def __reduce__(self):  # unpickling would call os.getcwd(): a stand-in for any code
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("payload", [_CallsCode(), argparse.Namespace(lr=1e-4)])
+def test_pickle_with_more_than_tensors_is_called_refused(payload, tmp_path):
+    path = tmp_path / "train.ckpt"
+    torch.save({"state_dict": ldm_state_dict(diffusers_vae("sd-like")), "extra": payload}, path)
+    with pytest.raises(ValueError, match=r"^path: torch\.load\(weights_only=True\) refused train\.ckpt .*more than tensors"):
+        vae.AutoencoderKL.from_single_file(path, preset="sd1")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("{not json", r"^path_or_id: '.*config\.json' is not valid JSON"),
+    ("[1, 2]", r"^path_or_id: expected a JSON object in '.*config\.json', got list"),
+])
+def test_unreadable_config_json(content, pattern, tmp_path):
+    diffusers_vae("sd-like").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=pattern):
+        vae.AutoencoderKL.from_pretrained(tmp_path)
+
+
+def test_config_and_preset_checks_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"^shift_factor: expected a finite number, got inf"):
+        vae.VAEConfig(shift_factor=float("inf"))
+    with pytest.raises(ValueError, match=r"^scaling_factor: expected a number > 0, got 0.0"):
+        vae.VAEConfig(scaling_factor=0)
+    with pytest.raises(TypeError, match=r"^block_out_channels: expected a tuple of widths, got 64"):
+        vae.VAEConfig(block_out_channels=64)
+    with pytest.raises(ValueError, match=r"^preset: expected one of 'sd1', 'sdxl', 'sd3', 'flux', 'book', got 'sd9'"):
+        vae.AutoencoderKL.from_single_file(tmp_path / "never-read.safetensors", preset="sd9")
+
+
+SPOILED = {  # one bad tensor -> the error must name it
+    "int64": r"expected floating-point weights, got another dtype in\n  tensors \(1\):\n"
+             r"    decoder\.conv_out\.bias: torch\.int64",
+    "nan": r"weights hold NaN or infinite values .* in\n  tensors \(1\):\n    encoder\.conv_in\.weight",
+    "inf": r"weights hold NaN or infinite values .* in\n  tensors \(1\):\n    quant_conv\.bias",
+}
+
+
+def spoil(sd: dict, kind: str) -> dict:
+    sd = {k: v.clone().contiguous() for k, v in sd.items()}
+    if kind == "int64":
+        sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"].long()
+    elif kind == "nan":
+        sd["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+    else:
+        sd["quant_conv.bias"][0] = float("inf")
+    return sd
+
+
+@pytest.mark.parametrize("kind", list(SPOILED))
+@pytest.mark.parametrize("layout", ["diffusers", "single-file"])
+def test_non_float_or_non_finite_weights_are_refused(layout, kind, tmp_path):
+    ref = diffusers_vae("sd-like")
+    sd = spoil(ref.state_dict(), kind)
+    if layout == "diffusers":
+        ref.save_pretrained(tmp_path / "vae")
+        save_file(sd, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(ValueError, match=SPOILED[kind]):
+            vae.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    else:
+        save_file(vae.diffusers_to_ldm(sd, 3), str(tmp_path / "vae.safetensors"))
+        config = vae.VAEConfig.from_diffusers(dict(ref.config))
+        with pytest.raises(ValueError, match=SPOILED[kind]):
+            vae.AutoencoderKL.from_single_file(tmp_path / "vae.safetensors", config=config)

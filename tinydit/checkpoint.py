@@ -2,20 +2,28 @@
 # Edit the notebook instead, then run `python tools/export.py`.
 
 """Reading weights safely: safetensors or `torch.load(weights_only=True)`, local folders or hub
-ids, and key/shape checks that list everything that does not fit (chapter 02)."""
+ids, and key/shape/value checks that list everything that does not fit (chapter 02)."""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 WRAPPER_KEYS = ("state_dict", "ema", "model", "module")  # how training code nests a state dict
+# How torch.load(weights_only=True) says that a readable file holds something other than tensors
+# (garbage bytes fail inside the same unpickler, with "Unsupported operand" instead).
+_REFUSED = re.compile(r"unsupported (global|class)|not an allowed global|safe_globals|is blocked", re.I)
 
 
 class WeightsMismatchError(ValueError):
@@ -36,29 +44,50 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def _read_pickle(path: Path):
+    """torch.load(weights_only=True); a refusal and an unreadable file get different errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, OSError or RuntimeError from a broken zip, garbage
+        if isinstance(e, pickle.UnpicklingError) and _REFUSED.search(str(e)):
+            raise ValueError(f"path: torch.load(weights_only=True) refused {path.name} ({type(e).__name__}); it "
+                             "holds more than tensors. Convert it to .safetensors with a tool you trust.") from None
+        raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is damaged: truncated or not a "
+                         f"PyTorch checkpoint ({type(e).__name__}); download it again") from None
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix in PICKLE_SUFFIXES:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for files that hold code or custom classes
-            raise ValueError(
-                f"path: torch.load(weights_only=True) refused {path.name} ({type(e).__name__}); it holds "
-                "more than tensors. Convert it to .safetensors with a tool you trust.") from None
-        return unwrap_state_dict(obj)
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is corrupt: truncated or not a "
+                             f"safetensors file ({e}); download it again") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        return unwrap_state_dict(_read_pickle(path))
     raise ValueError(f"path: expected a .safetensors file or one of {PICKLE_SUFFIXES}, got {path.name!r}")
 
 
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. 'first_stage_model.'), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read_config(path: str | os.PathLike, name: str = "path_or_id") -> dict:
+    """The JSON object in a `config.json`; a damaged or non-object file names `name` and the path."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{name}: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: expected a JSON object in {str(path)!r}, got {type(config).__name__}")
+    return config
 
 
 def hub_offline() -> bool:
@@ -78,21 +107,38 @@ def resolve_pretrained(path_or_id: str | os.PathLike, subfolder: str | None = No
     repo_id = str(path_or_id)
     if not HUB_ID.match(repo_id):
         raise FileNotFoundError(f"path_or_id: no local folder {repo_id!r}, and it is not a hub id (owner/name)")
-    how = ("download it where the Hub is reachable (e.g. `huggingface-cli download "
-           f"{repo_id}`) and pass the local folder instead: from_pretrained('/path/to/folder'"
-           + (f", subfolder={subfolder!r})" if subfolder else ")"))
+    how = (f"download it where the Hub is reachable (`hf download {repo_id} --local-dir <folder>`) and pass "
+           "that folder instead: from_pretrained('<folder>'" + (f", subfolder={subfolder!r})" if subfolder else ")"))
     if hub_offline():
         raise OSError(f"path_or_id: {repo_id!r} is not a local folder and the Hugging Face Hub is offline "
                       f"(HF_HUB_OFFLINE=1); {how}")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = [f"{subfolder}/{f}" if subfolder else f for f in filenames]
         root = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # no network, unknown or gated repo, ...
         raise OSError(f"path_or_id: {repo_id!r} is not a local folder and could not be fetched from the "
                       f"Hugging Face Hub ({type(e).__name__}); {how}") from None
     return root / subfolder if subfolder else root
+
+
+def _listing(title: str, items: list[str]) -> str:
+    """A titled list for an error message, one item a line, cut after 20; "" for no items."""
+    if not items:
+        return ""
+    more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+    return f"\n  {title} ({len(items)}):" + "".join(f"\n    {k}" for k in items[:20]) + more
+
+
+def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str) -> None:
+    """Where the model holds floats, the checkpoint must too, and they must be finite."""
+    keys = sorted(k for k in sd if own[k].is_floating_point())
+    wrong = [f"{k}: {sd[k].dtype}" for k in keys if not sd[k].is_floating_point()]
+    if wrong:
+        raise ValueError(f"{what}: expected floating-point weights, got another dtype in" + _listing("tensors", wrong))
+    bad = [k for k in keys if not torch.isfinite(sd[k] if sd[k].element_size() > 1 else sd[k].float()).all()]
+    if bad:
+        raise ValueError(f"{what}: weights hold NaN or infinite values (a corrupt file or a diverged training run) in"
+                         + _listing("tensors", bad))
 
 
 def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
@@ -103,13 +149,7 @@ def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "c
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        def block(title, items):
-            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
-            return f"\n  {title} ({len(items)}):" + "".join(f"\n    {k}" for k in items[:20]) + more
-
-        raise WeightsMismatchError(
-            f"{what} does not fit the model"
-            + (block("missing keys", missing) if missing else "")
-            + (block("unexpected keys", unexpected) if unexpected else "")
-            + (block("shape mismatches", shapes) if shapes else ""))
+        raise WeightsMismatchError(f"{what} does not fit the model" + _listing("missing keys", missing)
+                                   + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes))
+    _check_weight_values(sd, own, what)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)

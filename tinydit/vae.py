@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,8 +24,15 @@ from tinydit.checkpoint import (
     WeightsMismatchError,
     check_and_load,
     load_state_dict,
+    read_config,
     resolve_pretrained,
+    strip_prefix,
 )
+from tinydit.data import ShapesDataset
+from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
+
+# Weight files `from_pretrained` looks for in a diffusers folder, in this order.
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
 
 
 @dataclass
@@ -36,7 +44,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level; f = 2**(levels-1)
     layers_per_block: int = 2  # ResNet blocks per encoder level (the decoder uses one more, as LDM)
     latent_channels: int = 4  # channels of z: 4 for SD 1.x/SDXL, 16 for SD3/Flux
-    norm_num_groups: int = 32  # GroupNorm groups: normalisation that ignores the batch size
+    norm_num_groups: int = 32  # GroupNorm groups
     mid_block_add_attention: bool = True  # one self-attention at the lowest resolution: global context
     use_quant_conv: bool = True  # 1x1 conv on the posterior moments (SD 1.x/SDXL; SD3/Flux drop it)
     use_post_quant_conv: bool = True  # 1x1 conv on z before the decoder (same families as above)
@@ -46,18 +54,18 @@ class VAEConfig:
     force_upcast: bool = True  # keep this VAE in fp32 when the pipeline runs fp16 (SDXL overflows)
 
     def __post_init__(self):
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        if not isinstance(self.block_out_channels, (tuple, list)):
+            raise TypeError(f"block_out_channels: expected a tuple of widths, got {self.block_out_channels!r}")
         if not self.block_out_channels:
             raise ValueError("block_out_channels: expected at least one level, got ()")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels: every width must be divisible by norm_num_groups="
-                    f"{self.norm_num_groups}, got {self.block_out_channels}"
-                )
-        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        self.block_out_channels = tuple(check_int("block_out_channels", c, minimum=1) for c in self.block_out_channels)
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels: every width must be divisible by norm_num_groups="
+                             f"{self.norm_num_groups}, got {self.block_out_channels}")
+        self.scaling_factor = check_float("scaling_factor", self.scaling_factor, minimum=0, min_inclusive=False)
+        self.shift_factor = check_float("shift_factor", self.shift_factor)
 
     @property
     def downsampling_factor(self) -> int:
@@ -71,19 +79,12 @@ class VAEConfig:
             raise ValueError(f"name: unknown VAE preset {name!r}; expected one of {tuple(VAE_PRESETS)}")
         return cls(**VAE_PRESETS[name])
 
-    # -- diffusers config.json <-> VAEConfig -------------------------------------------------------
     def to_diffusers(self) -> dict:
         """The `config.json` dict that diffusers' AutoencoderKL reads."""
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
         n = len(self.block_out_channels)
-        return {
-            "_class_name": "AutoencoderKL",
-            "act_fn": "silu",
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            **d,
-        }
+        return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
+                "up_block_types": ["UpDecoderBlock2D"] * n,
+                **asdict(self), "block_out_channels": list(self.block_out_channels)}
 
     @classmethod
     def from_diffusers(cls, d: dict) -> VAEConfig:
@@ -93,12 +94,10 @@ class VAEConfig:
         if d.get("act_fn", "silu") != "silu":
             raise ValueError(f"config: expected act_fn='silu', got {d['act_fn']!r}")
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            got = set(d.get(key, [want]))
-            if got != {want}:
-                raise ValueError(f"config: expected {key} to hold only {want!r}, got {sorted(got)}")
+            if set(d.get(key, [want])) != {want}:
+                raise ValueError(f"config: expected {key} to hold only {want!r}, got {sorted(set(d[key]))}")
         names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
 
 _REAL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
@@ -163,9 +162,7 @@ class SelfAttention(nn.Module):
     def __init__(self, ch: int, groups: int, eps: float = 1e-6):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(ch, ch) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # a list only to match diffusers' names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,15 +195,12 @@ class DownBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)]
-        )
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)  # (B, out, H, W)
-        for d in self.downsamplers:
-            x = d(x)  # (B, out, H/2, W/2)
+        for module in (*self.resnets, *self.downsamplers):
+            x = module(x)  # (B, out, H, W), then (B, out, H/2, W/2)
         return x
 
 
@@ -216,15 +210,12 @@ class UpBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)]
-        )
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)  # (B, out, h, w)
-        for u in self.upsamplers:
-            x = u(x)  # (B, out, 2h, 2w)
+        for module in (*self.resnets, *self.upsamplers):
+            x = module(x)  # (B, out, h, w), then (B, out, 2h, 2w)
         return x
 
 
@@ -237,8 +228,7 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             [DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
-             for i in range(len(ch))]
-        )
+             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -261,14 +251,12 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             [UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < len(ch) - 1)
-             for i in range(len(ch))]
-        )
+             for i in range(len(ch))])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)  # (B, ch[-1], h, w)
-        h = self.mid_block(h)  # (B, ch[-1], h, w)
+        h = self.mid_block(self.conv_in(z))  # (B, ch[-1], h, w)
         for block in self.up_blocks:
             h = block(h)  # (B, reversed ch[i], h*2^i, w*2^i)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)
@@ -301,6 +289,47 @@ class DiagonalGaussian:
         return f"DiagonalGaussian(shape={tuple(self.mean.shape)})"
 
 
+def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
+    """`t` is a (B >= 1, channels, ., .) tensor of a floating dtype with finite values."""
+    check_tensor(name, t)
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(f"{name}: expected {what} of shape (B, {channels}, {dims}), got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: expected a batch of at least one, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        hint = "; a 0-255 image converts with x.float() / 127.5 - 1" if t.dtype == torch.uint8 else ""
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}{hint}")
+    check_finite(name, t)
+
+
+def _check_image_batch(x, channels: int, factor: int) -> None:
+    """x: (B, channels, H, W) with H, W multiples of `factor` and values in [-1, 1] (some slack)."""
+    _check_batch("x", x, channels, "an image batch", "H, W")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise ValueError(f"x: H and W must be divisible by the downsampling factor {factor}, "
+                         f"got H={x.shape[2]}, W={x.shape[3]}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1.5 or hi > 1.5:
+        raise ValueError(f"x: expected pixel values in [-1, 1] (image / 127.5 - 1), got range "
+                         f"[{lo:.3g}, {hi:.3g}]" + ("; this looks like a 0-255 image" if hi > 2 else ""))
+
+
+def _check_latent_batch(z, channels: int) -> None:
+    _check_batch("z", z, channels, "latents", "h, w")
+
+
+def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
+    """The config dict and the weights file of a diffusers AutoencoderKL folder."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"path_or_id: {str(folder)!r} has no config.json (a diffusers AutoencoderKL"
+                                " folder has config.json + diffusion_pytorch_model.safetensors; "
+                                "try subfolder='vae')")
+    weights = next((folder / w for w in WEIGHT_NAMES if (folder / w).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"path_or_id: {str(folder)!r} has none of the weight files {WEIGHT_NAMES}")
+    return read_config(folder / "config.json"), weights
+
+
 class AutoencoderKL(nn.Module):
     """The LDM autoencoder (Rombach et al. 2022) with a diagonal-Gaussian posterior (Kingma & Welling).
 
@@ -310,53 +339,34 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
-        self.config = config if config is not None else VAEConfig.preset("book")
-        cfg = self.config
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.config = cfg = config if config is not None else VAEConfig.preset("book")
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         c2 = 2 * cfg.latent_channels
         self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = (
-            nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
-        )
+            nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None)
 
     @property
     def downsampling_factor(self) -> int:
         return self.config.downsampling_factor
 
-    def _check_image(self, x: torch.Tensor) -> None:
-        c, f = self.config.in_channels, self.downsampling_factor
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != c:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected an image batch of shape (B, {c}, H, W), got {got}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
-                f"x: H and W must be divisible by the downsampling factor {f}, got H={x.shape[2]}, W={x.shape[3]}"
-            )
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1.5 or hi > 1.5:
-            raise ValueError(
-                f"x: expected pixel values in [-1, 1] (image / 127.5 - 1), got range [{lo:.3g}, {hi:.3g}]"
-                + ("; this looks like a 0-255 image" if hi > 2 else "")
-            )
-
-    def _check_latent(self, z: torch.Tensor) -> None:
-        c = self.config.latent_channels
-        if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != c:
-            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z: expected latents of shape (B, {c}, h, w), got {got}")
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype; floating inputs of another precision are cast to it."""
+        return self.encoder.conv_in.weight.dtype
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Image (B, 3, H, W) in [-1, 1] -> posterior over raw latents (B, C, H/f, W/f)."""
-        self._check_image(x)
-        moments = self.encoder(x)  # (B, 2C, H/f, W/f)
+        _check_image_batch(x, self.config.in_channels, self.downsampling_factor)
+        moments = self.encoder(x.to(self.dtype))  # (B, 2C, H/f, W/f)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)  # (B, 2C, H/f, W/f)
         return DiagonalGaussian(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw (unscaled) latents (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        self._check_latent(z)
+        _check_latent_batch(z, self.config.latent_channels)
+        z = z.to(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)  # (B, C, h, w)
         return self.decoder(z)  # (B, 3, H, W)
@@ -364,16 +374,14 @@ class AutoencoderKL(nn.Module):
     def to_latent(self, x: torch.Tensor, sample: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
         """(posterior mean - shift_factor) * scaling_factor: what the diffusion model sees.
-
-        `sample=True` uses a posterior sample instead of the mean.
-        """
+        `sample=True` uses a posterior sample instead of the mean."""
         post = self.encode(x)
         z = post.sample(generator) if sample else post.mean  # (B, C, h, w)
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_latent`, then decode: diffusion-space latents -> image."""
-        self._check_latent(z)
+        _check_latent_batch(z, self.config.latent_channels)
         return self.decode(z / self.config.scaling_factor + self.config.shift_factor)  # (B, 3, H, W)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False,
@@ -383,62 +391,40 @@ class AutoencoderKL(nn.Module):
         z = post.sample(generator) if sample_posterior else post.mode()  # (B, C, h, w)
         return self.decode(z), post
 
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
+        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online."""
+        folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
+        config, weights = _diffusers_folder(folder)
+        model = cls(VAEConfig.from_diffusers(config))
+        check_and_load(model, rename_legacy_attention(load_state_dict(weights)), what=str(weights))
+        return model.eval()
 
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
-SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
-IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
+                         config: VAEConfig | None = None) -> AutoencoderKL:
+        """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
+        The file holds no config: `preset` names the family; pass `config=` for anything else."""
+        cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
+        sd = single_file_vae_weights(load_state_dict(path))  # key maps: defined after the class
+        sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
+        model = cls(cfg)
+        try:
+            check_and_load(model, sd, what=str(path))
+        except WeightsMismatchError as e:
+            hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
+            raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
+        return model.eval()
 
-
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
-    out = {}
-    for k, v in sd.items():
-        n = k
-        if m := re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.*)", k):
-            n = f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{m[3]}"
-        elif m := re.match(r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)", k):
-            n = f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-        elif m := re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)", k):
-            n = f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.resnets.{m[2]}.{m[3]}"
-        elif m := re.match(r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)", k):
-            n = f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.mid\.block_(\d)\.(.*)", k):
-            n = f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{m[3]}"
-        elif m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", k):
-            name = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[m[2]]
-            n = f"{m[1]}.mid_block.attentions.0.{name}.{m[3]}"
-            if m[2] != "norm" and v.ndim > 2:
-                v = v.reshape(v.shape[0], v.shape[1])  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.*)", k):
-            n = f"{m[1]}.conv_norm_out.{m[2]}"
-        out[n.replace("nin_shortcut", "conv_shortcut")] = v
-    return out
-
-
-def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
-    out = {}
-    for k, v in sd.items():
-        n = k
-        if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
-            n = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", k):
-            n = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", k):
-            n = f"decoder.up.{num_levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", k):
-            n = f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", k):
-            n = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", k):
-            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[m[2]]
-            n = f"{m[1]}.mid.attn_1.{name}.{m[3]}"
-            if name != "norm" and v.ndim == 2:
-                v = v[:, :, None, None]  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.*)", k):
-            n = f"{m[1]}.norm_out.{m[2]}"
-        out[n.replace("conv_shortcut", "nin_shortcut")] = v
-    return out
+    def save_pretrained(self, folder: str | os.PathLike,
+                        weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
+        """Write config.json (diffusers format) and the weights (safetensors) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / weights_name))
+        return folder
 
 
 def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -454,60 +440,6 @@ def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
-    """Load a diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online."""
-    folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"path_or_id: {str(folder)!r} has no config.json (a diffusers AutoencoderKL folder has "
-                                "config.json + diffusion_pytorch_model.safetensors; try subfolder='vae')")
-    weights = next((folder / w for w in WEIGHT_NAMES if (folder / w).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"path_or_id: {str(folder)!r} has none of the weight files {WEIGHT_NAMES}")
-    config = VAEConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-    model = cls(config)
-    check_and_load(model, rename_legacy_attention(load_state_dict(weights)), what=str(weights))
-    return model.eval()
-
-
-def _from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
-                      config: VAEConfig | None = None) -> AutoencoderKL:
-    """Load an original LDM/SGM-layout VAE (bare, or nested under first_stage_model. / vae.).
-
-    `preset` names the family (the file holds no config); pass `config=` for anything else.
-    """
-    cfg = config if config is not None else VAEConfig.preset(preset)
-    sd = load_state_dict(path)
-    for prefix in SINGLE_FILE_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
-    model = cls(cfg)
-    try:
-        check_and_load(model, ldm_to_diffusers(sd, len(cfg.block_out_channels)), what=str(path))
-    except WeightsMismatchError as e:
-        hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
-        raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
-    return model.eval()
-
-
-def _save_pretrained(self, folder: str | os.PathLike,
-                     weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
-    """Write config.json (diffusers format) and the weights (safetensors) into `folder`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / weights_name))
-    return folder
-
-
-AutoencoderKL.from_pretrained = classmethod(_from_pretrained)
-AutoencoderKL.from_single_file = classmethod(_from_single_file)
-AutoencoderKL.save_pretrained = _save_pretrained
-
-
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of two (B, C, H, W) batches in [-1, 1], measured on the [0, 1] scale."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)  # (B,)
@@ -516,8 +448,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def shapes_images(n: int, seed: int = 0, split: str = "train", size: int = 32) -> torch.Tensor:
     """The first `n` images of `ShapesDataset(n, size, seed, split)` as one (n, 3, size, size) tensor."""
-    from tinydit.data import ShapesDataset
-
     ds = ShapesDataset(n, size=size, seed=seed, split=split)
     return torch.stack([ds[i][0] for i in range(n)])  # (n, 3, size, size)
 
@@ -528,12 +458,8 @@ def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: in
     model.eval()
     z = torch.cat([model.encode(images[i:i + batch_size]).mean for i in range(0, len(images), batch_size)])
     per_ch = z.transpose(0, 1).flatten(1)  # (C, B*h*w)
-    return {
-        "mean": z.mean().item(),
-        "std": z.std().item(),
-        "channel_mean": per_ch.mean(1).tolist(),
-        "channel_std": per_ch.std(1).tolist(),
-    }
+    return {"mean": z.mean().item(), "std": z.std().item(),
+            "channel_mean": per_ch.mean(1).tolist(), "channel_std": per_ch.std(1).tolist()}
 
 
 LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
@@ -549,11 +475,10 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     plus the latent statistics ("latents"). `out_dir` (optional) receives config.json and
     model.safetensors, the layout `load_book_vae` reads.
     """
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("n_images", n_images)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-    if not kl_weight >= 0:
-        raise ValueError(f"kl_weight: expected a number >= 0, got {kl_weight!r}")
+    steps, batch_size, n_images = (check_int(name, v, minimum=1) for name, v in
+                                   (("steps", steps), ("batch_size", batch_size), ("n_images", n_images)))
+    check_float("lr", lr, minimum=0, min_inclusive=False)
+    check_float("kl_weight", kl_weight, minimum=0)
     cfg = VAEConfig(**asdict(config)) if config is not None else VAEConfig.preset("book")
     torch.manual_seed(seed)
     model = AutoencoderKL(cfg)
@@ -565,8 +490,7 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     warmup = max(1, min(200, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     n_pix = images[0].numel()
     hist: dict = {"rec": [], "kl": [], "loss": []}
     model.train()
@@ -584,9 +508,8 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
         loss.backward()
         opt.step()
         sched.step()
-        hist["rec"].append(rec.item())
-        hist["kl"].append(kl.item())
-        hist["loss"].append(loss.item())
+        for key, value in (("rec", rec), ("kl", kl), ("loss", loss)):
+            hist[key].append(value.item())
     model.eval()
     stats = calibrate_latents(model, images[:4096])
     cfg.shift_factor = round(stats["mean"], 4)
@@ -609,3 +532,72 @@ def load_book_vae() -> AutoencoderKL:
         raise FileNotFoundError(f"the book VAE is missing from the package ({folder}); regenerate it with "
                                 "tinydit.vae.train_book_vae(out_dir=...)")
     return AutoencoderKL.from_pretrained(folder)
+
+
+SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
+IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
+_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
+
+
+def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torch.Tensor]:
+    """Apply every (pattern, replacement) rule to every key, then `reshape(new_key, tensor)`."""
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            k = re.sub(pattern, repl, k)
+        out[k] = reshape(k, v)
+    return out
+
+
+def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
+    def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
+        return num_levels - 1 - int(m[1])
+
+    rules = [
+        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
+        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets."),
+        (r"^decoder\.up\.(\d+)\.upsample\.conv\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.conv."),
+        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+        (r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(?=(weight|bias)$)",
+         lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}."),
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+        ("nin_shortcut", "conv_shortcut"),
+    ]
+
+    def conv_to_linear(k, v):  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
+        return v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
+
+    return _rename(sd, rules, conv_to_linear)
+
+
+def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
+    def flip(m):
+        return num_levels - 1 - int(m[1])
+
+    rules = [
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{flip(m)}.upsample.conv."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(?=(weight|bias)$)",
+         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION[m[2]]}."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        ("conv_shortcut", "nin_shortcut"),
+    ]
+
+    def linear_to_conv(k, v):  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        return v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
+
+    return _rename(sd, rules, linear_to_conv)
+
+
+def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
+    prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
+    sd = strip_prefix(sd, prefix) if prefix else sd
+    return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
