@@ -75,18 +75,12 @@ assert naive_attention(q, k, v).shape == (2, 4, 16, 8)
 
 # %% [markdown]
 # The exported `attention()` adds the mask and a choice of kernel. The mask is boolean, **True =
-# may attend**: a `(B, T_k)` key-padding mask (1 = real token, as text encoders return it), a
-# `(B, T_q, T_k)` mask per sample (shared by the heads), or a `(B, heads, T_q, T_k)` mask.
-# Float masks are refused: an additive mask (0 = attend, −∞ = ignore) cast to bool means the
-# opposite. The maths is one line; the speed is all in the kernel:
-#
-# - `math`: the formula written out. It builds the $T \times T$ score matrix, which we need to
-#   *look* at attention (`attention_weights`).
-# - `sdpa`: PyTorch's `scaled_dot_product_attention`; on a GPU it dispatches to FlashAttention or
-#   memory-efficient kernels that never build the score matrix.
-# - `flash`: the `flash_attn` package (FlashAttention-2), if installed, for CUDA fp16/bf16 without
-#   a mask. `auto` picks it when valid, else `sdpa`.
-#
+# may attend**: `(B, T_k)` key padding (1 = real token, as text encoders return it), `(B, T_q, T_k)`
+# per sample (shared by the heads), or `(B, heads, T_q, T_k)`. Float masks are refused: an additive
+# mask (0 = attend, −∞ = ignore) cast to bool means the opposite. The kernels: `math` writes the
+# formula out (the $T \times T$ score matrix we need to *look* at attention); `sdpa` is PyTorch's
+# `scaled_dot_product_attention`, which on a GPU never builds that matrix; `flash` is the
+# `flash_attn` package (CUDA fp16/bf16, no mask); `auto` picks `flash` when valid, else `sdpa`.
 # First the checks, as small helpers:
 
 # %%
@@ -272,10 +266,6 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask=mask, backend=self.backend)  # (B, heads, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
-# %%
-xs = torch.randn(2, 16, 8)
-torch.testing.assert_close(RMSNorm(8)(xs), xs / xs.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
-
 # %% [markdown]
 # ## 2. Patchify and unpatchify
 #
@@ -401,11 +391,10 @@ class LabelEmbedder(nn.Module):
 # $$x \leftarrow x + \alpha_1 \odot \operatorname{Attn}\big(\operatorname{LN}(x)\,(1 + \gamma_1) + \beta_1\big),\qquad
 #   x \leftarrow x + \alpha_2 \odot \operatorname{MLP}\big(\operatorname{LN}(x)\,(1 + \gamma_2) + \beta_2\big).$$
 #
-# The **Zero**: that linear map starts at zero, so every gate is $0$ and **every block starts as
-# the identity**; a fresh 28-block DiT is a shallow, well-behaved network, and each block learns
-# its residual gradually. Peebles & Xie found this the best of the conditioning schemes they tried
-# (in-context tokens, cross-attention, adaLN, adaLN-Zero), at the lowest cost. The "1 +" keeps the
-# LayerNorm's scale at 1, not 0, when $\gamma = 0$.
+# The **Zero**: that map starts at zero, so every gate is $0$ and **every block starts as the
+# identity**; each block then learns its residual gradually. Peebles & Xie found this the best of
+# the conditioning schemes they tried (in-context tokens, cross-attention, adaLN, adaLN-Zero).
+# The "1 +" keeps the LayerNorm's scale at 1 when $\gamma = 0$.
 
 # %%
 class NaiveBlock(nn.Module):
@@ -488,10 +477,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
 
 # %% [markdown]
-# Copy a `DiTBlock`'s weights into the teaching block: same outputs. Then zero the modulation
-# (adaLN-Zero) and the block is exactly the identity, whatever the tokens and the conditioning.
+# Copy a `DiTBlock`'s weights into the teaching block: same outputs. Zero the modulation
+# (adaLN-Zero) and the block is exactly the identity, whatever the tokens and conditioning.
 
 # %%
+torch.testing.assert_close(RMSNorm(32)(xs), xs / xs.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())  # QK-norm
 blk = DiTBlock(hidden_size=32, num_heads=4)
 sd = blk.state_dict()
 names = {"ada": "adaLN_modulation.1", "qkv": "attn.qkv", "proj": "attn.proj", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
@@ -888,8 +878,8 @@ def show_patches(p=2, size="XL"):
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.imshow(((images[0] + 1) / 2).permute(1, 2, 0))
     for edge in range(0, 33, 4 * p):
-        left.axhline(edge - 0.5, color="k", lw=1)
-        left.axvline(edge - 0.5, color="k", lw=1)
+        left.axhline(edge - 0.5, color="0.5", lw=1.2)
+        left.axvline(edge - 0.5, color="0.5", lw=1.2)
     left.set_title(f"book latent 8×8, patch {p}: {(8 // p) ** 2} tokens", fontsize=9)
     left.axis("off")
     for s, marker in zip(_SIZES, "os^D"):
@@ -999,7 +989,7 @@ plt.axhline(0.1, color="red", ls="--", label="threshold 0.1")
 plt.gca().set(xlabel="step", ylabel="epsilon MSE", title="A 2-block DiT memorises one batch of 8 latents")
 plt.legend()
 plt.show()
-assert final < 0.1  # measured MEASURED_FINAL; the threshold leaves room for other platforms
+assert final < 0.1  # measured 0.072 (0.99 at step 0); 0.03 of margin for other platforms and seeds
 
 # %% [markdown]
 # A low loss is necessary, not sufficient. Two wiring bugs pass it: with **attention removed** each
@@ -1013,6 +1003,7 @@ assert final < 0.1  # measured MEASURED_FINAL; the threshold leaves room for oth
 # %%
 report = wiring_report(tiny, latents, labels, ab)
 print({k: round(v, 4) for k, v in report.items()})
+# measured: loss 0.062, timestep_gain 0.217, token_mixing 0.021; WIRING_MIN sits 4-5x below, ablations give 0
 assert report["loss"] < 0.1 and all(report[k] > WIRING_MIN[k] for k in WIRING_MIN)
 
 # %% [markdown]
@@ -1067,8 +1058,9 @@ display(W.interactive(show_attention, query=W.IntSlider(5, 0, 15, description="q
 # - **Checked** every exported piece against a few-line teaching version: attention (both CPU
 #   backends), patchify as a reshape, the adaLN-Zero block, the whole forward pass.
 # - **Measured**: parameters and GFLOPs of all 12 presets within 2 % of the paper; `dit_macs` within
-#   0.1 % of torch's FLOP counter; a 2-block DiT memorising 8 latents (ε-loss 1 → below 0.1) and
-#   passing `wiring_report`; diffusers parity to $10^{-5}$ once its timestep frequency shift matches.
+#   0.1 % of torch's FLOP counter; a 2-block DiT memorising 8 latents in 800 steps (ε-loss
+#   0.99 → 0.07) and passing `wiring_report` (timestep gain 0.22, token mixing 0.021); diffusers
+#   parity to $10^{-5}$ once its timestep frequency shift matches ours, ~1.6 off with its own.
 #
 # Next, chapter 06 gives the model words instead of class labels: text encoders.
 #

@@ -49,6 +49,27 @@ def test_full_boolean_mask_broadcasts():
     assert torch.allclose(attention(q, k, v, causal[None, None], backend="sdpa"), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads", [2, 3])  # heads == B: plain broadcasting would not even fail
+def test_3d_mask_is_per_sample_and_shared_by_heads(heads):
+    """A (B, T_q, T_k) mask holds one mask per sample, read as (B, 1, T_q, T_k); right-aligned
+    broadcasting would read it as (heads, T_q, T_k) and give sample 0's mask to head 0."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(3, 2, heads, 5, 8, generator=g).unbind(0)  # B = 2
+    mask = torch.ones(2, 5, 5, dtype=torch.bool)
+    mask[0] = torch.eye(5, dtype=torch.bool)  # sample 0: every query sees only its own key
+    for backend in ("math", "sdpa", "auto"):
+        out = attention(q, k, v, mask, backend=backend)
+        torch.testing.assert_close(out[0], v[0])  # every head of sample 0 copies its own value
+        torch.testing.assert_close(out[1], attention(q[1:], k[1:], v[1:], backend="math")[0])
+        torch.testing.assert_close(out, attention(q, k, v, mask[:, None], backend=backend))
+        torch.testing.assert_close(attention(q, k, v, mask.int(), backend=backend), out)  # 0/1 integers
+    assert torch.equal(attention_weights(q, k, mask)[0] > 0, mask[0].expand(heads, 5, 5))
+    with pytest.raises(ValueError, match="boolean"):
+        attention(q, k, v, mask.float())  # float masks stay refused
+    with pytest.raises(ValueError, match=r"\(B, T_q, T_k\) = \(2, 5, 5\)"):
+        attention(q, k, v, torch.ones(3, 5, 5, dtype=torch.bool))  # another batch size
+
+
 def test_module_matches_torch_multihead_attention():
     torch.manual_seed(0)
     ours = Attention(32, num_heads=4).eval()
@@ -97,6 +118,9 @@ def test_flash_is_optional_and_refused_on_cpu():
         (lambda q: attention(q, q, q, mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
         (lambda q: attention(q, q, q, mask=torch.zeros(2, 4, dtype=torch.bool)), "padding only"),
         (lambda q: attention(q, q, q, mask=torch.ones(5, 5, 5, dtype=torch.bool)), "mask"),
+        (lambda q: attention(q, q, q, mask=torch.ones(4, dtype=torch.bool)), "mask: expected"),
+        (lambda q: attention(q, q, q, mask=torch.ones(1, 2, 2, 4, 4, dtype=torch.bool)), "mask: expected"),
+        (lambda q: attention(q[:, :, :1], q, q, mask=torch.ones(2, 4, 4, dtype=torch.bool)), "mask: expected"),
         (lambda q: attention(q, q, q, mask=torch.zeros(2, 1, 4, 4, dtype=torch.bool)), "at least one key"),
         (lambda q: attention(q, q, q, mask=torch.zeros(2, 1, 1, 4).float()), "boolean"),
     ],

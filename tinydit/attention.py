@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinydit.validation import check_choice
+
 BACKENDS = ("auto", "sdpa", "flash", "math")
 
 
@@ -21,9 +23,22 @@ def flash_available(q: torch.Tensor) -> bool:
             and q.shape[-1] <= 256 and importlib.util.find_spec("flash_attn") is not None)
 
 
+def _check_qkv(q, k, v) -> None:
+    """q (B, heads, T_q, d), k (B, heads, T_k, d), v (B, heads, T_k, d_v), or a ValueError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name}: expected a (B, heads, T, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v: shapes do not fit together: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (need equal B and heads, equal T for k and v, equal "
+                         "head_dim for q and k)")
+
+
 def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend."""
-    B, _, Tq, _ = q.shape
+    """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend. 2-D (B, T_k): key
+    padding; 3-D (B, T_q, T_k): one mask per sample, shared by the heads; 4-D: used as given."""
+    B, heads, Tq, _ = q.shape
     Tk = k.shape[2]
     if mask.dtype.is_floating_point:  # an additive 0/-inf mask would silently mean the opposite
         raise ValueError("mask: expected a boolean or 0/1 integer mask (True = may attend), got a "
@@ -38,14 +53,17 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
             raise ValueError("mask: every sample needs at least one real (True) key; got a row of "
                              "padding only")
         return mask[:, None, None, :]  # (B, 1, 1, T_k)
+    full = mask[:, None] if mask.ndim == 3 else mask  # (B, 1, T_q, T_k): per sample, not per head
     try:
-        torch.broadcast_shapes(mask.shape, (B, q.shape[1], Tq, Tk))
+        fits = full.ndim == 4 and torch.broadcast_shapes(full.shape, (B, heads, Tq, Tk)) == (B, heads, Tq, Tk)
     except RuntimeError:
-        raise ValueError(f"mask: expected (B, T_k) = {(B, Tk)} or a mask broadcastable to "
-                         f"(B, heads, T_q, T_k) = {(B, q.shape[1], Tq, Tk)}, got {tuple(mask.shape)}") from None
-    if not mask.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
+        fits = False
+    if not fits:
+        raise ValueError(f"mask: expected (B, T_k) = {(B, Tk)}, (B, T_q, T_k) = {(B, Tq, Tk)} or a mask "
+                         f"broadcastable to (B, heads, T_q, T_k) = {(B, heads, Tq, Tk)}, got {tuple(mask.shape)}")
+    if not full.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
         raise ValueError("mask: every query needs at least one key it may attend to; got a row of False")
-    return mask
+    return full
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
@@ -62,20 +80,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               backend: str = "auto", scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017) over (B, heads, T, head_dim) tensors.
 
-    `mask`: None, a (B, T_k) key-padding mask, or a boolean mask broadcastable to
-    (B, heads, T_q, T_k); True / 1 = may attend. `backend`: "auto", "sdpa", "flash" or "math".
-    Returns (B, heads, T_q, head_dim).
+    `mask`: None, a (B, T_k) key-padding mask, a (B, T_q, T_k) mask per sample, or a boolean mask
+    broadcastable to (B, heads, T_q, T_k); True / 1 = may attend. `backend`: "auto", "sdpa",
+    "flash" or "math". Returns (B, heads, T_q, head_dim).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4:
-            raise ValueError(f"{name}: expected a (B, heads, T, head_dim) tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q, k, v: shapes do not fit together: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (need equal B and heads, equal T for k and v, equal "
-                         "head_dim for q and k)")
+    check_choice("backend", backend, BACKENDS)
+    _check_qkv(q, k, v)
     if backend == "auto":
         backend = "flash" if mask is None and flash_available(q) else "sdpa"
     if backend == "flash":
@@ -118,8 +128,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_choice("backend", backend, BACKENDS)
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
