@@ -138,6 +138,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 # Refuse allocations above this many bytes before trying them (a typo such as `--n 100000`).
@@ -178,6 +179,13 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     if maximum is not None and (value > maximum if max_inclusive else value >= maximum):
         raise ValueError(f"{name}: expected a number {'<=' if max_inclusive else '<'} {maximum}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """`value` as a Python bool; numpy booleans accepted. Strings are refused: `"false"` is truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_choice(name: str, value, choices) -> object:

@@ -96,7 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinydit.validation import check_choice
+from tinydit.validation import check_choice, check_int
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
 
@@ -113,15 +113,21 @@ def _check_qkv(q, k, v) -> None:
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name}: expected a (B, heads, T, head_dim) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"q, k, v: expected one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v: shapes do not fit together: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (need equal B and heads, equal T for k and v, equal "
                          "head_dim for q and k)")
 
 
-def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       check_rows: bool = True) -> torch.Tensor:
     """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend. 2-D (B, T_k): key
-    padding; 3-D (B, T_q, T_k): one mask per sample, shared by the heads; 4-D: used as given."""
+    padding; 3-D (B, T_q, T_k): one mask per sample, shared by the heads; 4-D: used as given.
+    `check_rows`: refuse a query with no key to attend to (a value check: a device sync, skipped
+    under torch.compile; models check their masks once per call and pass False)."""
+    check_rows = check_rows and not torch.compiler.is_compiling()
     B, heads, Tq, _ = q.shape
     Tk = k.shape[2]
     if mask.dtype.is_floating_point:  # an additive 0/-inf mask would silently mean the opposite
@@ -133,7 +139,7 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
         if mask.shape != (B, Tk):
             raise ValueError(f"mask: a 2-D mask must be a key-padding mask of shape (B, T_k) = "
                              f"{(B, Tk)}, got {tuple(mask.shape)}")
-        if not mask.any(dim=1).all():
+        if check_rows and not mask.any(dim=1).all():
             raise ValueError("mask: every sample needs at least one real (True) key; got a row of "
                              "padding only")
         return mask[:, None, None, :]  # (B, 1, 1, T_k)
@@ -145,29 +151,30 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> 
     if not fits:
         raise ValueError(f"mask: expected (B, T_k) = {(B, Tk)}, (B, T_q, T_k) = {(B, Tq, Tk)} or a mask "
                          f"broadcastable to (B, heads, T_q, T_k) = {(B, heads, Tq, Tk)}, got {tuple(mask.shape)}")
-    if not full.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
+    if check_rows and not full.any(dim=-1).all():  # softmax over no keys: NaN in one backend, 0 in another
         raise ValueError("mask: every query needs at least one key it may attend to; got a row of False")
     return full
 
 # %%
 # | export attention
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, check_rows: bool = True) -> torch.Tensor:
     """softmax(q kᵀ · scale + M): the (B, heads, T_q, T_k) attention map, written out."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, heads, T_q, T_k)
     if mask is not None:
-        scores = scores.masked_fill(~_as_attention_mask(mask, q, k), float("-inf"))
+        scores = scores.masked_fill(~_as_attention_mask(mask, q, k, check_rows), float("-inf"))
     return scores.softmax(dim=-1)  # (B, heads, T_q, T_k)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+              backend: str = "auto", scale: float | None = None, check_rows: bool = True) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017) over (B, heads, T, head_dim) tensors.
 
     `mask`: None, a (B, T_k) key-padding mask, a (B, T_q, T_k) mask per sample, or a boolean mask
     broadcastable to (B, heads, T_q, T_k); True / 1 = may attend. `backend`: "auto", "sdpa",
-    "flash" or "math". Returns (B, heads, T_q, head_dim).
+    "flash" or "math". `check_rows=False` skips the check that every query has a key (models do it
+    once per forward, not once per block). Returns (B, heads, T_q, head_dim).
     """
     check_choice("backend", backend, BACKENDS)
     _check_qkv(q, k, v)
@@ -183,9 +190,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                               softmax_scale=scale)  # (B, T_q, heads, head_dim)
         return out.transpose(1, 2)  # (B, heads, T_q, head_dim)
     if backend == "sdpa":
-        attn_mask = None if mask is None else _as_attention_mask(mask, q, k)
+        attn_mask = None if mask is None else _as_attention_mask(mask, q, k, check_rows)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return attention_weights(q, k, mask, scale) @ v  # (B, heads, T_q, head_dim)
+    return attention_weights(q, k, mask, scale, check_rows) @ v  # (B, heads, T_q, head_dim)
 
 # %% [markdown]
 # Both CPU backends compute the teaching version's numbers, and masks mean what they say: with
@@ -245,6 +252,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
                  backend: str = "auto"):
         super().__init__()
+        dim, num_heads = check_int("dim", dim, minimum=1), check_int("num_heads", num_heads, minimum=1)
         if dim % num_heads:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         check_choice("backend", backend, BACKENDS)
@@ -312,12 +320,13 @@ from tinydit.attention import BACKENDS, Attention
 from tinydit.checkpoint import (
     check_and_load,
     load_state_dict,
+    read_config,
     resolve_pretrained,
     unwrap_state_dict,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from tinydit.schedules import add_noise
-from tinydit.validation import check_choice, check_finite, check_float, check_int
+from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
 
 class PatchEmbed(nn.Module):
@@ -530,6 +539,7 @@ class TransformerConfig:
         self.mlp_ratio = check_float("mlp_ratio", self.mlp_ratio, minimum=0, min_inclusive=False)
         self.freq_shift = check_float("freq_shift", self.freq_shift)
         self.norm_eps = check_float("norm_eps", self.norm_eps, minimum=0, min_inclusive=False)
+        self.learn_sigma, self.qk_norm = check_bool("learn_sigma", self.learn_sigma), check_bool("qk_norm", self.qk_norm)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads: must divide hidden_size={self.hidden_size}, got {self.num_heads}")
         if self.input_size % self.patch_size:
@@ -625,6 +635,8 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
     if fixed_table and (H > config.input_size or W > config.input_size):
         raise ValueError(f"x: {H}x{W} is larger than the position table allows "
                          f"(input_size={config.input_size}); build the model with a larger input_size")
+    if isinstance(t, (str, bytes)) or t is None:
+        raise TypeError(f"t: expected numeric timesteps (a scalar or a ({B},) tensor), got {type(t).__name__}")
     t = torch.as_tensor(t, device=x.device)
     if t.dtype == torch.bool:
         raise TypeError("t: expected numeric timesteps, got a boolean tensor")
@@ -738,6 +750,7 @@ class DiT(LatentTransformer):
 
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
+        x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
         y = self.labels_for(y, x.shape[0], x.device)  # (B,)
         if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
             self.check_values(x, t, y)
@@ -1114,13 +1127,7 @@ def read_config_json(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"path_or_id: no config.json in {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"path_or_id: {path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"path_or_id: {path} holds a JSON {type(config).__name__}, expected an object")
-    return config
+    return read_config(path)
 
 
 def transformer_kind(config: dict) -> str | None:

@@ -22,12 +22,13 @@ from tinydit.attention import BACKENDS, Attention
 from tinydit.checkpoint import (
     check_and_load,
     load_state_dict,
+    read_config,
     resolve_pretrained,
     unwrap_state_dict,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from tinydit.schedules import add_noise
-from tinydit.validation import check_choice, check_finite, check_float, check_int
+from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
 
 class PatchEmbed(nn.Module):
@@ -147,6 +148,7 @@ class TransformerConfig:
         self.mlp_ratio = check_float("mlp_ratio", self.mlp_ratio, minimum=0, min_inclusive=False)
         self.freq_shift = check_float("freq_shift", self.freq_shift)
         self.norm_eps = check_float("norm_eps", self.norm_eps, minimum=0, min_inclusive=False)
+        self.learn_sigma, self.qk_norm = check_bool("learn_sigma", self.learn_sigma), check_bool("qk_norm", self.qk_norm)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads: must divide hidden_size={self.hidden_size}, got {self.num_heads}")
         if self.input_size % self.patch_size:
@@ -219,6 +221,8 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
     if fixed_table and (H > config.input_size or W > config.input_size):
         raise ValueError(f"x: {H}x{W} is larger than the position table allows "
                          f"(input_size={config.input_size}); build the model with a larger input_size")
+    if isinstance(t, (str, bytes)) or t is None:
+        raise TypeError(f"t: expected numeric timesteps (a scalar or a ({B},) tensor), got {type(t).__name__}")
     t = torch.as_tensor(t, device=x.device)
     if t.dtype == torch.bool:
         raise TypeError("t: expected numeric timesteps, got a boolean tensor")
@@ -330,6 +334,7 @@ class DiT(LatentTransformer):
 
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
+        x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
         y = self.labels_for(y, x.shape[0], x.device)  # (B,)
         if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
             self.check_values(x, t, y)
@@ -451,13 +456,7 @@ def read_config_json(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"path_or_id: no config.json in {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"path_or_id: {path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"path_or_id: {path} holds a JSON {type(config).__name__}, expected an object")
-    return config
+    return read_config(path)
 
 
 def transformer_kind(config: dict) -> str | None:

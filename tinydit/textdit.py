@@ -40,7 +40,7 @@ from tinydit.dit import (
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from tinydit.text import TextEmbeddings
-from tinydit.validation import check_choice, check_finite, check_float, check_int
+from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
 MODULATIONS = ("adaln_single", "adaln_zero")  # the two ways a text-conditioned block is modulated
 
@@ -54,6 +54,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = False,
                  backend: str = "auto"):
         super().__init__()
+        dim, num_heads = check_int("dim", dim, minimum=1), check_int("num_heads", num_heads, minimum=1)
         if dim % num_heads:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         if backend not in BACKENDS:
@@ -79,7 +80,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv_heads(x, context)  # (B, heads, N|T, hd)
-        out = attention(q, k, v, mask=mask, backend=self.backend)  # (B, heads, N, hd)
+        # the model checked its mask once per call; a per-block row check would sync the device
+        out = attention(q, k, v, mask=mask, backend=self.backend, check_rows=False)  # (B, heads, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
@@ -192,6 +194,7 @@ class TextDiTConfig(TransformerConfig):
         self.context_dim = check_int("context_dim", self.context_dim, minimum=1)
         self.pooled_dim = check_int("pooled_dim", self.pooled_dim, minimum=0)
         self.caption_tokens = check_int("caption_tokens", self.caption_tokens, minimum=0)
+        self.micro_conditions = check_bool("micro_conditions", self.micro_conditions)
         if self.micro_conditions and self.hidden_size % 3:
             raise ValueError(f"micro_conditions: need hidden_size divisible by 3 (resolution 2/3 + aspect "
                              f"ratio 1/3 of the width), got hidden_size={self.hidden_size}")
@@ -334,6 +337,7 @@ class TextDiT(LatentTransformer):
                 aspect_ratio=None) -> torch.Tensor:
         t, context, context_mask, pooled, resolution, aspect_ratio = text_dit_inputs(
             self, x, t, context, context_mask, pooled, resolution, aspect_ratio)
+        x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
         if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
             self.check_values(x, t, context, context_mask)
         B, _, H, W = x.shape
