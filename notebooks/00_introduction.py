@@ -121,6 +121,31 @@ print(f"tinydit {tinydit.__version__}, torch {torch.__version__}, device: {devic
 # the CPU on every forward pass and breaks `torch.compile` graphs. Chapters teach each idea first
 # without any guard; the exported versions call these helpers. The module is `tinydit.validation`.
 
+# %% [markdown]
+# The whole convention fits in four lines. Here it is for one case, a positive integer:
+
+# %%
+def positive_int(name, value):
+    """The lesson version: no numpy, no bounds other than 1, no bool special case."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+for ok in (1, 20):
+    assert positive_int("steps", ok) == ok
+try:
+    positive_int("steps", 0)
+except ValueError as e:
+    assert str(e) == "steps: expected an integer >= 1, got 0"
+else:
+    raise AssertionError("0 steps was accepted")
+
+# %% [markdown]
+# The production helpers below add what real callers need: numpy integers (which are not `int`)
+# count as integers, `True` does not (it *is* an `int` in Python, and `steps=True` is a typo, not
+# one step), NaN and infinity are named as such, and each helper returns the value it checked.
+
 # %%
 # | default_exp validation
 
@@ -249,8 +274,20 @@ def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> No
 # Each helper returns the value it checked, so an entry point reads as a short list of facts:
 
 # %%
+import numpy as np
+
 from tinydit.validation import check_float, check_int
 
+for ok in (1, 20, np.int64(20)):  # the production helper agrees with the lesson, and takes numpy ints
+    assert check_int("steps", ok, minimum=1) == positive_int("steps", int(ok))
+for typo in (True, 2.0, "3"):
+    try:
+        check_int("steps", typo, minimum=1)
+    except TypeError as e:
+        print(e)
+        assert str(e).startswith("steps: expected an integer")
+    else:
+        raise AssertionError(f"{typo!r} was accepted as a step count")
 steps = check_int("num_inference_steps", 20, minimum=1)
 try:
     check_float("guidance_scale", float("nan"), minimum=0)
