@@ -68,3 +68,25 @@ def test_ci_runs_the_readme_test_command():
                 if "pytest" in line and not line.strip().startswith("#")]
     assert commands, "README has no test command"
     assert commands[0] in ci, f"README test command {commands[0]!r} not run verbatim by .ci/run"
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "tinydit").glob("*.py")))
+def test_module_reads_top_down(module):
+    """Imports at the top only, and no method attached to a class after its body."""
+    import ast
+
+    source = (ROOT / "tinydit" / module).read_text()
+    tree = ast.parse(source)
+    body_started, late_imports = False, []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if body_started:
+                late_imports.append(node.lineno)
+        elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+            body_started = True
+    assert not late_imports, f"{module}: imports in the middle of the module at lines {late_imports}"
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    attached = [f"line {n.lineno}" for n in tree.body if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id in classes]
+    assert not attached, f"{module}: attributes bound onto a class after its body ({attached})"
