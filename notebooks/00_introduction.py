@@ -162,6 +162,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import numpy as np
 import torch
@@ -262,6 +263,18 @@ def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> to
     if shape is not None and tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
     return mask
+
+
+def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError) -> Exception:
+    """Run `call` and require `error` with a message matching the regex `pattern`; print and return
+    it. The chapters show every expected error this way, so a check fails when no error comes."""
+    try:
+        call()
+    except error as e:
+        print(f"{type(e).__name__}: {e}")
+        assert re.search(pattern, str(e)), f"message {str(e)!r} does not match {pattern!r}"
+        return e
+    raise AssertionError(f"expected {error} matching {pattern!r}, but no error was raised")
 
 
 def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> None:

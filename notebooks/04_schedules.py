@@ -39,22 +39,12 @@ FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller
 
 # %%
 import math
-import re
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-
-def expect_error(call, pattern, error=ValueError):
-    """Run `call`, require `error` with a message matching `pattern`, print it."""
-    try:
-        call()
-    except error as e:
-        print(f"{type(e).__name__}: {e}")
-        assert re.search(pattern, str(e)), f"message {str(e)!r} does not match {pattern!r}"
-    else:
-        raise AssertionError(f"expected {error.__name__} matching {pattern!r}")
+from tinydit.validation import expect_error  # the chapters' way to show an expected error
 
 # %% [markdown]
 # ## β schedules and $\bar\alpha_t$

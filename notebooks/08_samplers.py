@@ -35,7 +35,6 @@ FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller
 # %%
 import inspect
 import math
-import re
 import time
 
 import matplotlib.pyplot as plt
@@ -46,15 +45,7 @@ from tinydit import data, dit, schedules, vae
 
 torch.set_num_threads(1)  # this chapter's tensors are tiny: one thread beats two contending for them
 
-def expect_error(call, pattern, error=ValueError):
-    """Run `call`, require `error` with a message matching `pattern`, print it."""
-    try:
-        call()
-    except error as e:
-        print(f"{type(e).__name__}: {e}")
-        assert re.search(pattern, str(e)), f"message {str(e)!r} does not match {pattern!r}"
-    else:
-        raise AssertionError(f"expected {error.__name__} matching {pattern!r}")
+from tinydit.validation import expect_error  # the chapters' way to show an expected error
 
 # %% [markdown]
 # ## 1. One interface: the denoiser
