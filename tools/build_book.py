@@ -68,12 +68,12 @@ def execute(ipynb: Path, cache: Path, key: str, full: bool, timeout: int) -> Pat
     """Run `ipynb` top to bottom (or reuse the cached run with the same key); returns the executed file."""
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     cached = cache / f"{ipynb.stem}-{key[:16]}.ipynb"
     if cached.is_file():
         print(f"  {ipynb.stem}: cached")
         return cached
-    nb = nbformat.read(ipynb, as_version=4)
     env_before = os.environ.get("TINYDIT_FAST")
     os.environ["TINYDIT_FAST"] = "0" if full else "1"
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -81,8 +81,16 @@ def execute(ipynb: Path, cache: Path, key: str, full: bool, timeout: int) -> Pat
     try:
         run_dir = cache / "run" / ipynb.stem  # notebooks may write files; keep them out of the repo
         run_dir.mkdir(parents=True, exist_ok=True)
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(run_dir)}}).execute()
+        for attempt in (1, 2):  # a kernel that dies or stops answering gets one fresh start
+            nb = nbformat.read(ipynb, as_version=4)
+            try:
+                NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                               resources={"metadata": {"path": str(run_dir)}}).execute()
+                break
+            except (DeadKernelError, CellTimeoutError) as e:
+                if attempt == 2:
+                    raise
+                print(f"  {ipynb.stem}: {type(e).__name__} ({str(e)[:200]}); restarting the kernel once")
     finally:
         if env_before is None:
             os.environ.pop("TINYDIT_FAST", None)
@@ -95,7 +103,7 @@ def execute(ipynb: Path, cache: Path, key: str, full: bool, timeout: int) -> Pat
     return cached
 
 
-def stage(out: Path, run: bool, full: bool, timeout: int = 1800) -> Path:
+def stage(out: Path, run: bool, full: bool, timeout: int | None = None) -> Path:
     import jupytext
 
     src = out / "_src"
@@ -108,6 +116,8 @@ def stage(out: Path, run: bool, full: bool, timeout: int = 1800) -> Path:
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, src / item.name)
     cache = out / ".executed"
     cache.mkdir(parents=True, exist_ok=True)
+    if timeout is None:  # per cell: fast cells take seconds, book-size training cells up to an hour
+        timeout = 3600 if full else 600
     digest = package_digest()
     for nb in notebooks():
         notebook = jupytext.read(nb, fmt="py:percent")
