@@ -265,3 +265,16 @@ def test_cli_train_refuses_to_overwrite_a_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinydit", "train", "--out", str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_evaluate_prints_the_table(tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "tinydit", "evaluate", "--n", "4", "--steps", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| HELD_OUT pairs |" in r.stdout and "Fréchet distance" in r.stdout
+    result = json.loads(out.read_text())["result"]
+    assert set(result["accuracy"]) == {"seen", "held_out", "two"} and result["n"] == 4
+    bad = subprocess.run([sys.executable, "-m", "tinydit", "evaluate", "--sampler", "nope", "--n", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope" in bad.stderr and "dpmpp_2m" in bad.stderr and "Traceback" not in bad.stderr

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+import tinydit
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser
 from tinydit.samplers import get_sampler
@@ -29,7 +30,7 @@ from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool, check_choice, check_float, check_int
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
-BOOK_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "book_model"
+BOOK_MODEL_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_model"
 
 
 @dataclass
@@ -50,7 +51,7 @@ class TrainConfig:
     # data: the shapes world's train split (never a HELD_OUT pair), encoded once
     n_train: int = 100_000  # scenes; 6,000 steps of 128 see each about 8 times
     data_seed: int = 0
-    cache: bool = True  # VAE latents and text tokens computed once (measured 4x faster per step)
+    cache: bool = True  # VAE latents and text tokens computed once (section 3 measures the saving)
     # optimisation
     steps: int = 6000  # 44 min at 0.435 s/step on 2 idle cores (+3 min of encoding)
     batch_size: int = 128  # the global batch: split over the processes of torchrun
@@ -172,6 +173,9 @@ class EncodedData:
     def __len__(self) -> int:
         return len(self.latents)
 
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.latents[idx], self.tokens[idx], self.mask[idx]  # (B, 4, 8, 8), (B, T, 96), (B, T)
+
 
 def _pad_tokens(emb: TextEmbeddings, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, D = emb.tokens.shape
@@ -202,6 +206,27 @@ def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, 
     T = int(mask.sum(1).max())  # trim the padding no caption uses
     empty_tokens, empty_mask = encode_batch(torch.zeros(1, 3, 32, 32), [""], vae, text_encoder, length=T)[1:]
     return EncodedData(latents, tokens[:, :T].contiguous(), mask[:, :T].contiguous(), empty_tokens[0], empty_mask[0])
+
+
+class StreamingData:
+    """The uncached alternative (`TrainConfig(cache=False)`): render and encode each batch when it is
+    drawn. Same interface as `EncodedData`; costs encoder time every step, no memory."""
+
+    def __init__(self, dataset, vae=None, text_encoder=None):
+        if len(dataset) == 0:
+            raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
+        self.dataset = dataset
+        self.vae = vae if vae is not None else load_book_vae()
+        self.text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
+        _, tokens, mask = encode_batch(torch.zeros(1, 3, 32, 32), [""], self.vae, self.text_encoder)
+        self.empty_tokens, self.empty_mask = tokens[0], mask[0]  # padded to the encoder's max_length
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, captions = zip(*(self.dataset[int(i)] for i in idx))
+        return encode_batch(torch.stack(images), list(captions), self.vae, self.text_encoder)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -391,9 +416,11 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.objective = Objective.from_config(config)
-        self.data = data if data is not None else encode_dataset(
-            ShapesDataset(config.n_train, seed=config.data_seed, split="train"), disable=disable or self.rank > 0)
-        self.model = build_model(config, self.data.tokens.shape[-1]).to(self.device).train()
+        if data is None:
+            dataset = ShapesDataset(config.n_train, seed=config.data_seed, split="train")
+            data = encode_dataset(dataset, disable=disable or self.rank > 0) if config.cache else StreamingData(dataset)
+        self.data = data
+        self.model = build_model(config, data.empty_tokens.shape[-1]).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         decay, rest = [], []  # no weight decay on norms, biases and the adaLN tables (PixArt, nanoGPT)
         for p in self.model.parameters():
@@ -417,15 +444,16 @@ class Trainer:
         """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
         cfg, d = self.cfg, self.data
         idx = batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
+        share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
         g = step_generator(cfg.seed, step)
-        noise = torch.randn(d.latents[idx].shape, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
+        noise = torch.randn(len(idx), 4, 8, 8, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
         u, normal = torch.rand(len(idx), generator=g), torch.randn(len(idx), generator=g)  # (B,), (B,)
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout  # (B,) train on "" instead
-        tokens = torch.where(drop[:, None, None], d.empty_tokens, d.tokens[idx])  # (B, T, 96)
-        mask = torch.where(drop[:, None], d.empty_mask, d.mask[idx])  # (B, T)
-        share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
-        parts = (d.latents[idx], noise, u, normal, tokens, mask)
-        return [p[share].to(self.device) for p in parts]
+        latents, tokens, mask = d.take(idx[share])  # this process's rows only
+        tokens = torch.where(drop[share, None, None], d.empty_tokens, tokens)  # (b, T, 96)
+        mask = torch.where(drop[share, None], d.empty_mask, mask)  # (b, T)
+        parts = (latents, noise[share], u[share], normal[share], tokens, mask)
+        return [p.to(self.device) for p in parts]
 
     def loss(self, step: int) -> torch.Tensor:
         x0, noise, u, normal, tokens, mask = self.batch(step)
@@ -541,9 +569,14 @@ class GuidedDenoiser(nn.Module):
         return uncond + self.scale * (cond - uncond)
 
 
+DEFAULT_SAMPLER = "dpmpp_2m"  # chapter 08's second-order multistep solver: one model call per step
+DEFAULT_STEPS = 20  # NFE of the issue's targets
+DEFAULT_GUIDANCE = 3.0  # chosen from the sweep in section 10
+
+
 @torch.no_grad()
 def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: list[int] | None = None,
-             steps: int = 20, guidance_scale: float = 3.0, sampler: str = "dpmpp_2m", vae=None,
+             steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, vae=None,
              text_encoder=None, disable: bool | None = True, return_latents: bool = False) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [-1, 1] for a list of captions: noise from `seeds` (one per caption,
     drawn on the CPU), `steps` model evaluations of chapter 08's `sampler`, CFG at `guidance_scale`."""
