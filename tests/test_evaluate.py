@@ -12,8 +12,6 @@ from tinydit import data
 from tinydit import evaluate as ev
 
 
-
-
 def render(scene):
     return data.pil_to_tensor(data.render_scene(scene))  # (3, 32, 32)
 
