@@ -38,7 +38,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinydit import attention, cli, data, dit, embeddings, schedules, text, textdit, vae
+from tinydit import (
+    attention,
+    cli,
+    data,
+    dit,
+    embeddings,
+    evaluate,
+    schedules,
+    text,
+    textdit,
+    train,
+    vae,
+)
 from tinydit.checkpoint import WeightsMismatchError
 
 NAN, INF = float("nan"), float("inf")
@@ -681,6 +693,289 @@ def _numpy_ints_are_numbers():
     assert data.image_grid(imgs(), cols=np.int64(1), scale=np.int16(2)).size[0] > 0
 
 
+# ---- chapter 09: training and evaluation ----------------------------------------------------
+# Nothing trains: a checkpoint and a snapshot are written from a freshly built Trainer (its step and
+# losses set by hand), the book model is a random one-block TextDiT, images are real renders.
+
+
+def train_cfg(**changes) -> train.TrainConfig:
+    """A one-block, 32-wide book model on 8 scenes, 4 steps of 4 (never run to the end here)."""
+    base = dict(hidden_size=32, depth=1, num_heads=2, n_train=8, steps=4, batch_size=4, warmup_steps=1,
+                checkpoint_every=1, snapshot_every=0)
+    return train.TrainConfig.fast(**{**base, **changes})
+
+
+def _set(cfg: train.TrainConfig, **changes) -> train.TrainConfig:
+    """A config changed after its checks ran (TrainConfig refuses patch_size=3 itself)."""
+    for name, value in changes.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def encoded_data(n: int = 8, side: int = 8, mask_dtype=torch.bool) -> train.EncodedData:
+    """Random stand-ins for the encoded training set: latents (n, 4, side, side), 4 tokens of 96."""
+    g = torch.Generator().manual_seed(0)
+    empty_mask = torch.zeros(4, dtype=torch.bool)
+    empty_mask[0] = True
+    return train.EncodedData(torch.randn(n, 4, side, side, generator=g), torch.randn(n, 4, 96, generator=g),
+                             torch.ones(n, 4, dtype=mask_dtype), torch.zeros(4, 96), empty_mask.to(mask_dtype))
+
+
+def tiny_trainer(cfg=None, out=None, data_=None) -> train.Trainer:
+    return train.Trainer(cfg or train_cfg(), out_dir=out, data=encoded_data() if data_ is None else data_,
+                         device="cpu", disable=True)
+
+
+@functools.cache
+def tiny_run() -> Path:
+    """A run folder holding checkpoints/step-0000003.pt (random weights, 3 losses) and an EMA snapshot."""
+    out = work() / "train09" / "run"
+    t = tiny_trainer(out=out)
+    randomize(t.model)
+    t.step, t.losses = 3, [1.0, 0.9, 0.8]
+    t.save_checkpoint()
+    t.save_snapshot()
+    return out
+
+
+def last_checkpoint() -> Path:
+    return train.checkpoints(tiny_run() / "checkpoints")[-1]
+
+
+def checkpoint_bytes(name: str, transform) -> Path:
+    """The tiny run's checkpoint with its bytes transformed (truncated, emptied)."""
+    return _file(f"train09/ckpt/{name}", transform(last_checkpoint().read_bytes()))
+
+
+def _resume_round_trip():
+    t = tiny_trainer().resume(last_checkpoint())
+    saved = torch.load(last_checkpoint(), weights_only=True)
+    assert t.step == 3 and t.losses == [1.0, 0.9, 0.8], f"resumed at step {t.step} with losses {t.losses}"
+    assert all(torch.equal(v, saved["model"][k]) for k, v in t.model.state_dict().items()), "weights differ"
+
+
+@functools.cache
+def tiny_book_model() -> textdit.TextDiT:
+    torch.manual_seed(0)
+    return randomize(train.build_model(train_cfg())).eval()
+
+
+@functools.cache
+def book_model_folder() -> Path:
+    return train.save_book_model(tiny_book_model(), work() / "train09" / "book" / "ok", train_cfg())
+
+
+def book_model_variant(name: str, edit) -> Path:
+    """A copy of the tiny book-model folder, changed by `edit(folder)`."""
+    folder = work() / "train09" / "book" / name
+    if not folder.exists():
+        shutil.copytree(book_model_folder(), folder)
+        edit(folder)
+    return folder
+
+
+def _replace(name: str, content):
+    def edit(folder: Path) -> None:
+        target = folder / name
+        if content is None:
+            target.unlink()
+        elif isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content if isinstance(content, str) else json.dumps(content(folder)))
+    return edit
+
+
+BOOK_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _nan_book_weights(folder: Path) -> None:
+    sd = load_file(str(folder / BOOK_WEIGHTS))
+    save_file({k: torch.full_like(v, NAN) for k, v in sd.items()}, str(folder / BOOK_WEIGHTS))
+
+
+def _book_model_loads_in_eval_mode():
+    model, objective = train.load_book_model(book_model_folder())
+    assert not model.training, "load_book_model returned a model in training mode"
+    assert objective.kind == "v_prediction", f"objective {objective.kind!r}, saved 'v_prediction'"
+    x, t, c = latent(2), torch.tensor([10, 500]), ctx(2, 4, 96)
+    assert torch.allclose(model(x, t, context=c), tiny_book_model()(x, t, context=c), atol=1e-5), "weights differ"
+
+
+def _atomic_write_failure_keeps_old_file():
+    path = _file("train09/atomic/f.txt", b"old")
+
+    def half_then_fail(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.atomic_write(path, half_then_fail)
+    assert path.read_text() == "old", "a failed atomic_write changed the file"
+    left = sorted(p.name for p in path.parent.iterdir() if p != path)
+    assert not left, f"a failed atomic_write left {left}"
+
+
+def _checkpoints_skip_temp_files():
+    folder = work() / "train09" / "listing"
+    for name in ("step-0000001.pt", ".step-0000002.pt.tmp-123", "notes.txt"):
+        _file(f"train09/listing/{name}", b"x")
+    names = [p.name for p in train.checkpoints(folder)]
+    assert names == ["step-0000001.pt"], f"checkpoints() listed {names}"
+
+
+@functools.cache
+def book_encoders():
+    return vae.load_book_vae(), text.load_book_text_encoder()
+
+
+def generate_tiny(captions=None, seeds=None, **kw):
+    """`train.generate` with the tiny book model, 2 steps, the book VAE and text encoder."""
+    model, objective = kw.pop("model", tiny_book_model()), kw.pop("objective", train.Objective())
+    captions = ["a red circle", "a blue square"] if captions is None else captions
+    v, enc = book_encoders()
+    return train.generate(model, objective, captions, seeds, vae=v, text_encoder=enc, **{"steps": 2, **kw})
+
+
+def renders(n: int = 2, side: int = 32) -> torch.Tensor:
+    """Real renders (n, 3, side, side) in [-1, 1] of the first test-split scenes."""
+    return torch.stack([data.pil_to_tensor(data.render_scene(data.sample_scene(0, "test", i), side)) for i in range(n)])
+
+
+def render_generator(drop: int = 0):
+    """A `generate` for `evaluate` that draws the real scene of each seed (dropping `drop` images)."""
+    def draw(captions, seeds):
+        return torch.stack([data.pil_to_tensor(data.render_scene(data.sample_scene(0, "test", s), 32))
+                            for s in seeds])[drop:]
+    return draw
+
+
+def _read_image_float64_equals_float32():
+    x = renders(1)[0]
+    assert evaluate.read_image(x.double()) == evaluate.read_image(x), "a float64 image reads differently"
+
+
+def _frechet_distance_of_a_set_with_itself_is_zero():
+    f = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    assert evaluate.frechet_distance(f, f.clone()) < 1e-6
+    assert evaluate.frechet_distance(f.numpy().astype(np.float16), f.numpy().astype(np.float16)) < 1e-6
+
+
+def _train_book_model_resume_nothing():
+    with mock.patch.object(train, "encode_dataset", lambda *a, **k: encoded_data()):
+        train.train_book_model(train_cfg(), out_dir=work() / "train09" / "no_run", resume=True, disable=True)
+
+
+def cli_main_no_work(*argv: str):
+    """`cli_main` with chapter 09's training and evaluation replaced by an assertion: a refused flag
+    must be found before the dataset is encoded or the first image generated."""
+    started = AssertionError("training or evaluation started before the flags were checked")
+    with mock.patch.object(train, "train_book_model", side_effect=started), \
+            mock.patch.object(evaluate, "evaluate", side_effect=started):
+        cli_main(*argv)
+
+
+# ---- chapter 09, second pass: edited checkpoints, mismatched models, wrong-but-plausible calls
+
+
+def checkpoint_edit(name: str, edit) -> Path:
+    """The tiny run's checkpoint loaded, changed by `edit(state)`, saved again."""
+    state = torch.load(last_checkpoint(), weights_only=True)
+    edit(state)
+    path = work() / "train09" / "ckpt" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def _nan_model(state: dict) -> None:
+    state["model"] = {k: torch.full_like(v, NAN) for k, v in state["model"].items()}
+
+
+def x0_noise_u(b: int = 2, u=None):
+    x0 = torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x0, torch.randn_like(x0), torch.rand(b) if u is None else u, torch.zeros(b)
+
+
+def two_models():
+    return train.build_model(train_cfg()), train.build_model(train_cfg(seed=1))
+
+
+def _ema_decay(decay):
+    def call():
+        ema, model = two_models()
+        train.ema_update(ema, model, decay, 100)
+        assert all(torch.isfinite(p).all() for p in ema.parameters()), f"ema_update(decay={decay}) made NaN weights"
+    return call
+
+
+def _save_book_model_with_other_config():
+    """The weights are 32 wide, the config says 64: the folder would not rebuild these weights."""
+    train.save_book_model(tiny_book_model(), work() / "train09" / "book" / "mismatch", train_cfg(hidden_size=64))
+
+
+def _train_until_before_current_step():
+    tiny_trainer().resume(last_checkpoint()).train(until=1)  # resumed at step 3
+
+
+def _train_book_model_into_existing_run():
+    out = work() / "train09" / "existing"
+    if not out.exists():
+        shutil.copytree(tiny_run(), out)
+    with mock.patch.object(train, "encode_dataset", lambda *a, **k: encoded_data()):
+        train.train_book_model(train_cfg(seed=5), out_dir=out, disable=True)
+
+
+def _train_book_model_unwritable():
+    with mock.patch.object(train, "encode_dataset", lambda *a, **k: encoded_data()):
+        train.train_book_model(train_cfg(), out_dir=unwritable("tbm"), disable=True)
+
+
+def _encode_dataset_16px():
+    out = train.encode_dataset(data.ShapesDataset(2, size=16), *book_encoders(), disable=True)
+    raise AssertionError(f"16x16 images encoded to latents {tuple(out.latents.shape)} (training needs 4x8x8)")
+
+
+def _stream_none():
+    train.StreamingData(None, *book_encoders())
+
+
+def _reader_accuracy_corrupt_drops_images():
+    acc = evaluate.reader_accuracy(n=3, corrupt=lambda x: x[:1])
+    raise AssertionError(f"corrupt returned 1 of 3 images; scored anyway: {acc['seen']}")
+
+
+def _evaluate_model_objective_replaced():
+    """model=None loads the book model AND its objective: the one passed would be dropped."""
+    with mock.patch.object(evaluate, "evaluate", return_value=None):
+        evaluate.evaluate_model(None, train.Objective("flow"), n=1)
+
+
+def _generate_one_string():
+    images = train.generate(tiny_book_model(), train.Objective(), "a red", vae=book_encoders()[0],
+                            text_encoder=book_encoders()[1], steps=2)
+    raise AssertionError(f"captions='a red' made {len(images)} images, one per character")
+
+
+def _evaluate_run_snapshot_name():
+    run = work() / "train09" / "run_badname"
+    target = run / "snapshots" / "step-final"
+    if not target.exists():
+        shutil.copytree(book_model_folder(), target)
+    with mock.patch.object(evaluate, "evaluate_model", return_value=mock.Mock(as_dict=dict)):
+        evaluate.evaluate_run(run, n=1)
+
+
+def _noised_u_negative():
+    _, step, _, _ = train.Objective().noised(*x0_noise_u(u=torch.tensor([-0.5, 0.5])))
+    assert (step >= 0).all(), f"u=-0.5 gave DDPM step {step.tolist()} (a negative index wraps around)"
+
+
+def dit_x0_3d():
+    x0 = torch.zeros(4, 8, 8)
+    return train.Objective().noised(x0, x0, torch.rand(4), torch.zeros(4))
+
+
 # --------------------------------------------------------------------------------------------
 # The table: (id, callable, expected exception type(s), message regex); None, None = behaviour.
 # --------------------------------------------------------------------------------------------
@@ -1069,6 +1364,280 @@ CASES = [
     ("cli.train_text_encoder.steps_negative", lambda: cli_main("train-text-encoder", "--steps", "-3"), CliRefused, one_line("--steps")),
     ("cli.process.dataset_size_huge", lambda: cli_process("dataset", "--size", "100000"), CliRefused, one_line("--size")),
     ("cli.process.train_vae_out_unwritable", lambda: cli_process("train-vae", "--steps", "1", "--out", unwritable("vae")), CliRefused, one_line("--out")),
+
+    # ---- chapter 09: training and evaluation (tinydit.train, tinydit.evaluate, the CLI) ------
+    ("train.TrainConfig.hidden_zero", lambda: train.TrainConfig(hidden_size=0), VE, r"^hidden_size: "),
+    ("train.TrainConfig.hidden_bool", lambda: train.TrainConfig(hidden_size=True), TE, r"^hidden_size: "),
+    ("train.TrainConfig.depth_float", lambda: train.TrainConfig(depth=2.0), TE, r"^depth: "),
+    ("train.TrainConfig.heads_indivisible", lambda: train.TrainConfig(hidden_size=64, num_heads=5), VE, r"^hidden_size, num_heads: "),
+    ("train.TrainConfig.steps_zero", lambda: train.TrainConfig(steps=0), VE, r"^steps: "),
+    ("train.TrainConfig.steps_str", lambda: train.TrainConfig(steps="100"), TE, r"^steps: "),
+    ("train.TrainConfig.batch_negative", lambda: train.TrainConfig(batch_size=-4), VE, r"^batch_size: "),
+    ("train.TrainConfig.n_train_bool", lambda: train.TrainConfig(n_train=True), TE, r"^n_train: "),
+    ("train.TrainConfig.keep_last_zero", lambda: train.TrainConfig(keep_last=0), VE, r"^keep_last: "),
+    ("train.TrainConfig.seed_negative", lambda: train.TrainConfig(seed=-1), VE, r"^seed: "),
+    ("train.TrainConfig.warmup_float", lambda: train.TrainConfig(warmup_steps=0.5), TE, r"^warmup_steps: "),
+    ("train.TrainConfig.objective_unknown", lambda: train.TrainConfig(objective="x0"), VE, r"^objective: "),
+    ("train.TrainConfig.mixed_precision_fp16", lambda: train.TrainConfig(mixed_precision="fp16"), VE, r"^mixed_precision: "),
+    ("train.TrainConfig.lr_nan", lambda: train.TrainConfig(lr=NAN), VE, r"^lr: "),
+    ("train.TrainConfig.lr_zero", lambda: train.TrainConfig(lr=0), VE, r"^lr: "),
+    ("train.TrainConfig.lr_str", lambda: train.TrainConfig(lr="1e-4"), TE, r"^lr: "),
+    ("train.TrainConfig.caption_dropout_above_1", lambda: train.TrainConfig(caption_dropout=1.5), VE, r"^caption_dropout: "),
+    ("train.TrainConfig.ema_decay_nan", lambda: train.TrainConfig(ema_decay=NAN), VE, r"^ema_decay: "),
+    ("train.TrainConfig.ema_decay_above_1", lambda: train.TrainConfig(ema_decay=1.5), VE, r"^ema_decay: "),
+    ("train.TrainConfig.grad_clip_zero", lambda: train.TrainConfig(grad_clip=0), VE, r"^grad_clip: "),
+    ("train.TrainConfig.grad_clip_inf", lambda: train.TrainConfig(grad_clip=INF), VE, r"^grad_clip: "),
+    ("train.TrainConfig.min_snr_nan", lambda: train.TrainConfig(min_snr_gamma=NAN), VE, r"^min_snr_gamma: "),
+    ("train.TrainConfig.zero_snr_str", lambda: train.TrainConfig(zero_terminal_snr="false"), TE, r"^zero_terminal_snr: "),
+    ("train.TrainConfig.zero_snr_epsilon", lambda: train.TrainConfig(objective="epsilon", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
+    ("train.TrainConfig.fast_unknown_field", lambda: train.TrainConfig.fast(stepz=5), TE, r"\bstepz\b"),
+    ("train.TrainConfig.fast_bad_override", lambda: train.TrainConfig.fast(steps=0), VE, r"^steps: "),
+    ("train.Objective.kind_unknown", lambda: train.Objective("x0"), VE, r"^objective: "),
+    ("train.Objective.timesteps_one", lambda: train.Objective(num_train_timesteps=1), VE, r"^num_train_timesteps: "),
+    ("train.Objective.min_snr_negative", lambda: train.Objective(min_snr_gamma=-1), VE, r"^min_snr_gamma: "),
+    ("train.encode_dataset.empty", lambda: train.encode_dataset([], *book_encoders()), VE, r"^dataset: .*no samples"),
+    ("train.encode_dataset.caption_none", lambda: train.encode_dataset([(renders(1)[0], "a"), (renders(1)[0], None)], *book_encoders(), disable=True), VE, r"^prompts\[1\]: "),
+    ("train.encode_dataset.image_0_255", lambda: train.encode_dataset([(renders(1)[0] * 127.5 + 127.5, "a")], *book_encoders(), disable=True), VE, r"^x: .*0-255"),
+    ("train.StreamingData.empty", lambda: train.StreamingData([], *book_encoders()), VE, r"^dataset: .*no samples"),
+    ("train.build_model.context_zero", lambda: train.build_model(train_cfg(), context_dim=0), VE, r"^context_dim: "),
+    ("train.build_model.context_float", lambda: train.build_model(train_cfg(), context_dim=96.0), TE, r"^context_dim: "),
+    ("train.build_model.patch_size_3", lambda: train.build_model(_set(train_cfg(), patch_size=3)), VE, r"^input_size: .*patch_size=3"),
+    ("train.atomic_write.failure_keeps_old_file", _atomic_write_failure_keeps_old_file, None, None),
+    ("train.save_book_model.unwritable", lambda: train.save_book_model(tiny_book_model(), unwritable("book"), train_cfg()), OSError, r"a_regular_file"),
+    ("train.read_train_config.missing", lambda: train.read_train_config(work() / "train09" / "nothing"), FileNotFoundError, r"^folder: .*training\.json"),
+    ("train.read_train_config.bad_value", lambda: train.read_train_config(book_model_variant("train_steps_0", _replace("training.json", lambda f: {"config": {"steps": 0}}))), VE, r"^steps: "),
+    ("train.load_book_model.behaves", _book_model_loads_in_eval_mode, None, None),
+    ("train.load_book_model.missing", lambda: train.load_book_model(work() / "train09" / "no_book"), FileNotFoundError, r"^folder: no book model"),
+    ("train.load_book_model.a_file", lambda: train.load_book_model(a_regular_file()), FileNotFoundError, r"^folder: no book model"),
+    ("train.load_book_model.no_weights", lambda: train.load_book_model(book_model_variant("no_weights", _replace(BOOK_WEIGHTS, None))), FileNotFoundError, r"^path_or_id: no diffusion_pytorch_model"),
+    ("train.load_book_model.empty_weights", lambda: train.load_book_model(book_model_variant("empty_weights", _replace(BOOK_WEIGHTS, b""))), VE, r"^path: .*corrupt"),
+    ("train.load_book_model.truncated_weights", lambda: train.load_book_model(book_model_variant("truncated_weights", _replace(BOOK_WEIGHTS, valid_safetensors_bytes()[:500]))), VE, r"^path: .*corrupt"),
+    ("train.load_book_model.nan_weights", lambda: train.load_book_model(book_model_variant("nan_weights", _nan_book_weights)), VE, r"NaN or infinite"),
+    ("train.load_book_model.config_junk", lambda: train.load_book_model(book_model_variant("config_junk", _replace("config.json", "junk"))), VE, r"^path_or_id: .*config\.json"),
+    ("train.load_book_model.config_deeper", lambda: train.load_book_model(book_model_variant("config_deeper", _replace("config.json", lambda f: {**json.loads((book_model_folder() / "config.json").read_text()), "num_layers": 2}))), WeightsMismatchError, r"does not fit"),
+    ("train.load_book_model.no_training_json", lambda: train.load_book_model(book_model_variant("no_training_json", _replace("training.json", None))), FileNotFoundError, r"^folder: no training\.json"),
+    ("train.checkpoints.skip_temp_files", _checkpoints_skip_temp_files, None, None),
+    ("train.Trainer.mask_float", lambda: tiny_trainer(data_=encoded_data(mask_dtype=torch.float32)).train(until=1), TE, r"^context_mask: "),
+    ("train.train.until_negative", lambda: tiny_trainer().train(until=-1), VE, r"^until: "),
+    ("train.train.until_beyond_steps", lambda: tiny_trainer().train(until=5), VE, r"^until: .*<= 4"),
+    ("train.train.until_float", lambda: tiny_trainer().train(until=1.0), TE, r"^until: "),
+    ("train.train.until_bool", lambda: tiny_trainer().train(until=True), TE, r"^until: "),
+    ("train.resume.round_trip", _resume_round_trip, None, None),
+    ("train.resume.missing_file", lambda: tiny_trainer().resume(work() / "train09" / "nope.pt"), FileNotFoundError, r"^resume: no checkpoint file"),
+    ("train.resume.a_folder", lambda: tiny_trainer().resume(work()), FileNotFoundError, r"^resume: no checkpoint file"),
+    ("train.resume.no_out_dir", lambda: tiny_trainer().resume(), FileNotFoundError, r"^resume: no checkpoint"),
+    ("train.resume.empty_run", lambda: tiny_trainer(out=work() / "train09" / "empty_run").resume(), FileNotFoundError, r"^resume: no checkpoint \(step-\*\.pt\)"),
+    ("train.resume.other_seed", lambda: tiny_trainer(train_cfg(seed=3)).resume(last_checkpoint()), VE, r"^resume: .*different run \(seed: checkpoint 0, this run 3\)"),
+    ("train.resume.other_width", lambda: tiny_trainer(train_cfg(hidden_size=64)).resume(last_checkpoint()), VE, r"^resume: .*different run \(hidden_size: checkpoint 32, this run 64\)"),
+    ("train.train_book_model.resume_nothing", _train_book_model_resume_nothing, FileNotFoundError, r"^resume: no checkpoint"),
+    ("train.GuidedDenoiser.scale_nan", lambda: train.GuidedDenoiser(torch.nn.Identity(), NAN), VE, r"^guidance_scale: "),
+    ("train.GuidedDenoiser.scale_negative", lambda: train.GuidedDenoiser(torch.nn.Identity(), -1), VE, r"^guidance_scale: "),
+    ("train.GuidedDenoiser.scale_str", lambda: train.GuidedDenoiser(torch.nn.Identity(), "3"), TE, r"^guidance_scale: "),
+    ("train.GuidedDenoiser.scale_bool", lambda: train.GuidedDenoiser(torch.nn.Identity(), True), TE, r"^guidance_scale: "),
+    ("train.generate.seeds_too_many", lambda: generate_tiny(seeds=[1, 2, 3]), VE, r"^seeds: .*\(2\), got 3"),
+    ("train.generate.seeds_too_few", lambda: generate_tiny(seeds=[1]), VE, r"^seeds: .*\(2\), got 1"),
+    ("train.generate.guidance_nan", lambda: generate_tiny(guidance_scale=NAN), VE, r"^guidance_scale: "),
+    ("train.generate.guidance_inf", lambda: generate_tiny(guidance_scale=INF), VE, r"^guidance_scale: "),
+    ("train.generate.guidance_negative", lambda: generate_tiny(guidance_scale=-2.0), VE, r"^guidance_scale: "),
+    ("train.generate.captions_empty", lambda: generate_tiny(captions=[]), VE, r"^prompts: "),
+    ("train.generate.caption_none", lambda: generate_tiny(captions=["a red circle", None]), VE, r"^prompts\[1\]: "),
+    ("train.generate.sampler_unknown", lambda: generate_tiny(sampler="ddim_magic"), VE, r"^sampler: .*ddim_magic"),
+    ("evaluate.read_image.uint8", lambda: evaluate.read_image(torch.zeros(3, 32, 32, dtype=torch.uint8)), TE, r"^image: .*floating"),
+    ("evaluate.read_image.bool", lambda: evaluate.read_image(torch.zeros(3, 32, 32, dtype=torch.bool)), TE, r"^image: .*floating"),
+    ("evaluate.read_image.batch", lambda: evaluate.read_image(renders(1)), VE, r"^image: .*\(3, H, W\).*\(1, 3, 32, 32\)"),
+    ("evaluate.read_image.hwc", lambda: evaluate.read_image(renders(1)[0].permute(1, 2, 0)), VE, r"^image: .*\(32, 32, 3\)"),
+    ("evaluate.read_image.one_channel", lambda: evaluate.read_image(torch.zeros(1, 32, 32)), VE, r"^image: "),
+    ("evaluate.read_image.too_small", lambda: evaluate.read_image(torch.zeros(3, 4, 4)), VE, r"^image: .*>= 8"),
+    ("evaluate.read_image.nan", lambda: evaluate.read_image(with_value(renders(1)[0], NAN)), VE, r"^image: .*NaN"),
+    ("evaluate.read_image.numpy", lambda: evaluate.read_image(np.zeros((3, 32, 32), np.float32)), TE, r"^image: .*ndarray"),
+    ("evaluate.read_image.pil", lambda: evaluate.read_image(data.render_scene(data.sample_scene(0, "test", 0), 32)), TE, r"^image: "),
+    ("evaluate.read_image.float64", _read_image_float64_equals_float32, None, None),
+    ("evaluate.read_images.single", lambda: evaluate.read_images(renders(1)[0]), VE, r"^images: .*\(B, 3, H, W\)"),
+    ("evaluate.read_images.uint8", lambda: evaluate.read_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), TE, r"^images: "),
+    ("evaluate.eval_indices.group_unknown", lambda: evaluate.eval_indices("unseen", 3), VE, r"^group: "),
+    ("evaluate.eval_indices.n_zero", lambda: evaluate.eval_indices("seen", 0), VE, r"^n: "),
+    ("evaluate.eval_indices.n_bool", lambda: evaluate.eval_indices("seen", True), TE, r"^n: "),
+    ("evaluate.eval_indices.seed_negative", lambda: evaluate.eval_indices("seen", 2, seed=-1), VE, r"^seed: "),
+    ("evaluate.eval_scenes.n_negative", lambda: evaluate.eval_scenes("two", -3), VE, r"^n: "),
+    ("evaluate.eval_scenes.n_float", lambda: evaluate.eval_scenes("two", 2.0), TE, r"^n: "),
+    ("evaluate.score_scene.reading_tensor", lambda: evaluate.score_scene(data.sample_scene(0, "test", 0), renders(1)[0]), TE, r"^reading: "),
+    ("evaluate.score_scene.scene_str", lambda: evaluate.score_scene("a red circle", evaluate.read_image(renders(1)[0])), TE, r"^scene: "),
+    ("evaluate.reader_accuracy.n_zero", lambda: evaluate.reader_accuracy(n=0), VE, r"^n: "),
+    ("evaluate.image_features.size_16", lambda: evaluate.image_features(renders(2, 16)), VE, r"^images: .*32x32"),
+    ("evaluate.image_features.batch_zero", lambda: evaluate.image_features(renders(2), batch_size=0), VE, r"^batch_size: "),
+    ("evaluate.image_features.encoder_str", lambda: evaluate.image_features(renders(2), encoder="clip"), TE, r"^encoder: "),
+    ("evaluate.image_features.uint8", lambda: evaluate.image_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TE, r"^images: "),
+    ("evaluate.image_features.nan", lambda: evaluate.image_features(with_value(renders(2), NAN)), VE, r"^images: .*NaN"),
+    ("evaluate.frechet_distance.one_sample", lambda: evaluate.frechet_distance(torch.randn(1, 8), torch.randn(5, 8)), VE, r"^feats_a: .*at least 2"),
+    ("evaluate.frechet_distance.one_sample_b", lambda: evaluate.frechet_distance(torch.randn(5, 8), torch.randn(1, 8)), VE, r"^feats_b: .*at least 2"),
+    ("evaluate.frechet_distance.widths", lambda: evaluate.frechet_distance(torch.randn(5, 8), torch.randn(5, 6)), VE, r"^feats_b: .*8 features"),
+    ("evaluate.frechet_distance.nan", lambda: evaluate.frechet_distance(with_value(torch.randn(5, 8), NAN), torch.randn(5, 8)), VE, r"^feats_a: .*NaN"),
+    ("evaluate.frechet_distance.inf_b", lambda: evaluate.frechet_distance(torch.randn(5, 8), with_value(torch.randn(5, 8), INF)), VE, r"^feats_b: .*infinite"),
+    ("evaluate.frechet_distance.one_d", lambda: evaluate.frechet_distance(torch.randn(5), torch.randn(5)), VE, r"^feats_a: .*2-D"),
+    ("evaluate.frechet_distance.list", lambda: evaluate.frechet_distance([[0.0, 1.0]] * 3, [[0.0, 1.0]] * 3), TE, r"^feats_a: "),
+    ("evaluate.frechet_distance.self_is_zero", _frechet_distance_of_a_set_with_itself_is_zero, None, None),
+    ("evaluate.evaluate.n_zero", lambda: evaluate.evaluate(render_generator(), n=0), VE, r"^n: "),
+    ("evaluate.evaluate.n_bool", lambda: evaluate.evaluate(render_generator(), n=True), TE, r"^n: "),
+    ("evaluate.evaluate.batch_zero", lambda: evaluate.evaluate(render_generator(), n=1, batch_size=0), VE, r"^batch_size: "),
+    ("evaluate.evaluate.not_callable", lambda: evaluate.evaluate("book_model", n=1), TE, r"^generate: .*callable"),
+    ("evaluate.evaluate.returns_too_few", lambda: evaluate.evaluate(render_generator(drop=1), n=2, disable=True), VE, r"^generate: .*\(2, 3, 32, 32\).*got shape \(1, "),
+    ("evaluate.evaluate.returns_list", lambda: evaluate.evaluate(lambda c, s: [torch.zeros(3, 32, 32)] * len(c), n=1, disable=True), TE, r"^generate: .*got list"),
+    ("evaluate.evaluate.returns_uint8", lambda: evaluate.evaluate(lambda c, s: torch.zeros(len(c), 3, 32, 32, dtype=torch.uint8), n=1, disable=True), TE, r"^generate: .*floating"),
+    ("evaluate.evaluate.returns_nan", lambda: evaluate.evaluate(lambda c, s: torch.full((len(c), 3, 32, 32), NAN), n=1, disable=True), VE, r"^generate: .*NaN"),
+    ("evaluate.evaluate.returns_64px", lambda: evaluate.evaluate(lambda c, s: torch.zeros(len(c), 3, 64, 64), n=1, disable=True), VE, r"^generate: .*got shape \(1, 3, 64, 64\)"),
+    ("evaluate.evaluate_model.objective_missing", lambda: evaluate.evaluate_model(tiny_book_model(), None, n=1), VE, r"^objective: "),
+    ("evaluate.evaluate_model.n_zero", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=0), VE, r"^n: "),
+    ("evaluate.evaluate_model.guidance_nan", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, guidance_scale=NAN, disable=True), VE, r"^guidance_scale: "),
+    ("evaluate.evaluate_model.sampler_unknown", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, sampler="nope", disable=True), VE, r"^sampler: .*nope"),
+    ("evaluate.evaluate_run.missing", lambda: evaluate.evaluate_run(work() / "train09" / "no_run"), FileNotFoundError, r"^run_dir: no snapshots"),
+    ("evaluate.evaluate_run.a_file", lambda: evaluate.evaluate_run(a_regular_file()), FileNotFoundError, r"^run_dir: no snapshots"),
+    ("evaluate.evaluate_run.n_zero", lambda: evaluate.evaluate_run(tiny_run(), n=0), VE, r"^n: "),
+    ("evaluate.evaluate_run.unknown_setting", lambda: evaluate.evaluate_run(tiny_run(), n=1, stepz=2), TE, r"\bstepz\b"),
+    ("cli.train.steps_zero", lambda: cli_main_no_work("train", "--steps", "0"), CliRefused, one_line("--steps")),
+    ("cli.train.batch_zero", lambda: cli_main_no_work("train", "--batch-size", "0"), CliRefused, one_line("--batch-size")),
+    ("cli.train.seed_negative", lambda: cli_main_no_work("train", "--seed", "-2"), CliRefused, one_line("--seed")),
+    ("cli.train.objective_unknown", lambda: cli_main_no_work("train", "--objective", "x0"), CliRefused, one_line("--objective")),
+    ("cli.train.out_unwritable", lambda: cli_main_no_work("train", "--out", unwritable("run")), CliRefused, one_line("--out")),
+    ("cli.train.out_holds_a_run", lambda: cli_main_no_work("train", "--out", tiny_run()), CliRefused, one_line("--out") + r".*--resume"),
+    ("cli.evaluate.n_zero", lambda: cli_main_no_work("evaluate", "--n", "0"), CliRefused, one_line("--n")),
+    ("cli.evaluate.steps_zero", lambda: cli_main_no_work("evaluate", "--steps", "0"), CliRefused, one_line("--steps")),
+    ("cli.evaluate.cfg_text", lambda: cli_main_no_work("evaluate", "--cfg", "high"), CliRefused, one_line("--cfg")),
+    ("cli.evaluate.json_unwritable", lambda: cli_main_no_work("evaluate", "--n", "1", "--json", unwritable("r.json")), CliRefused, one_line("--json")),
+    ("cli.evaluate.model_truncated", lambda: cli_main_no_work("evaluate", "--n", "1", "--model", book_model_variant("cli_truncated", _replace(BOOK_WEIGHTS, b"\0" * 10))), CliRefused, r"^exit=2 lines=1 .*error: path: .*corrupt"),
+    # second pass (hostile_findings_09): refused up front, before data is encoded or a step taken
+    ("train.TrainConfig.min_lr_ratio_nan", lambda: train.TrainConfig(min_lr_ratio=NAN), VE, r"^min_lr_ratio: "),
+    ("train.TrainConfig.min_lr_ratio_negative", lambda: train.TrainConfig(min_lr_ratio=-1.0), VE, r"^min_lr_ratio: "),
+    ("train.TrainConfig.min_lr_ratio_above_1", lambda: train.TrainConfig(min_lr_ratio=2.0), VE, r"^min_lr_ratio: "),
+    ("train.TrainConfig.weight_decay_nan", lambda: train.TrainConfig(weight_decay=NAN), VE, r"^weight_decay: "),
+    ("train.TrainConfig.weight_decay_negative", lambda: train.TrainConfig(weight_decay=-0.1), VE, r"^weight_decay: "),
+    ("train.TrainConfig.beta_schedule_unknown", lambda: train.TrainConfig(beta_schedule="sigmoid"), VE, r"^beta_schedule: "),
+    ("train.TrainConfig.cache_str", lambda: train.TrainConfig(cache="no"), TE, r"^cache: "),
+    ("train.TrainConfig.compile_str", lambda: train.TrainConfig(compile="no"), TE, r"^compile: "),
+    ("train.TrainConfig.patch_size_3", lambda: train.TrainConfig(patch_size=3), VE, r"^patch_size: "),
+    ("train.TrainConfig.patch_size_16", lambda: train.TrainConfig(patch_size=16), VE, r"^patch_size: "),
+    ("train.TrainConfig.hidden_huge", lambda: train.TrainConfig(hidden_size=2**20, num_heads=1), VE, r"^hidden_size\b.*memory"),
+    ("train.TrainConfig.zero_snr_flow", lambda: train.TrainConfig(objective="flow", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
+    ("train.TrainConfig.min_snr_flow", lambda: train.TrainConfig(objective="flow", min_snr_gamma=5.0), VE, r"^min_snr_gamma: "),
+    # Objective
+    ("train.Objective.beta_schedule_unknown", lambda: train.Objective(beta_schedule="sigmoid"), VE, r"^beta_schedule: "),
+    ("train.Objective.zero_snr_str", lambda: train.Objective(zero_terminal_snr="no"), TE, r"^zero_terminal_snr: "),
+    ("train.Objective.zero_snr_epsilon", lambda: train.Objective("epsilon", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
+    ("train.Objective.noised.u_negative", _noised_u_negative, VE, r"^u: "),
+    ("train.Objective.noised.u_above_1", lambda: train.Objective().noised(*x0_noise_u(u=torch.tensor([0.5, 3.0]))), VE, r"^u: "),
+    ("train.Objective.noised.noise_broadcast", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8), torch.ones(1, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^noise: "),
+    ("train.Objective.noised.x0_3d", dit_x0_3d, VE, r"^x0: "),
+    ("train.Objective.noised.u_batch", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.rand(3), torch.zeros(3)), VE, r"^u: "),
+    ("train.Objective.noised.x0_int", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8, dtype=torch.long), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), TE, r"^x0: "),
+    ("train.Objective.noised.x0_nan", lambda: train.Objective().noised(with_value(torch.zeros(2, 4, 8, 8), NAN), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^x0: "),
+    ("train.Objective.denoiser.not_a_model", lambda: train.Objective().denoiser("model"), TE, r"^model: "),
+    ("train.Objective.sigmas.steps_zero", lambda: train.Objective().sigmas(train.Objective().denoiser(tiny_book_model()), 0), VE, r"^steps: "),
+    ("train.Objective.sigmas.flow_steps_zero", lambda: train.Objective("flow").sigmas(train.Objective("flow").denoiser(tiny_book_model()), 0), VE, r"^steps: "),
+    ("train.Objective.sigmas.steps_bool", lambda: train.Objective().sigmas(train.Objective().denoiser(tiny_book_model()), True), TE, r"^steps: "),
+    # encode_dataset / StreamingData
+    ("train.encode_dataset.none", lambda: train.encode_dataset(None, *book_encoders()), TE, r"^dataset: "),
+    ("train.encode_dataset.batch_zero", lambda: train.encode_dataset(data.ShapesDataset(2), *book_encoders(), batch_size=0, disable=True), VE, r"^batch_size: "),
+    ("train.encode_dataset.batch_negative", lambda: train.encode_dataset(data.ShapesDataset(2), *book_encoders(), batch_size=-1, disable=True), VE, r"^batch_size: "),
+    ("train.encode_dataset.batch_float", lambda: train.encode_dataset(data.ShapesDataset(2), *book_encoders(), batch_size=2.0, disable=True), TE, r"^batch_size: "),
+    ("train.encode_dataset.image_16px", _encode_dataset_16px, VE, r"^dataset: .*32"),
+    ("train.encode_dataset.not_pairs", lambda: train.encode_dataset([renders(1)[0]] * 2, *book_encoders(), disable=True), TE, r"^dataset(\[0\])?: .*\(image, caption\)"),
+    ("train.StreamingData.none", _stream_none, TE, r"^dataset: "),
+    # batch_indices / step_generator / lr_factor / ema_update
+    ("train.batch_indices.n_zero", lambda: train.batch_indices(0, 0, 4, 0), VE, r"^n: "),
+    ("train.batch_indices.batch_zero", lambda: train.batch_indices(0, 8, 0, 0), VE, r"^batch_size: "),
+    ("train.batch_indices.step_negative", lambda: train.batch_indices(-1, 8, 4, 0), VE, r"^step: "),
+    ("train.batch_indices.step_float", lambda: train.batch_indices(1.5, 8, 4, 0), TE, r"^step: "),
+    ("train.batch_indices.n_float", lambda: train.batch_indices(0, 8.0, 4, 0), TE, r"^n: "),
+    ("train.step_generator.seed_float", lambda: train.step_generator(1.5, 0), TE, r"^seed: "),
+    ("train.step_generator.seed_huge", lambda: train.step_generator(2**70, 0), VE, r"^seed: "),
+    ("train.step_generator.step_negative", lambda: train.step_generator(0, -1), VE, r"^step: "),
+    ("train.lr_factor.warmup_negative", lambda: train.lr_factor(0, -5, 10, 0.1), VE, r"^warmup: "),
+    ("train.lr_factor.min_ratio_nan", lambda: train.lr_factor(8, 2, 10, NAN), VE, r"^min_ratio: "),
+    ("train.lr_factor.step_negative", lambda: train.lr_factor(-3, 0, 10, 0.1), VE, r"^step: "),
+    ("train.ema_update.mismatched_models", lambda: train.ema_update(train.build_model(train_cfg(depth=1)), train.build_model(train_cfg(depth=2)), 0.9, 100), VE, r"^(ema|model): "),
+    ("train.ema_update.decay_nan", _ema_decay(NAN), VE, r"^decay: "),
+    ("train.ema_update.decay_negative", _ema_decay(-1.0), VE, r"^decay: "),
+    ("train.ema_update.step_minus_10", lambda: train.ema_update(*two_models(), 0.9, -10), VE, r"^step: "),
+    # build_model / book_model_config / pixart_to_diffusers / atomic_write / save / read config
+    ("train.build_model.config_dict", lambda: train.build_model({"hidden_size": 32}), TE, r"^cfg: "),
+    ("train.book_model_config.none", lambda: train.book_model_config(None), TE, r"^cfg: "),
+    ("train.pixart_to_diffusers.dit_weights", lambda: train.pixart_to_diffusers(tiny_dit().state_dict()), VE, r"^sd: .*y_embedder"),
+    ("train.pixart_to_diffusers.unknown_key", lambda: train.pixart_to_diffusers({"foo.weight": torch.zeros(1)}), VE, r"^sd: .*foo\.weight"),
+    ("train.pixart_to_diffusers.not_a_dict", lambda: train.pixart_to_diffusers(tiny_book_model()), TE, r"^sd: "),
+    ("train.atomic_write.writer_writes_nothing", lambda: train.atomic_write(work() / "g.txt", lambda p: None), (OSError, VE), r"^write: "),
+    ("train.atomic_write.not_callable", lambda: train.atomic_write(work() / "train09" / "h.txt", "text"), TE, r"^write: "),
+    ("train.atomic_write.missing_folder", lambda: train.atomic_write(work() / "no_such_dir" / "h.txt", lambda p: Path(p).write_text("x")), FileNotFoundError, r"^path: .*no_such_dir"),
+    ("train.save_book_model.dit_model", lambda: train.save_book_model(tiny_dit(), work() / "train09" / "book" / "dit", train_cfg()), TE, r"^model: "),
+    ("train.save_book_model.mismatched_cfg", _save_book_model_with_other_config, VE, r"^(cfg|model): .*hidden_size"),
+    ("train.read_train_config.corrupt_json", lambda: train.read_train_config(book_model_variant("training_junk", _replace("training.json", "{oops"))), VE, r"^folder: .*training\.json"),
+    ("train.read_train_config.no_config_key", lambda: train.read_train_config(book_model_variant("training_empty", _replace("training.json", "{}"))), VE, r"^folder: .*training\.json"),
+    ("train.read_train_config.unknown_field", lambda: train.read_train_config(book_model_variant("training_extra", _replace("training.json", lambda f: {"config": {"bogus": 1}}))), VE, r"^folder: .*training\.json.*bogus"),
+    ("train.checkpoints.none", lambda: train.checkpoints(None), TE, r"^folder: "),
+    # Trainer
+    ("train.Trainer.config_dict", lambda: train.Trainer({"steps": 2}, data=encoded_data()), TE, r"^config: "),
+    ("train.Trainer.data_str", lambda: tiny_trainer(data_="latents.pt"), TE, r"^data: "),
+    ("train.Trainer.data_empty", lambda: tiny_trainer(data_=encoded_data(n=0)), VE, r"^data: "),
+    ("train.Trainer.data_latents_4x4", lambda: tiny_trainer(data_=encoded_data(side=4)), VE, r"^data: .*\(N, 4, 8, 8\)"),
+    ("train.Trainer.data_rows_differ", lambda: tiny_trainer(data_=train.EncodedData(*[v[:4] if i in (1, 2) else v for i, v in enumerate(vars(encoded_data()).values())])), VE, r"^data: "),
+    ("train.Trainer.data_nan", lambda: tiny_trainer(data_=train.EncodedData(with_value(encoded_data().latents, NAN), *list(vars(encoded_data()).values())[1:])), VE, r"^data: .*NaN"),
+    ("train.Trainer.device_unknown", lambda: train.Trainer(train_cfg(), data=encoded_data(), device="tpu", disable=True), VE, r"^device: "),
+    ("train.Trainer.device_cuda_absent", lambda: train.Trainer(train_cfg(), data=encoded_data(), device="cuda" if not torch.cuda.is_available() else "cuda:99", disable=True), VE, r"^device: "),
+    ("train.train.until_before_step", _train_until_before_current_step, VE, r"^until: .*step 3"),
+    ("train.train.callback_not_callable", lambda: tiny_trainer().train(callback=5), TE, r"^callback: "),
+    ("train.save_checkpoint.no_out_dir", lambda: tiny_trainer().save_checkpoint(), VE, r"^out_dir: "),
+    ("train.resume.truncated", lambda: tiny_trainer().resume(checkpoint_bytes("truncated.pt", lambda b: b[: len(b) // 2])), VE, r"^resume: .*(damaged|truncated)"),
+    ("train.resume.empty", lambda: tiny_trainer().resume(checkpoint_bytes("empty.pt", lambda b: b"")), VE, r"^resume: .*(damaged|empty)"),
+    ("train.resume.garbage", lambda: tiny_trainer().resume(corrupt("garbage", ".pt")), VE, r"^resume: .*damaged"),
+    ("train.resume.code_pickle", lambda: tiny_trainer().resume(code_pickle()), VE, r"^resume: .*refused"),
+    ("train.resume.safetensors_file", lambda: tiny_trainer().resume(book_model_folder() / BOOK_WEIGHTS), VE, r"^resume: .*not a training checkpoint"),
+    ("train.resume.state_dict_only", lambda: tiny_trainer().resume(dit_original_file()), VE, r"^resume: .*not a training checkpoint"),
+    ("train.resume.no_model_key", lambda: tiny_trainer().resume(checkpoint_edit("no_model.pt", lambda s: s.pop("model"))), VE, r"^resume: .*model"),
+    ("train.resume.nan_weights", lambda: tiny_trainer().resume(checkpoint_edit("nan.pt", _nan_model)), VE, r"^resume: .*NaN"),
+    ("train.resume.step_beyond_steps", lambda: tiny_trainer(train_cfg(steps=2)).resume(last_checkpoint()), VE, r"^(resume|steps): .*step 3"),
+    # generate
+    ("train.generate.steps_zero", lambda: generate_tiny(steps=0), VE, r"^steps: "),
+    ("train.generate.steps_float", lambda: generate_tiny(steps=2.0), TE, r"^steps: "),
+    ("train.generate.flow_steps_zero", lambda: generate_tiny(steps=0, objective=train.Objective("flow")), VE, r"^steps: "),
+    ("train.generate.seeds_float", lambda: generate_tiny(seeds=[0.5, 1.5]), TE, r"^seeds\[0\]: "),
+    ("train.generate.seeds_negative", lambda: generate_tiny(seeds=[-1, 2]), VE, r"^seeds\[0\]: "),
+    ("train.generate.seeds_bool", lambda: generate_tiny(seeds=[True, False]), TE, r"^seeds\[0\]: "),
+    ("train.generate.seeds_huge", lambda: generate_tiny(seeds=[2**70, 1]), VE, r"^seeds\[0\]: "),
+    ("train.generate.seeds_int", lambda: generate_tiny(seeds=5), TE, r"^seeds: "),
+    ("train.generate.captions_str", _generate_one_string, TE, r"^captions: "),
+    ("train.generate.model_none", lambda: generate_tiny(model=None), TE, r"^model: "),
+    ("train.generate.model_class_dit", lambda: generate_tiny(model=tiny_dit()), TE, r"^model: "),
+    ("train.generate.objective_none", lambda: generate_tiny(objective=None), TE, r"^objective: "),
+    ("train.generate.objective_config", lambda: generate_tiny(objective=train_cfg()), TE, r"^objective: "),
+    # train_book_model
+    ("train.train_book_model.config_dict", lambda: train.train_book_model({"steps": 1}, out_dir=work() / "train09" / "tbm"), TE, r"^config: "),
+    ("train.train_book_model.out_unwritable", _train_book_model_unwritable, (OSError, VE), r"^out_dir: "),
+    ("train.train_book_model.existing_run_not_resumed", _train_book_model_into_existing_run, VE, r"^out_dir: .*checkpoints"),
+    ("train.train_book_model.resume_str", lambda: train.train_book_model(train_cfg(), out_dir=work() / "train09" / "tbm2", resume="no"), TE, r"^resume: expected True or False"),
+    # evaluate.py
+    ("evaluate.read_image.0_255_range", lambda: evaluate.read_image(renders(1)[0] * 127.5 + 127.5), VE, r"^image: .*\[-1, 1\]"),
+    ("evaluate.read_images.0_255_range", lambda: evaluate.read_images(renders(2) * 127.5 + 127.5), VE, r"^images: .*\[-1, 1\]"),
+    ("evaluate.evaluate.returns_0_255", lambda: evaluate.evaluate(lambda c, s: render_generator()(c, s) * 127.5 + 127.5, n=1, disable=True), VE, r"^generate: .*\[-1, 1\]"),
+    ("evaluate.reader_accuracy.corrupt_0_255", lambda: evaluate.reader_accuracy(n=2, corrupt=lambda x: x * 127.5 + 127.5), VE, r"^(corrupt|images): .*\[-1, 1\]"),
+    ("evaluate.eval_indices.n_huge", lambda: evaluate.eval_indices("held_out", 10**9), VE, r"^n: "),
+    ("evaluate.reader_accuracy.corrupt_not_callable", lambda: evaluate.reader_accuracy(n=2, corrupt=0.1), TE, r"^corrupt: "),
+    ("evaluate.reader_accuracy.corrupt_drops_images", _reader_accuracy_corrupt_drops_images, VE, r"^corrupt: .*\(3, 3, 32, 32\)"),
+    ("evaluate.image_features.encoder_no_params", lambda: evaluate.image_features(renders(2), encoder=torch.nn.Flatten()), (TE, VE), r"^encoder: "),
+    ("evaluate.image_features.empty", lambda: evaluate.image_features(torch.zeros(0, 3, 32, 32)), VE, r"^images: "),
+    ("evaluate.frechet_distance.zero_width", lambda: evaluate.frechet_distance(torch.zeros(4, 0), torch.zeros(4, 0)), VE, r"^feats_a: "),
+    ("evaluate.frechet_distance.bool", lambda: evaluate.frechet_distance(torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)), TE, r"^feats_a: "),
+    ("evaluate.evaluate_model.objective_replaced", _evaluate_model_objective_replaced, VE, r"^objective: "),
+    ("evaluate.evaluate_model.steps_zero", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, steps=0, disable=True), VE, r"^steps: "),
+    ("evaluate.evaluate_model.model_str", lambda: evaluate.evaluate_model("book", train.Objective(), n=1, disable=True), TE, r"^model: "),
+    ("evaluate.evaluate_run.snapshot_name", _evaluate_run_snapshot_name, VE, r"^run_dir: .*step-final"),
+    # CLI (tinydit/cli.py is hand-written)
+    ("cli.train.resume_nothing", lambda: cli_main_no_work("train", "--resume", "--out", work() / "train09" / "no_run_here"), CliRefused, one_line("--resume")),
+    ("cli.train.resume_unwritable", lambda: cli_main_no_work("train", "--resume", "--out", unwritable("run")), CliRefused, one_line("--out")),
+    ("cli.evaluate.cfg_nan", lambda: cli_main_no_work("evaluate", "--n", "1", "--cfg", "nan"), CliRefused, one_line("--cfg")),
+    ("cli.evaluate.cfg_negative", lambda: cli_main_no_work("evaluate", "--n", "1", "--cfg", "-1"), CliRefused, one_line("--cfg")),
+    ("cli.evaluate.sampler_unknown", lambda: cli_main_no_work("evaluate", "--n", "1", "--sampler", "magic"), CliRefused, one_line("--sampler")),
+    ("cli.evaluate.model_missing", lambda: cli_main_no_work("evaluate", "--n", "1", "--model", work() / "no_model"), CliRefused, one_line("--model")),
+    ("cli.evaluate.run_missing", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", work() / "no_run"), CliRefused, one_line("--run")),
+    ("cli.evaluate.run_and_model", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", tiny_run(), "--model", book_model_folder()), CliRefused, one_line("--model")),
+    ("cli.evaluate.json_is_a_folder", lambda: cli_main_no_work("evaluate", "--n", "1", "--json", work()), CliRefused, one_line("--json")),
 ]
 
 

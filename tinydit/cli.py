@@ -52,6 +52,22 @@ def _int_in(low: int, high: int):
     return parse
 
 
+def _number_at_least(low: float):
+    """An argparse type: a finite number >= low (argparse prefixes the flag's name)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {low:g}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _check_image_path(flag: str, text: str) -> Path:
     """`text` as a .png / .jpg file path whose folder exists or can be created."""
     out = Path(text)
@@ -151,11 +167,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
                                    ("objective", args.objective), ("compile", args.compile or None)) if v is not None}
     cfg = train.TrainConfig.fast(**overrides) if fast else train.TrainConfig(**overrides)
-    if not args.resume:
-        _check_writable_folder("--out", Path(args.out))
-        if train.checkpoints(Path(args.out) / "checkpoints"):
-            raise _FlagError(f"--out: {args.out} already holds checkpoints of a run; continue it with --resume, "
-                             "or choose an empty folder")
+    _check_writable_folder("--out", Path(args.out))
+    found = train.checkpoints(Path(args.out) / "checkpoints")
+    if args.resume and not found:
+        raise _FlagError(f"--resume: no checkpoint (step-*.pt) in {str(Path(args.out) / 'checkpoints')!r} to "
+                         "continue; drop --resume to start a run there")
+    if found and not args.resume:
+        raise _FlagError(f"--out: {args.out} already holds checkpoints of a run; continue it with --resume, "
+                         "or choose an empty folder")
     t0 = time.perf_counter()
     folder = train.train_book_model(cfg, out_dir=args.out, resume=args.resume)
     rank, _ = train.distributed()
@@ -165,13 +184,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_evaluate_flags(args: argparse.Namespace) -> None:
+    """--sampler, --model, --run and --json, before a model is loaded or an image drawn."""
+    from tinydit.samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise _FlagError(f"--sampler: expected one of {', '.join(sorted(SAMPLERS))}, got {args.sampler!r}")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise _FlagError(f"--model: no book model in {args.model!r} (expected config.json and "
+                         "diffusion_pytorch_model.safetensors); train one with python -m tinydit train")
+    if args.run is not None and not any(Path(args.run).glob("snapshots/step-*")):
+        raise _FlagError(f"--run: no snapshots (snapshots/step-*) in {args.run!r}; train with snapshot_every > 0")
+    if args.json is not None:
+        if Path(args.json).is_dir() or Path(args.json).suffix.lower() != ".json":
+            raise _FlagError(f"--json: expected a file path ending in .json, got {args.json!r}"
+                             + (", which is a folder" if Path(args.json).is_dir() else ""))
+        _check_writable_folder("--json", Path(args.json).resolve().parent)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from tinydit import evaluate, train
 
-    if args.json is not None:
-        _check_writable_folder("--json", Path(args.json).resolve().parent)
+    _check_evaluate_flags(args)
     cfg = train.DEFAULT_GUIDANCE if args.cfg is None else args.cfg
     settings = dict(steps=args.steps, guidance_scale=cfg, sampler=args.sampler, seed=args.seed)
     t0 = time.perf_counter()
@@ -283,11 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and a Frechet distance. Default: the shipped book model. --run DIR grades every EMA snapshot of a "
         "training run (the adherence-vs-training curve).",
     )
-    p.add_argument("--model", default=None, help="book-model folder (default: the shipped one)")
-    p.add_argument("--run", default=None, help="training run folder: evaluate each snapshot in it instead")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="book-model folder (default: the shipped one)")
+    which.add_argument("--run", default=None, help="training run folder: evaluate each snapshot in it instead")
     p.add_argument("--n", type=_int_in(1, 5000), default=300, help="prompts per group")
     p.add_argument("--steps", type=_int_in(1, 1000), default=20, help="sampler steps")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the chapter's)")
+    p.add_argument("--cfg", type=_number_at_least(0), default=None, help="guidance scale >= 0 (default: the chapter's)")
     p.add_argument("--sampler", default="dpmpp_2m", help="a sampler of chapter 08 (tinydit.samplers.SAMPLERS)")
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="which test-split prompts")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from tinydit import data
 from tinydit.data import Scene
 from tinydit.text import load_book_image_encoder, load_book_text_encoder
+from tinydit.textdit import TextDiT
 from tinydit.train import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
@@ -41,9 +43,11 @@ TRIANGLE_FILL = 0.68  # fill under this -> triangle (triangles <= 0.64; circles 
 TRIANGLE_SKEW = -0.17  # row skewness under this -> triangle (blurred: triangles <= -0.20, others >= -0.14)
 SQUARE_FILL = 0.86  # fill over this -> square, else circle (circles <= 0.85 blurred, squares >= 0.88 noisy)
 MIN_SIDE = 8  # smallest image side the reader accepts (the dataset's smallest size)
+MAX_PIXEL = 3.0  # |value| above this is no [-1, 1] image: a 0-255 one (renders + noise of std 0.1 stay < 1.6)
 IMAGE_SIZE = 32  # what `generate` must return: the book's images, the size the image encoder reads
 GROUPS = ("seen", "held_out", "two")
 MAX_SCAN = 100  # eval_scenes looks at most at MAX_SCAN * n test indices (held-out singles are ~10 %)
+MAX_EVAL_N = 100_000  # prompts per group: more would scan 10^7 scenes for nothing
 RELATION_MARGIN = 0.1  # centroids must differ by this (of the side) along the relation's axis;
 #                        drawn pairs are 0.5 +- 0.06 apart, so only a real layout passes
 RELATION_AXIS = {"left of": ("cx", 1), "right of": ("cx", -1), "above": ("cy", 1), "below": ("cy", -1)}
@@ -168,7 +172,12 @@ def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     if image.ndim != ndim or image.shape[-3] != 3 or min(image.shape[-2:]) < MIN_SIDE:
         raise ValueError(f"{name}: expected a {want} RGB tensor in [-1, 1] with H, W >= {MIN_SIDE}, "
                          f"got shape {tuple(image.shape)}")
-    return check_finite(name, image)
+    check_finite(name, image)
+    peak = float(image.abs().max()) if image.numel() else 0.0
+    if peak > MAX_PIXEL:
+        raise ValueError(f"{name}: expected values in [-1, 1], got values up to {peak:g} (a 0-255 image? "
+                         "use x / 127.5 - 1)")
+    return image
 
 
 def read_image(image: torch.Tensor) -> Reading:
@@ -198,7 +207,7 @@ def scene_group(scene: Scene) -> str:
 def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
     """The first `n` test-split indices whose scene falls in `group`."""
     group = check_choice("group", group, GROUPS)
-    n, seed = check_int("n", n, minimum=1), check_int("seed", seed, minimum=0)
+    n, seed = check_int("n", n, minimum=1, maximum=MAX_EVAL_N), check_int("seed", seed, minimum=0)
     found = []
     for i in range(MAX_SCAN * n):
         if scene_group(data.sample_scene(seed, "test", i)) == group:
@@ -272,17 +281,28 @@ def render_scenes(scenes: list[Scene]) -> torch.Tensor:
     return torch.stack([data.pil_to_tensor(data.render_scene(s, IMAGE_SIZE)) for s in scenes])  # (N, 3, 32, 32)
 
 
+def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
+    """corrupt(images), which must keep one image per scene: (n, 3, H, W)."""
+    out = corrupt(images)
+    if isinstance(out, torch.Tensor) and (out.ndim != 4 or out.shape[:2] != images.shape[:2]):
+        raise ValueError(f"corrupt: expected it to return (n, 3, H, W) images like its input {tuple(images.shape)}, "
+                         f"got shape {tuple(out.shape)}")
+    return out
+
+
 def reader_accuracy(n: int = 100, seed: int = 0,
                     corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per group and check, how often the reader scores real renders right (optionally `corrupt`ed)."""
     # Real renders are correct by construction, so every check should pass: this validates the
     # reader before it judges a model. `corrupt` maps (n, 3, 32, 32) -> (n, 3, H, W), e.g. noise.
+    if corrupt is not None and not callable(corrupt):
+        raise TypeError(f"corrupt: expected a function images -> images, or None, got {type(corrupt).__name__}")
     out = {}
     for group in GROUPS:
         scenes = eval_scenes(group, n, seed)
         images = render_scenes(scenes)  # (n, 3, 32, 32)
         if corrupt is not None:
-            images = corrupt(images)
+            images = _corrupted(corrupt, images)
         out[group] = summarise([score_scene(s, r) for s, r in zip(scenes, read_images(images))])[0]
     return out
 
@@ -293,6 +313,9 @@ def _check_encoder(encoder) -> nn.Module:
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder: expected an image encoder nn.Module (B, 3, H, W) -> (B, D) or None "
                         f"for the book's, got {type(encoder).__name__}")
+    if next(encoder.parameters(), None) is None:
+        raise TypeError(f"encoder: expected a module with weights (images go to their device), got "
+                        f"{type(encoder).__name__}, which has none")
     return encoder
 
 
@@ -300,6 +323,8 @@ def _check_encoder(encoder) -> nn.Module:
 def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of images (N, 3, H, W); by default the book's CLIP image tower (32x32, D = 64)."""
     images = _check_image("images", images, ndim=4)
+    if len(images) == 0:
+        raise ValueError(f"images: expected at least one image, got shape {tuple(images.shape)}")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     if encoder is None and tuple(images.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"images: the book image encoder reads {IMAGE_SIZE}x{IMAGE_SIZE} images, "
@@ -320,9 +345,11 @@ def _as_features(name: str, feats) -> np.ndarray:
     if isinstance(feats, np.ndarray):
         feats = torch.from_numpy(feats)
     check_tensor(name, feats, ndim=2, finite=True)
-    if len(feats) < 2:
-        raise ValueError(f"{name}: expected at least 2 feature rows to estimate a covariance, got shape "
-                         f"{tuple(feats.shape)}")
+    if feats.dtype == torch.bool or feats.is_complex():
+        raise TypeError(f"{name}: expected real-valued features, got dtype {feats.dtype}")
+    if len(feats) < 2 or feats.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least 2 feature rows (a covariance needs two samples) of at least "
+                         f"1 feature, got shape {tuple(feats.shape)}")
     return feats.detach().cpu().double().numpy()  # (N, D)
 
 
@@ -423,15 +450,31 @@ def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 
     return EvalReport(accuracy, counts, fd, n, seed)
 
 
+def _check_model_args(model, objective) -> None:
+    if not isinstance(model, TextDiT):
+        raise TypeError(f"model: expected a TextDiT (load_book_model) or None, got {type(model).__name__}")
+    if objective is None:
+        raise ValueError("objective: needed with a model (load_book_model returns both)")
+
+
+def _snapshot_step(snap: Path) -> int:
+    match = re.fullmatch(r"step-(\d+)", snap.name)
+    if match is None or not snap.is_dir():
+        raise ValueError(f"run_dir: {str(snap)!r} is not a snapshot folder step-NNNNNNN (as Trainer writes them)")
+    return int(match.group(1))
+
+
 def evaluate_model(model: nn.Module | None = None, objective: Objective | None = None, n: int = 300,
                    steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                    sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 100,
                    disable: bool | None = None) -> EvalReport:
     """`evaluate` a chapter-09 model (default: the shipped book model) at one sampler setting."""
+    steps = check_int("steps", steps, minimum=1)
     if model is None:
+        if objective is not None:
+            raise ValueError("objective: given without a model; the shipped book model brings its own (pass both)")
         model, objective = load_book_model()
-    if objective is None:
-        raise ValueError("objective: needed with a model (load_book_model returns both)")
+    _check_model_args(model, objective)
     vae, text_encoder = load_book_vae(), load_book_text_encoder()
 
     def draw(captions: list[str], seeds: list[int]) -> torch.Tensor:
@@ -448,9 +491,10 @@ def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None,
     if not snaps:
         raise FileNotFoundError(f"run_dir: no snapshots (snapshots/step-*) in {str(run_dir)!r}; train with "
                                 "snapshot_every > 0")
+    steps = [_snapshot_step(snap) for snap in snaps]  # before any work
     curve = []
-    for snap in tqdm(snaps, desc="snapshots", disable=disable):
+    for snap, step in zip(tqdm(snaps, desc="snapshots", disable=disable), steps):
         model, objective = load_book_model(snap)
         report = evaluate_model(model, objective, n=n, disable=True, **settings)
-        curve.append({"step": int(snap.name.split("-")[1]), **report.as_dict()})
+        curve.append({"step": step, **report.as_dict()})
     return curve

@@ -7,8 +7,11 @@ import copy
 import json
 import math
 import os
+import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -20,17 +23,54 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import tinydit
+from tinydit.checkpoint import _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser
 from tinydit.samplers import get_sampler
-from tinydit.schedules import alphas_cumprod, make_betas, min_snr_weights, rescale_zero_terminal_snr
+from tinydit.schedules import (
+    SCHEDULE_ALIASES,
+    SCHEDULES,
+    alphas_cumprod,
+    make_betas,
+    min_snr_weights,
+    rescale_zero_terminal_snr,
+)
 from tinydit.text import TextEmbeddings, load_book_text_encoder
 from tinydit.textdit import TextDiT, config_from_diffusers_pixart
 from tinydit.vae import load_book_vae
-from tinydit.validation import check_bool, check_choice, check_float, check_int
+from tinydit.validation import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    check_memory,
+    check_tensor,
+)
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
+BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
+MAX_SEED = 2**32 - 1  # seeds of a run (the CLI's --seed range); a step's generator is seeded seed * 1e6 + step
 BOOK_MODEL_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_model"
+
+
+def _check_objective_settings(kind: str, zero_terminal_snr: bool, min_snr_gamma: float) -> None:
+    """Refuse, by name, a setting the objective cannot learn with or would silently ignore."""
+    check_bool("zero_terminal_snr", zero_terminal_snr)
+    check_float("min_snr_gamma", min_snr_gamma, minimum=0)
+    if zero_terminal_snr and kind == "epsilon":
+        raise ValueError("zero_terminal_snr: at SNR 0 the noise *is* the input, so an epsilon model cannot "
+                         "recover x0 at the last step; use objective='v_prediction' (Lin et al. 2023)")
+    if kind == "flow" and (zero_terminal_snr or min_snr_gamma > 0):
+        name, value = ("zero_terminal_snr", True) if zero_terminal_snr else ("min_snr_gamma", min_snr_gamma)
+        raise ValueError(f"{name}: only the DDPM objectives (epsilon, v_prediction) use it; objective='flow' "
+                         f"would ignore it, got {name}={value}")
+
+
+def _training_bytes(cfg) -> int:
+    """About what the run holds per parameter: weights, gradients, EMA, AdamW's two moments (fp32)."""
+    n_params = (16 * cfg.depth + 8) * cfg.hidden_size**2  # 16 h^2 per block (attention, cross, MLP)
+    return 5 * 4 * n_params
 
 
 @dataclass
@@ -74,20 +114,27 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "no"))
         for name in ("hidden_size", "depth", "num_heads", "patch_size", "n_train", "steps", "batch_size", "keep_last"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=1))
-        for name in ("warmup_steps", "checkpoint_every", "snapshot_every", "data_seed", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "snapshot_every"):
             setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        for name in ("data_seed", "seed"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0, maximum=MAX_SEED))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size, num_heads: hidden_size={self.hidden_size} must be a multiple of "
                              f"num_heads={self.num_heads}")
+        if 8 % self.patch_size:
+            raise ValueError(f"patch_size: the 8x8 latent must split into whole patches (1, 2, 4 or 8), "
+                             f"got {self.patch_size}")
+        check_memory("hidden_size, depth", _training_bytes(self))
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        for name in ("cache", "compile"):
+            check_bool(name, getattr(self, name))
         check_float("caption_dropout", self.caption_dropout, minimum=0, maximum=1)
         check_float("lr", self.lr, minimum=0, min_inclusive=False)
-        check_float("min_snr_gamma", self.min_snr_gamma, minimum=0)
+        check_float("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+        check_float("weight_decay", self.weight_decay, minimum=0)
         check_float("ema_decay", self.ema_decay, minimum=0, maximum=1)
         check_float("grad_clip", self.grad_clip, minimum=0, min_inclusive=False)
-        check_bool("zero_terminal_snr", self.zero_terminal_snr)
-        if self.zero_terminal_snr and self.objective == "epsilon":
-            raise ValueError("zero_terminal_snr: at SNR 0 the noise *is* the input, so an epsilon model cannot "
-                             "recover x0 at the last step; use objective='v_prediction' (Lin et al. 2023)")
+        _check_objective_settings(self.objective, self.zero_terminal_snr, self.min_snr_gamma)
 
     @classmethod
     def fast(cls, **overrides) -> TrainConfig:
@@ -97,7 +144,28 @@ class TrainConfig:
         return cls(**{**small, **overrides})
 
 
+def _check_train_config(name: str, cfg) -> TrainConfig:
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"{name}: expected a TrainConfig, got {type(cfg).__name__}"
+                        + (" (build one: TrainConfig(**settings))" if isinstance(cfg, dict) else ""))
+    return cfg
+
+
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every", "compile", "mixed_precision")
+
+
+def _check_noised_inputs(x0, noise, u, normal) -> None:
+    """x0 finite floats (B, C, H, W), noise of the same shape, u in [0, 1] and normal both (B,)."""
+    check_tensor("x0", x0, ndim=4, floating=True, finite=True)
+    check_tensor("noise", noise, floating=True)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    for name, draws in (("u", u), ("normal", normal)):
+        check_tensor(name, draws, floating=True)
+        if tuple(draws.shape) != (len(x0),):
+            raise ValueError(f"{name}: expected one draw per sample, shape ({len(x0)},), got {tuple(draws.shape)}")
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
 
 
 class Objective:
@@ -107,6 +175,8 @@ class Objective:
     def __init__(self, kind: str = "v_prediction", beta_schedule: str = "linear", zero_terminal_snr: bool = False,
                  min_snr_gamma: float = 0.0, num_train_timesteps: int = 1000):
         self.kind = check_choice("objective", kind, OBJECTIVES)
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        _check_objective_settings(kind, zero_terminal_snr, min_snr_gamma)
         self.min_snr_gamma = check_float("min_snr_gamma", min_snr_gamma, minimum=0)
         self.T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
         betas = make_betas(beta_schedule, self.T)
@@ -122,6 +192,7 @@ class Objective:
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
         """(x_t, model time, target, loss weight) for clean x0 (B, C, H, W), noise like x0, and per-sample
         draws u ~ U(0, 1) (DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
+        _check_noised_inputs(x0, noise, u, normal)
         if self.kind == "flow":
             t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
             tb = t[:, None, None, None]
@@ -139,12 +210,15 @@ class Objective:
 
     def denoiser(self, model: nn.Module) -> nn.Module:
         """Chapter 08's wrapper for sampling: D(x, sigma, **cond) -> x0."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
         if self.kind == "flow":
             return FlowDenoiser(model, time_scale=self.T)
         return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.kind)
 
     def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
         """The noise levels to sample with: Karras (DDPM) or the flow times, n+1 values ending in 0."""
+        steps = check_int("steps", steps, minimum=1)
         if self.kind == "flow":
             return denoiser.get_sigmas(steps, shift=1.0)
         return denoiser.get_sigmas(steps, schedule="karras")
@@ -183,6 +257,29 @@ def _pad_tokens(emb: TextEmbeddings, length: int) -> tuple[torch.Tensor, torch.T
     return tokens, torch.cat([emb.mask, emb.mask.new_zeros(B, length - T)], 1)  # (B, length)
 
 
+def _check_dataset(dataset) -> None:
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"dataset: expected a sequence of (image, caption) pairs such as ShapesDataset, "
+                        f"got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
+
+
+def _pairs(dataset, indices) -> tuple[torch.Tensor, list[str]]:
+    """Images (B, 3, 32, 32) and captions of dataset[i] for i in indices, each item checked."""
+    images, captions = [], []
+    for i in indices:
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"dataset: expected (image, caption) pairs, got {type(item).__name__} at index {i}")
+        if not isinstance(item[0], torch.Tensor) or tuple(item[0].shape) != (3, 32, 32):
+            got = tuple(item[0].shape) if isinstance(item[0], torch.Tensor) else type(item[0]).__name__
+            raise ValueError(f"dataset: expected (3, 32, 32) images (4x8x8 latents), got {got} at index {i}")
+        images.append(item[0])
+        captions.append(item[1])
+    return torch.stack(images), captions
+
+
 @torch.no_grad()
 def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, length: int | None = None):
     """Latents (B, 4, 8, 8) and padded text tokens / mask for a batch of images in [-1, 1] and captions."""
@@ -194,14 +291,14 @@ def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, l
 @torch.no_grad()
 def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, disable: bool | None = None) -> EncodedData:
     """Run the frozen VAE and text encoder over a dataset of (image, caption) pairs once."""
-    if len(dataset) == 0:
-        raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
+    _check_dataset(dataset)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     vae = vae if vae is not None else load_book_vae()
     text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
     parts = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="encoding the training set", disable=disable):
-        images, captions = zip(*(dataset[i] for i in range(start, min(start + batch_size, len(dataset)))))
-        parts.append(encode_batch(torch.stack(images), list(captions), vae, text_encoder))
+        images, captions = _pairs(dataset, range(start, min(start + batch_size, len(dataset))))
+        parts.append(encode_batch(images, captions, vae, text_encoder))
     latents, tokens, mask = (torch.cat(p) for p in zip(*parts))
     T = int(mask.sum(1).max())  # trim the padding no caption uses
     empty_tokens, empty_mask = encode_batch(torch.zeros(1, 3, 32, 32), [""], vae, text_encoder, length=T)[1:]
@@ -213,8 +310,8 @@ class StreamingData:
     drawn. Same interface as `EncodedData`; costs encoder time every step, no memory."""
 
     def __init__(self, dataset, vae=None, text_encoder=None):
-        if len(dataset) == 0:
-            raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
+        _check_dataset(dataset)
+        _pairs(dataset, [0])  # the first item, before any training
         self.dataset = dataset
         self.vae = vae if vae is not None else load_book_vae()
         self.text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
@@ -225,13 +322,54 @@ class StreamingData:
         return len(self.dataset)
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, captions = zip(*(self.dataset[int(i)] for i in idx))
-        return encode_batch(torch.stack(images), list(captions), self.vae, self.text_encoder)
+        images, captions = _pairs(self.dataset, [int(i) for i in idx])
+        return encode_batch(images, captions, self.vae, self.text_encoder)
+
+
+def _check_encoded_data(data) -> None:
+    """What a Trainer reads: EncodedData of consistent shapes, finite latents, at least one sample."""
+    if isinstance(data, StreamingData):
+        return
+    if not isinstance(data, EncodedData):
+        raise TypeError(f"data: expected EncodedData (encode_dataset) or StreamingData, got {type(data).__name__}")
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in vars(data).items()}
+    n, t, d = got["tokens"] if isinstance(got["tokens"], tuple) and len(got["tokens"]) == 3 else (-1, -1, -1)
+    want = {"latents": (n, 4, 8, 8), "tokens": (n, t, d), "mask": (n, t), "empty_tokens": (t, d), "empty_mask": (t,)}
+    if got != want:
+        raise ValueError(f"data: expected latents (N, 4, 8, 8), tokens (N, T, D), mask (N, T), empty_tokens (T, D) "
+                         f"and empty_mask (T,), got {got}")
+    if n == 0:
+        raise ValueError("data: holds no samples (N = 0); nothing to train on")
+    check_finite("data: latents", data.latents)
+
+
+def _check_step_args(step: int, seed: int | None = None, **counts: int) -> None:
+    """step >= 0, seed in [0, MAX_SEED], every other count >= 1."""
+    check_int("step", step, minimum=0)
+    if seed is not None:
+        check_int("seed", seed, minimum=0, maximum=MAX_SEED)
+    for name, value in counts.items():
+        check_int(name, value, minimum=1)
+
+
+def _check_ema_args(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """Two copies of one network (same parameter names and shapes), decay in [0, 1], step >= 0."""
+    for name, m in (("ema", ema), ("model", model)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name}: expected an nn.Module, got {type(m).__name__}")
+    mine, theirs = ([(k, tuple(p.shape)) for k, p in m.named_parameters()] for m in (ema, model))
+    if mine != theirs:
+        a, b = next((a, b) for a, b in zip_longest(mine, theirs) if a != b)
+        raise ValueError(f"ema: expected a copy of model (same parameter names and shapes), first difference: "
+                         f"ema {a}, model {b}")
+    check_float("decay", decay, minimum=0, maximum=1)
+    check_int("step", step, minimum=0)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the global batch of `step`: epochs of seeded permutations, read in order, so the
     data position is a pure function of the step (resume needs nothing else)."""
+    _check_step_args(step, seed, n=n, batch_size=batch_size)
     start = step * batch_size
     out = []
     while len(out) < batch_size:
@@ -243,11 +381,15 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's noise, timesteps and caption dropout (so a resumed run draws the same)."""
+    _check_step_args(step, seed)
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up, then cosine decay from 1 to `min_ratio` at the last step."""
+    _check_step_args(step, total=total)
+    check_int("warmup", warmup, minimum=0)
+    check_float("min_ratio", min_ratio, minimum=0, maximum=1)
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -257,6 +399,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- decay * ema + (1 - decay) * model, with decay warmed up as (1 + step) / (10 + step)."""
+    _check_ema_args(ema, model, decay, step)
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - d)
@@ -264,6 +407,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> dict:
     """The diffusers `PixArtTransformer2DModel` config.json of the book model."""
+    _check_train_config("cfg", cfg)
     return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
             "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
             "in_channels": 4, "out_channels": 4, "num_layers": cfg.depth, "sample_size": 8,
@@ -276,21 +420,48 @@ def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> dict:
 
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     """A fresh book model: the TextDiT that the diffusers config above describes (seeded by cfg.seed)."""
+    _check_train_config("cfg", cfg)
     torch.manual_seed(cfg.seed)
     return TextDiT(config_from_diffusers_pixart(book_model_config(cfg, context_dim)))
+
+
+PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
+                  "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+                  "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+                  "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+                  "y_embedder.y_proj.fc2": "caption_projection.linear_2", "final_layer.linear": "proj_out",
+                  "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
+                  "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+
+
+def _is_pixart_key(key: str) -> bool:
+    """Does pixart_to_diffusers know where `key` of a TextDiT (adaLN-single) state dict goes?"""
+    if key in ("pos_embed", "final_layer.scale_shift_table"):
+        return True
+    parts = key.split(".", 2)
+    if parts[0] == "blocks" and len(parts) == 3:
+        rest = parts[2]
+        part = rest.rsplit(".", 1)[0]  # "mlp.fc1" of "mlp.fc1.weight"
+        split = ("attn.qkv", "cross_attn.kv_linear")  # fused weights, cut in three / two
+        return rest == "scale_shift_table" or (part != rest and (part in PIXART_RENAMES or part in split))
+    return key.rsplit(".", 1)[0] in PIXART_RENAMES
+
+
+def _check_pixart_state_dict(sd) -> None:
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
+    unknown = [k for k in sd if not _is_pixart_key(k)]
+    if unknown:
+        listed = ", ".join(repr(k) for k in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
 
 
 def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
     chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""
+    _check_pixart_state_dict(sd)
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # diffusers recomputes the fixed table
     out: dict[str, torch.Tensor] = {}
-    renames = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-               "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2", "t_block.1": "adaln_single.linear",
-               "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-               "y_embedder.y_proj.fc2": "caption_projection.linear_2", "final_layer.linear": "proj_out",
-               "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
-               "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
     for key, value in sd.items():
         stem, suffix = key.rsplit(".", 1)
         if key == "final_layer.scale_shift_table":
@@ -308,9 +479,9 @@ def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 for name, chunk in zip("kv", value.chunk(2)):
                     out[f"{b}attn2.to_{name}.{suffix}"] = chunk
             else:
-                out[f"{b}{renames[part]}.{suffix}"] = value
+                out[f"{b}{PIXART_RENAMES[part]}.{suffix}"] = value
         else:
-            out[f"{renames[stem]}.{suffix}"] = value
+            out[f"{PIXART_RENAMES[stem]}.{suffix}"] = value
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -332,9 +503,15 @@ def atomic_write(path: str | Path, write) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`: a reader (or a crash at
     any instant) sees the old file or the new one, never half of one."""
     path = Path(path)
+    if not callable(write):
+        raise TypeError(f"write: expected a callable that writes the file it is given, got {type(write).__name__}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"path: no folder {str(path.parent)!r} to write {path.name!r} into")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        if not tmp.is_file():
+            raise FileNotFoundError(f"write: did not create the file it was given ({tmp.name})")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -345,8 +522,20 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def _check_book_model(model, cfg) -> None:
+    """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
+    if not isinstance(model, TextDiT):
+        raise TypeError(f"model: expected the book model, a TextDiT (build_model), got {type(model).__name__}")
+    want = config_from_diffusers_pixart(book_model_config(cfg, model.config.context_dim))
+    diff = [f"{f.name}: cfg {getattr(want, f.name)!r}, model {getattr(model.config, f.name)!r}"
+            for f in fields(want) if getattr(want, f.name) != getattr(model.config, f.name)]
+    if diff:
+        raise ValueError(f"cfg: does not describe the model ({'; '.join(diff)}); pass the one it was built with")
+
+
 def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: dict | None = None) -> Path:
     """Write `model` in diffusers' PixArtTransformer2DModel layout (+ scheduler and training notes)."""
+    _check_book_model(model, cfg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
@@ -364,7 +553,13 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     path = Path(folder) / "training.json"
     if not path.is_file():
         raise FileNotFoundError(f"folder: no training.json in {str(folder)!r} (not a book model folder)")
-    return TrainConfig(**json.loads(path.read_text())["config"])
+    config = read_config(path, "folder").get("config")  # a JSON object, else "folder: ... is not valid JSON"
+    if not isinstance(config, dict):
+        raise ValueError(f"folder: {str(path)!r} is not a book-model training record (no \"config\" object)")
+    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"folder: {str(path)!r} has settings TrainConfig does not know: {', '.join(unknown)}")
+    return TrainConfig(**config)
 
 
 def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Objective]:
@@ -391,6 +586,8 @@ CHECKPOINT_GLOB = "step-*.pt"
 
 def checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first (half-written temp files are not listed)."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
     return sorted(Path(folder).glob(CHECKPOINT_GLOB))
 
 
@@ -404,16 +601,49 @@ def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
                          "folder or train with the checkpoint's settings")
 
 
+TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng_torch", "losses")
+
+
+def _load_training_state(path: Path) -> dict:
+    """A Trainer checkpoint read with torch.load(weights_only=True); anything else is refused by name."""
+    if path.suffix == ".safetensors":
+        raise ValueError(f"resume: {path} holds weights only, not a training checkpoint (step-*.pt)")
+    try:
+        state = _read_pickle(path)  # chapter 02: damaged, truncated or code-carrying files get one clear error
+    except ValueError as e:  # a file this run wrote is not downloaded again: an older one is the cure
+        reason = str(e).removeprefix("path: ").replace("download it again", "resume from an older one")
+        raise ValueError(f"resume: {reason}") from None
+    missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} is not available ({torch.cuda.device_count()} CUDA devices here)")
+    return device
+
+
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path | None = None, data: EncodedData | None = None,
                  device: str | torch.device | None = None, disable: bool | None = None):
-        self.cfg, self.disable = config, disable
+        self.cfg, self.disable = _check_train_config("config", config), disable
+        if data is not None:
+            _check_encoded_data(data)
         self.rank, self.world = distributed()
         if config.batch_size % self.world:
             raise ValueError(f"batch_size: {config.batch_size} does not split over {self.world} processes")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None and torch.cuda.is_available():  # one GPU per process: torchrun's LOCAL_RANK
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        self.device = _check_device(device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.objective = Objective.from_config(config)
         if data is None:
@@ -488,6 +718,10 @@ class Trainer:
         """Train to step `until` (default: the config's steps), checkpointing as configured.
         `callback(trainer)` runs after every step (sample grids, early stops)."""
         until = self.cfg.steps if until is None else check_int("until", until, minimum=0, maximum=self.cfg.steps)
+        if until < self.step:
+            raise ValueError(f"until: this trainer is already at step {self.step}, got until={until}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a function callback(trainer) or None, got {type(callback).__name__}")
         bar = tqdm(total=until, initial=self.step, desc="training", disable=self.disable or self.rank > 0)
         t0, s0 = time.perf_counter(), self.step
         while self.step < until:
@@ -501,9 +735,11 @@ class Trainer:
             if callback is not None:
                 callback(self)
         bar.close()
-        if self.out_dir is not None and self.step == self.cfg.steps:
-            self.save_checkpoint()
+        every = self.cfg.checkpoint_every
+        if self.out_dir is not None and self.step == self.cfg.steps and (not every or self.step % every):
+            self.save_checkpoint()  # the end of the run, unless the loop just saved it
         return self
+
     def state(self) -> dict:
         """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
@@ -512,6 +748,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
+        self._check_out_dir()
         if self.rank == 0:
             folder = self.out_dir / "checkpoints"
             folder.mkdir(parents=True, exist_ok=True)
@@ -525,9 +762,14 @@ class Trainer:
 
     def save_snapshot(self) -> None:
         """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
+        self._check_out_dir()
         if self.rank == 0:
             save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
                             {"step": self.step, "losses": self.losses[-1:]})
+
+    def _check_out_dir(self) -> None:
+        if self.out_dir is None:
+            raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
 
     def resume(self, path: str | Path | None = None) -> Trainer:
         """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
@@ -540,10 +782,12 @@ class Trainer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"resume: no checkpoint file {str(path)!r}")
-        state = torch.load(path, map_location=self.device, weights_only=True)  # never arbitrary pickle
+        state = _load_training_state(path)  # never arbitrary pickle
         _check_resumable(json.loads(state["config"]), self.cfg, path)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        if state["step"] > self.cfg.steps:
+            raise ValueError(f"resume: {path} is at step {state['step']}, beyond this run's steps={self.cfg.steps}")
+        check_and_load(self.model, state["model"], f"resume: {path.name} (model)")  # + NaN / inf weights refused
+        check_and_load(self.ema, state["ema"], f"resume: {path.name} (ema)")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
@@ -574,17 +818,34 @@ DEFAULT_STEPS = 20  # NFE of the issue's targets
 DEFAULT_GUIDANCE = 3.0  # chosen from the sweep in section 10
 
 
+def _check_generate_inputs(model, objective, captions, seeds) -> list[int]:
+    """The book model, its Objective, a list of captions; returns one seed (0 .. 2^63 - 1) per caption."""
+    if not isinstance(model, TextDiT):
+        raise TypeError(f"model: expected the book model, a TextDiT (load_book_model), got {type(model).__name__}")
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective: expected an Objective (load_book_model's), got {type(objective).__name__}")
+    if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
+        raise TypeError(f"captions: expected a list of caption strings, got {type(captions).__name__}"
+                        + (" (wrap a single caption in a list)" if isinstance(captions, str) else ""))
+    if seeds is None:
+        return list(range(len(captions)))
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds: expected a list of integers, one per caption, got {type(seeds).__name__}")
+    seeds = [check_int(f"seeds[{i}]", s, minimum=0, maximum=2**63 - 1) for i, s in enumerate(seeds)]
+    if len(seeds) != len(captions):
+        raise ValueError(f"seeds: one per caption expected ({len(captions)}), got {len(seeds)}")
+    return seeds
+
+
 @torch.no_grad()
 def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: list[int] | None = None,
              steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, vae=None,
              text_encoder=None, disable: bool | None = True, return_latents: bool = False) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [-1, 1] for a list of captions: noise from `seeds` (one per caption,
     drawn on the CPU), `steps` model evaluations of chapter 08's `sampler`, CFG at `guidance_scale`."""
+    seeds = _check_generate_inputs(model, objective, captions, seeds)
     vae = vae if vae is not None else load_book_vae()
     text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-    seeds = list(range(len(captions))) if seeds is None else list(seeds)
-    if len(seeds) != len(captions):
-        raise ValueError(f"seeds: one per caption expected ({len(captions)}), got {len(seeds)}")
     device = next(model.parameters()).device
     emb = text_encoder(list(captions)).to(device)
     empty = text_encoder([""] * len(captions)).to(device)
@@ -601,12 +862,29 @@ def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: l
     return vae.from_latent(latents.float().cpu()).clamp(-1, 1)  # (B, 3, 32, 32)
 
 
+def _check_run_folder(out_dir: Path, resume: bool) -> None:
+    """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise OSError(f"out_dir: cannot write to {str(out_dir)!r} ({e.strerror or type(e).__name__})") from None
+    found = checkpoints(out_dir / "checkpoints")
+    if resume and not found:
+        raise FileNotFoundError(f"resume: no checkpoint (step-*.pt) in {out_dir / 'checkpoints'}")
+    if found and not resume:
+        raise ValueError(f"out_dir: {str(out_dir)!r} already holds checkpoints of a run (up to {found[-1].name}); "
+                         "continue it with resume=True, or choose an empty folder")
+
+
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
     `<out_dir>/book_model` (diffusers layout). `python -m tinydit train` calls this."""
-    cfg = config if config is not None else TrainConfig()
+    cfg = _check_train_config("config", config) if config is not None else TrainConfig()
     out_dir = Path(out_dir)
+    _check_run_folder(out_dir, check_bool("resume", resume))
     t0 = time.perf_counter()
     trainer = Trainer(cfg, out_dir=out_dir, disable=disable)
     encode_seconds = time.perf_counter() - t0
