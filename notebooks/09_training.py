@@ -1109,7 +1109,7 @@ class GuidedDenoiser(nn.Module):
 
 DEFAULT_SAMPLER = "dpmpp_2m"  # chapter 08's second-order multistep solver: one model call per step
 DEFAULT_STEPS = 20  # NFE of the issue's targets
-DEFAULT_GUIDANCE = 3.0  # chosen from the sweep in section 10
+DEFAULT_GUIDANCE = 2.0  # section 10's sweep: best adherence with 2.5 (within noise) and the lowest FD
 
 
 def _check_generate_inputs(model, objective, captions, seeds) -> list[int]:
@@ -1864,7 +1864,9 @@ book, book_objective = load_book_model()
 info = json.loads((BOOK_MODEL_DIR / "training.json").read_text())
 print(f"shipped run: {info['config']['steps']} steps of {info['config']['batch_size']}, "
       f"{info['train_seconds'] / 60:.0f} min of training with {info['torch_threads']} thread(s) "
-      f"({info['seconds_per_step']} s/step) + {info['encode_seconds'] / 60:.1f} min encoding the data")
+      f"({info['seconds_per_step']} s/step, a shared machine) + {info['encode_seconds'] / 60:.1f} min encoding the data; "
+      f"on 2 idle cores the recipe runs at {info['recipe_seconds_per_step_2_idle_threads']} s/step "
+      f"({info['config']['steps'] * info['recipe_seconds_per_step_2_idle_threads'] / 60:.0f} min)")
 losses = torch.tensor(info["losses"])
 window = max(1, len(losses) // 60)
 smooth = losses[: len(losses) // window * window].view(-1, window).mean(1)  # mean of each window of steps
@@ -1901,6 +1903,59 @@ image_grid(pictures, shown, cols=4)
 n_eval = 30 if FAST else 300
 report = evaluate_model(book, book_objective, n=n_eval, disable=FAST)
 print(report.table())
+acc = report.accuracy
+# measured at n=30 (the first 30 prompts of each group): see the printed table; at n=300: seen 98.0 %,
+# HELD_OUT 88.3 %, two objects both 79.3 % / relation 63.7 %, FD 0.64. Margins ~3 binomial standard errors.
+assert acc["seen"]["pair"] >= (0.85 if FAST else 0.95)
+assert acc["held_out"]["pair"] >= (0.70 if FAST else 0.84)
+assert acc["two"]["relation"] >= (0.40 if FAST else 0.58)
+assert report.background() >= 0.97
+
+# %% [markdown]
+# **Which guidance scale.** The shipped `training.json` holds the sweep that chose `DEFAULT_GUIDANCE`
+# (300 prompts per group, DPM++ 2M, 20 steps; `python -m tinydit evaluate --n 300 --cfg S`). Without
+# guidance (scale 1) the model already draws seen pairs right; guidance is what lifts the pairs it
+# never saw. Past 3 it starts to hurt: colours saturate, shapes bloat, the two-object layouts break,
+# and the Fréchet distance grows. Scales 2 and 2.5 are within noise of each other on adherence
+# (±2.7 points at n = 300); 2 has the lower FD, so it is the default. Chapter 10 looks at the cures.
+
+# %%
+sweep = info["guidance_sweep"]["by_scale"]
+scales = [float(k) for k in sweep]
+fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+for group, check, label in [("seen", "pair", "seen pairs"), ("held_out", "pair", "HELD_OUT pairs"),
+                            ("two", "relation", "two objects + relation")]:
+    axes[0].plot(scales, [100 * v["accuracy"][group][check] for v in sweep.values()], "o-", label=label)
+axes[0].axvline(DEFAULT_GUIDANCE, color="gray", ls=":")
+axes[0].set(xlabel="guidance scale", ylabel="correct (%)", title="adherence vs guidance (n = 300 per group)")
+axes[0].legend()
+axes[1].plot(scales, [v["frechet"] for v in sweep.values()], "o-")
+axes[1].set(xlabel="guidance scale", ylabel="FD", title="Fréchet distance to real images")
+plt.show()
+best = max(sweep, key=lambda k: sum(sweep[k]["accuracy"][g][c] for g, c in [("seen", "pair"), ("held_out", "pair"),
+                                                                          ("two", "relation")]))
+print(f"best total adherence at scale {best}; default {DEFAULT_GUIDANCE}")
+assert abs(float(best) - DEFAULT_GUIDANCE) <= 0.5  # the default sits at the measured optimum
+
+# %% [markdown]
+# **Adherence vs training time.** Every 500 steps the run kept its EMA weights
+# (`runs/book/snapshots/`); `python -m tinydit evaluate --run runs/book --n 100 --cfg 2` grades each.
+# Single objects come first; HELD_OUT pairs follow the seen ones closely (the model composes colour
+# and shape it learnt separately); relations between two objects come last and are still rising when
+# the hour ends.
+
+# %%
+points = info["curve"]["points"]
+minutes = [p["step"] * info["recipe_seconds_per_step_2_idle_threads"] / 60 for p in points]
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for group, check, label in [("seen", "pair", "seen pairs"), ("held_out", "pair", "HELD_OUT pairs"),
+                            ("two", "relation", "two objects + relation")]:
+    ax.plot(minutes, [100 * p["accuracy"][group][check] for p in points], "o-", label=label)
+ax.set(xlabel="minutes of training (2 idle cores, 0.46 s/step)", ylabel="correct (%)",
+       title=f"adherence vs training (n = {info['curve']['n']}, guidance {info['curve']['guidance_scale']})")
+ax.legend()
+plt.show()
+assert points[-1]["accuracy"]["two"]["relation"] > points[len(points) // 2]["accuracy"]["two"]["relation"]
 
 # %% [markdown]
 # ## 11. Bad input gets a clear error
