@@ -1156,7 +1156,9 @@ class DualTextEncoder(TextEncoder):
     SD3 does (Esser et al. 2024; `join_embeddings`), with an LRU cache of `cache_size` prompts.
 
     `offload`: None (the secondary stays on `device`), "cpu" or "disk" (see `Offloader`; in
-    `offload_dir` or a temporary folder). The secondary you pass is offloaded *in place*: your own
+    `offload_dir` or a temporary folder), or a callable `offload(module, device=...)` that returns an
+    offloader of your own (a context manager with `close()` and a `device` attribute: chapter 11's
+    `tinydit.offload.BlockOffload` streams the secondary in block by block). The secondary you pass is offloaded *in place*: your own
     reference to it has its weights on the CPU or `meta` between encodes too, and still encodes (it
     brings itself in). `close()` or the end of a `with` block gives it back with its weights where
     they were and deletes the temporary folder. `events`: where its weights were, step by step.
@@ -1170,7 +1172,7 @@ class DualTextEncoder(TextEncoder):
                  offload: str | None = "cpu", device: str | torch.device | None = None,
                  offload_dir: str | Path | None = None, cache_size: int = 32):
         super().__init__()
-        self.offload = check_choice("offload", offload, self.OFFLOAD)
+        self.offload = offload if callable(offload) else check_choice("offload", offload, self.OFFLOAD)
         self.cache = PromptCache(check_int("cache_size", cache_size, minimum=0))
         widths = [primary.width] + ([secondary.width] if secondary is not None else [])
         self.width = max(widths) if width is None else check_int("width", width)
@@ -1186,7 +1188,9 @@ class DualTextEncoder(TextEncoder):
         self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)
         self.events: list[tuple[str, str]] = []
         if secondary is not None:
-            if offload:
+            if callable(offload):  # an offloader factory (chapter 11), e.g. tinydit.offload.BlockOffload
+                secondary.offloader = offload(secondary, device=self.compute_device)
+            elif offload:
                 secondary.offloader = Offloader(secondary, offload, self.compute_device, offload_dir,
                                                 "secondary", self.events)
             else:
