@@ -1085,7 +1085,9 @@ class Trainer:
 #
 # A short run at this notebook's size: the loss curve and what the EMA model draws for a few
 # captions, every few steps. (At CI size it is a few dozen steps of a tiny model, so expect blobs;
-# section 9 loads the real run.)
+# section 9 loads the real run.) `generate` samples with chapter 08's sampler and the minimal CFG
+# wrapper below; chapter 10 reuses it whole through three hooks: `guide` (its own wrapper),
+# `cond_args` (its own conditioning) and `callback` (passed to the sampler).
 
 # %%
 # | export
@@ -1131,28 +1133,52 @@ def _check_generate_inputs(model, objective, captions, seeds) -> list[int]:
     return seeds
 
 
-@torch.no_grad()
-def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: list[int] | None = None,
-             steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, vae=None,
-             text_encoder=None, disable: bool | None = True, return_latents: bool = False) -> torch.Tensor:
-    """Images (B, 3, 32, 32) in [-1, 1] for a list of captions: noise from `seeds` (one per caption,
-    drawn on the CPU), `steps` model evaluations of chapter 08's `sampler`, CFG at `guidance_scale`."""
-    seeds = _check_generate_inputs(model, objective, captions, seeds)
-    vae = vae if vae is not None else load_book_vae()
-    text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-    device = next(model.parameters()).device
+def _check_generate_hooks(guide, cond_args, callback) -> None:
+    """Chapter 10's hooks into `generate`: two callables (or None) and a dict of conditioning (or None)."""
+    for name, hook in (("guide", guide), ("callback", callback)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name}: expected a function or None, got {type(hook).__name__}")
+    if cond_args is not None and not isinstance(cond_args, Mapping):
+        raise TypeError(f"cond_args: expected a dict of the sampler's extra_args (context, context_mask, ...), "
+                        f"got {type(cond_args).__name__}")
+
+
+def _empty_prompt_args(text_encoder, captions: list[str], device) -> dict:
+    """GuidedDenoiser's extra_args: the captions' tokens and the empty prompt's, padded to one length."""
     emb = text_encoder(list(captions)).to(device)
     empty = text_encoder([""] * len(captions)).to(device)
     T = max(emb.tokens.shape[1], empty.tokens.shape[1])
     (ctx, mask), (u_ctx, u_mask) = _pad_tokens(emb, T), _pad_tokens(empty, T)
+    return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
+
+
+@torch.no_grad()
+def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: list[int] | None = None,
+             steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, vae=None,
+             text_encoder=None, disable: bool | None = True, return_latents: bool = False, guide=None, cond_args=None,
+             callback=None) -> torch.Tensor:
+    """Images (B, 3, 32, 32) in [-1, 1] for a list of captions: noise from `seeds` (one per caption,
+    drawn on the CPU), `steps` model evaluations of chapter 08's `sampler`, CFG at `guidance_scale`;
+    `return_latents`: the sampled latents, not decoded. Chapter 10's hooks: `guide(denoiser, sigmas)`
+    builds the denoiser to sample instead of GuidedDenoiser (guidance_scale then unused), `cond_args`
+    are its extra_args instead of the captions against "", `callback` goes to the sampler."""
+    seeds = _check_generate_inputs(model, objective, captions, seeds)
+    _check_generate_hooks(guide, cond_args, callback)
+    device, cfg = next(model.parameters()).device, model.config
+    if cond_args is None:
+        text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
+        cond_args = _empty_prompt_args(text_encoder, captions, device)
     denoiser = objective.denoiser(model.eval())
     sigmas = objective.sigmas(denoiser, steps)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    guided = GuidedDenoiser(denoiser, guidance_scale) if guide is None else guide(denoiser, sigmas)
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x = (noise * sigmas[0]).to(device)  # (B, 4, 8, 8) at the first noise level
-    latents = get_sampler(sampler)(GuidedDenoiser(denoiser, guidance_scale), x, sigmas.to(device), disable=disable,
-                                   extra_args=dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask))
+    latents = get_sampler(sampler)(guided, x, sigmas.to(device), extra_args={k: v.to(device) for k, v in cond_args.items()},
+                                   callback=callback, disable=disable)
     if return_latents:
         return latents
+    vae = vae if vae is not None else load_book_vae()
     return vae.from_latent(latents.float().cpu()).clamp(-1, 1)  # (B, 3, 32, 32)
 
 # %%

@@ -119,9 +119,8 @@ from torch import nn
 
 from tinydit.data import BACKGROUNDS, COLORS
 from tinydit.evaluate import evaluate
-from tinydit.samplers import get_sampler
 from tinydit.text import load_book_text_encoder
-from tinydit.train import DEFAULT_SAMPLER, DEFAULT_STEPS
+from tinydit.train import DEFAULT_SAMPLER, DEFAULT_STEPS, generate
 from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
 
@@ -311,9 +310,10 @@ for name in ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "un
 # %% [markdown]
 # ## 2. What the scale does
 #
-# `generate_guided` is chapter 09's `generate` with the full wrapper (cure, interval, negative
-# prompt); it keeps what section 4's saturation measures read: the decoded images *before* the clamp
-# to $[-1, 1]$, and the last step's $\hat x_0$.
+# `generate_guided` is chapter 09's `generate` with the full wrapper as its `guide` (cure, interval)
+# and `guidance_args` as its `cond_args` (negative prompt); it keeps what section 4's saturation
+# measures read: the decoded images *before* the clamp to $[-1, 1]$ (it asks for the latents and
+# decodes them itself), and the last step's $\hat x_0$ (the sampler's `callback` sees every step).
 
 # %%
 # | export
@@ -330,25 +330,15 @@ class Guided:
 def generate_guided(model, objective, captions: list[str], seeds: list[int] | None = None, scale: float | None = None,
                     cure="default", interval=None, negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                     sampler: str = DEFAULT_SAMPLER, vae=None, text_encoder=None, disable: bool | None = True) -> Guided:
-    """Chapter 09's `generate` with a full CFGDenoiser: `scale` (None: DEFAULT_SCALE), `cure` ("default":
-    DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`. Noise from `seeds`, drawn on the CPU."""
+    """Chapter 09's `generate` with a full CFGDenoiser as its `guide`: `scale` (None: DEFAULT_SCALE), `cure`
+    ("default": DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`. Noise from `seeds`, drawn on the CPU."""
     scale, cure = DEFAULT_SCALE if scale is None else scale, DEFAULT_CURE if cure == "default" else cure
-    vae = vae if vae is not None else load_book_vae()
     text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-    seeds = list(range(len(captions))) if seeds is None else list(seeds)
-    if len(seeds) != len(captions):
-        raise ValueError(f"seeds: one per caption expected ({len(captions)}), got {len(seeds)}")
-    device, cfg = next(model.parameters()).device, model.config
-    denoiser = objective.denoiser(model.eval())
-    sigmas = objective.sigmas(denoiser, steps)
-    guided = CFGDenoiser(denoiser, scale, cure, interval, sigmas)
-    args = {k: v.to(device) for k, v in guidance_args(text_encoder, captions, negative_prompt).items()}
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    last = {}
-    latents = get_sampler(sampler)(guided, (noise * sigmas[0]).to(device), sigmas.to(device), extra_args=args,
-                                   callback=last.update, disable=disable)
-    raw = vae.from_latent(latents.float().cpu())  # (B, 3, H, W)
+    last = {}  # the sampler's callback keeps the last step: its x0 prediction is "denoised"
+    latents = generate(model, objective, captions, seeds, steps, sampler=sampler, disable=disable, return_latents=True,
+                       guide=lambda denoiser, sigmas: CFGDenoiser(denoiser, scale, cure, interval, sigmas),
+                       cond_args=guidance_args(text_encoder, captions, negative_prompt), callback=last.update)
+    raw = (vae if vae is not None else load_book_vae()).from_latent(latents.float().cpu())  # (B, 3, H, W)
     return Guided(raw.clamp(-1, 1), raw, last["denoised"].float().cpu())
 
 # %% [markdown]

@@ -28,6 +28,7 @@ from tinydit.guidance import (
     dynamic_threshold,
     from_space,
     generate_guided,
+    guidance_args,
     mimic_cfg,
     palette_error,
     rescale_cfg,
@@ -36,6 +37,7 @@ from tinydit.guidance import (
     to_space,
 )
 from tinydit.samplers import SAMPLERS
+from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.vae import load_book_vae
 
@@ -300,6 +302,40 @@ def test_generate_guided_matches_chapter_09_generate():
     negative = generate_guided(model, objective, captions, [3, 4], scale=3.0, cure=None, steps=4,
                                negative_prompt="a red circle")
     assert (negative.images - ours.images).abs().max() > 0
+
+
+def _generate_guided_before_the_hook(model, objective, captions, seeds, scale, cure, interval, negative_prompt,
+                                     steps, sampler, vae, text_encoder):
+    """`generate_guided`'s own body before it called `train.generate`: the reference it keeps, bit for bit."""
+    denoiser = objective.denoiser(model.eval())
+    sigmas = objective.sigmas(denoiser, steps)
+    guided = CFGDenoiser(denoiser, scale, cure, interval, sigmas)
+    args = guidance_args(text_encoder, captions, negative_prompt)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    last = {}
+    latents = SAMPLERS[sampler](guided, noise * sigmas[0], sigmas, extra_args=args, callback=last.update, disable=True)
+    raw = vae.from_latent(latents.float())
+    return Guided(raw.clamp(-1, 1), raw, last["denoised"].float())
+
+
+@pytest.mark.parametrize("scale, cure, interval, negative, sampler", [
+    (2.0, None, None, "", "dpmpp_2m"),
+    (6.0, Rescale(0.7), (0.5, 10.0), "a red circle", "dpmpp_2m"),
+    (8.0, (APG(momentum=-0.5, norm_threshold=5.0), Threshold(bound=3.0)), None, "", "heun"),
+    (9.0, Mimic(3.0, mode="linear"), None, ["", "a cat"], "euler_ancestral"),
+])
+def test_generate_guided_is_bit_identical_to_before_the_hook(scale, cure, interval, negative, sampler):
+    model, objective = train.load_book_model()
+    vae, enc = load_book_vae(), load_book_text_encoder()
+    captions, seeds = ["a red circle on the left", "a blue square above a green triangle"], [3, 4]
+    torch.manual_seed(0)  # the ancestral sampler's noise
+    with torch.no_grad():
+        ref = _generate_guided_before_the_hook(model, objective, captions, seeds, scale, cure, interval, negative, 5,
+                                               sampler, vae, enc)
+    torch.manual_seed(0)
+    out = generate_guided(model, objective, captions, seeds, scale, cure, interval, negative, 5, sampler, vae, enc)
+    for name in ("images", "raw", "x0"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
 
 
 def test_saturation_measures_on_real_renders():

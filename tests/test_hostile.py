@@ -45,6 +45,7 @@ from tinydit import (
     dit,
     embeddings,
     evaluate,
+    guidance,
     schedules,
     text,
     textdit,
@@ -837,6 +838,14 @@ def generate_tiny(captions=None, seeds=None, **kw):
     return train.generate(model, objective, captions, seeds, vae=v, text_encoder=enc, **{"steps": 2, **kw})
 
 
+def generate_guided_tiny(captions=None, seeds=None, **kw):
+    """`guidance.generate_guided` with the tiny book model, 2 steps, the book VAE and text encoder."""
+    model, objective = kw.pop("model", tiny_book_model()), kw.pop("objective", train.Objective())
+    captions = ["a red circle", "a blue square"] if captions is None else captions
+    v, enc = book_encoders()
+    return guidance.generate_guided(model, objective, captions, seeds, vae=v, text_encoder=enc, **{"steps": 2, **kw})
+
+
 def renders(n: int = 2, side: int = 32) -> torch.Tensor:
     """Real renders (n, 3, side, side) in [-1, 1] of the first test-split scenes."""
     return torch.stack([data.pil_to_tensor(data.render_scene(data.sample_scene(0, "test", i), side)) for i in range(n)])
@@ -1607,6 +1616,16 @@ CASES = [
     ("train.generate.model_class_dit", lambda: generate_tiny(model=tiny_dit()), TE, r"^model: "),
     ("train.generate.objective_none", lambda: generate_tiny(objective=None), TE, r"^objective: "),
     ("train.generate.objective_config", lambda: generate_tiny(objective=train_cfg()), TE, r"^objective: "),
+    ("train.generate.guide_not_callable", lambda: generate_tiny(guide=3.0), TE, r"^guide: "),
+    ("train.generate.callback_not_callable", lambda: generate_tiny(callback=[]), TE, r"^callback: "),
+    ("train.generate.cond_args_list", lambda: generate_tiny(cond_args=[torch.zeros(2, 4, 96)]), TE, r"^cond_args: "),
+    ("guidance.generate_guided.seeds_negative", lambda: generate_guided_tiny(seeds=[-1, 2]), VE, r"^seeds\[0\]: "),
+    ("guidance.generate_guided.seeds_float", lambda: generate_guided_tiny(seeds=[0.5, 1.5]), TE, r"^seeds\[0\]: "),
+    ("guidance.generate_guided.seeds_int", lambda: generate_guided_tiny(seeds=5), TE, r"^seeds: "),
+    ("guidance.generate_guided.seeds_too_many", lambda: generate_guided_tiny(seeds=[1, 2, 3]), VE, r"^seeds: .*\(2\), got 3"),
+    ("guidance.generate_guided.seeds_too_few", lambda: generate_guided_tiny(seeds=[1]), VE, r"^seeds: .*\(2\), got 1"),
+    ("guidance.generate_guided.model_none", lambda: generate_guided_tiny(model=None), TE, r"^model: "),
+    ("guidance.generate_guided.steps_zero", lambda: generate_guided_tiny(steps=0), VE, r"^steps: "),
     # train_book_model
     ("train.train_book_model.config_dict", lambda: train.train_book_model({"steps": 1}, out_dir=work() / "train09" / "tbm"), TE, r"^config: "),
     ("train.train_book_model.out_unwritable", _train_book_model_unwritable, (OSError, VE), r"^out_dir: "),

@@ -16,7 +16,10 @@ import torch
 
 from tinydit import train
 from tinydit.data import ShapesDataset
+from tinydit.samplers import get_sampler
 from tinydit.schedules import add_noise, flow_add_noise
+from tinydit.text import load_book_text_encoder
+from tinydit.vae import load_book_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_train=64, steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3, snapshot_every=0,
@@ -120,6 +123,62 @@ def test_shipped_book_model_matches_diffusers():
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         b = model(x, t, context=emb.tokens, context_mask=emb.mask)
     assert (a - b).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- generate and its hooks
+
+def _generate_before_the_hooks(model, objective, captions, seeds, steps, scale, sampler, vae, text_encoder):
+    """`train.generate`'s body before chapter 10's hooks existed: the reference its defaults keep, bit for bit."""
+    emb, empty = text_encoder(list(captions)), text_encoder([""] * len(captions))
+    T = max(emb.tokens.shape[1], empty.tokens.shape[1])
+    (ctx, mask), (u_ctx, u_mask) = train._pad_tokens(emb, T), train._pad_tokens(empty, T)
+    denoiser = objective.denoiser(model.eval())
+    sigmas = objective.sigmas(denoiser, steps)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    latents = get_sampler(sampler)(train.GuidedDenoiser(denoiser, scale), noise * sigmas[0], sigmas, disable=True,
+                                   extra_args=dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask))
+    return latents, vae.from_latent(latents.float()).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("steps, scale, sampler", [(6, 2.0, "dpmpp_2m"), (4, 1.0, "euler"), (3, 4.0, "heun"),
+                                                   (4, 3.0, "euler_ancestral")])
+@torch.no_grad()
+def test_generate_defaults_are_bit_identical_to_before_the_hooks(steps, scale, sampler):
+    model, objective = train.load_book_model()
+    vae, enc = load_book_vae(), load_book_text_encoder()
+    captions, seeds = ["a red circle on the left", "a blue square above a green triangle"], [3, 4]
+    torch.manual_seed(0)  # the ancestral sampler's noise
+    latents, images = _generate_before_the_hooks(model, objective, captions, seeds, steps, scale, sampler, vae, enc)
+    torch.manual_seed(0)
+    assert torch.equal(train.generate(model, objective, captions, seeds, steps, scale, sampler, vae, enc), images)
+    torch.manual_seed(0)
+    assert torch.equal(train.generate(model, objective, captions, seeds, steps, scale, sampler, vae, enc,
+                                      return_latents=True), latents)
+
+
+@torch.no_grad()
+def test_generate_hooks_guide_cond_args_callback():
+    model, objective = train.load_book_model()
+    vae, enc = load_book_vae(), load_book_text_encoder()
+    captions, seeds = ["a big yellow square in the middle", "a green triangle at the top"], [5, 6]
+    plain = train.generate(model, objective, captions, seeds, 5, 3.0, vae=vae, text_encoder=enc)
+    seen, steps = [], []
+
+    def guide(denoiser, sigmas):
+        seen.append(sigmas)
+        return train.GuidedDenoiser(denoiser, 3.0)
+
+    args = train._empty_prompt_args(enc, captions, "cpu")
+    hooked = train.generate(model, objective, captions, seeds, 5, guidance_scale=7.0, vae=vae, guide=guide,
+                            cond_args=args, callback=lambda info: steps.append(info["denoised"].shape))
+    assert torch.equal(hooked, plain)  # the guide's scale 3 won over guidance_scale=7
+    assert len(seen) == 1 and torch.equal(seen[0], objective.sigmas(objective.denoiser(model), 5))
+    assert steps == [(2, 4, 8, 8)] * 5  # dpmpp_2m: one callback per step, with the x0 prediction
+    swapped = train.generate(model, objective, captions, seeds, 5, 3.0, vae=vae,
+                             cond_args={k: v.flip(0) for k, v in args.items()})  # each seed gets the other caption
+    torch.testing.assert_close(swapped, train.generate(model, objective, captions[::-1], seeds, 5, 3.0, vae=vae,
+                                                       text_encoder=enc), rtol=1e-5, atol=1e-5)
+    assert (swapped - plain).abs().max() > 0.1  # cond_args is what the sampler conditions on
 
 
 # ---------------------------------------------------------------- resume and checkpoints
