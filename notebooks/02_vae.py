@@ -183,6 +183,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -195,9 +196,10 @@ from tqdm.auto import tqdm
 
 from tinydit.checkpoint import (
     WeightsMismatchError,
-    check_and_load,
+    load_model,
     load_state_dict,
     read_config,
+    resolve_dtype,
     resolve_pretrained,
     strip_prefix,
 )
@@ -555,6 +557,16 @@ def _check_latent_batch(z, channels: int) -> None:
     _check_batch("z", z, channels, "latents", "h, w")
 
 
+def _upcast_decoder(model) -> None:
+    """An fp16 decoder overflowed (SDXL's VAE does): warn, and move it to float32 for good."""
+    warnings.warn("AutoencoderKL.decode: the float16 decoder overflowed (inf/NaN in the image; SDXL's VAE does "
+                  "this, its activations exceed fp16's 65504). Decoding in float32 from now on; load the VAE with "
+                  "dtype='bf16' or 'fp32', or use an fp16-fixed VAE, to avoid it.", stacklevel=3)
+    for part in (model.post_quant_conv, model.decoder):
+        if part is not None:
+            part.float()
+
+
 def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     """The config dict and the weights file of a diffusers AutoencoderKL folder."""
     if not (folder / "config.json").is_file():
@@ -602,9 +614,17 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw (unscaled) latents (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        """Raw (unscaled) latents (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1].
+        An fp16 decoder that overflows (SDXL's VAE does) is moved to fp32 for good, with a warning."""
         _check_latent_batch(z, self.config.latent_channels)
-        z = z.to(self.dtype)
+        x = self._decode(z)  # (B, 3, H, W)
+        if x.dtype == torch.float16 and not torch.isfinite(x).all():
+            _upcast_decoder(self)
+            x = self._decode(z)  # (B, 3, H, W), float32
+        return x
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.decoder.conv_in.weight.dtype)  # the decoder's dtype (float32 after an fp16 overflow)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)  # (B, C, h, w)
         return self.decoder(z)  # (B, 3, H, W)
@@ -630,29 +650,31 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), post
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
-        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online."""
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
+                        dtype=None) -> AutoencoderKL:
+        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online.
+        `dtype` ("fp16", "bf16", a torch dtype; None = float32) converts the weights while reading."""
+        dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
         config, weights = _diffusers_folder(folder)
-        model = cls(VAEConfig.from_diffusers(config))
-        check_and_load(model, rename_legacy_attention(load_state_dict(weights)), what=str(weights))
-        return model.eval()
+        cfg = VAEConfig.from_diffusers(config)
+        sd = rename_legacy_attention(load_state_dict(weights, dtype))
+        return load_model(lambda: cls(cfg), sd, what=str(weights), dtype=dtype)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
-                         config: VAEConfig | None = None) -> AutoencoderKL:
+                         config: VAEConfig | None = None, dtype=None) -> AutoencoderKL:
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
-        sd = single_file_vae_weights(load_state_dict(path))  # key maps: defined after the class
+        dtype = resolve_dtype(dtype)
+        sd = single_file_vae_weights(load_state_dict(path, dtype))  # key maps: defined after the class
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
-        model = cls(cfg)
         try:
-            check_and_load(model, sd, what=str(path))
+            return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
         except WeightsMismatchError as e:
             hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
             raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
-        return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike,
                         weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
@@ -826,13 +848,15 @@ def book_vae_path() -> Path:
     return Path(str(resources.files("tinydit") / "assets" / "book_vae"))
 
 
-def load_book_vae() -> AutoencoderKL:
-    """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode."""
+def load_book_vae(dtype=None) -> AutoencoderKL:
+    """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode; `dtype` as in
+    `AutoencoderKL.from_pretrained` (None = float32)."""
+    dtype = resolve_dtype(dtype)
     folder = book_vae_path()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"the book VAE is missing from the package ({folder}); regenerate it with "
                                 "tinydit.vae.train_book_vae(out_dir=...)")
-    return AutoencoderKL.from_pretrained(folder)
+    return AutoencoderKL.from_pretrained(folder, dtype=dtype)
 
 # %% [markdown]
 # Under `TINYDIT_FAST=1` (CI) the cell below trains for 60 steps, only to show that the loop runs
@@ -885,6 +909,18 @@ scores = psnr(test_rec, test_x)  # (256,)
 print(f"PSNR on 256 test images: mean {scores.mean():.2f} dB, worst {scores.min():.2f} dB, best {scores.max():.2f} dB")
 assert test_z.shape == (256, 4, 8, 8)
 assert scores.mean() >= 38.69  # measured 39.19 dB; 0.5 dB margin for platform (BLAS / CPU) differences
+
+# %% [markdown]
+# Every loader in the book takes `dtype=` ("bf16", "fp16" or a torch dtype): the weights are converted
+# as they are read and the model is built directly in that precision (appendix; chapter 11 explains
+# the formats). With bfloat16 weights the book VAE loses about a tenth of a dB:
+
+# %%
+vae_bf16 = load_book_vae(dtype="bf16")
+with torch.no_grad():
+    scores_bf16 = psnr(vae_bf16.from_latent(vae_bf16.to_latent(test_x)).float(), test_x)  # (256,)
+print(f"bf16 weights: mean PSNR {scores_bf16.mean():.2f} dB (float32: {scores.mean():.2f} dB)")
+assert scores_bf16.mean() >= scores.mean() - 0.5  # measured 0.10 dB lower; 0.5 dB margin
 
 # %% [markdown]
 # Originals (odd rows) and their reconstructions (even rows), with each reconstruction's PSNR:
@@ -1064,6 +1100,11 @@ display(W.interactive(compare, index=W.IntSlider(0, 0, len(test_x) - 1, descript
 #   Offline, the error is one line that says how to download the files and pass the folder instead.
 # - **Keys and values.** Every missing key, unexpected key and shape mismatch is listed in one
 #   error; weights of a non-floating dtype, or holding NaN / inf, are refused before they are copied.
+# - **Precision.** `load_state_dict(path, dtype="bf16")` converts each tensor as it is read, and
+#   `load_model` builds the model empty (on the `meta` device) in that dtype, so a float32 copy of
+#   the model is never in memory. Every loader of the book takes this `dtype=`; dtype=None keeps the
+#   file's float32. In fp16, SDXL's VAE decoder overflows (activations beyond 65504): `decode` then
+#   warns once and moves the decoder to float32 for good (`tests/test_dtype_loading.py` provokes it).
 
 # %%
 # | export checkpoint
@@ -1076,11 +1117,13 @@ import json
 import os
 import pickle
 import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -1110,10 +1153,11 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_pickle(path: Path):
-    """torch.load(weights_only=True); a refusal and an unreadable file get different errors."""
+def _read_pickle(path: Path, mmap: bool = False):
+    """torch.load(weights_only=True); a refusal and an unreadable file get different errors.
+    `mmap=True` leaves the tensors in the file (zip-format files only) until they are used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except PermissionError:
         raise
     except Exception as e:  # UnpicklingError, EOFError, OSError or RuntimeError from a broken zip, garbage
@@ -1123,20 +1167,53 @@ def _read_pickle(path: Path):
         raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is damaged: truncated or not a "
                          f"PyTorch checkpoint ({type(e).__name__}); download it again") from None
 
+# %%
+# | export checkpoint
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`."""
-    path = Path(path)
+
+def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """None (keep the file's precision), a floating-point torch dtype, or a name in `DTYPES`."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    raise ValueError(f"{name}: expected one of fp32, fp16, bf16 (or a torch dtype), got {dtype!r}")
+
+
+def _converted(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh copy of `t` (never a view into the file) in `dtype`; integer tensors keep theirs."""
+    if not t.is_floating_point():
+        return t.clone()
+    out = t.to(dtype, copy=True)
+    if dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise ValueError(f"dtype: {key} holds values beyond float16's range (65504); load this checkpoint "
+                         "with dtype='bf16' (float32's range) or 'fp32'")
+    return out
+
+
+def load_state_dict(path: str | os.PathLike, dtype=None) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`.
+    `dtype` ("bf16", torch.float16, ...): every floating-point tensor is converted while reading,
+    one at a time, so the file's own copy is never in memory whole (old non-zip pickles excepted)."""
+    path, dtype = Path(path), resolve_dtype(dtype)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            if dtype is None:
+                return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:  # get_tensor: a view of the mapped file
+                return {k: _converted(k, f.get_tensor(k), dtype) for k in f.keys()}
         except SafetensorError as e:
             raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is corrupt: truncated or not a "
                              f"safetensors file ({e}); download it again") from None
     if path.suffix in PICKLE_SUFFIXES:
-        return unwrap_state_dict(_read_pickle(path))
+        if dtype is None:
+            return unwrap_state_dict(_read_pickle(path))
+        sd = unwrap_state_dict(_read_pickle(path, mmap=zipfile.is_zipfile(path)))
+        return {k: _converted(k, v, dtype) for k, v in sd.items()}
     raise ValueError(f"path: expected a .safetensors file or one of {PICKLE_SUFFIXES}, got {path.name!r}")
 
 
@@ -1208,8 +1285,10 @@ def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tenso
                          + _listing("tensors", bad))
 
 
-def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem."""
+def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
+                   assign: bool = False) -> None:
+    """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem.
+    `assign=True` (for an `empty_model`): the model takes `sd`'s tensors themselves, no copy."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -1219,7 +1298,50 @@ def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "c
         raise WeightsMismatchError(f"{what} does not fit the model" + _listing("missing keys", missing)
                                    + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes))
     _check_weight_values(sd, own, what)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    if assign:
+        model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    else:
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+# %% [markdown]
+# Loading in another precision without a float32 copy: build the model on the `meta` device
+# (shapes, no memory), cast it, give it uninitialised CPU storage, and let the strict
+# `check_and_load` *assign* the tensors just read: every parameter and buffer is replaced (a missing
+# key raises first), so the weights exist once, in the target dtype. What a state dict does not hold
+# (a plain tensor attribute, a non-persistent buffer) would stay uninitialised: `empty_model` refuses it.
+
+# %%
+# | export checkpoint
+def empty_model(build: Callable[[], nn.Module], dtype) -> nn.Module:
+    """`build()` without its weights: made on the meta device, cast to `dtype`, then given
+    uninitialised CPU storage (`to_empty`) for a strict `check_and_load(..., assign=True)` to fill.
+    `dtype=None` keeps the dtypes `build` gives."""
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = build()
+    model = (model if dtype is None else model.to(dtype)).to_empty(device="cpu")
+    unfilled = []
+    for name, m in model.named_modules():
+        plain = [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]  # still on the meta device
+        unfilled += [f"{name}.{k}" if name else k for k in plain + sorted(m._non_persistent_buffers_set)]
+    if unfilled:
+        raise RuntimeError(f"build: {type(model).__name__} holds tensors that no state dict fills (left on the "
+                           f"meta device or uninitialised): {unfilled[:10]}; load it with dtype=None")
+    return model
+
+
+def load_model(build: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str = "checkpoint",
+               dtype=None) -> nn.Module:
+    """`build()` filled from `sd` by the strict `check_and_load`, in eval mode. With `dtype`, an
+    `empty_model` in that dtype takes `sd`'s tensors (read in `dtype`): no float32 copy, no init."""
+    dtype = resolve_dtype(dtype)
+    if dtype is None:  # the model's own init, then a copy: what every loader did before dtype=
+        model = build()
+        check_and_load(model, sd, what)
+    else:
+        model = empty_model(build, dtype)
+        check_and_load(model, sd, what, assign=True)
+    return model.eval()
 
 # %% [markdown]
 # A damaged download, a checkpoint that would run code, and a NaN in the weights, each met with an
@@ -1236,7 +1358,8 @@ with tempfile.TemporaryDirectory() as tmp:
     cases = [(lambda: load_state_dict(f"{tmp}/cut.safetensors"), r"cut\.safetensors \(1,000 bytes\) is corrupt"),
              (lambda: load_state_dict(f"{tmp}/empty.ckpt"), r"empty\.ckpt \(0 bytes\) is damaged"),
              (lambda: load_state_dict(f"{tmp}/code.ckpt"), r"weights_only=True\) refused code\.ckpt"),
-             (lambda: check_and_load(AutoencoderKL(), nan_sd), r"(?s)NaN or infinite.*decoder\.conv_out\.bias")]
+             (lambda: check_and_load(AutoencoderKL(), nan_sd), r"(?s)NaN or infinite.*decoder\.conv_out\.bias"),
+             (lambda: load_state_dict(good, dtype="int8"), r"^dtype: expected one of fp32, fp16, bf16")]
     for call, pattern in cases:
         try:
             call()

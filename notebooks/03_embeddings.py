@@ -129,6 +129,8 @@ def _as_1d_times(t, name: str = "t") -> torch.Tensor:
         t = t[None]
     if t.ndim != 1:
         raise ValueError(f"{name}: expected a scalar or a 1-D tensor of times (B,), got shape {tuple(t.shape)}")
+    if torch.compiler.is_compiling():  # a value check is a device sync and a graph break; eager calls keep it
+        return t
     return check_finite(name, t)
 
 

@@ -738,28 +738,35 @@ def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     (out / "training.json").write_text(json.dumps(info, indent=1))
 
 
-def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu") -> CLIPTextEncoder:
+def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
+                           dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
-    (B, T, 96), pooled = the projected EOS state (B, 64), padded to the longest prompt."""
+    (B, T, 96), pooled = the projected EOS state (B, 64), padded to the longest prompt. `dtype`
+    ("bf16", "fp16", a torch dtype; None = float32): the weights' precision."""
+    from tinydit.checkpoint import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     folder = Path(path) if path is not None else BOOK_TEXT_ENCODER_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"path: no book text encoder in {str(folder)!r} (expected config.json, "
                                 "model.safetensors and tokenizer files); train one with "
                                 "tinydit.text.train_book_text_encoder(out_dir=...)")
     with _quiet_transformers(progress_bar=False):  # a 1.4 MB model: no "Loading weights" bar
-        return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest")
+        return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
 
-def load_book_image_encoder(path: str | Path | None = None) -> ImageEncoder:
-    """The image tower trained together with the book's text encoder (for retrieval)."""
-    from tinydit.checkpoint import check_and_load, load_state_dict
+def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
+    """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
+    `load_book_text_encoder`."""
+    from tinydit.checkpoint import load_model, load_state_dict, resolve_dtype
 
+    dtype = resolve_dtype(dtype)
     folder = Path(path) if path is not None else BOOK_TEXT_ENCODER_DIR
     info = json.loads((folder / "training.json").read_text())
     c = BookTextConfig(**{**info["config"], "image_channels": tuple(info["config"]["image_channels"])})
-    model = ImageEncoder(c.embed_dim, c.image_channels, c.image_size)
-    check_and_load(model, load_state_dict(folder / "image_encoder.safetensors"), what="book image encoder")
-    return model.eval()
+    sd = load_state_dict(folder / "image_encoder.safetensors", dtype)
+    return load_model(lambda: ImageEncoder(c.embed_dim, c.image_channels, c.image_size), sd,
+                      what="book image encoder", dtype=dtype)
 
 # %% [markdown]
 # Under `TINYDIT_FAST` the notebook runs a few dozen steps of the same function, to show it works;

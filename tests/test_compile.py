@@ -17,14 +17,14 @@ def graph_breaks(model, *args, **kwargs) -> int:
 
 def test_dit_forward_has_no_graph_breaks():
     model = DiT(DiTConfig.preset("book", depth=2)).eval()
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 18])
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 499.5]), torch.tensor([1, 18])
     with torch.no_grad():
         assert graph_breaks(model, x, t, y) == 0
 
 
 def test_text_dit_forward_has_no_graph_breaks():
     model = TextDiT(TextDiTConfig.preset("book-text", depth=2)).eval()
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 499.5])  # float times, as samplers pass them
     ctx, pooled = torch.randn(2, 5, 96), torch.randn(2, 64)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_offloaded_text_dit_gives_exactly_the_same_output(mode, options):
         o.close()
         again = model(x, t, **cond)
     assert torch.equal(out, expected) and torch.equal(again, expected)
-    assert getattr(model, "_tinydit_offload") is None and not model._forward_pre_hooks  # close() undid it
+    assert model._tinydit_offload is None and not model._forward_pre_hooks  # close() undid it
 
 
 @pytest.mark.parametrize("mode,group_size,peak_blocks,loads", [("block", 1, 1, 7), ("block", 2, 2, 4),

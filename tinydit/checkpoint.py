@@ -10,11 +10,13 @@ import json
 import os
 import pickle
 import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -44,10 +46,11 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_pickle(path: Path):
-    """torch.load(weights_only=True); a refusal and an unreadable file get different errors."""
+def _read_pickle(path: Path, mmap: bool = False):
+    """torch.load(weights_only=True); a refusal and an unreadable file get different errors.
+    `mmap=True` leaves the tensors in the file (zip-format files only) until they are used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except PermissionError:
         raise
     except Exception as e:  # UnpicklingError, EOFError, OSError or RuntimeError from a broken zip, garbage
@@ -58,19 +61,51 @@ def _read_pickle(path: Path):
                          f"PyTorch checkpoint ({type(e).__name__}); download it again") from None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`."""
-    path = Path(path)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """None (keep the file's precision), a floating-point torch dtype, or a name in `DTYPES`."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    raise ValueError(f"{name}: expected one of fp32, fp16, bf16 (or a torch dtype), got {dtype!r}")
+
+
+def _converted(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh copy of `t` (never a view into the file) in `dtype`; integer tensors keep theirs."""
+    if not t.is_floating_point():
+        return t.clone()
+    out = t.to(dtype, copy=True)
+    if dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise ValueError(f"dtype: {key} holds values beyond float16's range (65504); load this checkpoint "
+                         "with dtype='bf16' (float32's range) or 'fp32'")
+    return out
+
+
+def load_state_dict(path: str | os.PathLike, dtype=None) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`.
+    `dtype` ("bf16", torch.float16, ...): every floating-point tensor is converted while reading,
+    one at a time, so the file's own copy is never in memory whole (old non-zip pickles excepted)."""
+    path, dtype = Path(path), resolve_dtype(dtype)
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            if dtype is None:
+                return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:  # get_tensor: a view of the mapped file
+                return {k: _converted(k, f.get_tensor(k), dtype) for k in f.keys()}
         except SafetensorError as e:
             raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is corrupt: truncated or not a "
                              f"safetensors file ({e}); download it again") from None
     if path.suffix in PICKLE_SUFFIXES:
-        return unwrap_state_dict(_read_pickle(path))
+        if dtype is None:
+            return unwrap_state_dict(_read_pickle(path))
+        sd = unwrap_state_dict(_read_pickle(path, mmap=zipfile.is_zipfile(path)))
+        return {k: _converted(k, v, dtype) for k, v in sd.items()}
     raise ValueError(f"path: expected a .safetensors file or one of {PICKLE_SUFFIXES}, got {path.name!r}")
 
 
@@ -141,8 +176,10 @@ def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tenso
                          + _listing("tensors", bad))
 
 
-def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem."""
+def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
+                   assign: bool = False) -> None:
+    """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem.
+    `assign=True` (for an `empty_model`): the model takes `sd`'s tensors themselves, no copy."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -152,4 +189,39 @@ def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "c
         raise WeightsMismatchError(f"{what} does not fit the model" + _listing("missing keys", missing)
                                    + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes))
     _check_weight_values(sd, own, what)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+    if assign:
+        model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    else:
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def empty_model(build: Callable[[], nn.Module], dtype) -> nn.Module:
+    """`build()` without its weights: made on the meta device, cast to `dtype`, then given
+    uninitialised CPU storage (`to_empty`) for a strict `check_and_load(..., assign=True)` to fill.
+    `dtype=None` keeps the dtypes `build` gives."""
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = build()
+    model = (model if dtype is None else model.to(dtype)).to_empty(device="cpu")
+    unfilled = []
+    for name, m in model.named_modules():
+        plain = [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]  # still on the meta device
+        unfilled += [f"{name}.{k}" if name else k for k in plain + sorted(m._non_persistent_buffers_set)]
+    if unfilled:
+        raise RuntimeError(f"build: {type(model).__name__} holds tensors that no state dict fills (left on the "
+                           f"meta device or uninitialised): {unfilled[:10]}; load it with dtype=None")
+    return model
+
+
+def load_model(build: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str = "checkpoint",
+               dtype=None) -> nn.Module:
+    """`build()` filled from `sd` by the strict `check_and_load`, in eval mode. With `dtype`, an
+    `empty_model` in that dtype takes `sd`'s tensors (read in `dtype`): no float32 copy, no init."""
+    dtype = resolve_dtype(dtype)
+    if dtype is None:  # the model's own init, then a copy: what every loader did before dtype=
+        model = build()
+        check_and_load(model, sd, what)
+    else:
+        model = empty_model(build, dtype)
+        check_and_load(model, sd, what, assign=True)
+    return model.eval()

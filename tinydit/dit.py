@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from tinydit.attention import BACKENDS, Attention
 from tinydit.checkpoint import (
-    check_and_load,
+    load_model,
     load_state_dict,
     read_config,
+    resolve_dtype,
     resolve_pretrained,
     unwrap_state_dict,
 )
@@ -250,6 +251,16 @@ class LatentTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
 
+    @classmethod
+    def position_table(cls, cfg: TransformerConfig) -> torch.Tensor:
+        """The fixed sin-cos table (1, T, D) of `cfg`'s grid; loaders recompute it, never trust the file."""
+        return sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size)[None]  # (1, T, D)
+
+    @classmethod
+    def from_weights(cls, cfg: TransformerConfig, sd: dict[str, torch.Tensor], what: str, dtype=None):
+        """`cls(cfg)` filled from `sd` with the position table recomputed; `dtype` as in `load_model`."""
+        return load_model(lambda: cls(cfg), {**sd, "pos_embed": cls.position_table(cfg)}, what=what, dtype=dtype)
+
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """Position table for an h×w patch grid: the top-left corner of the stored table."""
         g = self.config.input_size // self.config.patch_size
@@ -286,9 +297,8 @@ class DiT(LatentTransformer):
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size,
                                            flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
-        grid = cfg.input_size // cfg.patch_size
         # fixed (not learned) sin-cos table; a buffer so checkpoints carry it under "pos_embed"
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.hidden_size, grid)[None])  # (1, T, D)
+        self.register_buffer("pos_embed", self.position_table(cfg))  # (1, T, D)
         self.blocks = nn.ModuleList([
             DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attn_backend, cfg.norm_eps)
             for _ in range(cfg.depth)
@@ -348,37 +358,36 @@ class DiT(LatentTransformer):
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
     @classmethod
-    def from_original(cls, path: str | Path, num_heads: int | None = None, **overrides) -> DiT:
+    def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
-        `.safetensors`); the config is read from the weights (see the appendix)."""
-        sd = unwrap_state_dict(load_state_dict(path))
+        `.safetensors`); the config is read from the weights (see the appendix). `dtype` ("bf16",
+        "fp16", a torch dtype; None = float32) converts the weights while reading."""
+        sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" in sd:
             raise ValueError(f"path: {Path(path).name} holds a PixArt (text-conditioned) checkpoint; load it with "
                              "tinydit.textdit.TextDiT.from_original, or tinydit.textdit.load_transformer")
-        model = cls(infer_config_from_original(sd, num_heads=num_heads, **overrides))
-        sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
-        check_and_load(model, sd, what=f"DiT checkpoint {Path(path).name}")
-        return model.eval()
+        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
+        return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, **overrides) -> DiT:
-        """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder."""
+    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
+        """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
+        `dtype` as in `from_original`."""
+        dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
         kind = transformer_kind(config)
         if kind == "DiT":  # tinydit's own save_pretrained layout
-            model = cls(DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides}))
-            sd = load_state_dict(folder / "model.safetensors")
+            cfg = DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+            sd = load_state_dict(folder / "model.safetensors", dtype)
         elif kind == "DiTTransformer2DModel":
-            model = cls(config_from_diffusers(config, **overrides))
-            sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder)))
+            cfg = config_from_diffusers(config, **overrides)
+            sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
                              "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
                              "(which reads any transformer folder)")
-        sd = {**sd, "pos_embed": model.pos_embed}
-        check_and_load(model, sd, what=f"DiT weights in {folder}")
-        return model.eval()
+        return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
 
 def dit_macs(config: DiTConfig, input_size: int | None = None) -> int:

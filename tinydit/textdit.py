@@ -17,8 +17,8 @@ from torch import nn
 
 from tinydit.attention import BACKENDS, Attention, RMSNorm, attention
 from tinydit.checkpoint import (
-    check_and_load,
     load_state_dict,
+    resolve_dtype,
     resolve_pretrained,
     unwrap_state_dict,
 )
@@ -252,9 +252,7 @@ class TextDiT(LatentTransformer):
         if cfg.modulation == "adaln_single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.y_embedder = CaptionEmbedder(cfg.context_dim, D, cfg.caption_tokens)
-        grid = cfg.input_size // cfg.patch_size
-        table = sincos_pos_embed_2d(D, grid, base_size=cfg.pos_base_size, interpolation_scale=cfg.interpolation_scale)
-        self.register_buffer("pos_embed", table[None])  # (1, T, D), fixed
+        self.register_buffer("pos_embed", self.position_table(cfg))  # (1, T, D), fixed
         self.blocks = nn.ModuleList([
             TextDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.modulation, cfg.qk_norm, cfg.attn_backend, cfg.norm_eps)
             for _ in range(cfg.depth)
@@ -297,6 +295,12 @@ class TextDiT(LatentTransformer):
                              "PixArt folders do not store y_embedding); pass the text encoder's encoding of an "
                              "empty prompt '' as context, as diffusers' pipeline does")
         return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
+
+    @classmethod
+    def position_table(cls, cfg: TextDiTConfig) -> torch.Tensor:
+        """The fixed table (1, T, D) of `cfg`'s grid, with PixArt's base size and interpolation scale."""
+        return sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size, base_size=cfg.pos_base_size,
+                                   interpolation_scale=cfg.interpolation_scale)[None]  # (1, T, D)
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """Position table for an h x w grid: the stored one, PixArt's rescaled table for other grids,
@@ -352,32 +356,34 @@ class TextDiT(LatentTransformer):
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, **overrides) -> TextDiT:
-        """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT folder."""
+    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None,
+                        **overrides) -> TextDiT:
+        """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
+        folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
+        dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
         kind = transformer_kind(config)
         if kind == "TextDiT":  # tinydit's own layout
-            model = cls(TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides}))
-            sd = load_state_dict(folder / "model.safetensors")
+            cfg = TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+            sd = load_state_dict(folder / "model.safetensors", dtype)
         elif kind == "PixArtTransformer2DModel":
-            model = cls(config_from_diffusers_pixart(config, **overrides))
-            sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder)))
+            cfg = config_from_diffusers_pixart(config, **overrides)
+            sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
                              "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
-        sd = {**sd, "pos_embed": model.pos_embed}
-        check_and_load(model, sd, what=f"weights in {folder}")
-        return model.eval()
+        return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
 
     @classmethod
-    def from_original(cls, path: str | Path, num_heads: int | None = None, **overrides) -> TextDiT:
-        """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`)."""
-        sd = unwrap_state_dict(load_state_dict(path))
+    def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
+        """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
+        `dtype` as in `from_pretrained`."""
+        sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" not in sd:
             raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
                              "facebookresearch DiT loads with tinydit.dit.DiT.from_original")
-        return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, **overrides)
+        return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 
 def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
@@ -553,48 +559,46 @@ def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: in
 
 
 def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
-                           **overrides) -> TextDiT:
+                           dtype=None, **overrides) -> TextDiT:
     """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
-    position table against the one the config implies."""
-    model = cls(infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides))
-    stored = sd.get("pos_embed")
-    if stored is not None and stored.abs().sum() > 0 and stored.shape == model.pos_embed.shape:
-        diff = (stored.float() - model.pos_embed).abs().max().item()
-        if diff > 1e-4:
+    position table against the one the config implies (`dtype`: the model's, None = float32)."""
+    cfg = infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides)
+    table, stored = cls.position_table(cfg), sd.get("pos_embed")  # (1, T, D) each
+    if stored is not None and stored.abs().sum() > 0 and stored.shape == table.shape:
+        diff = (stored.float() - table).abs().max().item()
+        if diff > max(1e-4, torch.finfo(stored.dtype).eps):  # a bf16 / fp16 copy is off by its rounding
             raise ValueError(f"interpolation_scale: the checkpoint's stored position table differs from the one for "
-                             f"interpolation_scale={model.config.interpolation_scale} by {diff:.3g}; pass the "
+                             f"interpolation_scale={cfg.interpolation_scale} by {diff:.3g}; pass the "
                              "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
-    sd = {**sd, "pos_embed": model.pos_embed}  # the fixed table is recomputed, not trusted from disk
-    check_and_load(model, sd, what=f"PixArt checkpoint {name}")
-    return model.eval()
+    return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
 
 
 def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
-                     **overrides) -> DiT | TextDiT:
+                     dtype=None, **overrides) -> DiT | TextDiT:
     """Load any transformer this book knows, dispatching on the files' contents.
 
     A file (`.pt`, `.pth`, `.safetensors`) is read in the original layout: PixArt-α/Σ when it has
     `t_block` weights, else facebookresearch DiT. A folder (or hub id) is read by its config.json:
     a diffusers `DiTTransformer2DModel` / `PixArtTransformer2DModel`, or a tinydit DiT / TextDiT.
+    `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading.
     """
-    path = Path(path_or_id)
+    path, dtype = Path(path_or_id), resolve_dtype(dtype)
     if path.is_file():
         if subfolder is not None:
             raise ValueError(f"subfolder: {path} is a file; subfolder only applies to folders and hub ids")
-        sd = unwrap_state_dict(load_state_dict(path))
+        sd = unwrap_state_dict(load_state_dict(path, dtype))
         if "t_block.1.weight" in sd:
-            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, **overrides)
-        model = DiT(infer_config_from_original(sd, num_heads=num_heads, **overrides))
-        check_and_load(model, {**sd, "pos_embed": model.pos_embed}, what=f"DiT checkpoint {path.name}")
-        return model.eval()
+            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, dtype=dtype, **overrides)
+        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
+        return DiT.from_weights(cfg, sd, f"DiT checkpoint {path.name}", dtype)
     if num_heads is not None:
         raise ValueError("num_heads: a model folder's config.json states its heads; pass num_heads only with a "
                          "single checkpoint file")
     folder = resolve_pretrained(path_or_id, subfolder)
     kind = transformer_kind(read_config_json(folder))
     if kind in ("TextDiT", "PixArtTransformer2DModel"):
-        return TextDiT.from_pretrained(folder, **overrides)
+        return TextDiT.from_pretrained(folder, dtype=dtype, **overrides)
     if kind in ("DiT", "DiTTransformer2DModel"):
-        return DiT.from_pretrained(folder, **overrides)
+        return DiT.from_pretrained(folder, dtype=dtype, **overrides)
     raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
                      "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")

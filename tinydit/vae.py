@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 
 from tinydit.checkpoint import (
     WeightsMismatchError,
-    check_and_load,
+    load_model,
     load_state_dict,
     read_config,
+    resolve_dtype,
     resolve_pretrained,
     strip_prefix,
 )
@@ -318,6 +320,16 @@ def _check_latent_batch(z, channels: int) -> None:
     _check_batch("z", z, channels, "latents", "h, w")
 
 
+def _upcast_decoder(model) -> None:
+    """An fp16 decoder overflowed (SDXL's VAE does): warn, and move it to float32 for good."""
+    warnings.warn("AutoencoderKL.decode: the float16 decoder overflowed (inf/NaN in the image; SDXL's VAE does "
+                  "this, its activations exceed fp16's 65504). Decoding in float32 from now on; load the VAE with "
+                  "dtype='bf16' or 'fp32', or use an fp16-fixed VAE, to avoid it.", stacklevel=3)
+    for part in (model.post_quant_conv, model.decoder):
+        if part is not None:
+            part.float()
+
+
 def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     """The config dict and the weights file of a diffusers AutoencoderKL folder."""
     if not (folder / "config.json").is_file():
@@ -364,9 +376,17 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw (unscaled) latents (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        """Raw (unscaled) latents (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1].
+        An fp16 decoder that overflows (SDXL's VAE does) is moved to fp32 for good, with a warning."""
         _check_latent_batch(z, self.config.latent_channels)
-        z = z.to(self.dtype)
+        x = self._decode(z)  # (B, 3, H, W)
+        if x.dtype == torch.float16 and not torch.isfinite(x).all():
+            _upcast_decoder(self)
+            x = self._decode(z)  # (B, 3, H, W), float32
+        return x
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.decoder.conv_in.weight.dtype)  # the decoder's dtype (float32 after an fp16 overflow)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)  # (B, C, h, w)
         return self.decoder(z)  # (B, 3, H, W)
@@ -392,29 +412,31 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), post
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None) -> AutoencoderKL:
-        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online."""
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
+                        dtype=None) -> AutoencoderKL:
+        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online.
+        `dtype` ("fp16", "bf16", a torch dtype; None = float32) converts the weights while reading."""
+        dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
         config, weights = _diffusers_folder(folder)
-        model = cls(VAEConfig.from_diffusers(config))
-        check_and_load(model, rename_legacy_attention(load_state_dict(weights)), what=str(weights))
-        return model.eval()
+        cfg = VAEConfig.from_diffusers(config)
+        sd = rename_legacy_attention(load_state_dict(weights, dtype))
+        return load_model(lambda: cls(cfg), sd, what=str(weights), dtype=dtype)
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
-                         config: VAEConfig | None = None) -> AutoencoderKL:
+                         config: VAEConfig | None = None, dtype=None) -> AutoencoderKL:
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
-        sd = single_file_vae_weights(load_state_dict(path))  # key maps: defined after the class
+        dtype = resolve_dtype(dtype)
+        sd = single_file_vae_weights(load_state_dict(path, dtype))  # key maps: defined after the class
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
-        model = cls(cfg)
         try:
-            check_and_load(model, sd, what=str(path))
+            return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
         except WeightsMismatchError as e:
             hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
             raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
-        return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike,
                         weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
@@ -525,13 +547,15 @@ def book_vae_path() -> Path:
     return Path(str(resources.files("tinydit") / "assets" / "book_vae"))
 
 
-def load_book_vae() -> AutoencoderKL:
-    """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode."""
+def load_book_vae(dtype=None) -> AutoencoderKL:
+    """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode; `dtype` as in
+    `AutoencoderKL.from_pretrained` (None = float32)."""
+    dtype = resolve_dtype(dtype)
     folder = book_vae_path()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"the book VAE is missing from the package ({folder}); regenerate it with "
                                 "tinydit.vae.train_book_vae(out_dir=...)")
-    return AutoencoderKL.from_pretrained(folder)
+    return AutoencoderKL.from_pretrained(folder, dtype=dtype)
 
 
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
