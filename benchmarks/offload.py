@@ -64,7 +64,7 @@ def run(model, device: torch.device, mode: str | None, repeats: int, **options) 
                 off.release()  # a new prompt after the DiT and VAE ran: the encoder starts off the device
             sync(device)
             start = time.perf_counter()
-            model(input_ids=ids.to(device)).last_hidden_state  # (1, 120, d_model)
+            hidden = model(input_ids=ids.to(device)).last_hidden_state  # noqa: F841  (1, 120, d_model)
             sync(device)
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else (off.ledger.peak if off else None)
