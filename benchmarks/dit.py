@@ -3,7 +3,7 @@
 DiT-S/2 shape (12 layers, width 384, 6 heads), 32x32x4 latents, batch 4, fp32, no_grad. Prints
 both times, their ratio, and tinydit's achieved FLOP/s as a fraction of this machine's fp32 matmul
 throughput, measured in the same run. With a CUDA device, also runs bf16 with the sdpa and (if
-installed) flash attention backends.
+installed) flash attention backends, then DiT-XL/2 at 256^2, batch 32, bf16 / fp16, eager and compiled.
 
     python benchmarks/dit.py [--repeats 20] [--threads N]
 """
@@ -87,6 +87,45 @@ def main() -> None:
 
         backends = ["sdpa"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
         report(f"{torch.cuda.get_device_name()} bf16", "cuda", torch.bfloat16, backends, torch.cuda.synchronize)
+        dit_xl_cuda(args.repeats)
+
+
+def dit_xl_cuda(repeats: int) -> None:
+    """DiT-XL/2 at 256^2 (32x32x4 latents), batch 32: bf16 / fp16, eager and torch.compile, tinydit vs
+    diffusers on the same random weights, and tinydit's share of the matmul peak (issue 14's GPU targets:
+    compiled >= diffusers compiled and >= 55 % of the bf16 matmul peak)."""
+    import diffusers
+
+    from tinydit.dit import DiT, dit_macs
+
+    torch.manual_seed(0)
+    ref = diffusers.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                          out_channels=8, num_layers=28, sample_size=32, patch_size=2,
+                                          num_embeds_ada_norm=1000, norm_eps=1e-6).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = DiT.from_pretrained(tmp).eval()
+    x, t, y = torch.randn(32, 4, 32, 32), torch.randint(0, 1000, (32,)), torch.randint(0, 1000, (32,))
+    flops = 2 * dit_macs(ours.config) * 32
+    sync = torch.cuda.synchronize
+    print(f"\nDiT-XL/2 256^2, batch 32, {flops / 1e12:.2f} TFLOP per forward, {torch.cuda.get_device_name()}")
+    for dtype in [torch.bfloat16, torch.float16]:
+        peak = matmul_peak("cuda", dtype, n=8192, sync=sync)
+        m_ref, m_ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+        xd, td, yd = x.to("cuda", dtype), t.to("cuda"), y.to("cuda")
+        for compiled in [False, True]:
+            f_ref = torch.compile(m_ref) if compiled else m_ref
+            f_ours = torch.compile(m_ours) if compiled else m_ours
+            with torch.no_grad():
+                t_ref = best_time(lambda f=f_ref, a=(xd, td, yd): f(a[0], timestep=a[1], class_labels=a[2]), repeats, sync)
+                t_ours = best_time(lambda f=f_ours, a=(xd, td, yd): f(*a), repeats, sync)
+            print(f"  {str(dtype)[6:]:9} {'compiled' if compiled else 'eager':8}  diffusers {t_ref * 1e3:7.2f} ms  "
+                  f"tinydit {t_ours * 1e3:7.2f} ms  tinydit/diffusers {t_ours / t_ref:5.2f}  tinydit "
+                  f"{flops / t_ours / 1e12:6.1f} TFLOP/s = {flops / t_ours / peak:5.1%} of matmul peak "
+                  f"({peak / 1e12:.0f} TFLOP/s)")
 
 
 if __name__ == "__main__":

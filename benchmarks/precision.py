@@ -10,7 +10,7 @@ diffusers' `apply_layerwise_casting`), eager and `torch.compile`, and the SDPA k
   GPU targets (issue 14): DiT-XL/2 bf16 compiled >= diffusers compiled and >= 55 % of matmul peak;
   PixArt-XL/2 eager >= diffusers.
 
-    python benchmarks/precision.py [--repeats 10] [--no-compile]
+    python benchmarks/precision.py [--repeats 10] [--no-compile] [--threads N]
 """
 
 from __future__ import annotations
@@ -128,7 +128,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
           f"{torch.cuda.get_device_name() if cuda else 'no CUDA device'}")
