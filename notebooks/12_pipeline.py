@@ -1,0 +1,531 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 12 · The pipeline: text to image, end to end
+#
+# Every part exists: the text encoder (chapter 06), the text-conditioned DiT (07) trained into the
+# book model (09), the samplers (08), guidance (10), offloading and precision (11), the VAE (02). This
+# chapter puts them behind one object, `TextToImagePipeline`, that a user calls with a prompt, that the
+# command line wraps (`python -m tinydit generate "..."`), and that speaks diffusers' on-disk layout
+# both ways: our folders load in diffusers' `PixArtAlphaPipeline`, and diffusers' PixArt folders load
+# here — tested to give the same latents. It exports `tinydit.pipeline`.
+
+# %%
+# | default_exp pipeline
+
+# %%
+import os
+
+FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
+
+# %%
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from tinydit import evaluate, samplers
+from tinydit.guidance import CFGDenoiser, guidance_args
+from tinydit.text import load_book_text_encoder
+from tinydit.train import load_book_model
+from tinydit.validation import expect_error
+from tinydit.vae import load_book_vae
+
+torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
+
+# %% [markdown]
+# ## 1. The whole pipeline in fifteen lines
+#
+# Text → tokens (the encoder) → noise at the first noise level → the sampler, calling the guided
+# denoiser once per step → latents → pixels (the VAE). With the book's parts:
+
+# %%
+def lesson_pipeline(prompt, encoder, model, objective, vae, seed=0, steps=20, scale=2.0):
+    cond = guidance_args(encoder, [prompt])  # tokens (1, T, 96) and the empty prompt's, with masks
+    denoiser = CFGDenoiser(objective.denoiser(model), scale)  # D(x, sigma) -> x0, guided
+    sigmas = objective.sigmas(denoiser.denoiser, steps)  # (steps + 1,) from sigma_max down to 0
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * sigmas[0]  # (1, 4, 8, 8)
+    z = samplers.sample_dpmpp_2m(denoiser, x, sigmas, extra_args=cond, disable=True)  # (1, 4, 8, 8)
+    return vae.from_latent(z).clamp(-1, 1)  # (1, 3, 32, 32) in [-1, 1]
+
+
+encoder, vae = load_book_text_encoder(), load_book_vae()
+model, objective = load_book_model()
+with torch.no_grad():
+    lesson_image = lesson_pipeline("a red circle above a blue square", encoder, model, objective, vae)
+assert lesson_image.shape == (1, 3, 32, 32)
+reading = evaluate.read_image(lesson_image[0])
+print(reading)
+
+# %% [markdown]
+# A production pipeline adds: defaults stored with the model, a batch of prompts (with several images
+# each), seeds per image, any sampler and guidance cure, negative prompts, a cache of text embeddings,
+# offloading and dtype, the two on-disk layouts, a progress bar and clear errors. First, what a
+# diffusers scheduler config means in chapter 08's terms.
+#
+# ## 2. Scheduler configs as samplers
+#
+# A diffusers pipeline folder has no "sampler": it has `scheduler/scheduler_config.json`, a class
+# name and its settings. Each stock scheduler is one of chapter 08's samplers on one of its sigma
+# schedules (the parity tests of chapter 08 check exactly these pairs), with the model's
+# parametrisation (`prediction_type`) and its training betas. `SamplingConfig` holds the translation
+# and writes it back.
+
+# %%
+# | export
+"""Text to image end to end (chapter 12): `TextToImagePipeline` (text encoder -> DiT + sampler +
+guidance -> VAE), reading and writing diffusers' pipeline layout (PixArt-α / Σ), with defaults stored
+beside the weights, a prompt-embedding cache, offloading and dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from tinydit.checkpoint import read_config, resolve_dtype, resolve_pretrained
+from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser
+from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
+from tinydit.offload import ModelOffload
+from tinydit.samplers import SAMPLERS, get_sampler
+from tinydit.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
+from tinydit.text import CLIPTextEncoder, PromptCache, T5TextEncoder, TextEmbeddings, load_book_text_encoder
+from tinydit.textdit import TextDiT, TextDiTConfig
+from tinydit.train import BOOK_MODEL_DIR, DEFAULT_SAMPLER, DEFAULT_STEPS, pixart_to_diffusers
+from tinydit.validation import check_float, check_int
+from tinydit.vae import AutoencoderKL, load_book_vae
+
+# diffusers scheduler class -> (our sampler, its options); chapter 08's parity tests pair them
+SCHEDULER_SAMPLERS = {
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
+    "DDIMScheduler": "ddim", "UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+}
+MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+SAMPLER_SCHEDULERS = {"dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+                      "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+                      "heun": "HeunDiscreteScheduler", "ddim": "DDIMScheduler", "unipc": "UniPCMultistepScheduler"}
+
+
+@dataclass
+class SamplingConfig:
+    """How a model is sampled: its parametrisation and training betas (from the scheduler config), and
+    the defaults a call uses when it does not say (sampler, steps, guidance)."""
+
+    prediction: str = "v_prediction"  # "epsilon", "v_prediction" (DDPM betas) or "flow" (rectified flow)
+    beta_schedule: str = "linear"  # the training betas (PixArt and the book model: linear 1e-4 .. 0.02)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False  # betas rescaled to SNR 0 at t = T (Lin et al. 2023)
+    sigma_schedule: str = "karras"  # "karras", "exponential", or diffusers' "linspace" / "leading" / "trailing"
+    steps_offset: int = 0  # diffusers' steps_offset (SD 1.x: 1), for "leading" spacing
+    shift: float = 1.0  # flow models: SD3's time shift
+    quantize: bool = True  # call the model at integer timesteps, as diffusers' discrete schedulers do
+    sampler: str = DEFAULT_SAMPLER  # chapter 08's name
+    steps: int = DEFAULT_STEPS  # model evaluations per image
+    guidance_scale: float = DEFAULT_SCALE  # chapter 10's default for the book model
+    sample_size: int = 32  # image side in pixels when a call gives no height / width
+    scheduler: str = "DPMSolverMultistepScheduler"  # the diffusers class read: multistep ones space "linspace" their own way
+
+    @classmethod
+    def from_scheduler_config(cls, d: dict, **defaults) -> SamplingConfig:
+        """Our reading of a diffusers scheduler_config.json (its class and settings)."""
+        name = d.get("_class_name")
+        if name not in SCHEDULER_SAMPLERS:
+            raise ValueError(f"scheduler: {name!r} has no tinydit counterpart; supported: {sorted(SCHEDULER_SAMPLERS)}")
+        sampler = SCHEDULER_SAMPLERS[name]
+        if name == "DPMSolverMultistepScheduler" and "sde" in d.get("algorithm_type", "dpmsolver++"):
+            sampler = "dpmpp_2m_sde"
+        if name.startswith("FlowMatch"):
+            return cls(scheduler=name, prediction="flow", shift=float(d.get("shift", 1.0)), sampler=sampler,
+                       num_train_timesteps=d.get("num_train_timesteps", 1000), **defaults)
+        schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
+                    else d.get("timestep_spacing", "linspace"))
+        return cls(scheduler=name, prediction=d.get("prediction_type", "epsilon"), beta_schedule=d.get("beta_schedule", "linear"),
+                   beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
+                   num_train_timesteps=d.get("num_train_timesteps", 1000),
+                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
+                   steps_offset=d.get("steps_offset", 0), sampler=sampler, **defaults)
+
+    def scheduler_config(self) -> dict:
+        """The diffusers scheduler config that samples like this (for save_pretrained)."""
+        name = SAMPLER_SCHEDULERS.get(self.sampler, self.scheduler)
+        if self.prediction == "flow":
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps,
+                    "shift": self.shift}
+        d = {"_class_name": name, "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+             "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction,
+             "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
+        if self.sigma_schedule in ("karras", "exponential"):
+            d[f"use_{self.sigma_schedule}_sigmas"] = True
+        else:
+            d["timestep_spacing"] = self.sigma_schedule
+        if name == "DPMSolverMultistepScheduler":
+            d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if self.sampler == "dpmpp_2m_sde" else "dpmsolver++")
+        return d
+
+    def denoiser(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Chapter 08's D(x, sigma, **cond) -> x0 around the network."""
+        if self.prediction == "flow":
+            return FlowDenoiser(model, time_scale=self.num_train_timesteps)
+        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return DiscreteDenoiser(model, alphas_cumprod(betas).double(), prediction=self.prediction, quantize=self.quantize)
+
+    def sigmas(self, denoiser: torch.nn.Module, steps: int) -> torch.Tensor:
+        """`steps` + 1 noise levels, from the first down to 0."""
+        if self.prediction == "flow":
+            return denoiser.get_sigmas(steps, shift=self.shift)
+        if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
+            # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
+            t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+            table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
+            return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
+        return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
+
+
+# %%
+book_sampling = SamplingConfig.from_scheduler_config(json.loads((BOOK_MODEL_DIR / "scheduler_config.json").read_text()))
+print(book_sampling)
+assert (book_sampling.sampler, book_sampling.prediction, book_sampling.sigma_schedule) == ("dpmpp_2m", "v_prediction", "karras")
+assert SamplingConfig.from_scheduler_config(book_sampling.scheduler_config()) == book_sampling  # round trip
+
+# %% [markdown]
+# ## 3. The pipeline object
+#
+# `TextToImagePipeline` holds the four components and the sampling defaults. A call checks its
+# arguments (named helpers, below the class), encodes the prompts once (repeated prompts come from
+# an LRU cache), draws each image's noise from its own seed on the CPU — so image *i* is the same
+# whether it is generated alone, in a batch, or on another process — and runs the sampler with
+# chapter 10's `CFGDenoiser` around chapter 08's denoiser.
+
+# %%
+# | export
+@dataclass
+class PipelineOutput:
+    """What a call returns: PIL images, the final latents (B, C, h, w), and per-image facts."""
+
+    images: list
+    latents: torch.Tensor
+    prompts: list[str]
+    seeds: list[int | None]
+    nsfw: list[bool] | None = None  # chapter 14's safety checker fills it
+
+
+class TextToImagePipeline:
+    """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
+    folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
+    loads a tinydit / diffusers PixArt pipeline folder or a book-model folder of chapter 09."""
+
+    def __init__(self, text_encoder, transformer: TextDiT, vae: AutoencoderKL, sampling: SamplingConfig | None = None,
+                 max_length: int | None = None, cache_size: int = 64):
+        self.text_encoder, self.transformer, self.vae = text_encoder, transformer.eval(), vae.eval()
+        self.sampling = sampling or SamplingConfig()
+        self.cache = PromptCache(cache_size)
+        self.offloader = None
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling
+        self.multiple = self.factor * transformer.config.patch_size  # pixels per DiT token side
+
+    @property
+    def components(self) -> dict:
+        """The parts, to build another pipeline on the same weights (chapter 13: `Img2ImgPipeline(**pipe.components)`)."""
+        return dict(text_encoder=self.text_encoder, transformer=self.transformer, vae=self.vae, sampling=self.sampling)
+
+    @property
+    def device(self) -> torch.device:
+        return self.offloader.device if self.offloader is not None else next(self.transformer.parameters()).device
+
+    def to(self, device) -> TextToImagePipeline:
+        for part in (self.text_encoder, self.transformer, self.vae):
+            part.to(device)
+        return self
+
+    def enable_model_offload(self, device="cuda") -> ModelOffload:
+        """Keep one component on `device` at a time (chapter 11's ModelOffload); the rest waits on the CPU."""
+        self.to("cpu")
+        self.offloader = ModelOffload({"text_encoder": self.text_encoder, "transformer": self.transformer,
+                                       "vae": self.vae}, device=device)
+        return self.offloader
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
+        if self.offloader is None:
+            return self.cache.encode(self.text_encoder, prompts)
+        with self.offloader.use("text_encoder"):
+            return self.cache.encode(self.text_encoder, prompts)
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, sampler: str | None = None, seed=None, generator=None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 callback=None, latents: torch.Tensor | None = None, cure=DEFAULT_CURE, disable: bool | None = None,
+                 output_type: str = "pil") -> PipelineOutput:
+        s = self.sampling
+        prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
+        scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
+        sampler = _check_sampler(s.sampler if sampler is None else sampler)
+        h, w = (_check_side(n, v, s.sample_size, self.multiple) for n, v in (("height", height), ("width", width)))
+        shape = (len(prompts), self.transformer.config.in_channels, h // self.factor, w // self.factor)
+        noise, seeds = _initial_noise(shape, seed, generator, latents)  # (B, C, h, w), unit variance
+        cond = self._conditioning(prompts, negatives)
+        denoiser = s.denoiser(self.transformer)
+        sigmas = s.sigmas(denoiser, steps)
+        guided = CFGDenoiser(denoiser, scale, cure, sigmas=sigmas)
+        device = self.device
+        with tqdm(total=steps, desc="generate", unit="step", disable=disable) as bar:
+            def step(info):
+                bar.update(1)
+                if callback is not None:
+                    callback(info)
+            z = get_sampler(sampler)(guided, (noise * sigmas[0]).to(device), sigmas.to(device), extra_args=cond,
+                                     callback=step, disable=True, generator=_sampler_generator(seeds, generator))
+        if output_type == "latent":
+            return PipelineOutput([], z, prompts, seeds)
+        return PipelineOutput(to_pil(self.decode(z)), z, prompts, seeds)
+
+    def _conditioning(self, prompts: list[str], negatives: list[str]) -> dict:
+        """The sampler's extra_args: prompt and negative-prompt tokens with masks, on the DiT's device."""
+        args = guidance_args(self.encode, prompts, negatives)
+        return {k: v.to(self.device) for k, v in args.items()}
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], on the CPU."""
+        if self.offloader is None:
+            return self.vae.from_latent(z.to(next(self.vae.parameters()).device)).float().cpu().clamp(-1, 1)
+        with self.offloader.use("vae") as device:
+            return self.vae.from_latent(z.to(device)).float().cpu().clamp(-1, 1)
+
+    # ---- loading and saving: the two layouts (their code follows the class) ----
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, dtype=None, device="cpu",
+                        **defaults) -> TextToImagePipeline:
+        """None: the shipped book model. A folder or hub id: a pipeline folder (model_index.json: text_encoder/,
+        tokenizer/, transformer/, vae/, scheduler/; written by `save_pretrained` or by diffusers for PixArt-α/Σ),
+        or a book-model folder of chapter 09 (PixArt transformer + scheduler config; the book encoders).
+        `dtype`: "fp32", "fp16", "bf16" for every component; `defaults`: SamplingConfig fields to override."""
+        dtype = resolve_dtype(dtype)
+        folder = BOOK_MODEL_DIR if path_or_id is None else resolve_pipeline_folder(path_or_id)
+        if (folder / MODEL_INDEX).is_file():
+            parts = load_pipeline_parts(folder, dtype)
+        else:
+            parts = load_book_parts(folder, dtype)
+        sampling = parts.pop("sampling")
+        unknown = sorted(set(defaults) - {f.name for f in fields(SamplingConfig)})
+        if unknown:
+            raise TypeError(f"from_pretrained: unknown sampling default(s) {unknown}; known: "
+                            f"{[f.name for f in fields(SamplingConfig)]}")
+        for k, v in defaults.items():
+            setattr(sampling, k, v)
+        return cls(**parts, sampling=sampling).to(device)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
+        vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
+        our sampler), and tinydit's sampling defaults under model_index.json's "_tinydit" key."""
+        return save_pipeline(self, Path(folder))
+
+
+# %%
+# | export
+def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
+    """Prompts and negatives as equal-length lists, each prompt repeated `per_prompt` times."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompts!r}")
+    bad = [f"{i}: {type(p).__name__}" for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompt: every prompt must be a string; got {', '.join(bad[:5])}")
+    per_prompt = check_int("num_images_per_prompt", per_prompt, minimum=1)
+    negatives = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
+        else list(negative_prompt)
+    if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"negative_prompt: expected one string or one string per prompt ({len(prompts)}), "
+                         f"got {negative_prompt!r}")
+    return [p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)]
+
+
+def _check_sampler(name) -> str:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
+    return name
+
+
+def _check_side(name: str, value, default: int, multiple: int) -> int:
+    value = check_int(name, default if value is None else value, minimum=multiple)
+    if value % multiple:
+        raise ValueError(f"{name}: expected a multiple of {multiple} (VAE factor x patch size), got {value}; "
+                         f"the nearest are {value // multiple * multiple} and {(value // multiple + 1) * multiple}")
+    return value
+
+
+def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
+    """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
+    `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
+    B = shape[0]
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents: expected initial noise of shape {shape}, got {got}")
+        return latents.float().cpu(), [None] * B
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        return torch.randn(shape, generator=generator), [None] * B
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - B, ()).item())
+    seeds = [check_int("seed", seed, minimum=0) + i for i in range(B)] if not isinstance(seed, (list, tuple)) \
+        else [check_int(f"seed[{i}]", s, minimum=0) for i, s in enumerate(seed)]
+    if len(seeds) != B:
+        raise ValueError(f"seed: expected one seed, or one per image ({B}), got {len(seeds)}")
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
+
+
+def _sampler_generator(seeds, generator):
+    """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    return [Image.fromarray(p) for p in pixels]
+
+
+# %% [markdown]
+# ## 4. Two layouts, both ways
+#
+# A diffusers pipeline folder is a `model_index.json` naming each component's library and class, and
+# one subfolder per component in that library's own format. Chapter 07 reads diffusers'
+# `PixArtTransformer2DModel`, chapter 02 its `AutoencoderKL`, chapter 06 transformers' CLIP and T5; the
+# scheduler config is read above. Writing is the inverse, plus one private key (`"_tinydit"`, which
+# diffusers ignores, as it ignores every key that starts with `_`) for what diffusers has no field for:
+# our default sampler, steps and guidance, and how the text encoder pads.
+
+# %%
+# | export
+MODEL_INDEX = "model_index.json"
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_FILES = (MODEL_INDEX, "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*")
+
+
+def resolve_pipeline_folder(path_or_id) -> Path:
+    """A local folder for `path_or_id`, downloading a hub id's pipeline files when online."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(f"path_or_id: expected a folder path or a hub id, got {type(path_or_id).__name__}")
+    return resolve_pretrained(path_or_id, filenames=PIPELINE_FILES)
+
+
+def _require(folder: Path, names, what: str) -> None:
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"path_or_id: {str(folder)!r} is {what} but lacks {', '.join(missing)}")
+
+
+def load_book_parts(folder: Path, dtype=None) -> dict:
+    """A book-model folder (chapter 09): its PixArt transformer and scheduler, the book encoder and VAE."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"path_or_id: {str(folder)!r} is neither a pipeline folder (no {MODEL_INDEX}) nor a "
+                                "book-model folder (no config.json with diffusion_pytorch_model.safetensors)")
+    _require(folder, ["diffusion_pytorch_model.safetensors", "scheduler_config.json"], "a book-model folder")
+    sampling = SamplingConfig.from_scheduler_config(read_config(folder / "scheduler_config.json", "path_or_id"))
+    return dict(text_encoder=load_book_text_encoder(dtype=dtype), transformer=TextDiT.from_pretrained(folder, dtype=dtype),
+                vae=load_book_vae(dtype=dtype), sampling=sampling)
+
+
+def load_text_encoder(folder: Path, index: dict, dtype=None):
+    """The text encoder + tokenizer a model_index.json names (transformers' CLIP or T5 classes)."""
+    kind = (index.get("text_encoder") or [None, None])[1] or ""
+    extra = index.get("_tinydit", {}).get("text_encoder", {})
+    if "T5" in kind:
+        max_length = extra.get("max_length", 300 if "Sigma" in index.get("_class_name", "") else 120)
+        return T5TextEncoder.from_pretrained(folder, "text_encoder", "tokenizer", dtype=dtype, max_length=max_length,
+                                             padding=extra.get("padding", "max_length"))
+    if "CLIP" in kind:
+        options = {k: extra[k] for k in ("max_length", "padding", "layer") if k in extra}
+        return CLIPTextEncoder.from_pretrained(folder, "text_encoder", "tokenizer", dtype=dtype, **options)
+    raise ValueError(f"path_or_id: text_encoder class {kind!r} in {MODEL_INDEX}; expected a CLIP or T5 text model")
+
+
+def load_pipeline_parts(folder: Path, dtype=None) -> dict:
+    """Every component of a pipeline folder, and its sampling config."""
+    index = read_config(folder / MODEL_INDEX, "path_or_id")
+    _require(folder, [f"{p}/" for p in PIPELINE_PARTS], "a pipeline folder")
+    scheduler = read_config(folder / "scheduler" / "scheduler_config.json", "path_or_id")
+    transformer = TextDiT.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    saved = index.get("_tinydit", {}).get("sampling", {})
+    defaults = dict(steps=20, guidance_scale=4.5, sample_size=transformer.config.input_size * factor)  # PixArt's
+    defaults.update({k: v for k, v in saved.items() if k in ("steps", "guidance_scale", "sample_size", "sampler")})
+    sampler = defaults.pop("sampler", None)
+    sampling = SamplingConfig.from_scheduler_config(scheduler, **defaults)
+    if sampler is not None:
+        sampling.sampler = _check_sampler(sampler)
+    return dict(text_encoder=load_text_encoder(folder, index, dtype), transformer=transformer, vae=vae, sampling=sampling)
+
+
+def pixart_config(cfg: TextDiTConfig) -> dict:
+    """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
+    if cfg.modulation != "adaln_single" or cfg.pooled_dim:
+        raise ValueError("transformer: only PixArt-style TextDiTs (adaln_single, no pooled text) have a diffusers "
+                         f"layout; got modulation={cfg.modulation!r}, pooled_dim={cfg.pooled_dim}")
+    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels * (2 if cfg.learn_sigma else 1),
+            "num_layers": cfg.depth, "sample_size": cfg.input_size, "patch_size": cfg.patch_size,
+            "cross_attention_dim": cfg.hidden_size, "caption_channels": cfg.context_dim,
+            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
+            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+            "interpolation_scale": cfg.interpolation_scale, "use_additional_conditions": cfg.micro_conditions,
+            "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
+
+
+def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
+    """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout."""
+    for part in PIPELINE_PARTS:
+        (folder / part).mkdir(parents=True, exist_ok=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps(pixart_config(pipe.transformer.config), indent=1))
+    sd = {k: v for k, v in pipe.transformer.state_dict().items() if k != "y_embedder.y_embedding"}  # diffusers has none
+    save_file(pixart_to_diffusers({k: v.detach().cpu() for k, v in sd.items()}),
+              str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    pipe.vae.save_pretrained(folder / "vae")
+    encoder = pipe.text_encoder
+    encoder.model.save_pretrained(folder / "text_encoder")
+    encoder.tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler = pipe.sampling.scheduler_config()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
+    text = {"max_length": encoder.max_length, "padding": encoder.padding}
+    if isinstance(encoder, CLIPTextEncoder):
+        text["layer"] = encoder.layer
+    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.30.0",
+             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", type(encoder.model).__name__],
+             "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
+             "scheduler": ["diffusers", scheduler["_class_name"]],
+             "_tinydit": {"sampling": asdict(pipe.sampling), "text_encoder": text}}
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=1))
+    return folder
