@@ -94,7 +94,12 @@ def test_diffusers_pixart_pipeline_loads_our_folder_and_gives_our_latents(pipe, 
 
 def tiny_diffusers_pipeline(folder, prediction="epsilon", learn_sigma=True):
     """A random PixArt-α pipeline of diffusers (tiny T5, VAE and transformer; every weight non-zero)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     torch.manual_seed(0)

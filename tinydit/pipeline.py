@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,11 +23,18 @@ from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_
 from tinydit.offload import ModelOffload
 from tinydit.samplers import SAMPLERS, get_sampler
 from tinydit.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
-from tinydit.text import CLIPTextEncoder, PromptCache, T5TextEncoder, TextEmbeddings, load_book_text_encoder
+from tinydit.text import (
+    CLIPTextEncoder,
+    PromptCache,
+    T5TextEncoder,
+    TextEmbeddings,
+    _quiet_transformers,
+    load_book_text_encoder,
+)
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.train import BOOK_MODEL_DIR, DEFAULT_SAMPLER, DEFAULT_STEPS, pixart_to_diffusers
-from tinydit.validation import check_float, check_int
 from tinydit.vae import AutoencoderKL, load_book_vae
+from tinydit.validation import check_float, check_int
 
 # diffusers scheduler class -> (our sampler, its options); chapter 08's parity tests pair them
 SCHEDULER_SAMPLERS = {
@@ -350,7 +356,8 @@ def load_text_encoder(folder: Path, index: dict, dtype=None):
                                              padding=extra.get("padding", "max_length"))
     if "CLIP" in kind:
         options = {k: extra[k] for k in ("max_length", "padding", "layer") if k in extra}
-        return CLIPTextEncoder.from_pretrained(folder, "text_encoder", "tokenizer", dtype=dtype, **options)
+        with _quiet_transformers(progress_bar=False):
+            return CLIPTextEncoder.from_pretrained(folder, "text_encoder", "tokenizer", dtype=dtype, **options)
     raise ValueError(f"path_or_id: text_encoder class {kind!r} in {MODEL_INDEX}; expected a CLIP or T5 text model")
 
 
@@ -398,7 +405,8 @@ def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     pipe.vae.save_pretrained(folder / "vae")
     encoder = pipe.text_encoder
-    encoder.model.save_pretrained(folder / "text_encoder")
+    with _quiet_transformers(progress_bar=False):
+        encoder.model.save_pretrained(folder / "text_encoder")
     encoder.tokenizer.save_pretrained(folder / "tokenizer")
     scheduler = pipe.sampling.scheduler_config()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
@@ -413,3 +421,35 @@ def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
              "_tinydit": {"sampling": asdict(pipe.sampling), "text_encoder": text}}
     (folder / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return folder
+
+
+class CrossAttentionMaps:
+    """Records a TextDiT's text-to-image cross-attention while sampling: `with CrossAttentionMaps(model)
+    as maps: pipe(...)`, then `maps.mean(B)` -> (B, T, h, w): the attention of the image tokens to each
+    text token, averaged over heads, blocks and steps (the first B rows of each call: the conditional
+    half of a CFG batch)."""
+
+    def __init__(self, model: TextDiT):
+        self.model, self.calls, self.hooks = model, [], []
+        self.grid = model.config.input_size // model.config.patch_size
+
+    def _record(self, module, args, kwargs, out) -> None:
+        from tinydit.attention import attention_weights
+
+        x, context = args[0], args[1]
+        mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        q, k, _ = module.qkv_heads(x, context)  # (B, heads, N, hd), (B, heads, T, hd)
+        self.calls.append(attention_weights(q, k, mask).mean(1).detach().float().cpu())  # (B, N, T)
+
+    def mean(self, batch_size: int) -> torch.Tensor:
+        maps = torch.stack([c[:batch_size] for c in self.calls if c.shape[0] >= batch_size]).mean(0)  # (B, N, T)
+        return maps.transpose(1, 2).reshape(batch_size, -1, self.grid, self.grid)  # (B, T, h, w)
+
+    def __enter__(self) -> CrossAttentionMaps:
+        for block in self.model.blocks:
+            self.hooks.append(block.cross_attn.register_forward_hook(self._record, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
