@@ -191,7 +191,7 @@ def test_bf16_pipeline_draws_the_same_scene(pipe):
     b = half(PROMPTS[0], seed=0, disable=True)
     rel = ((b.latents.float() - a.latents).norm() / a.latents.norm()).item()
     print(f"bf16 vs fp32 final latents: relative difference {rel:.3f}")
-    assert rel < 0.1  # measured 0.02: bf16 rounding through 20 steps
+    assert rel < 0.05  # measured 0.006: bf16 rounding through 20 steps
     read = evaluate.read_image(pixels(b.images[0]))
     assert sorted((o.color, o.shape) for o in read.objects) == [("blue", "square"), ("red", "circle")]
 
