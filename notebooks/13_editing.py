@@ -1,0 +1,344 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 13 · Editing: img2img and inpainting with the ordinary model
+#
+# A text-to-image model starts from noise. Start it from a *noised image* instead and it keeps the
+# image's layout and repaints the details (**img2img**, SDEdit: Meng et al. 2021). Keep part of the image
+# fixed at every step and it fills in only the rest (**inpainting**) — no special 9-channel inpainting
+# model needed. This chapter builds both on chapter 12's pipeline, sharing its weights, and measures
+# on the book world what they preserve and what they change. It exports `tinydit.edit`.
+
+# %%
+# | default_exp edit
+
+# %%
+import os
+
+FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
+
+# %%
+import time
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import display
+from PIL import Image
+
+from tinydit import data, evaluate
+from tinydit.guidance import CFGDenoiser
+from tinydit.pipeline import TextToImagePipeline
+from tinydit.samplers import sample_dpmpp_2m
+from tinydit.validation import expect_error
+
+torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
+pipe = TextToImagePipeline.from_pretrained()
+
+# %% [markdown]
+# ## 1. SDEdit in ten lines
+#
+# Noise the source's latents to a level σ_start chosen by `strength` (0: the source itself, 1: pure
+# noise), then run the sampler's remaining steps from there. The lower the strength, the less the
+# sampler can move away from the source.
+
+# %%
+def lesson_img2img(pipe, prompt, image, strength, seed=0, steps=20):
+    z = pipe.vae.to_latent(image[None])  # (1, 4, 8, 8) the source's latents
+    denoiser = pipe.sampling.denoiser(pipe.transformer)
+    sigmas = pipe.sampling.sigmas(denoiser, steps)[steps - int(steps * strength):]  # the last steps only
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    x = z + noise * sigmas[0]  # the source, noised to sigma_start
+    cond = pipe._conditioning([prompt], [""])
+    z = sample_dpmpp_2m(CFGDenoiser(denoiser, pipe.sampling.guidance_scale), x, sigmas, extra_args=cond, disable=True)
+    return pipe.vae.from_latent(z).clamp(-1, 1)[0]  # (3, 32, 32)
+
+
+source_scene = data.sample_scene(0, "test", 5)
+source = data.pil_to_tensor(data.render_scene(source_scene, 32))  # (3, 32, 32) in [-1, 1]
+with torch.no_grad():
+    edits = [lesson_img2img(pipe, "a green circle on a black background", source, s) for s in (0.2, 0.5, 0.8, 1.0)]
+fig, axes = plt.subplots(1, 5, figsize=(9, 2))
+for ax, img, title in zip(axes, [source, *edits], ["source", "strength 0.2", "0.5", "0.8", "1.0"]):
+    ax.imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+plt.show()
+print("source:", source_scene.caption)
+assert (edits[0] - source).abs().mean() < (edits[-1] - source).abs().mean()  # low strength stays close
+
+# %% [markdown]
+# The production version follows diffusers' img2img: `strength` keeps the last `int(steps × strength)`
+# steps of the schedule (`get_timesteps`), so 20 steps at strength 0.6 run 12 model evaluations, and
+# strength 1 starts from pure noise — exactly text-to-image. It takes PIL images (any mode, converted
+# to RGB), paths or tensors, and shares the text-to-image pipeline's components (no second copy of the
+# weights): `Img2ImgPipeline(**pipe.components)`.
+
+# %%
+# | export
+"""Editing with an ordinary text-to-image model (chapter 13): img2img (SDEdit, Meng et al. 2021) and
+inpainting by latent blending, with soft masks (differential diffusion), RePaint resampling and
+cropping to the mask; both share a TextToImagePipeline's components."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from tinydit.data import pil_to_tensor
+from tinydit.guidance import DEFAULT_CURE, CFGDenoiser
+from tinydit.pipeline import (
+    PipelineOutput,
+    TextToImagePipeline,
+    _check_prompts,
+    _check_sampler,
+    _initial_noise,
+    _sampler_generator,
+    to_pil,
+)
+from tinydit.samplers import get_sampler
+from tinydit.validation import check_float, check_int
+
+
+def load_rgb(name: str, image) -> Image.Image:
+    """A PIL image in RGB from a PIL image of any mode, a path, or a (3, H, W) tensor in [-1, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{name}: no image file at {str(image)!r}")
+        image = Image.open(image)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"{name}: expected a (3, H, W) float tensor in [-1, 1], got {tuple(image.shape)} {image.dtype}")
+        return to_pil(image[None].float().cpu())[0]
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{name}: expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
+    return image.convert("RGB")  # RGBA, L, P, CMYK ... -> RGB (transparent pixels take their colour)
+
+
+def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
+    """(1, H, W) in [0, 1], white = repaint; a mask of another size than the image is resized to it
+    (bilinear), with a warning."""
+    if isinstance(mask_image, torch.Tensor):
+        mask = mask_image.float().cpu()
+        mask = mask[None] if mask.ndim == 2 else mask
+        if mask.ndim != 3 or mask.shape[0] != 1:
+            raise ValueError(f"mask_image: expected an (H, W) or (1, H, W) tensor in [0, 1], got {tuple(mask_image.shape)}")
+        if not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1:
+            raise ValueError("mask_image: expected values in [0, 1] (1 = repaint)")
+    else:
+        if isinstance(mask_image, (str, os.PathLike)) and not os.path.isfile(mask_image):
+            raise FileNotFoundError(f"mask_image: no image file at {str(mask_image)!r}")
+        img = Image.open(mask_image) if isinstance(mask_image, (str, os.PathLike)) else mask_image
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"mask_image: expected a PIL image, a path or a tensor, got {type(mask_image).__name__}")
+        mask = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255)[None]  # (1, H, W)
+    if tuple(mask.shape[1:]) != size:
+        warnings.warn(f"mask_image: {tuple(mask.shape[1:])} differs from the image's {size}; resized to it", stacklevel=3)
+        mask = F.interpolate(mask[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    return mask
+
+
+def start_index(steps: int, strength: float) -> int:
+    """Where img2img enters a `steps`-step schedule: the last int(steps * strength) steps run (diffusers)."""
+    return steps - min(int(steps * strength), steps)
+
+
+# %% [markdown]
+# ## 2. Inpainting by latent blending
+#
+# The mask (white = repaint) shrinks to the latent grid: a latent cell is repainted when any pixel of
+# its 4×4 block is (no seam of half-kept cells). Then, at **every** denoiser call, the kept cells of the
+# sampler's input are replaced by the source's latents noised to the current σ with the run's own
+# noise, and the denoiser answers the source itself there. For a deterministic sampler that keeps the
+# kept cells *exactly* on the path source + σ·noise, so they land on the source at σ = 0; the repainted
+# cells see a consistent neighbourhood at every step, which is what makes them fit in.
+#
+# Two refinements. **Soft masks** (differential diffusion, Levin & Fried 2023): a cell with mask value m
+# follows the source until the run's progress reaches 1 − m, so grey means "change a little". **RePaint**
+# (Lugmayr et al. 2022): after every `jump` steps, noise the sample back up and run those steps again
+# (`n_sample` times): the repainted region gets more chances to agree with the kept one.
+
+# %%
+# | export
+class LatentBlend:
+    """A denoiser for inpainting with an ordinary model: where `keep` (B, 1, h, w) is 1 the input is the
+    source noised to sigma with `noise`, and the output is the source; elsewhere the wrapped denoiser.
+    `soft`: keep is (progress < 1 - mask), progress = the step's place in `sigmas` (0 first, 1 last)."""
+
+    def __init__(self, denoiser, source: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                 sigmas: torch.Tensor, soft: bool = False):
+        self.denoiser, self.source, self.noise, self.mask, self.soft = denoiser, source, noise, mask, soft
+        self.levels = sigmas[:-1].tolist()  # the schedule's non-zero noise levels, descending
+
+    def keep(self, sigma: torch.Tensor) -> torch.Tensor:
+        if not self.soft:
+            return (self.mask == 0).to(self.source.dtype)  # (B, 1, h, w)
+        s = float(sigma.max())
+        step = sum(level > s * (1 + 1e-6) for level in self.levels)  # steps already taken
+        progress = step / max(1, len(self.levels))
+        return (progress < 1 - self.mask).to(self.source.dtype)  # (B, 1, h, w)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        keep = self.keep(sigma)  # (B, 1, h, w)
+        s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        x = keep * (self.source + s * self.noise) + (1 - keep) * x  # kept cells: the source at this noise level
+        return keep * self.source + (1 - keep) * self.denoiser(x, sigma, **cond)  # (B, C, h, w)
+
+
+@torch.no_grad()
+def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=None, jump: int = 2, n_sample: int = 2,
+                   generator=None):
+    """Euler steps with RePaint's resampling (Lugmayr et al. 2022): every `jump` steps, noise back up and redo them."""
+    jump, n_sample = check_int("jump", jump, minimum=1), check_int("n_sample", n_sample, minimum=1)
+    s, extra, ones, n = sigmas.tolist(), extra_args or {}, x.new_ones(len(x)), len(sigmas) - 1
+    i, calls = 0, 0
+    while i < n:
+        end = min(i + jump, n)
+        for r in range(n_sample):
+            for j in range(i, end):
+                denoised = model(x, s[j] * ones, **extra)
+                x = x + (s[j + 1] - s[j]) * (x - denoised) / s[j]  # an Euler (DDIM) step
+                calls += 1
+                if callback is not None:
+                    callback({"x": x, "i": j, "sigma": sigmas[j], "denoised": denoised})
+            if r < n_sample - 1 and s[end] > 0:  # back up to sigma_i with fresh noise
+                x = x + torch.randn(x.shape, generator=generator).to(x) * (s[i] ** 2 - s[end] ** 2) ** 0.5
+        i = end
+    return x
+
+
+# %%
+# | export
+def _check_strength(strength) -> float:
+    strength = check_float("strength", strength)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength: expected a number in (0, 1] (0 would return the source unchanged), got {strength}")
+    return strength
+
+
+def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the mask's non-zero pixels, grown by `padding`, squared and rounded
+    out to `multiple`, inside the image."""
+    H, W = mask.shape[-2:]
+    rows, cols = mask[0].amax(1).nonzero()[:, 0], mask[0].amax(0).nonzero()[:, 0]
+    top, bottom = int(rows.min()) - padding, int(rows.max()) + 1 + padding
+    left, right = int(cols.min()) - padding, int(cols.max()) + 1 + padding
+    side = max(bottom - top, right - left, multiple)
+    side = min(-(-side // multiple) * multiple, H, W)
+    top = min(max(0, (top + bottom - side) // 2), H - side)
+    left = min(max(0, (left + right - side) // 2), W - side)
+    return top, left, top + side, left + side
+
+
+class EditPipeline(TextToImagePipeline):
+    """The shared core of img2img and inpainting (built from a TextToImagePipeline's components)."""
+
+    def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
+             num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
+             num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
+             repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil") -> PipelineOutput:
+        s = self.sampling
+        prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        strength = _check_strength(strength)
+        steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
+        scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
+        sampler = _check_sampler(s.sampler if sampler is None else sampler)
+        source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
+        H, W = source.shape[1:]
+        if H % self.multiple or W % self.multiple:
+            raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
+        mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
+        B, C, h, w = len(prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
+        if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
+            z = self.vae.to_latent(source[None].to(self.device)).repeat(B, 1, 1, 1)
+            return PipelineOutput(to_pil(source[None].repeat(B, 1, 1, 1)), z, prompts, [None] * B)
+        noise, seeds = _initial_noise((B, C, h, w), seed, generator, None)  # (B, C, h, w)
+        z_src = self.vae.to_latent(source[None].to(self.device)).float().cpu().repeat(B, 1, 1, 1)  # (B, C, h, w)
+        denoiser = s.denoiser(self.transformer)
+        full = s.sigmas(denoiser, steps)
+        sigmas = full[start_index(steps, strength):]
+        x = noise * sigmas[0] if strength == 1 else z_src + noise * sigmas[0]  # strength 1: text-to-image's start
+        guided = CFGDenoiser(denoiser, scale, cure, sigmas=full)
+        if mask is not None:
+            latent_mask = F.interpolate(mask[None], size=(h, w), mode="area")  # (1, 1, h, w)
+            latent_mask = latent_mask if soft else (latent_mask > 0).float()
+            guided = LatentBlend(guided, z_src.to(self.device), noise.to(self.device), latent_mask.to(self.device),
+                                 full, soft)
+        cond, device = self._conditioning(prompts, negatives), self.device
+        gen = _sampler_generator(seeds, generator)
+        if repaint is not None:
+            z = sample_repaint(guided, x.to(device), sigmas.to(device), cond, callback, disable, *repaint, generator=gen)
+        else:
+            z = get_sampler(sampler)(guided, x.to(device), sigmas.to(device), extra_args=cond, callback=callback,
+                                     disable=disable, generator=gen)
+        if output_type == "latent":
+            return PipelineOutput([], z, prompts, seeds)
+        images = self.decode(z)  # (B, 3, H, W)
+        if mask is not None:
+            images = composite(images, source, mask, blur)
+        return PipelineOutput(to_pil(images), z, prompts, seeds)
+
+
+def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
+    """Pixels where the mask is 0 come from the source exactly; `blur` (pixels) feathers the edge inward only."""
+    m = mask
+    if blur > 0:
+        soft = Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
+        m = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255)[None] * (mask > 0)  # never outside the mask
+    return m * images + (1 - m) * source  # (B, 3, H, W)
+
+
+class Img2ImgPipeline(EditPipeline):
+    """SDEdit: `strength` in (0, 1] picks the starting noise level (1 = text-to-image from pure noise)."""
+
+    def __call__(self, prompt, image, strength: float = 0.6, **options) -> PipelineOutput:
+        return self.edit(prompt, image, None, strength, **options)
+
+
+class InpaintPipeline(EditPipeline):
+    """Repaint where `mask_image` is white, keep the rest: latent blending at every step, then the decoded
+    image composited onto the source (`blur` feathers the edge). `soft=True`: grey = change a little
+    (differential diffusion); `repaint=(jump, n_sample)`: RePaint resampling; `crop_padding`: inpaint only
+    the mask's bounding box (grown by that many pixels), upscaled to the model's size, pasted back."""
+
+    def __call__(self, prompt, image, mask_image, strength: float = 1.0, crop_padding: int | None = None,
+                 **options) -> PipelineOutput:
+        if crop_padding is None:
+            return self.edit(prompt, image, mask_image, strength, **options)
+        return self._cropped(prompt, image, mask_image, strength, check_int("crop_padding", crop_padding, minimum=0),
+                             options)
+
+    def _cropped(self, prompt, image, mask_image, strength, padding, options) -> PipelineOutput:
+        src = load_rgb("image", image)
+        mask = load_mask(mask_image, (src.height, src.width))  # (1, H, W)
+        if float(mask.max()) == 0:
+            return self.edit(prompt, src, mask, strength, **options)
+        top, left, bottom, right = mask_bbox(mask, padding, self.multiple)
+        size = self.sampling.sample_size
+        crop = src.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)
+        crop_mask = F.interpolate(mask[None, :, top:bottom, left:right], size=(size, size), mode="bilinear")[0]
+        out = self.edit(prompt, crop, crop_mask.clamp(0, 1), strength, **{**options, "output_type": "pil"})
+        images, full = [], pil_to_tensor(src)
+        for im in out.images:
+            patch = pil_to_tensor(im.resize((right - left, bottom - top), Image.BICUBIC))  # (3, h_c, w_c)
+            canvas = full.clone()
+            m = mask[:, top:bottom, left:right]
+            canvas[:, top:bottom, left:right] = m * patch + (1 - m) * full[:, top:bottom, left:right]
+            images.append(canvas)
+        return PipelineOutput(to_pil(torch.stack(images)), out.latents, out.prompts, out.seeds)
