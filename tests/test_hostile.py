@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import functools
 import gc
 import io
@@ -46,7 +47,11 @@ from tinydit import (
     embeddings,
     evaluate,
     guidance,
+    offload,
+    pipeline,
+    precision,
     schedules,
+    stepcache,
     text,
     textdit,
     train,
@@ -985,6 +990,303 @@ def dit_x0_3d():
     return train.Objective().noised(x0, x0, torch.rand(4), torch.zeros(4))
 
 
+# ---- chapter 11: offloading, fp8 storage, the step cache; chapter 12: the pipeline ------------
+# Every model that a case changes (offloaded, cast, cached) is built fresh: the cached tiny models
+# above are shared by other cases and must stay untouched.
+
+
+class OffToy(torch.nn.Module):
+    """An embedding, `depth` blocks in a ModuleList, a head and a float buffer (a DiT's skeleton)."""
+
+    def __init__(self, depth: int = 3, d: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, d)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU())
+                                          for _ in range(depth))
+        self.head = torch.nn.Linear(d, 8)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        x = self.embed(x) * self.scale
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def off_toy(seed: int = 0, depth: int = 3) -> OffToy:
+    torch.manual_seed(seed)
+    return randomize(OffToy(depth), seed=seed, std=0.3).eval()
+
+
+def toy_x() -> torch.Tensor:
+    return torch.randn(2, 8, generator=torch.Generator().manual_seed(6))
+
+
+def cpu_offload(model, mode: str = "block", **options):
+    return offload.offload(model, mode, device="cpu", **options)
+
+
+def absent_cuda() -> str:
+    """A CUDA device this machine does not have."""
+    return "cuda" if not torch.cuda.is_available() else "cuda:99"
+
+
+def _offload_absent_device_then_call():
+    m = off_toy()
+    offload.ModelOffload({"m": m}, device=absent_cuda(), pin_memory=False)
+    m(toy_x())
+
+
+def _model_offload_same_module_twice():
+    m = off_toy()
+    offload.ModelOffload([m, m], device="cpu")
+
+
+def _model_offload_component_inside_another():
+    m = off_toy()
+    offload.ModelOffload({"whole": m, "head": m.head}, device="cpu")
+
+
+def _leaf_offload_inside_block_offload():
+    m = off_toy()
+    cpu_offload(m, "block")
+    cpu_offload(m.head, "leaf")
+
+
+def _block_offload_around_leaf_offload():
+    m = off_toy()
+    cpu_offload(m.head, "leaf")
+    cpu_offload(m, "block")
+
+
+def _block_offload_foreign_blocks():
+    cpu_offload(off_toy(), "block", blocks=off_toy(seed=1).blocks)
+
+
+def _offload_parameter_replaced():
+    m = off_toy()
+    cpu_offload(m, "block")
+    m.head.weight = torch.nn.Parameter(torch.zeros(8, 16))  # the offloader still holds the old one
+    m(toy_x())
+
+
+def _offload_close_twice_and_offload_again():
+    m, x = off_toy(), toy_x()
+    with torch.no_grad():
+        want = m(x)
+        for mode in ("block", "leaf", "model"):
+            off = cpu_offload({"m": m} if mode == "model" else m, mode)
+            assert torch.equal(m(x), want), f"{mode} offload changed the output"
+            off.close()
+            off.close()
+            assert not m._forward_pre_hooks and not m.head._forward_pre_hooks, f"{mode}: close() left hooks"
+            assert torch.equal(m(x), want), f"the output changed after closing {mode} offload twice"
+
+
+def _offload_load_state_dict_while_offloaded():
+    m, other, x = off_toy(), off_toy(seed=1), toy_x()
+    off = cpu_offload(m, "block")
+    m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(m(x), other(x)), "weights loaded while offloaded are not the ones used"
+    off.close()
+    with torch.no_grad():
+        assert torch.equal(m(x), other(x)), "close() put the old weights back"
+
+
+def _block_offload_numpy_group_size():
+    m, x = off_toy(), toy_x()
+    with torch.no_grad():
+        want = m(x)
+        cpu_offload(m, "block", group_size=np.int64(2))
+        assert torch.equal(m(x), want)
+
+
+def _enter_use(off, name):
+    with off.use(name):
+        pass
+
+
+def _pin_sdpa(backend):
+    with precision.pin_sdpa(backend):
+        pass
+
+
+def fresh_tiny_textdit() -> textdit.TextDiT:
+    return copy.deepcopy(tiny_textdit())
+
+
+def _layerwise_skip_one_string():
+    """skip="head": one pattern (keep `head` in the compute dtype), not the letters h, e, a, d."""
+    try:
+        cast = precision.LayerwiseCasting(off_toy(), compute_dtype="fp32", skip="head")
+    except TypeError as e:
+        if not re.match(r"skip: ", str(e)):
+            raise
+        return
+    names = [n for n, _ in cast.layers]
+    assert "head" not in names and "embed" in names, f"skip='head' cast {names}"
+
+
+def _layerwise_beyond_fp8_range():
+    m = off_toy()
+    with torch.no_grad():
+        m.head.weight.mul_(5000)  # |w| up to ~5000; fp8_e4m3 ends at 448
+    precision.LayerwiseCasting(m, compute_dtype="fp32")
+
+
+def _layerwise_close_twice_and_again():
+    m, x = off_toy(), toy_x()
+    with torch.no_grad():
+        want = m(x)
+        cast = precision.LayerwiseCasting(m, compute_dtype="fp32")
+        close = m(x)
+        cast.close()
+        cast.close()
+        assert all(p.dtype == torch.float32 for p in m.parameters()), "close() left fp8 weights"
+        assert torch.equal(m(x), close), "the output changed after close()"
+        err = float((close - want).norm() / want.norm())  # measured 0.030 (fp8_e4m3: 3 mantissa bits); 2x margin
+        assert err < 0.06, f"fp8 storage is {err:.3f} (relative) from the fp32 output"
+        precision.LayerwiseCasting(m, compute_dtype="fp32").close()  # on again after close
+
+
+def _stepcache_threshold_zero_exact_and_close_twice():
+    m, x = off_toy(), toy_x()
+    keys = list(m.state_dict())
+    with torch.no_grad():
+        want = m(x)
+        cache = stepcache.StepCache(m, threshold=np.float32(0.0))
+        assert list(m.state_dict()) == keys, "the state dict keys changed while the cache is on"
+        assert torch.equal(m(x), want) and torch.equal(m(x), want), "threshold=0 changed the output"
+        cache.close()
+        cache.close()
+        assert type(m.blocks) is torch.nn.ModuleList, f"close() left {type(m.blocks).__name__}"
+        stepcache.StepCache(m).close()  # on again after close
+        assert torch.equal(m(x), want)
+
+
+def _stepcache_empty_blocks():
+    m = off_toy(depth=0)
+    stepcache.StepCache(m, blocks=m.blocks)
+    m(toy_x())
+
+
+def _stepcache_then_block_offload():
+    """A block offload on a model whose blocks are cached: works (same output) or says why not."""
+    m, x = off_toy(), toy_x()
+    with torch.no_grad():
+        want = m(x)
+        stepcache.StepCache(m, threshold=0)
+        try:
+            cpu_offload(m, "block")
+        except ValueError as e:
+            if not re.match(r"(model|blocks): ", str(e)):
+                raise
+            return
+        assert torch.equal(m(x), want), "block offload over a step cache changed the output"
+
+
+def _stepcache_then_cross_attention_maps():
+    m = fresh_tiny_textdit()
+    stepcache.StepCache(m, threshold=0)
+    with pipeline.CrossAttentionMaps(m) as maps, torch.no_grad():
+        m(latent(2), torch.tensor([10, 500]), context=ctx())
+    assert len(maps.calls) == len(m.blocks), f"{len(maps.calls)} maps recorded for {len(m.blocks)} blocks"
+
+
+# ---- chapter 12: the pipeline (the shipped book model; a saved copy for folder edits) --------
+
+
+@functools.cache
+def book_pipe() -> pipeline.TextToImagePipeline:
+    """Shared and never changed: cases that offload or move a pipeline use `fresh_pipe()`."""
+    return pipeline.TextToImagePipeline.from_pretrained()
+
+
+def pipe_call(prompt="a red circle", **kw):
+    """The book pipeline, 2 steps, latents only unless `output_type` says otherwise."""
+    return book_pipe()(prompt, **{"num_inference_steps": 2, "disable": True, "output_type": "latent", **kw})
+
+
+@functools.cache
+def pipeline_folder() -> Path:
+    return book_pipe().save_pretrained(work() / "pipe12" / "ok")
+
+
+def fresh_pipe() -> pipeline.TextToImagePipeline:
+    return pipeline.TextToImagePipeline.from_pretrained(pipeline_folder())
+
+
+def pipeline_variant(name: str, edit) -> Path:
+    """A copy of the saved pipeline folder, changed by `edit(folder)` (see `_replace`)."""
+    folder = work() / "pipe12" / name
+    if not folder.exists():
+        shutil.copytree(pipeline_folder(), folder)
+        edit(folder)
+    return folder
+
+
+def _index_with(**changes):
+    return _replace("model_index.json", lambda f: {**json.loads((f / "model_index.json").read_text()), **changes})
+
+
+def _scheduler_with(**changes):
+    name = "scheduler/scheduler_config.json"
+    return _replace(name, lambda f: {**json.loads((f / name).read_text()), **changes})
+
+
+def _sampling_saved(**changes):
+    def edit(f: Path) -> dict:
+        index = json.loads((f / "model_index.json").read_text())
+        index["_tinydit"]["sampling"].update(changes)
+        return index
+    return _replace("model_index.json", edit)
+
+
+def _pipe_width_only():
+    """height=None, width=24: the default height (32) beside width 24, or a clear refusal."""
+    try:
+        out = pipe_call(width=24, output_type="pil")
+    except ValueError as e:
+        if not re.match(r"(height|width): ", str(e)):
+            raise
+        return
+    assert out.images[0].size == (24, 32), f"width=24 with the default height gave {out.images[0].size}"
+
+
+def _pipe_sampler_none_is_default():
+    a = pipe_call(seed=0, sampler=None).latents
+    b = pipe_call(seed=0, sampler=book_pipe().sampling.sampler).latents
+    assert torch.equal(a, b), "sampler=None is not the pipeline's default sampler"
+
+
+def _pipe_numpy_seed_and_count():
+    a = pipe_call(seed=np.int64(3), num_images_per_prompt=np.int32(2))
+    b = pipe_call(seed=3, num_images_per_prompt=2)
+    assert a.seeds == [3, 4] and torch.equal(a.latents, b.latents), f"numpy seed gave seeds {a.seeds}"
+
+
+def _pipe_refuses_before_drawing_noise(**kw):
+    """A request far beyond memory must be refused before the noise is drawn."""
+    drawn = AssertionError("the noise was drawn before the request size was checked")
+    with mock.patch.object(torch, "randn", side_effect=drawn):
+        pipe_call(**kw)
+
+
+def _pipe_enable_model_offload_twice():
+    """A second enable_model_offload: the same images, or a refusal that says it is already on."""
+    p = fresh_pipe()
+    want = p("a red circle", seed=0, num_inference_steps=2, disable=True, output_type="latent").latents
+    p.enable_model_offload("cpu")
+    try:
+        p.enable_model_offload("cpu")
+    except ValueError as e:
+        if "already" not in str(e):
+            raise
+    got = p("a red circle", seed=0, num_inference_steps=2, disable=True, output_type="latent").latents
+    assert torch.equal(got, want), "model offload (enabled twice) changed the latents"
+
+
 # --------------------------------------------------------------------------------------------
 # The table: (id, callable, expected exception type(s), message regex); None, None = behaviour.
 # --------------------------------------------------------------------------------------------
@@ -1657,6 +1959,145 @@ CASES = [
     ("cli.evaluate.run_missing", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", work() / "no_run"), CliRefused, one_line("--run")),
     ("cli.evaluate.run_and_model", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", tiny_run(), "--model", book_model_folder()), CliRefused, one_line("--model")),
     ("cli.evaluate.json_is_a_folder", lambda: cli_main_no_work("evaluate", "--n", "1", "--json", work()), CliRefused, one_line("--json")),
+    # ---- tinydit.offload (chapter 11) ---------------------------------------------------------
+    ("offload.ModelOffload.models_none", lambda: offload.ModelOffload(None, device="cpu"), TE, r"^models: "),
+    ("offload.ModelOffload.models_one_module", lambda: offload.ModelOffload(off_toy(), device="cpu"), TE, r"^models: .*dict or list"),
+    ("offload.ModelOffload.models_empty", lambda: offload.ModelOffload({}, device="cpu"), VE, r"^models: "),
+    ("offload.ModelOffload.models_str", lambda: offload.ModelOffload(["m"], device="cpu"), TE, r"^models\[.*\]: expected an nn.Module"),
+    ("offload.ModelOffload.same_module_twice", _model_offload_same_module_twice, VE, r"^models: "),
+    ("offload.ModelOffload.component_inside_another", _model_offload_component_inside_another, VE, r"^models: "),
+    ("offload.ModelOffload.use_unknown", lambda: _enter_use(offload.ModelOffload({"a": off_toy()}, device="cpu"), "b"), VE, r"^name: .*\['a'\].*'b'"),
+    ("offload.ModelOffload.use_none", lambda: _enter_use(offload.ModelOffload({"a": off_toy()}, device="cpu"), None), VE, r"^name: "),
+    ("offload.ModelOffload.device_absent", _offload_absent_device_then_call, VE, r"^device: "),
+    ("offload.ModelOffload.device_default_cuda_absent", lambda: offload.ModelOffload({"a": off_toy()}, device=absent_cuda()), VE, r"^device: "),
+    ("offload.offload.device_tpu", lambda: offload.offload(off_toy(), "leaf", device="tpu"), VE, r"^device: .*'tpu'"),
+    ("offload.offload.device_int", lambda: offload.offload(off_toy(), "leaf", device=3) if not torch.cuda.is_available() else offload.offload(off_toy(), "leaf", device=99), VE, r"^device: "),
+    ("offload.offload.device_none", lambda: offload.offload(off_toy(), "leaf", device=None), VE, r"^device: "),
+    ("offload.offload.mode_none", lambda: offload.offload(off_toy(), None, device="cpu"), VE, r"^mode: "),
+    ("offload.offload.mode_capitalised", lambda: offload.offload(off_toy(), "Block", device="cpu"), VE, r"^mode: .*'Block'"),
+    ("offload.offload.option_of_another_mode", lambda: cpu_offload(off_toy(), "leaf", group_size=2), TE, r"group_size"),
+    ("offload.BlockOffload.group_size_bool", lambda: cpu_offload(off_toy(), group_size=True), TE, r"^group_size: "),
+    ("offload.BlockOffload.group_size_str", lambda: cpu_offload(off_toy(), group_size="2"), TE, r"^group_size: "),
+    ("offload.BlockOffload.group_size_negative", lambda: cpu_offload(off_toy(), group_size=-1), VE, r"^group_size: "),
+    ("offload.BlockOffload.group_size_numpy", _block_offload_numpy_group_size, None, None),
+    ("offload.BlockOffload.stream_str", lambda: cpu_offload(off_toy(), stream="no"), TE, r"^stream: expected True"),
+    ("offload.BlockOffload.pin_memory_str", lambda: cpu_offload(off_toy(), pin_memory="false"), TE, r"^pin_memory: expected True"),
+    ("offload.BlockOffload.blocks_foreign", _block_offload_foreign_blocks, VE, r"^blocks: "),
+    ("offload.BlockOffload.blocks_list_of_str", lambda: cpu_offload(off_toy(), blocks=["a", "b"]), TE, r"^blocks: "),
+    ("offload.BlockOffload.blocks_empty", lambda: cpu_offload(off_toy(), blocks=torch.nn.ModuleList()), VE, r"^blocks: "),
+    ("offload.BlockOffload.model_none", lambda: cpu_offload(None), TE, r"^model: "),
+    ("offload.BlockOffload.model_no_blocks", lambda: cpu_offload(torch.nn.Linear(2, 2)), VE, r"^model: .*ModuleList"),
+    ("offload.BlockOffload.twice", lambda: [cpu_offload(m) for m in [off_toy()] * 2], VE, r"^model: already offloaded"),
+    ("offload.LeafOffload.inside_block_offload", _leaf_offload_inside_block_offload, VE, r"^model: .*already offloaded"),
+    ("offload.BlockOffload.around_leaf_offload", _block_offload_around_leaf_offload, VE, r"^model: .*already offloaded"),
+    ("offload.Offloader.parameter_replaced", _offload_parameter_replaced, VE, r"^model: .*replaced"),
+    ("offload.Offloader.close_twice_then_again", _offload_close_twice_and_offload_again, None, None),
+    ("offload.Offloader.load_state_dict_while_offloaded", _offload_load_state_dict_while_offloaded, None, None),
+    # ---- tinydit.precision (chapter 11) -------------------------------------------------------
+    ("precision.LayerwiseCasting.storage_float8", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype="float8"), VE, r"^storage_dtype: .*'float8'"),
+    ("precision.LayerwiseCasting.storage_torch_dtype", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype=torch.float8_e4m3fn), VE, r"^storage_dtype: "),
+    ("precision.LayerwiseCasting.storage_list", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype=["fp8_e4m3"]), (TE, VE), r"^storage_dtype: "),
+    ("precision.LayerwiseCasting.storage_none", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype=None), VE, r"^storage_dtype: "),
+    ("precision.LayerwiseCasting.compute_fp64", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="fp64"), VE, r"^compute_dtype: .*'fp64'"),
+    ("precision.LayerwiseCasting.compute_half", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="half"), VE, r"^compute_dtype: .*'half'"),
+    ("precision.LayerwiseCasting.compute_float8", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="float8"), VE, r"^compute_dtype: "),
+    ("precision.LayerwiseCasting.compute_torch_float64", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype=torch.float64), VE, r"^compute_dtype: .*float64"),
+    ("precision.LayerwiseCasting.compute_int8", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype=torch.int8), VE, r"^compute_dtype: "),
+    ("precision.LayerwiseCasting.compute_none", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype=None), VE, r"^compute_dtype: "),
+    ("precision.LayerwiseCasting.skip_one_string", _layerwise_skip_one_string, None, None),
+    ("precision.LayerwiseCasting.skip_int", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="fp32", skip=(1,)), TE, r"^skip: "),
+    ("precision.LayerwiseCasting.skip_invalid_regex", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="fp32", skip=("[",)), VE, r"^skip: .*'\['"),
+    ("precision.LayerwiseCasting.skip_everything", lambda: precision.LayerwiseCasting(off_toy(), compute_dtype="fp32", skip=("",)), VE, r"^skip: "),
+    ("precision.LayerwiseCasting.model_no_linear", lambda: precision.LayerwiseCasting(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.GELU())), VE, r"^model: .*(Linear|Conv)"),
+    ("precision.LayerwiseCasting.model_none", lambda: precision.LayerwiseCasting(None), TE, r"^model: "),
+    ("precision.LayerwiseCasting.weights_beyond_fp8_range", _layerwise_beyond_fp8_range, VE, r"^model: .*(range|448)"),
+    ("precision.LayerwiseCasting.close_twice_then_again", _layerwise_close_twice_and_again, None, None),
+    ("precision.weight_bytes.model_none", lambda: precision.weight_bytes(None), TE, r"^model: "),
+    ("precision.pin_sdpa.upper_case", lambda: _pin_sdpa("FLASH"), VE, r"^backend: .*'FLASH'"),
+    ("precision.pin_sdpa.none", lambda: _pin_sdpa(None), VE, r"^backend: "),
+    ("precision.sdpa_backends.q_list", lambda: precision.sdpa_backends([[1.0]], *qkv()[1:]), TE, r"^q: "),
+    ("precision.sdpa_backends.head_dims_differ", lambda: precision.sdpa_backends(qkv()[0], qkv(d=16)[1], qkv()[2]), VE, r"^(q|k|v): "),
+    # ---- tinydit.stepcache (chapter 11) -------------------------------------------------------
+    ("stepcache.StepCache.threshold_str", lambda: stepcache.StepCache(off_toy(), threshold="0.1"), TE, r"^threshold: "),
+    ("stepcache.StepCache.threshold_nan", lambda: stepcache.StepCache(off_toy(), threshold=NAN), VE, r"^threshold: "),
+    ("stepcache.StepCache.threshold_inf", lambda: stepcache.StepCache(off_toy(), threshold=INF), VE, r"^threshold: "),
+    ("stepcache.StepCache.threshold_none", lambda: stepcache.StepCache(off_toy(), threshold=None), TE, r"^threshold: "),
+    ("stepcache.StepCache.threshold_bool", lambda: stepcache.StepCache(off_toy(), threshold=True), TE, r"^threshold: "),
+    ("stepcache.StepCache.warmup_float", lambda: stepcache.StepCache(off_toy(), warmup=1.5), TE, r"^warmup: "),
+    ("stepcache.StepCache.warmup_bool", lambda: stepcache.StepCache(off_toy(), warmup=True), TE, r"^warmup: "),
+    ("stepcache.StepCache.model_no_blocks", lambda: stepcache.StepCache(torch.nn.Linear(2, 2)), VE, r"^model: .*ModuleList"),
+    ("stepcache.StepCache.model_none", lambda: stepcache.StepCache(None), TE, r"^model: "),
+    ("stepcache.StepCache.blocks_str", lambda: stepcache.StepCache(off_toy(), blocks="blocks"), (TE, VE), r"^blocks: "),
+    ("stepcache.StepCache.blocks_empty", _stepcache_empty_blocks, VE, r"^blocks: "),
+    ("stepcache.StepCache.twice", lambda: [stepcache.StepCache(m) for m in [off_toy()] * 2], VE, r"^model: a step cache is already on"),
+    ("stepcache.StepCache.threshold_zero_exact_close_twice", _stepcache_threshold_zero_exact_and_close_twice, None, None),
+    ("stepcache.StepCache.then_block_offload", _stepcache_then_block_offload, None, None),
+    ("stepcache.StepCache.then_cross_attention_maps", _stepcache_then_cross_attention_maps, None, None),
+    # ---- tinydit.pipeline (chapter 12): a call --------------------------------------------------
+    ("pipeline.call.width_only", _pipe_width_only, None, None),
+    ("pipeline.call.height_not_multiple", lambda: pipe_call(height=33), VE, r"^height: .*multiple of 8.*33"),
+    ("pipeline.call.height_zero", lambda: pipe_call(height=0), VE, r"^height: "),
+    ("pipeline.call.height_float", lambda: pipe_call(height=32.0), TE, r"^height: "),
+    ("pipeline.call.height_huge", lambda: _pipe_refuses_before_drawing_noise(height=800_000), VE, r"^height: "),
+    ("pipeline.call.num_images_zero", lambda: pipe_call(num_images_per_prompt=0), VE, r"^num_images_per_prompt: "),
+    ("pipeline.call.num_images_float", lambda: pipe_call(num_images_per_prompt=2.5), TE, r"^num_images_per_prompt: "),
+    ("pipeline.call.num_images_bool", lambda: pipe_call(num_images_per_prompt=True), TE, r"^num_images_per_prompt: "),
+    ("pipeline.call.num_images_huge", lambda: _pipe_refuses_before_drawing_noise(num_images_per_prompt=10**6), VE, r"^num_images_per_prompt: "),
+    ("pipeline.call.numpy_seed_and_count", _pipe_numpy_seed_and_count, None, None),
+    ("pipeline.call.steps_zero", lambda: pipe_call(num_inference_steps=0), VE, r"^num_inference_steps: "),
+    ("pipeline.call.steps_str", lambda: pipe_call(num_inference_steps="2"), TE, r"^num_inference_steps: "),
+    ("pipeline.call.guidance_nan", lambda: pipe_call(guidance_scale=NAN), VE, r"^guidance_scale: "),
+    ("pipeline.call.guidance_inf", lambda: pipe_call(guidance_scale=INF), VE, r"^guidance_scale: "),
+    ("pipeline.call.guidance_negative", lambda: pipe_call(guidance_scale=-1.0), VE, r"^guidance_scale: "),
+    ("pipeline.call.sampler_none_is_default", _pipe_sampler_none_is_default, None, None),
+    ("pipeline.call.sampler_unknown", lambda: pipe_call(sampler="DPM++ 2M"), VE, r"^sampler: .*'DPM\+\+ 2M'"),
+    ("pipeline.call.seed_bool", lambda: pipe_call(seed=True), TE, r"^seed: "),
+    ("pipeline.call.seed_float", lambda: pipe_call(seed=2.0), TE, r"^seed: "),
+    ("pipeline.call.seed_str", lambda: pipe_call(seed="3"), TE, r"^seed: "),
+    ("pipeline.call.seed_negative", lambda: pipe_call(seed=-1), VE, r"^seed: "),
+    ("pipeline.call.seed_huge", lambda: pipe_call(seed=2**70), VE, r"^seed: "),
+    ("pipeline.call.seed_last_overflows", lambda: pipe_call(seed=2**64 - 1, num_images_per_prompt=2), VE, r"^seed: "),
+    ("pipeline.call.seeds_too_few", lambda: pipe_call(seed=[1], num_images_per_prompt=2), VE, r"^seed: .*\(2\), got 1"),
+    ("pipeline.call.generator_and_seed", lambda: pipe_call(seed=3, generator=torch.Generator().manual_seed(4)), VE, r"^(seed|generator): "),
+    ("pipeline.call.generator_int", lambda: pipe_call(generator=0), TE, r"^generator: "),
+    ("pipeline.call.latents_nan", lambda: pipe_call(latents=with_value(torch.randn(1, 4, 8, 8), NAN)), VE, r"^latents: .*NaN"),
+    ("pipeline.call.latents_shape", lambda: pipe_call(latents=torch.randn(1, 4, 4, 4)), VE, r"^latents: .*\(1, 4, 8, 8\)"),
+    ("pipeline.call.latents_numpy", lambda: pipe_call(latents=np.zeros((1, 4, 8, 8), np.float32)), (TE, VE), r"^latents: "),
+    ("pipeline.call.output_type_np", lambda: pipe_call(output_type="np"), VE, r"^output_type: .*'np'"),
+    ("pipeline.call.callback_not_callable", lambda: pipe_call(callback=5), TE, r"^callback: "),
+    ("pipeline.call.negative_prompt_int", lambda: pipe_call(negative_prompt=123), (TE, VE), r"^negative_prompt: "),
+    ("pipeline.call.negative_prompt_list_of_lists", lambda: pipe_call(negative_prompt=[["blurry"]]), (TE, VE), r"^negative_prompt: "),
+    ("pipeline.call.negative_prompt_too_many", lambda: pipe_call(negative_prompt=["a", "b"]), VE, r"^negative_prompt: .*\(1\)"),
+    ("pipeline.call.prompt_list_of_lists", lambda: pipe_call([["a red circle"]]), TE, r"^prompt: .*0: list"),
+    ("pipeline.call.prompt_empty_list", lambda: pipe_call([]), VE, r"^prompt: "),
+    ("pipeline.call.prompt_none", lambda: pipe_call(None), (TE, VE), r"^prompt: "),
+    ("pipeline.call.prompt_int", lambda: pipe_call(5), (TE, VE), r"^prompt: "),
+    # ---- tinydit.pipeline (chapter 12): loading, saving, offloading -----------------------------
+    ("pipeline.from_pretrained.a_file", lambda: pipeline.TextToImagePipeline.from_pretrained(a_regular_file()), FileNotFoundError, r"^path_or_id: expected a folder"),
+    ("pipeline.from_pretrained.path_int", lambda: pipeline.TextToImagePipeline.from_pretrained(123), TE, r"^path_or_id: "),
+    ("pipeline.from_pretrained.no_folder", lambda: pipeline.TextToImagePipeline.from_pretrained(work() / "pipe12" / "none"), FileNotFoundError, r"^path_or_id: "),
+    ("pipeline.from_pretrained.index_not_json", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("index_junk", _replace("model_index.json", "{oops"))), VE, r"^path_or_id: .*model_index\.json.*not valid JSON"),
+    ("pipeline.from_pretrained.index_not_object", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("index_list", _replace("model_index.json", "[1, 2]"))), VE, r"^path_or_id: .*JSON object"),
+    ("pipeline.from_pretrained.text_encoder_unknown", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("te_bert", _index_with(text_encoder=["transformers", "BertModel"]))), VE, r"^path_or_id: .*'BertModel'"),
+    ("pipeline.from_pretrained.text_encoder_int", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("te_int", _index_with(text_encoder=5))), VE, r"^path_or_id: .*text_encoder"),
+    ("pipeline.from_pretrained.tinydit_key_str", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("tinydit_str", _index_with(_tinydit="junk"))), VE, r"^path_or_id: .*_tinydit"),
+    ("pipeline.from_pretrained.no_scheduler_config", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("no_sched", _replace("scheduler/scheduler_config.json", None))), FileNotFoundError, r"^path_or_id: .*scheduler_config\.json"),
+    ("pipeline.from_pretrained.scheduler_unknown", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("sched_lms", _scheduler_with(_class_name="LMSDiscreteScheduler"))), VE, r"^(scheduler|path_or_id): .*'LMSDiscreteScheduler'"),
+    ("pipeline.from_pretrained.scheduler_prediction_unknown", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("sched_pred", _scheduler_with(prediction_type="x0"))), VE, r"^(scheduler|path_or_id): .*'x0'"),
+    ("pipeline.from_pretrained.saved_steps_str", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_variant("steps_str", _sampling_saved(steps="many"))), (TE, VE), r"^(path_or_id|steps): .*'many'"),
+    ("pipeline.from_pretrained.default_steps_zero", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), steps=0), VE, r"^steps: "),
+    ("pipeline.from_pretrained.default_sampler_unknown", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), sampler="magic"), VE, r"^sampler: "),
+    ("pipeline.from_pretrained.default_guidance_nan", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), guidance_scale=NAN), VE, r"^guidance_scale: "),
+    ("pipeline.from_pretrained.dtype_float8", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), dtype="float8"), VE, r"^dtype: .*'float8'"),
+    ("pipeline.from_pretrained.dtype_fp64", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), dtype="fp64"), VE, r"^dtype: .*'fp64'"),
+    ("pipeline.from_pretrained.dtype_half", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), dtype="half"), VE, r"^dtype: .*'half'"),
+    ("pipeline.from_pretrained.device_absent", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), device=absent_cuda()), VE, r"^device: "),
+    ("pipeline.from_pretrained.device_tpu", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), device="tpu"), VE, r"^device: .*'tpu'"),
+    ("pipeline.save_pretrained.into_a_file", lambda: book_pipe().save_pretrained(a_regular_file()), (VE, OSError), r"^folder: "),
+    ("pipeline.save_pretrained.none", lambda: book_pipe().save_pretrained(None), TE, r"^folder: "),
+    ("pipeline.enable_model_offload.device_tpu", lambda: fresh_pipe().enable_model_offload("tpu"), VE, r"^device: "),
+    ("pipeline.enable_model_offload.device_absent", lambda: fresh_pipe().enable_model_offload(absent_cuda()), VE, r"^device: "),
+    ("pipeline.enable_model_offload.twice", _pipe_enable_model_offload_twice, None, None),
 ]
 
 

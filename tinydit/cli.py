@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -96,16 +97,18 @@ def _check_writable_folder(flag: str, folder: Path) -> None:
                          "choose a folder you can write to") from None
 
 
-def _check_grid_fits(args: argparse.Namespace) -> None:
+def _check_grid_fits(args: argparse.Namespace, flags: str = "--n/--size/--scale/--cols") -> None:
     """Refuse a grid that would not fit in memory (e.g. --n 4096 --size 1024), before drawing it."""
     tile = args.size * args.scale + 4  # pixels per tile side, with padding
     cols = min(args.cols, args.n)
     rows = math.ceil(args.n / cols)
     width, height = cols * tile, rows * tile  # captions make it taller still
     if width * height > MAX_GRID_PIXELS:
-        raise _FlagError(f"--n/--size/--scale/--cols: the grid would be at least {width}x{height} px "
+        shrink = flags.split("/")[:-1]  # every flag but --cols makes the grid smaller
+        lower = f"{', '.join(shrink[:-1])} or {shrink[-1]}"
+        raise _FlagError(f"{flags}: the grid would be at least {width}x{height} px "
                          f"({width * height / 1e6:,.0f} megapixels), more than the "
-                         f"{MAX_GRID_PIXELS / 1e6:.0f} megapixels allowed; lower --n, --size or --scale")
+                         f"{MAX_GRID_PIXELS / 1e6:.0f} megapixels allowed; lower {lower}")
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
@@ -231,9 +234,222 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate (chapter 12)
+
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of a --prompts file: one a line, blank lines and `#` comments skipped."""
+    file = Path(path)
+    if not file.is_file():
+        what = "a folder" if file.is_dir() else "no such file"
+        raise _FlagError(f"--prompts: expected a text file with one prompt a line, got {path!r} ({what})")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise _FlagError(f"--prompts: cannot read {path!r} as UTF-8 text ({reason})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise _FlagError(f"--prompts: no prompts in {path!r} (every line is blank or a # comment)")
+    return prompts
+
+
+def _processes() -> tuple[int, int]:
+    """(rank, world size) from torchrun's RANK and WORLD_SIZE; (0, 1) for a plain run."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise _FlagError(f"RANK/WORLD_SIZE: expected integers (torchrun sets them), got RANK="
+                         f"{os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}") from None
+    if not 0 <= rank < world:
+        raise _FlagError(f"RANK/WORLD_SIZE: expected 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
+    return rank, world
+
+
+def _check_model_flag(text: str | None) -> None:
+    """--model: a folder holding a pipeline (model_index.json) or a book model (config.json), or a hub id."""
+    if text is None:
+        return
+    folder = Path(text)
+    if folder.exists():
+        if not ((folder / "model_index.json").is_file() or (folder / "config.json").is_file()):
+            raise _FlagError(f"--model: no model in {text!r} (expected a pipeline folder with model_index.json or "
+                             "a book-model folder with config.json); train one with python -m tinydit train")
+        return
+    from tinydit.checkpoint import HUB_ID
+
+    if not HUB_ID.match(text):
+        raise _FlagError(f"--model: no folder {text!r}, and it is not a hub id (owner/name)")
+
+
+def _check_generate_flags(args: argparse.Namespace) -> list[str]:
+    """Every flag of `generate`, before a model is loaded; returns the prompts of the job."""
+    if (args.prompt is None) == (args.prompts is None):
+        given = "both" if args.prompts is not None else "neither"
+        raise _FlagError(f"--prompts: expected a prompt or --prompts FILE (one of the two), got {given}")
+    prompts = [args.prompt] if args.prompts is None else _read_prompts(args.prompts)
+    from tinydit.samplers import SAMPLERS
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise _FlagError(f"--sampler: expected one of {', '.join(sorted(SAMPLERS))}, got {args.sampler!r}")
+    _check_model_flag(args.model)
+    _, world = _processes()
+    if args.out_dir is None:
+        if args.prompts is not None:
+            raise _FlagError("--out-dir: --prompts writes one PNG per image and a manifest; give --out-dir FOLDER")
+        if world > 1:
+            raise _FlagError(f"--out: one process writes one file, but WORLD_SIZE={world}; under torchrun "
+                             "use --out-dir FOLDER (the images are shared out between the processes)")
+        args.out = _check_image_path("--out", "out.png" if args.out is None else args.out)
+    elif args.out is not None:
+        raise _FlagError("--out: give --out FILE (one image or a grid) or --out-dir FOLDER (one PNG per image), "
+                         "not both")
+    else:
+        out_dir = Path(args.out_dir)
+        if out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir():
+            raise _FlagError(f"--out-dir: expected a folder, got {args.out_dir!r}, an image file name "
+                             "(use --out for one image or a grid)")
+        _check_writable_folder("--out-dir", out_dir)
+    return prompts
+
+
+def _stochastic(sampler: str) -> bool:
+    """Samplers that draw fresh noise on the way (ancestral, SDE): the pipeline draws it for a whole batch."""
+    return "ancestral" in sampler or "sde" in sampler
+
+
+def _generate_images(pipe, args, prompts: list[str], ks: list[int], bar=None) -> list:
+    """Images k of the job (prompt k // n, seed --seed + k), in batches; an image depends on its k alone."""
+    sampler = args.sampler or pipe.sampling.sampler
+    size = 1 if _stochastic(sampler) else args.batch_size  # their fresh noise comes from the batch's first seed
+    images = []
+    for start in range(0, len(ks), size):
+        batch = ks[start:start + size]
+        out = pipe([prompts[k // args.n] for k in batch], negative_prompt=args.negative,
+                   num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
+                   seed=[args.seed + k for k in batch], disable=True)
+        images += out.images
+        if bar is not None:
+            bar.update(len(batch))
+    return images
+
+
+def _settings(pipe, args) -> str:
+    s = pipe.sampling
+    return (f"{args.steps or s.steps} steps of {args.sampler or s.sampler}, guidance "
+            f"{s.guidance_scale if args.cfg is None else args.cfg:g}")
+
+
+def _enlarge(image, scale: int):
+    from PIL import Image
+
+    return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def _write_image_file(pipe, args, prompt: str) -> str:
+    """--out: one image, or (--n > 1) a grid whose tiles are captioned with their seeds."""
+    from tinydit import data
+
+    scale = 4 if args.scale is None else args.scale
+    _check_grid_fits(argparse.Namespace(n=args.n, size=pipe.sampling.sample_size, scale=scale, cols=args.cols),
+                     "--n/--scale/--cols")
+    images = _generate_images(pipe, args, [prompt], list(range(args.n)))
+    if args.n == 1:
+        picture = _enlarge(images[0], scale)
+    else:
+        picture = data.image_grid(images, [f"seed {args.seed + k}" for k in range(args.n)], cols=args.cols,
+                                  scale=scale)
+    if args.out.suffix.lower() != ".png" and max(picture.size) > MAX_JPEG_SIDE:
+        raise _FlagError(f"--out: a JPEG side is at most {MAX_JPEG_SIDE} px but this grid is "
+                         f"{picture.width}x{picture.height}; write a .png or ask for fewer images (--n)")
+    picture.save(args.out)
+    seeds = f"seed {args.seed}" if args.n == 1 else f"seeds {args.seed}..{args.seed + args.n - 1}"
+    return f"wrote {args.out} ({args.n} image{'s' * (args.n > 1)} of {prompt!r}, {seeds}, {_settings(pipe, args)}; " \
+           f"{picture.width}x{picture.height} px"
+
+
+def _write_image_folder(pipe, args, prompts: list[str]) -> str:
+    """--out-dir: image k as NNNNN.png (this process's share under torchrun: k % WORLD_SIZE == RANK), and
+    manifest.jsonl (one line per image: file, prompt, seed, settings), written once every image exists."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    rank, world = _processes()
+    total = len(prompts) * args.n
+    width = max(5, len(str(total - 1)))
+    mine = list(range(rank, total, world))
+    with tqdm(total=len(mine), desc="generate", unit="image", disable=None if rank == 0 else True) as bar:
+        for start in range(0, len(mine), args.batch_size):  # write as we go: a long job keeps what it made
+            ks = mine[start:start + args.batch_size]
+            for k, image in zip(ks, _generate_images(pipe, args, prompts, ks, bar)):
+                _enlarge(image, args.scale or 1).save(Path(args.out_dir) / f"{k:0{width}d}.png")
+    _barrier(world)
+    if rank == 0:
+        s = pipe.sampling
+        common = {"negative_prompt": args.negative or "", "steps": args.steps or s.steps,
+                  "guidance_scale": s.guidance_scale if args.cfg is None else args.cfg,
+                  "sampler": args.sampler or s.sampler, "model": args.model}
+        lines = [json.dumps({"file": f"{k:0{width}d}.png", "prompt": prompts[k // args.n], "seed": args.seed + k,
+                             **common}) for k in range(total)]
+        manifest = Path(args.out_dir) / "manifest.jsonl"
+        tmp = manifest.with_suffix(".jsonl.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(manifest)
+    return (f"wrote {total} images and manifest.jsonl to {args.out_dir} ({len(prompts)} prompt"
+            f"{'s' * (len(prompts) > 1)} x {args.n}, seeds {args.seed}..{args.seed + total - 1}, "
+            f"{_settings(pipe, args)}, {world} process{'es' * (world > 1)}")
+
+
+def _start_group(world: int) -> None:
+    """Several processes (torchrun): a gloo group, used only for the barrier before the manifest."""
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    prompts = _check_generate_flags(args)
+    rank, world = _processes()
+    _start_group(world)
+    from tinydit.pipeline import TextToImagePipeline
+
+    t0 = time.perf_counter()
+    try:
+        pipe = TextToImagePipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # a hub id that cannot be fetched, a broken folder
+        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    loaded = time.perf_counter()
+    if args.out_dir is None:
+        done = _write_image_file(pipe, args, prompts[0])
+    else:
+        done = _write_image_folder(pipe, args, prompts)
+    if rank == 0:
+        print(f"{done}; load {loaded - t0:.1f} s + generate {time.perf_counter() - loaded:.1f} s)")
+    return 0
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags say in their help what they do when not given."""
+
+    def _get_help_string(self, action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _subparser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose --help shows every flag's default."""
-    return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    return sub.add_parser(name, formatter_class=_DefaultsHelp, **kwargs)
 
 
 def _add_training_flags(p: argparse.ArgumentParser, out: str, steps: int, batch_size: int) -> None:
@@ -329,6 +545,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="which test-split prompts")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = _subparser(
+        sub, "generate",
+        help="draw pictures from a text prompt with a text-to-image model (chapter 12)",
+        description="Text to image with chapter 12's TextToImagePipeline (default: the shipped book model, "
+        "32x32 pictures of the shapes world). One prompt: --out FILE gets the image, or for --n > 1 a grid "
+        "captioned with each image's seed. Many prompts: --prompts FILE (one a line; blank lines and # "
+        "comments skipped) --out-dir FOLDER writes NNNNN.png per image and manifest.jsonl (file, prompt, "
+        "seed, settings). Image k of a job (k counts over prompts x --n) has prompt k // n and seed --seed + k, "
+        "so it is the same picture whatever --batch-size or number of processes drew it (stochastic samplers "
+        "run one image per batch for that). Several processes: torchrun --nproc_per_node K -m tinydit "
+        "generate --prompts FILE --out-dir FOLDER (spell --n as --num-images there); process r draws the images "
+        "with k % K == r.",
+    )
+    p.add_argument("prompt", nargs="?", default=None, help="the text prompt (or --prompts FILE)")
+    p.add_argument("--prompts", default=None, help="a text file of prompts, one a line (needs --out-dir)")
+    p.add_argument("--out", default=None, help="output image, ending in .png or .jpg (default: out.png)")
+    p.add_argument("--out-dir", default=None, help="output folder: one PNG per image and manifest.jsonl")
+    p.add_argument("--n", "--num-images", type=_int_in(1, MAX_SAMPLES), default=1, dest="n",
+                   help=f"images per prompt, 1..{MAX_SAMPLES} (under torchrun write --num-images: torchrun reads "
+                   "--n as an abbreviation of its own flags)")
+    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--cfg", type=_number_at_least(0), default=None,
+                   help="guidance scale >= 0 (default: the model's)")
+    p.add_argument("--sampler", default=None,
+                   help="a sampler of chapter 08, tinydit.samplers.SAMPLERS (default: the model's)")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the first image; image k gets seed + k")
+    p.add_argument("--model", default=None, help="pipeline or book-model folder, or a hub id (default: the shipped "
+                   "book model)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: none)")
+    p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=8, help="images per model call")
+    p.add_argument("--cols", type=_int_in(1, MAX_SAMPLES), default=8, help="grid columns (--out with --n > 1)")
+    p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=None,
+                   help=f"enlargement of each picture, 1..{MAX_SCALE} (default: 4 for --out, 1 for --out-dir)")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

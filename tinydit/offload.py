@@ -17,11 +17,18 @@ from tinydit.validation import check_int
 
 
 def as_device(name: str, device) -> torch.device:
-    """`device` as a torch.device, or a ValueError naming `name`."""
+    """`device` as a torch.device that exists here, or a ValueError naming `name`."""
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "meta", "mps", "xpu"):
+        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
+    return device
 
 
 def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Tensor]:
@@ -62,15 +69,24 @@ def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
 
 
 def _check_offloadable(name: str, module) -> None:
-    """An nn.Module with real (not meta) weights that no other offloader holds."""
+    """An nn.Module with real (not meta) weights, no part of which another offloader holds."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{name}: expected an nn.Module, got {type(module).__name__}")
     meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if meta:
         raise ValueError(f"{name}: {len(meta)} tensors are on the meta device (no data: e.g. {meta[0]!r}); load "
                          "real weights before offloading (meta is only valid as the compute device)")
-    if getattr(module, "_tinydit_offload", None) is not None:
-        raise ValueError(f"{name}: already offloaded; call close() on its offloader first")
+    if any(getattr(m, "_tinydit_offload", None) is not None for m in module.modules()):
+        raise ValueError(f"{name}: already offloaded (all or part of it); call close() on its offloader first")
+    if isinstance(getattr(module, "blocks", None), nn.ModuleList) and hasattr(module.blocks, "cache"):
+        raise ValueError(f"{name}: a step cache is on (chapter 11's StepCache); close() it before offloading")
+
+
+def _check_flag(name: str, value) -> bool | None:
+    """None (the default rule) or a real bool: the string "no" must not read as True."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True, False or None, got {value!r}")
+    return value
 
 
 class Group:
@@ -87,6 +103,12 @@ class Group:
                 set_data(t, m)  # from now on the tensors live on their CPU master between visits
         self.bytes = nbytes(self.masters)
         self.on_device, self.ready = False, None  # ready: a CUDA event the compute stream waits on
+
+    def check(self, modules: list[nn.Module], recurse: bool = True) -> None:
+        """Refuse to run when a parameter was replaced after offloading (its new tensor has no master)."""
+        if {id(t) for t in tensors_of(modules, recurse)} != {id(t) for t in self.tensors}:
+            raise ValueError(f"model: a parameter or buffer of {self.name!r} was replaced after offloading; "
+                             "close() the offloader and offload again")
 
     def onload(self, device: torch.device, stream=None) -> None:
         if self.on_device:
@@ -138,13 +160,15 @@ class Offloader:
 
     def __init__(self, device, pin_memory: bool | None = None):
         self.device = as_device("device", device)
-        self.pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        pin_memory = _check_flag("pin_memory", pin_memory)
+        self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if self.pin and not torch.cuda.is_available():
             raise ValueError("pin_memory: pinned CPU memory needs CUDA, and this torch sees no CUDA device")
         self.ledger, self.groups, self.hooks, self.modules = Ledger(), [], [], []
 
     def _adopt(self, module: nn.Module) -> None:
-        module._tinydit_offload = self
+        for m in module.modules():  # every part: a later offloader of a part (or a parent) is refused
+            m._tinydit_offload = self
         self.modules.append(module)
 
     def onload(self, group: Group, stream=None) -> None:
@@ -157,9 +181,11 @@ class Offloader:
             group.offload()
             self.ledger.note("out", group)
 
-    def _pre(self, module: nn.Module, group: Group):
+    def _pre(self, module: nn.Module, group: Group, owners: list[nn.Module] | None = None):
         """A forward pre-hook: `group` on the device, the module's inputs there too."""
         def hook(m, args, kwargs):
+            if owners is not None:
+                group.check(owners, recurse=False)
             self.onload(group)
             group.wait()
             return move_inputs(args, self.device), move_inputs(kwargs, self.device)
@@ -188,9 +214,21 @@ class Offloader:
             for g in self.groups:
                 for t, m in zip(g.tensors, g.masters):
                     set_data(t, m.to(g.home))
-        for m in self.modules:
-            m._tinydit_offload = None
+        for module in self.modules:
+            for m in module.modules():
+                m._tinydit_offload = None
         self.hooks, self.groups, self.modules = [], [], []
+
+
+def _check_disjoint(models: dict) -> None:
+    """No tensor in two components (a module twice, or one inside another)."""
+    owner = {}
+    for name, m in models.items():
+        for t in tensors_of([m]):
+            if id(t) in owner and owner[id(t)] != name:
+                raise ValueError(f"models: {name!r} shares tensors with {owner[id(t)]!r}; each component must be "
+                                 "separate (not the same module twice, not one inside another)")
+            owner[id(t)] = name
 
 
 class ModelOffload(Offloader):
@@ -199,20 +237,25 @@ class ModelOffload(Offloader):
 
     def __init__(self, models, device="cuda", pin_memory: bool | None = None):
         super().__init__(device, pin_memory)
+        if not isinstance(models, (dict, list, tuple)):
+            raise TypeError(f"models: expected a dict or list of nn.Modules (name -> module), got {type(models).__name__}")
         models = dict(models) if isinstance(models, dict) else {f"model{i}": m for i, m in enumerate(models)}
         if not models:
             raise ValueError("models: expected at least one module, got none")
         for name, m in models.items():
             _check_offloadable(f"models[{name!r}]", m)
+        _check_disjoint(models)
         for name, m in models.items():
             self._adopt(m)
             group = Group(name, tensors_of([m]), self.pin)
             self.groups.append(group)
-            self.hooks.append(m.register_forward_pre_hook(self._switch_to(group), with_kwargs=True))
+            self.hooks.append(m.register_forward_pre_hook(self._switch_to(group, m), with_kwargs=True))
         self.active = None
 
-    def _switch_to(self, group: Group):
+    def _switch_to(self, group: Group, module: nn.Module | None = None):
         def hook(m, args, kwargs):
+            if module is not None:
+                group.check([module])
             if self.active is not group:
                 if self.active is not None:
                     self.offload(self.active)
@@ -244,6 +287,17 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda ml: nbytes(tensors_of([ml])))
 
 
+def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
+    """`blocks`: a non-empty nn.ModuleList inside `model`."""
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"blocks: expected an nn.ModuleList of the model's blocks, got {type(blocks).__name__}")
+    if len(blocks) == 0:
+        raise ValueError("blocks: expected a non-empty nn.ModuleList, got an empty one")
+    if not any(m is blocks for m in model.modules()):
+        raise ValueError("blocks: not a part of model (pass the model's own block list, e.g. model.blocks)")
+    return blocks
+
+
 def owners(model: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Module]:
     """The modules that directly own (not through a child) any of `tensors`."""
     ids = {id(t) for t in tensors}
@@ -260,20 +314,24 @@ class BlockOffload(Offloader):
         super().__init__(device, pin_memory)
         _check_offloadable("model", model)
         group_size = check_int("group_size", group_size, minimum=1)
+        stream = _check_flag("stream", stream)
         if stream and self.device.type != "cuda":
             raise ValueError(f"stream: prefetching on a side stream needs a CUDA device, got device={str(self.device)!r}")
         self.stream = torch.cuda.Stream(self.device) if (stream is None and self.device.type == "cuda") or stream else None
-        blocks = find_blocks(model) if blocks is None else blocks
+        blocks = find_blocks(model) if blocks is None else _check_blocks(model, blocks)
         self._adopt(model)
-        chunks = [list(blocks)[i:i + group_size] for i in range(0, len(blocks), group_size)]
+        modules = [blocks[i] for i in range(len(blocks))]  # indexing, not iteration: a step cache yields callables
+        chunks = [modules[i:i + group_size] for i in range(0, len(modules), group_size)]
         self.block_groups = [Group(f"blocks {i * group_size}-{i * group_size + len(c) - 1}", tensors_of(c), self.pin)
                              for i, c in enumerate(chunks)]
         in_blocks = {id(t) for g in self.block_groups for t in g.tensors}
         rest = [t for t in tensors_of([model]) if id(t) not in in_blocks]
         self.rest = Group("rest", rest, self.pin)
         self.groups = [self.rest, *self.block_groups]
-        for m in owners(model, rest):  # the rest comes in with the first of its modules that runs
-            self._pre(m, self.rest)
+        rest_owners = owners(model, rest)
+        for m in rest_owners:  # the rest comes in with the first of its modules that runs
+            self._pre(m, self.rest, rest_owners)
+        self.chunks = chunks
         for i, (chunk, group) in enumerate(zip(chunks, self.block_groups)):
             self.hooks.append(chunk[0].register_forward_pre_hook(self._enter_group(i), with_kwargs=True))
             self._post(chunk[-1], group)
@@ -282,6 +340,7 @@ class BlockOffload(Offloader):
     def _enter_group(self, i: int):
         def hook(m, args, kwargs):
             group = self.block_groups[i]
+            group.check(self.chunks[i])
             self.onload(group)  # a no-op when the previous group prefetched it
             group.wait()
             nxt = self.block_groups[(i + 1) % len(self.block_groups)]
@@ -308,7 +367,7 @@ class LeafOffload(Offloader):
             if own:
                 group = Group(name or type(model).__name__, own, self.pin)
                 self.groups.append(group)
-                self._pre(m, group)
+                self._pre(m, group, [m])
                 self._post(m, group)
 
 

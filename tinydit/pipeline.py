@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tinydit.checkpoint import read_config, resolve_dtype, resolve_pretrained
-from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser
+from tinydit.denoisers import DISCRETE_SCHEDULES, PREDICTIONS, DiscreteDenoiser, FlowDenoiser
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
-from tinydit.offload import ModelOffload
+from tinydit.offload import ModelOffload, as_device
 from tinydit.samplers import SAMPLERS, get_sampler
 from tinydit.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
 from tinydit.text import (
@@ -34,7 +34,7 @@ from tinydit.text import (
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.train import BOOK_MODEL_DIR, DEFAULT_SAMPLER, DEFAULT_STEPS, pixart_to_diffusers
 from tinydit.vae import AutoencoderKL, load_book_vae
-from tinydit.validation import check_float, check_int
+from tinydit.validation import check_float, check_int, check_memory, check_tensor
 
 # diffusers scheduler class -> (our sampler, its options); chapter 08's parity tests pair them
 SCHEDULER_SAMPLERS = {
@@ -76,6 +76,8 @@ class SamplingConfig:
         if name not in SCHEDULER_SAMPLERS:
             raise ValueError(f"scheduler: {name!r} has no tinydit counterpart; supported: {sorted(SCHEDULER_SAMPLERS)}")
         sampler = SCHEDULER_SAMPLERS[name]
+        if d.get("prediction_type", "epsilon") not in PREDICTIONS and not name.startswith("FlowMatch"):
+            raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
         if name == "DPMSolverMultistepScheduler" and "sde" in d.get("algorithm_type", "dpmsolver++"):
             sampler = "dpmpp_2m_sde"
         if name.startswith("FlowMatch"):
@@ -88,6 +90,20 @@ class SamplingConfig:
                    num_train_timesteps=d.get("num_train_timesteps", 1000),
                    zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
                    steps_offset=d.get("steps_offset", 0), sampler=sampler, **defaults)
+
+    def validate(self) -> SamplingConfig:
+        """Every field checked (a hand-edited folder or a from_pretrained override); errors name the field."""
+        check_int("steps", self.steps, minimum=1)
+        check_float("guidance_scale", self.guidance_scale, minimum=0)
+        _check_sampler(self.sampler)
+        check_int("sample_size", self.sample_size, minimum=1)
+        check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_float("shift", self.shift, minimum=0)
+        if self.prediction not in (*PREDICTIONS, "flow"):
+            raise ValueError(f"prediction: expected one of {(*PREDICTIONS, 'flow')}, got {self.prediction!r}")
+        if self.sigma_schedule not in DISCRETE_SCHEDULES:
+            raise ValueError(f"sigma_schedule: expected one of {DISCRETE_SCHEDULES}, got {self.sigma_schedule!r}")
+        return self
 
     def scheduler_config(self) -> dict:
         """The diffusers scheduler config that samples like this (for save_pretrained)."""
@@ -168,10 +184,21 @@ class TextToImagePipeline:
 
     def enable_model_offload(self, device="cuda") -> ModelOffload:
         """Keep one component on `device` at a time (chapter 11's ModelOffload); the rest waits on the CPU."""
+        if self.offloader is not None:
+            raise ValueError("enable_model_offload: model offload is already on; call pipe.disable_model_offload() "
+                             "first to change it")
+        device = as_device("device", device)
         self.to("cpu")
         self.offloader = ModelOffload({"text_encoder": self.text_encoder, "transformer": self.transformer,
                                        "vae": self.vae}, device=device)
         return self.offloader
+
+    def disable_model_offload(self, device="cpu") -> TextToImagePipeline:
+        """Undo enable_model_offload: the hooks removed, every component back on `device`."""
+        if self.offloader is not None:
+            self.offloader.close()
+            self.offloader = None
+        return self.to(device)
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
@@ -186,12 +213,14 @@ class TextToImagePipeline:
                  callback=None, latents: torch.Tensor | None = None, cure=DEFAULT_CURE, disable: bool | None = None,
                  output_type: str = "pil") -> PipelineOutput:
         s = self.sampling
+        _check_call_options(callback, output_type)
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
         scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
         sampler = _check_sampler(s.sampler if sampler is None else sampler)
         h, w = (_check_side(n, v, s.sample_size, self.multiple) for n, v in (("height", height), ("width", width)))
         shape = (len(prompts), self.transformer.config.in_channels, h // self.factor, w // self.factor)
+        _check_request(shape, self.transformer.config, "height" if height is not None else "width")
         noise, seeds = _initial_noise(shape, seed, generator, latents)  # (B, C, h, w), unit variance
         cond = self._conditioning(prompts, negatives)
         denoiser = s.denoiser(self.transformer)
@@ -229,7 +258,7 @@ class TextToImagePipeline:
         tokenizer/, transformer/, vae/, scheduler/; written by `save_pretrained` or by diffusers for PixArt-α/Σ),
         or a book-model folder of chapter 09 (PixArt transformer + scheduler config; the book encoders).
         `dtype`: "fp32", "fp16", "bf16" for every component; `defaults`: SamplingConfig fields to override."""
-        dtype = resolve_dtype(dtype)
+        dtype, device = resolve_dtype(dtype), as_device("device", device)
         folder = BOOK_MODEL_DIR if path_or_id is None else resolve_pipeline_folder(path_or_id)
         if (folder / MODEL_INDEX).is_file():
             parts = load_pipeline_parts(folder, dtype)
@@ -242,13 +271,33 @@ class TextToImagePipeline:
                             f"{[f.name for f in fields(SamplingConfig)]}")
         for k, v in defaults.items():
             setattr(sampling, k, v)
-        return cls(**parts, sampling=sampling).to(device)
+        return cls(**parts, sampling=sampling.validate()).to(device)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
         vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
         our sampler), and tinydit's sampling defaults under model_index.json's "_tinydit" key."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise ValueError(f"folder: {str(folder)!r} is a file, expected a folder (new or existing)")
         return save_pipeline(self, Path(folder))
+
+
+def _check_call_options(callback, output_type) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type: expected 'pil' (PIL images) or 'latent' (latents only), got {output_type!r}")
+
+
+def _check_request(shape, cfg, side: str) -> None:
+    """Refuse a request far beyond memory before drawing its noise: latents plus one attention map."""
+    B, C, h, w = shape
+    tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+    per_image = 4 * (C * h * w + 2 * cfg.num_heads * tokens * tokens)  # float32; CFG doubles the batch
+    check_memory(side, per_image)
+    check_memory("num_images_per_prompt", B * per_image)
 
 
 def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
@@ -260,6 +309,8 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
     if bad:
         raise TypeError(f"prompt: every prompt must be a string; got {', '.join(bad[:5])}")
     per_prompt = check_int("num_images_per_prompt", per_prompt, minimum=1)
+    if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
+        raise TypeError(f"negative_prompt: expected a string or a list of strings, got {type(negative_prompt).__name__}")
     negatives = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
         else list(negative_prompt)
     if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
@@ -286,10 +337,12 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
     B = shape[0]
+    if seed is not None and (generator is not None or latents is not None):
+        raise ValueError("seed: give seed, or generator, or latents (the initial noise), not several")
     if latents is not None:
-        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents: expected initial noise of shape {shape}, got {got}")
+        check_tensor("latents", latents, ndim=4, floating=True, finite=True)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected initial noise of shape {shape}, got {tuple(latents.shape)}")
         return latents.float().cpu(), [None] * B
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -297,8 +350,9 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
         return torch.randn(shape, generator=generator), [None] * B
     if seed is None:
         seed = int(torch.randint(0, 2**31 - B, ()).item())
-    seeds = [check_int("seed", seed, minimum=0) + i for i in range(B)] if not isinstance(seed, (list, tuple)) \
-        else [check_int(f"seed[{i}]", s, minimum=0) for i, s in enumerate(seed)]
+    top = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+    seeds = [check_int("seed", seed, minimum=0, maximum=top - B + 1) + i for i in range(B)] \
+        if not isinstance(seed, (list, tuple)) else [check_int(f"seed[{i}]", s, minimum=0, maximum=top) for i, s in enumerate(seed)]
     if len(seeds) != B:
         raise ValueError(f"seed: expected one seed, or one per image ({B}), got {len(seeds)}")
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
@@ -361,10 +415,23 @@ def load_text_encoder(folder: Path, index: dict, dtype=None):
     raise ValueError(f"path_or_id: text_encoder class {kind!r} in {MODEL_INDEX}; expected a CLIP or T5 text model")
 
 
+def _check_index(index: dict) -> dict:
+    """model_index.json's entries: [library, class] pairs, and our "_tinydit" object."""
+    for part in PIPELINE_PARTS:
+        entry = index.get(part)
+        if entry is not None and not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise ValueError(f"path_or_id: {MODEL_INDEX}'s {part!r} entry should be [library, class], got {entry!r}")
+    extra = index.get("_tinydit", {})
+    if not isinstance(extra, dict) or not all(isinstance(extra.get(k, {}), dict) for k in ("sampling", "text_encoder")):
+        raise ValueError(f"path_or_id: {MODEL_INDEX}'s '_tinydit' entry should be an object with 'sampling' and "
+                         f"'text_encoder' objects, got {extra!r}")
+    return index
+
+
 def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     """Every component of a pipeline folder, and its sampling config."""
-    index = read_config(folder / MODEL_INDEX, "path_or_id")
-    _require(folder, [f"{p}/" for p in PIPELINE_PARTS], "a pipeline folder")
+    index = _check_index(read_config(folder / MODEL_INDEX, "path_or_id"))
+    _require(folder, [f"{p}/" for p in PIPELINE_PARTS] + ["scheduler/scheduler_config.json"], "a pipeline folder")
     scheduler = read_config(folder / "scheduler" / "scheduler_config.json", "path_or_id")
     transformer = TextDiT.from_pretrained(folder, subfolder="transformer", dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
@@ -375,7 +442,8 @@ def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     sampler = defaults.pop("sampler", None)
     sampling = SamplingConfig.from_scheduler_config(scheduler, **defaults)
     if sampler is not None:
-        sampling.sampler = _check_sampler(sampler)
+        sampling.sampler = sampler
+    sampling.validate()
     return dict(text_encoder=load_text_encoder(folder, index, dtype), transformer=transformer, vae=vae, sampling=sampling)
 
 
@@ -446,7 +514,8 @@ class CrossAttentionMaps:
         return maps.transpose(1, 2).reshape(batch_size, -1, self.grid, self.grid)  # (B, T, h, w)
 
     def __enter__(self) -> CrossAttentionMaps:
-        for block in self.model.blocks:
+        blocks = self.model.blocks
+        for block in [blocks[i] for i in range(len(blocks))]:  # indexing: a step cache's iteration yields callables
             self.hooks.append(block.cross_attn.register_forward_hook(self._record, with_kwargs=True))
         return self
 

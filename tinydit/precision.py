@@ -22,7 +22,7 @@ FP8 = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}  # name -> torch 
 
 def fp8_dtype(name: str) -> torch.dtype:
     """The float8 storage dtype `name` ("fp8_e4m3": more precision; "fp8_e5m2": more range)."""
-    if name not in FP8:
+    if not isinstance(name, str) or name not in FP8:
         raise ValueError(f"storage_dtype: expected one of {sorted(FP8)}, got {name!r}")
     if not hasattr(torch, FP8[name]):
         raise RuntimeError(f"storage_dtype: this torch ({torch.__version__}) has no {FP8[name]}; fp8 storage needs "
@@ -30,9 +30,15 @@ def fp8_dtype(name: str) -> torch.dtype:
     return getattr(torch, FP8[name])
 
 
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers as stored (fp8 layers count 1 byte a value)."""
-    return nbytes(tensors_of([model]))
+    return nbytes(tensors_of([_check_model(model)]))
 
 
 SKIP_LAYERWISE = {  # module-name patterns kept in the compute dtype, per model class
@@ -50,6 +56,39 @@ def skip_patterns(model: nn.Module) -> tuple[str, ...]:
     return SKIP_LAYERWISE.get(type(model).__name__, SKIP_LAYERWISE["default"])
 
 
+def _check_skip(skip) -> tuple[str, ...]:
+    """One pattern or a sequence of regular expressions (strings)."""
+    skip = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(p, str) for p in skip):
+        raise TypeError(f"skip: expected a regular expression or a list of them (module names), got {skip!r}")
+    for pattern in skip:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"skip: invalid regular expression {pattern!r} ({e})") from None
+    return tuple(skip)
+
+
+def _castable_layers(model: nn.Module, skip: tuple[str, ...], storage: torch.dtype) -> list[tuple[str, nn.Module]]:
+    """The Linear / Conv layers to store in fp8: not skipped, and with weights inside its range."""
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, CASTABLE)]
+    if not candidates:
+        raise ValueError(f"model: {type(model).__name__} has no Linear/Conv layer whose weights fp8 could store")
+    layers = [(n, m) for n, m in candidates if not any(re.search(p, n) for p in skip)]
+    if not layers:
+        raise ValueError(f"skip: {skip!r} matches every one of the {len(candidates)} Linear/Conv layers; nothing "
+                         "would be stored in fp8")
+    limit = torch.finfo(storage).max
+    for name, m in layers:
+        if any(t.is_meta for t in tensors_of([m], recurse=False)):
+            continue  # no values to check (a model built to count bytes)
+        big = max(float(t.detach().abs().max()) for t in tensors_of([m], recurse=False))
+        if big > limit:
+            raise ValueError(f"model: layer {name!r} has weights up to {big:.4g}, beyond {storage}'s range ({limit:g}); "
+                             "skip it (skip=...) or store in fp8_e5m2")
+    return layers
+
+
 class LayerwiseCasting:
     """Store the weights of every Linear / Conv layer in `storage_dtype` (fp8) and upcast each layer to
     `compute_dtype` right before its forward, dropping the upcast copy after it. Layers whose name
@@ -58,22 +97,22 @@ class LayerwiseCasting:
 
     def __init__(self, model: nn.Module, storage_dtype: str = "fp8_e4m3", compute_dtype="bf16",
                  skip: tuple[str, ...] | None = None):
-        self.storage, self.compute = fp8_dtype(storage_dtype), resolve_dtype(compute_dtype, "compute_dtype")
+        self.storage = fp8_dtype(storage_dtype)
+        self.compute = resolve_dtype(compute_dtype, "compute_dtype")
         if self.compute not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"compute_dtype: expected fp32, fp16 or bf16, got {compute_dtype!r}")
-        if getattr(model, "_tinydit_casting", None) is not None:
+        if getattr(_check_model(model), "_tinydit_casting", None) is not None:
             raise ValueError("model: layerwise casting is already on; call close() on it first")
-        skip = skip_patterns(model) if skip is None else tuple(skip)
+        skip = skip_patterns(model) if skip is None else _check_skip(skip)
+        self.layers = _castable_layers(model, skip, self.storage)  # every check before the model changes
         model.to(self.compute)
-        self.model, self.hooks, self.layers = model, [], []
-        for name, m in model.named_modules():
-            if isinstance(m, CASTABLE) and not any(re.search(p, name) for p in skip):
-                self.layers.append((name, m))
-                with torch.no_grad():
-                    for t in tensors_of([m], recurse=False):
-                        set_data(t, t.data.to(self.storage))
-                self.hooks.append(m.register_forward_pre_hook(self._upcast))
-                self.hooks.append(m.register_forward_hook(self._downcast))
+        self.model, self.hooks = model, []
+        for _, m in self.layers:
+            with torch.no_grad():
+                for t in tensors_of([m], recurse=False):
+                    set_data(t, t.data.to(self.storage))
+            self.hooks.append(m.register_forward_pre_hook(self._upcast))
+            self.hooks.append(m.register_forward_hook(self._downcast))
         model._tinydit_casting = self
 
     def _upcast(self, m: nn.Module, args) -> None:
@@ -113,6 +152,7 @@ def sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """Which SDPA kernels accept these inputs (each tried alone), and "auto": the one torch picks."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    _check_qkv(q, k, v)
     accepts = {}
     for name in SDPA_BACKENDS:
         try:
@@ -124,6 +164,19 @@ def sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     choice = SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=None))
     auto = next((n for n in SDPA_BACKENDS if _sdp_backend(n) == choice), "math")
     return {**accepts, "auto": auto}
+
+
+def _check_qkv(q, k, v) -> None:
+    """q (B, heads, T_q, d), k and v (B, heads, T_k, d): one floating dtype, shapes that fit."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name}: expected a floating (B, heads, T, head_dim) tensor, got {got}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k: expected (B, heads, T_k, head_dim) = ({q.shape[0]}, {q.shape[1]}, T_k, {q.shape[-1]}) to fit "
+                         f"q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"v: expected (B, heads, T_k) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
 
 
 @contextmanager

@@ -41,9 +41,13 @@ class StepCache:
     `warmup`: calls after each `reset()` that always compute. `close()` puts the original list back."""
 
     def __init__(self, model: nn.Module, threshold: float = 0.1, warmup: int = 1, blocks: nn.ModuleList | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.threshold = check_float("threshold", threshold, minimum=0)
         self.warmup = check_int("warmup", warmup, minimum=1)
         self.original = find_blocks(model) if blocks is None else blocks
+        if not isinstance(self.original, nn.ModuleList) or len(self.original) == 0:
+            raise ValueError(f"blocks: expected a non-empty nn.ModuleList, got {self.original!r}")
         self.parent, self.attr = next(((m, n) for m in model.modules() for n, c in m.named_children()
                                        if c is self.original), (None, None))
         if self.parent is None:
