@@ -431,7 +431,7 @@ for name, options in [("latent blending", {}), ("+ RePaint (jump 4, 4 samples)",
           f"{sum(r['exact'] for r in results)} / {len(results)}")
     assert all(r["exact"] for r in results)  # where the mask is 0 the result is the source, bit for bit
 rate = {k: sum(r["new"] for r in v) / len(v) for k, v in studies.items()}
-assert min(rate.values()) >= (0.4 if FAST else 0.6)  # measured 0.70 / 0.83 on 60 tasks; CI's 12 are noisy
+assert min(rate.values()) >= (0.4 if FAST else 0.65)  # measured 0.707 / 0.780 on 150 tasks; CI's 12 are noisy
 
 # %% [markdown]
 # Two honest caveats. **Before compositing**, the kept half is *not* pixel-exact even though its latents
@@ -549,9 +549,11 @@ assert torch.equal(data.pil_to_tensor(black.images[0]), data.pil_to_tensor(data.
 #   current σ, and the denoiser returns the source there; kept latents land exactly on the source, and
 #   compositing makes kept pixels exact. Soft masks (differential diffusion), RePaint resampling and
 #   cropping to the mask are options.
-# - Measured on the book world: replacing one object of a two-object scene by a prompted pair, the
-#   new object is drawn in ~70 % of cases with plain blending and ~83 % with RePaint (60 tasks); kept
-#   pixels are exact after compositing, ~35 dB before (the VAE's global attention leaks the edit).
+# - Measured on the book world (150 two-object scenes, full settings): replacing one object by a
+#   prompted pair, the new object is drawn in 70.7 % of cases with plain blending and 78.0 % with
+#   RePaint (HELD_OUT pairs: 59 % / 61 %); kept pixels are exact after compositing, median 34.8 dB
+#   before it (the VAE's global attention leaks the edit). img2img: strength 0.4 keeps the object in
+#   place in 93 % of scenes and recolours it in 92 %.
 #
 # ## Exercises
 #
