@@ -317,16 +317,18 @@ def _stochastic(sampler: str) -> bool:
     return "ancestral" in sampler or "sde" in sampler
 
 
-def _generate_images(pipe, args, prompts: list[str], ks: list[int], bar=None) -> list:
-    """Images k of the job (prompt k // n, seed --seed + k), in batches; an image depends on its k alone."""
+def _generate_images(pipe, args, prompts: list[str], ks: list[int], bar=None, **edit) -> list:
+    """Images k of the job (prompt k // n, seed --seed + k), in batches; an image depends on its k alone.
+    `edit`: img2img / inpaint's source image and settings, passed on to the (edit) pipeline."""
     sampler = args.sampler or pipe.sampling.sampler
-    size = 1 if _stochastic(sampler) else args.batch_size  # their fresh noise comes from the batch's first seed
+    fresh_noise = _stochastic(sampler) or edit.get("repaint") is not None  # drawn from the batch's first seed
+    size = 1 if fresh_noise else args.batch_size
     images = []
     for start in range(0, len(ks), size):
         batch = ks[start:start + size]
         out = pipe([prompts[k // args.n] for k in batch], negative_prompt=args.negative,
                    num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler,
-                   seed=[args.seed + k for k in batch], disable=True)
+                   seed=[args.seed + k for k in batch], disable=True, **edit)
         images += out.images
         if bar is not None:
             bar.update(len(batch))
@@ -335,8 +337,10 @@ def _generate_images(pipe, args, prompts: list[str], ks: list[int], bar=None) ->
 
 def _settings(pipe, args) -> str:
     s = pipe.sampling
+    strength = getattr(args, "strength", None)  # img2img and inpaint
     return (f"{args.steps or s.steps} steps of {args.sampler or s.sampler}, guidance "
-            f"{s.guidance_scale if args.cfg is None else args.cfg:g}")
+            f"{s.guidance_scale if args.cfg is None else args.cfg:g}"
+            + ("" if strength is None else f", strength {strength:g}"))
 
 
 def _enlarge(image, scale: int):
@@ -345,14 +349,15 @@ def _enlarge(image, scale: int):
     return image if scale == 1 else image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
-def _write_image_file(pipe, args, prompt: str) -> str:
-    """--out: one image, or (--n > 1) a grid whose tiles are captioned with their seeds."""
+def _write_image_file(pipe, args, prompt: str, size: int | None = None, **edit) -> str:
+    """--out: one image, or (--n > 1) a grid whose tiles are captioned with their seeds. `size`: the longer
+    side of one image (default: the model's); `edit`: img2img / inpaint's source and settings."""
     from tinydit import data
 
     scale = 4 if args.scale is None else args.scale
-    _check_grid_fits(argparse.Namespace(n=args.n, size=pipe.sampling.sample_size, scale=scale, cols=args.cols),
-                     "--n/--scale/--cols")
-    images = _generate_images(pipe, args, [prompt], list(range(args.n)))
+    size = pipe.sampling.sample_size if size is None else size
+    _check_grid_fits(argparse.Namespace(n=args.n, size=size, scale=scale, cols=args.cols), "--n/--scale/--cols")
+    images = _generate_images(pipe, args, [prompt], list(range(args.n)), **edit)
     if args.n == 1:
         picture = _enlarge(images[0], scale)
     else:
@@ -363,8 +368,9 @@ def _write_image_file(pipe, args, prompt: str) -> str:
                          f"{picture.width}x{picture.height}; write a .png or ask for fewer images (--n)")
     picture.save(args.out)
     seeds = f"seed {args.seed}" if args.n == 1 else f"seeds {args.seed}..{args.seed + args.n - 1}"
-    return f"wrote {args.out} ({args.n} image{'s' * (args.n > 1)} of {prompt!r}, {seeds}, {_settings(pipe, args)}; " \
-           f"{picture.width}x{picture.height} px"
+    source = f" from {args.src}" if edit else ""
+    return f"wrote {args.out} ({args.n} image{'s' * (args.n > 1)} of {prompt!r}{source}, {seeds}, " \
+           f"{_settings(pipe, args)}; {picture.width}x{picture.height} px"
 
 
 def _write_image_folder(pipe, args, prompts: list[str]) -> str:
@@ -437,6 +443,108 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         done = _write_image_folder(pipe, args, prompts)
     if rank == 0:
         print(f"{done}; load {loaded - t0:.1f} s + generate {time.perf_counter() - loaded:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- img2img and inpaint (chapter 13)
+
+def _strength(text: str) -> float:
+    """An argparse type: --strength, a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        why = " (0 would return the source unchanged)" if value == 0 else ""
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]{why}, got {text!r}")
+    return value
+
+
+_strength.__name__ = "number"
+
+
+def _repaint(text: str) -> tuple[int, int]:
+    """An argparse type: --repaint JUMP,N, RePaint's resampling (redo every JUMP steps N times)."""
+    expected = "expected JUMP,N: two integers, JUMP in 1..1000 and N in 1..100, such as 4,4"
+    try:
+        jump, n = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not (1 <= jump <= 1000 and 1 <= n <= 100):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    return jump, n
+
+
+_repaint.__name__ = "JUMP,N"
+
+
+def _open_image(name: str, path: str, mode: str):
+    """The image file `path` (SRC or MASK) read in full and converted to `mode`, so that a missing or broken
+    file stops the command before a model is loaded."""
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file():
+        what = "a folder" if file.is_dir() else "no such file"
+        raise _FlagError(f"{name}: expected an image file (.png, .jpg, ...), got {path!r} ({what})")
+    try:
+        with Image.open(file) as image:
+            return image.convert(mode)  # reads every pixel: a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = getattr(e, "strerror", None) or str(e).split(" '")[0] or type(e).__name__
+        raise _FlagError(f"{name}: cannot read {path!r} as an image ({reason})") from None
+
+
+def _check_edit_flags(args: argparse.Namespace):
+    """Every argument of img2img / inpaint, before a model is loaded; returns SRC (RGB) and MASK (L or None)."""
+    from tinydit.samplers import SAMPLERS
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise _FlagError(f"--sampler: expected one of {', '.join(sorted(SAMPLERS))}, got {args.sampler!r}")
+    _check_model_flag(args.model)
+    source = _open_image("SRC", args.src, "RGB")
+    mask = _open_image("MASK", args.mask, "L") if args.command == "inpaint" else None
+    args.out = _check_image_path("--out", args.out)  # last: it may create the output folder
+    return source, mask
+
+
+def _check_source_sides(pipe, args, source) -> None:
+    """The model works on SRC itself (no --crop-padding): its sides must be multiples of the model's factor."""
+    m, (w, h) = pipe.multiple, source.size
+    if getattr(args, "crop_padding", None) is None and (w % m or h % m):
+        hint = " (or inpaint only around the mask with --crop-padding)" if args.command == "inpaint" else ""
+        raise _FlagError(f"SRC: expected sides that are multiples of {m} (the model's VAE factor x patch size), "
+                         f"got {w}x{h} in {args.src!r}; resize or crop it first{hint}")
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    """img2img and inpaint: chapter 13's pipelines on the components of chapter 12's."""
+    import warnings
+
+    source, mask = _check_edit_flags(args)
+    from tinydit.edit import Img2ImgPipeline, InpaintPipeline
+    from tinydit.pipeline import TextToImagePipeline
+
+    t0 = time.perf_counter()
+    try:
+        pipe = TextToImagePipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # a hub id that cannot be fetched, a broken folder
+        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    _check_source_sides(pipe, args, source)
+    if mask is not None and mask.size != source.size:  # after the last check: a refusal stays one line
+        print(f"python -m tinydit {args.command}: warning: MASK is {mask.width}x{mask.height} px, SRC "
+              f"{source.width}x{source.height}; the mask is resized to SRC's size", file=sys.stderr)
+    if mask is None:
+        editor, edit = Img2ImgPipeline(**pipe.components), dict(image=source, strength=args.strength)
+    else:
+        editor = InpaintPipeline(**pipe.components)
+        edit = dict(image=source, mask_image=mask, strength=args.strength, crop_padding=args.crop_padding,
+                    soft=args.soft, blur=args.blur, repaint=args.repaint)
+    loaded = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="mask_image: ")  # said above, in one line
+        done = _write_image_file(editor, args, args.prompt, max(source.size), **edit)
+    print(f"{done}; load {loaded - t0:.1f} s + edit {time.perf_counter() - loaded:.1f} s)")
     return 0
 
 
@@ -580,7 +688,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=None,
                    help=f"enlargement of each picture, 1..{MAX_SCALE} (default: 4 for --out, 1 for --out-dir)")
     p.set_defaults(func=_cmd_generate)
+
+    p = _subparser(
+        sub, "img2img",
+        help="redraw a picture toward a text prompt (chapter 13, SDEdit)",
+        description="Image to image with chapter 13's Img2ImgPipeline on a text-to-image model's weights "
+        "(default: the shipped book model): SRC is noised part of the way (--strength) and denoised toward "
+        "the prompt, so a low strength keeps its layout and colours and 1 ignores it. SRC's sides must be "
+        "multiples of the model's factor (8 for the book model, whose pictures are 32x32); the output has "
+        "SRC's size times --scale. --n > 1: a grid captioned with each image's seed (image k: seed --seed + k).",
+    )
+    p.add_argument("src", metavar="SRC", help="the picture to edit (.png, .jpg, any mode)")
+    _add_edit_flags(p, strength=0.6)
+
+    p = _subparser(
+        sub, "inpaint",
+        help="repaint the white part of a mask from a text prompt, keep the rest (chapter 13)",
+        description="Inpainting with chapter 13's InpaintPipeline on a text-to-image model's weights "
+        "(default: the shipped book model): where MASK is white the prompt is drawn, where it is black "
+        "SRC's pixels are kept exactly. A MASK of another size is resized to SRC's (with a warning). "
+        "SRC's sides must be multiples of the model's factor (8 for the book model), unless --crop-padding "
+        "inpaints only the mask's bounding box (grown by that many pixels, drawn at the model's size and "
+        "pasted back). --soft: grey means change a little (differential diffusion); --blur feathers the "
+        "edge inward; --repaint JUMP,N: RePaint resampling. --n > 1: a grid captioned with each image's seed.",
+    )
+    p.add_argument("src", metavar="SRC", help="the picture to edit (.png, .jpg, any mode)")
+    p.add_argument("mask", metavar="MASK", help="the mask: white = repaint, black = keep (any mode, to grey)")
+    _add_edit_flags(p, strength=1.0)
+    p.add_argument("--soft", action="store_true", help="grey in MASK changes a pixel partly (differential diffusion)")
+    p.add_argument("--blur", type=_number_at_least(0), default=0.0, metavar="PIXELS",
+                   help="feather the mask's edge by this many pixels (inward only)")
+    p.add_argument("--repaint", type=_repaint, default=None, metavar="JUMP,N",
+                   help="RePaint resampling JUMP,N, e.g. 4,4: redo every JUMP steps N times (default: off)")
+    p.add_argument("--crop-padding", type=_int_in(0, 10**6), default=None, metavar="PIXELS",
+                   help="inpaint only the mask's bounding box grown by PIXELS (default: the whole picture)")
     return parser
+
+
+def _add_edit_flags(p: argparse.ArgumentParser, strength: float) -> None:
+    """The prompt and flags img2img and inpaint share with generate (one image or a grid, --out FILE)."""
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("--strength", type=_strength, default=strength,
+                   help="how far to noise SRC, in (0, 1]: 1 starts from pure noise")
+    p.add_argument("--out", default="out.png", help="output image, ending in .png or .jpg")
+    p.add_argument("--n", type=_int_in(1, MAX_SAMPLES), default=1, help=f"images, 1..{MAX_SAMPLES} (a grid if > 1)")
+    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--cfg", type=_number_at_least(0), default=None, help="guidance scale >= 0 (default: the model's)")
+    p.add_argument("--sampler", default=None,
+                   help="a sampler of chapter 08, tinydit.samplers.SAMPLERS (default: the model's)")
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the first image; image k gets seed + k")
+    p.add_argument("--model", default=None, help="pipeline or book-model folder, or a hub id (default: the shipped "
+                   "book model)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: none)")
+    p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=8, help="images per model call")
+    p.add_argument("--cols", type=_int_in(1, MAX_SAMPLES), default=8, help="grid columns (--n > 1)")
+    p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=1,
+                   help=f"enlargement of each picture, 1..{MAX_SCALE} (1 keeps SRC's size)")
+    p.set_defaults(func=_cmd_edit)
 
 
 def main(argv: list[str] | None = None) -> int:
