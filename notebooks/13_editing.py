@@ -252,8 +252,10 @@ class EditPipeline(TextToImagePipeline):
     def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
              num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
              num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
-             repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil") -> PipelineOutput:
+             repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil",
+             safety: bool | None = None) -> PipelineOutput:
         s = self.sampling
+        safety = self._check_safety(safety)
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         strength = _check_strength(strength)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
@@ -267,7 +269,7 @@ class EditPipeline(TextToImagePipeline):
         B, C, h, w = len(prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
         if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
             z = self.vae.to_latent(source[None].to(self.device)).repeat(B, 1, 1, 1)
-            return PipelineOutput(to_pil(source[None].repeat(B, 1, 1, 1)), z, prompts, [None] * B)
+            return self.finish(to_pil(source[None].repeat(B, 1, 1, 1)), z, prompts, [None] * B, safety)
         noise, seeds = _initial_noise((B, C, h, w), seed, generator, None)  # (B, C, h, w)
         z_src = self.vae.to_latent(source[None].to(self.device)).float().cpu().repeat(B, 1, 1, 1)  # (B, C, h, w)
         denoiser = s.denoiser(self.transformer)
@@ -292,7 +294,7 @@ class EditPipeline(TextToImagePipeline):
         images = self.decode(z)  # (B, 3, H, W)
         if mask is not None:
             images = composite(images, source, mask, blur)
-        return PipelineOutput(to_pil(images), z, prompts, seeds)
+        return self.finish(to_pil(images), z, prompts, seeds, safety)
 
 
 def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
@@ -333,7 +335,12 @@ class InpaintPipeline(EditPipeline):
         size = self.sampling.sample_size
         crop = src.crop((left, top, right, bottom)).resize((size, size), Image.BICUBIC)
         crop_mask = F.interpolate(mask[None, :, top:bottom, left:right], size=(size, size), mode="bilinear")[0]
-        out = self.edit(prompt, crop, crop_mask.clamp(0, 1), strength, **{**options, "output_type": "pil"})
+        safety = self._check_safety(options.pop("safety", None))  # checked on the pasted result, not the crop
+        logged, self._safety_off_logged = self._safety_off_logged, True  # the inner call's "off" is ours, not the user's
+        try:
+            out = self.edit(prompt, crop, crop_mask.clamp(0, 1), strength, **{**options, "output_type": "pil"}, safety=False)
+        finally:
+            self._safety_off_logged = logged
         images, full = [], pil_to_tensor(src)
         for im in out.images:
             patch = pil_to_tensor(im.resize((right - left, bottom - top), Image.BICUBIC))  # (3, h_c, w_c)
@@ -341,7 +348,7 @@ class InpaintPipeline(EditPipeline):
             m = mask[:, top:bottom, left:right]
             canvas[:, top:bottom, left:right] = m * patch + (1 - m) * full[:, top:bottom, left:right]
             images.append(canvas)
-        return PipelineOutput(to_pil(torch.stack(images)), out.latents, out.prompts, out.seeds)
+        return self.finish(to_pil(torch.stack(images)), out.latents, out.prompts, out.seeds, safety)
 
 
 # %%

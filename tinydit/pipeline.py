@@ -8,6 +8,7 @@ beside the weights, a prompt-embedding cache, offloading and dtype."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -151,7 +152,8 @@ class PipelineOutput:
     latents: torch.Tensor
     prompts: list[str]
     seeds: list[int | None]
-    nsfw: list[bool] | None = None  # chapter 14's safety checker fills it
+    nsfw: list[bool] | None = None  # per image: replaced by the safety checker (chapter 14); None: no check ran
+    reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
 
 class TextToImagePipeline:
@@ -160,8 +162,10 @@ class TextToImagePipeline:
     loads a tinydit / diffusers PixArt pipeline folder or a book-model folder of chapter 09."""
 
     def __init__(self, text_encoder, transformer: TextDiT, vae: AutoencoderKL, sampling: SamplingConfig | None = None,
-                 max_length: int | None = None, cache_size: int = 64):
+                 safety_checker=None, cache_size: int = 64):
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer.eval(), vae.eval()
+        # chapter 14: any callable (images, prompts) -> (images, flags, reasons); checks every call unless safety=False
+        self.safety_checker, self._safety_off_logged = safety_checker, False
         self.sampling = sampling or SamplingConfig()
         self.cache = PromptCache(cache_size)
         self.offloader = None
@@ -171,7 +175,8 @@ class TextToImagePipeline:
     @property
     def components(self) -> dict:
         """The parts, to build another pipeline on the same weights (chapter 13: `Img2ImgPipeline(**pipe.components)`)."""
-        return dict(text_encoder=self.text_encoder, transformer=self.transformer, vae=self.vae, sampling=self.sampling)
+        return dict(text_encoder=self.text_encoder, transformer=self.transformer, vae=self.vae, sampling=self.sampling,
+                    safety_checker=self.safety_checker)
 
     @property
     def device(self) -> torch.device:
@@ -211,9 +216,10 @@ class TextToImagePipeline:
                  guidance_scale: float | None = None, sampler: str | None = None, seed=None, generator=None,
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  callback=None, latents: torch.Tensor | None = None, cure=DEFAULT_CURE, disable: bool | None = None,
-                 output_type: str = "pil") -> PipelineOutput:
+                 output_type: str = "pil", safety: bool | None = None) -> PipelineOutput:
         s = self.sampling
         _check_call_options(callback, output_type)
+        safety = self._check_safety(safety)
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
         scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
@@ -236,7 +242,25 @@ class TextToImagePipeline:
                                      callback=step, disable=True, generator=_sampler_generator(seeds, generator))
         if output_type == "latent":
             return PipelineOutput([], z, prompts, seeds)
-        return PipelineOutput(to_pil(self.decode(z)), z, prompts, seeds)
+        return self.finish(to_pil(self.decode(z)), z, prompts, seeds, safety)
+
+    def _check_safety(self, safety) -> bool:
+        """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
+        if safety is not None and not isinstance(safety, bool):
+            raise TypeError(f"safety: expected True, False or None (on when a checker is configured), got {safety!r}")
+        if safety and self.safety_checker is None:
+            raise ValueError("safety: True, but this pipeline has no safety checker (pass safety_checker=..., chapter 14)")
+        if safety is False and self.safety_checker is not None and not self._safety_off_logged:
+            logging.getLogger("tinydit").warning("safety checker turned off for this pipeline (safety=False)")
+            self._safety_off_logged = True
+        return self.safety_checker is not None if safety is None else safety
+
+    def finish(self, images: list, z, prompts, seeds, safety: bool) -> PipelineOutput:
+        """The output, after the safety checker (when on) replaced what it flags."""
+        if not safety:
+            return PipelineOutput(images, z, prompts, seeds)
+        images, flags, reasons = self.safety_checker(images, prompts)
+        return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
     def _conditioning(self, prompts: list[str], negatives: list[str]) -> dict:
         """The sampler's extra_args: prompt and negative-prompt tokens with masks, on the DiT's device."""

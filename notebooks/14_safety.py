@@ -1,0 +1,533 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 14 · Safety: check what the model drew before anyone sees it
+#
+# A text-to-image engine that anyone can prompt needs a last step: look at each generated image and
+# replace what must not be shown — and say so, never silently. The checker users know is Stable
+# Diffusion's: a CLIP image embedding compared with a list of concept embeddings, each with its own
+# threshold. This chapter (1) ports that checker and matches diffusers' class on its real on-disk layout;
+# (2) builds the same mechanism on the book's own CLIP, where *we* declare the blocked concepts as text,
+# calibrate thresholds and measure precision and recall; (3) adds a prompt-side blocklist; and (4) wires
+# them into the pipeline: `pipe(..., safety=True)`. It exports `tinydit.safety`.
+#
+# No unsafe content is needed to build or test any of this: the book world stands in (a "blocked
+# concept" here is a red triangle), and the mechanism is the same.
+
+# %%
+# | default_exp safety
+
+# %%
+import os
+
+FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
+
+# %%
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from tinydit import data, evaluate
+from tinydit.pipeline import TextToImagePipeline
+from tinydit.validation import expect_error
+
+torch.set_num_threads(1)  # small models: one thread beats two contending
+
+# %% [markdown]
+# ## 1. The mechanism in eight lines
+#
+# Embed the image; compare it by cosine similarity with each concept's embedding; a concept fires when
+# the similarity exceeds that concept's threshold. Stable Diffusion's checker adds one twist: three
+# "special care" concepts whose hit lowers every other threshold by 0.01.
+
+# %%
+def lesson_check(image_embed, concepts, thresholds, special, special_thresholds):
+    img = F.normalize(image_embed, dim=-1)  # (B, d)
+    special_scores = img @ F.normalize(special, dim=-1).T - special_thresholds  # (B, 3)
+    adjustment = 0.01 * (special_scores > 0).any(1, keepdim=True)  # (B, 1): stricter after a special hit
+    scores = img @ F.normalize(concepts, dim=-1).T - thresholds + adjustment  # (B, 17)
+    return (scores > 0).any(1), scores  # (B,) flagged, (B, 17)
+
+
+g = torch.Generator().manual_seed(0)
+concepts, special = torch.randn(17, 8, generator=g), torch.randn(3, 8, generator=g)
+image_embed = torch.stack([concepts[4] + 0.1 * torch.randn(8, generator=g), torch.randn(8, generator=g)])  # (2, 8)
+flagged, scores = lesson_check(image_embed, concepts, torch.full((17,), 0.8), special, torch.full((3,), 0.8))
+print(flagged, scores.argmax(1))
+assert flagged.tolist() == [True, False] and scores[0].argmax() == 4  # the first is concept 4, the second nothing
+
+# %% [markdown]
+# ## 2. Stable Diffusion's checker, ported
+#
+# The real checker is a folder pair: `safety_checker/` (a `CLIPConfig` and weights: the CLIP vision tower,
+# a projection, 17 concept and 3 special-care embeddings with their thresholds) and `feature_extractor/`
+# (how to turn an image into the tower's input: resize the short side, centre crop, scale, normalise).
+# Our port reads both, with our own preprocessing, and reproduces diffusers' scoring exactly — the
+# sequential 0.01 adjustment (it applies to the special-care concepts *after* the first hit) and the
+# rounding to three decimals included.
+
+# %%
+# | export
+"""Safety (chapter 14): Stable Diffusion's CLIP-concept safety checker, ported (diffusers parity); the
+same mechanism on the book's CLIP with concepts declared as text and calibrated thresholds; a prompt
+blocklist; and `SafetyChecker`, the callable the pipeline runs (flagged images replaced, reasons kept)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from torch import nn
+
+from tinydit.checkpoint import load_state_dict, resolve_pretrained
+from tinydit.validation import check_float
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (feature_extractor defaults)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipPreprocess:
+    """CLIPImageProcessor's steps, from a preprocessor_config.json: resize the short side to `size`
+    (bicubic), centre-crop to `crop`, scale to [0, 1], normalise with `mean` / `std`."""
+
+    size: int = 224
+    crop: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    resample: int = Image.BICUBIC
+
+    @classmethod
+    def from_config(cls, d: dict) -> ClipPreprocess:
+        size = d.get("size", 224)
+        size = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else size
+        crop = d.get("crop_size", size)
+        crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        return cls(int(size), tuple(crop), tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD)),
+                   int(d.get("resample", Image.BICUBIC)))
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return torch.stack([self.one(im) for im in _check_images(images)])  # (B, 3, crop_h, crop_w)
+
+    def one(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        long = int(self.size * max(w, h) / min(w, h))  # CLIPImageProcessor: short side -> size, long side truncated
+        new = (self.size, long) if w <= h else (long, self.size)
+        image = image.resize(new, self.resample)
+        ch, cw = self.crop
+        top, left = (new[1] - ch) // 2, (new[0] - cw) // 2  # centre crop (as transformers rounds it)
+        image = image.crop((left, top, left + cw, top + ch))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+
+def _check_images(images) -> list:
+    if isinstance(images, Image.Image):
+        images = [images]
+    if not isinstance(images, (list, tuple)) or not images or not all(isinstance(i, Image.Image) for i in images):
+        got = type(images).__name__ if not isinstance(images, (list, tuple)) else [type(i).__name__ for i in images][:5]
+        raise TypeError(f"images: expected a PIL image or a non-empty list of them, got {got}")
+    return list(images)
+
+
+def concept_scores(image_embeds: torch.Tensor, concepts: torch.Tensor, thresholds: torch.Tensor,
+                   special: torch.Tensor, special_thresholds: torch.Tensor) -> list[dict]:
+    """Stable Diffusion's scoring per image: cosine - threshold (+ 0.01 after a special-care hit, which
+    applies to the later special concepts and to every concept), rounded to 3 decimals; > 0 fires."""
+    img = F.normalize(image_embeds.float(), dim=-1)  # (B, d)
+    special_cos = (img @ F.normalize(special.float(), dim=-1).T).cpu().numpy()  # (B, 3)
+    cos = (img @ F.normalize(concepts.float(), dim=-1).T).cpu().numpy()  # (B, 17)
+    results = []
+    for i in range(len(img)):
+        adjustment, out = 0.0, {"special_scores": {}, "special_care": [], "concept_scores": {}, "bad_concepts": []}
+        for j, t in enumerate(special_thresholds.tolist()):
+            out["special_scores"][j] = round(special_cos[i][j] - t + adjustment, 3)
+            if out["special_scores"][j] > 0:
+                out["special_care"].append(j)
+                adjustment = 0.01  # stricter from here on (diffusers' order)
+        for j, t in enumerate(thresholds.tolist()):
+            out["concept_scores"][j] = round(cos[i][j] - t + adjustment, 3)
+            if out["concept_scores"][j] > 0:
+                out["bad_concepts"].append(j)
+        results.append(out)
+    return results
+
+
+class StableDiffusionChecker(nn.Module):
+    """Stable Diffusion's safety checker (CompVis; diffusers' StableDiffusionSafetyChecker): a CLIP vision
+    tower and projection, 17 concept and 3 special-care embeddings, one threshold each. Loads the
+    `safety_checker/` + `feature_extractor/` folders of an SD pipeline (local or hub id)."""
+
+    def __init__(self, config, preprocess: ClipPreprocess | None = None):
+        from transformers import CLIPVisionModel
+
+        super().__init__()
+        self.vision_model = CLIPVisionModel(config.vision_config)  # (B, 3, H, W) -> pooled (B, D)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.concept_embeds = nn.Parameter(torch.ones(17, config.projection_dim), requires_grad=False)
+        self.special_care_embeds = nn.Parameter(torch.ones(3, config.projection_dim), requires_grad=False)
+        self.concept_embeds_weights = nn.Parameter(torch.ones(17), requires_grad=False)  # the thresholds
+        self.special_care_embeds_weights = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.preprocess = preprocess or ClipPreprocess(config.vision_config.image_size, (config.vision_config.image_size,) * 2)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, subfolder: str = "safety_checker",
+                        feature_extractor: str = "feature_extractor") -> StableDiffusionChecker:
+        from transformers import CLIPConfig
+
+        from tinydit.checkpoint import check_and_load, read_config
+
+        root = resolve_pretrained(path_or_id, filenames=(f"{subfolder}/*", f"{feature_extractor}/*"))
+        folder, fe = root / subfolder if (root / subfolder).is_dir() else root, root / feature_extractor
+        weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+        missing = [n for n, ok in (("config.json", (folder / "config.json").is_file()), ("model.safetensors or "
+                   "pytorch_model.bin", bool(weights)), (f"{feature_extractor}/preprocessor_config.json",
+                   (fe / "preprocessor_config.json").is_file())) if not ok]
+        if missing:
+            raise FileNotFoundError(f"path_or_id: {str(root)!r} is not a safety-checker folder; missing {', '.join(missing)}")
+        model = cls(CLIPConfig.from_pretrained(folder),
+                    ClipPreprocess.from_config(read_config(fe / "preprocessor_config.json", "path_or_id")))
+        sd = {k.replace("vision_model.vision_model.", "vision_model."): v for k, v in load_state_dict(weights[0]).items()}
+        sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a non-persistent buffer in old files
+        check_and_load(model, sd, what=f"safety checker {weights[0].name}")
+        return model.eval()
+
+    @torch.no_grad()
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values.to(self.visual_projection.weight)).pooler_output  # (B, D)
+        return self.visual_projection(pooled)  # (B, projection_dim)
+
+    @torch.no_grad()
+    def check(self, images: list) -> tuple[list[bool], list[list[str]], list[dict]]:
+        """(flags, reasons, scores) for PIL images."""
+        scores = concept_scores(self.embed(self.preprocess(images)), self.concept_embeds, self.concept_embeds_weights,
+                                self.special_care_embeds, self.special_care_embeds_weights)
+        reasons = [[f"sd-checker: concept {j} ({s['concept_scores'][j]:+.3f})" for j in s["bad_concepts"]] for s in scores]
+        return [bool(r) for r in reasons], reasons, scores
+
+
+# %% [markdown]
+# In the tests, a tiny random checker saved by diffusers' own `save_pretrained` (with a
+# `CLIPImageProcessor` beside it) loads here; our preprocessing equals `CLIPImageProcessor`'s output
+# exactly (0.0 difference, including non-square images, where the long side is *truncated*, not
+# rounded), the image embeddings agree to 1e-6, and the flags are the same.
+#
+# ## 3. The same mechanism on the book's CLIP
+#
+# The real checker's concepts are opaque embeddings. Here we declare them as text — "a red triangle",
+# "anything purple" — and embed them with chapter 06's book text encoder: a concept is the mean of its
+# phrasings' embeddings (sizes, backgrounds, and for "anything purple" every shape). Images are embedded by
+# the book's image tower, trained together with the text encoder. Each concept's threshold is
+# *calibrated*: the similarity that only a chosen fraction of test-split images without the concept
+# exceed (the false-positive rate).
+
+# %%
+# | export
+@dataclass
+class Concept:
+    """A blocked concept of the book world: a colour, a shape, or both ("anything purple", "a red triangle")."""
+
+    name: str
+    color: str | None
+    shape: str | None
+
+    def phrases(self) -> list[str]:
+        from tinydit.data import COLORS, SHAPES
+
+        colors = [self.color] if self.color else list(COLORS)
+        shapes = [self.shape] if self.shape else list(SHAPES)
+        bgs = ("", " on a gray background", " on a black background")
+        return [f"a {size} {c} {s}{bg}" for c in colors for s in shapes for size in ("small", "large") for bg in bgs]
+
+    def present(self, scene) -> bool:
+        """Whether a scene of the book world (data.Scene) shows this concept."""
+        return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in scene.objects)
+
+    def read(self, reading) -> bool:
+        """Whether chapter 09's reader saw this concept in an image."""
+        return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in reading.objects)
+
+
+def parse_concept(text: str) -> Concept:
+    """'a red triangle', 'anything purple', 'squares' -> Concept; words outside the book world are refused."""
+    from tinydit.data import COLORS, SHAPES
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"concepts: each concept must be a non-empty string, got {text!r}")
+    words = re.findall(r"[a-z]+", text.lower())
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((s for s in SHAPES for w in words if w in (s, s + "s")), None)
+    if color is None and shape is None:
+        raise ValueError(f"concepts: {text!r} names no colour ({', '.join(COLORS)}) and no shape "
+                         f"({', '.join(SHAPES)}) of the book world")
+    return Concept(text, color, shape)
+
+
+class BookConceptChecker:
+    """Flags book-world images that show a declared concept: cosine similarity of the book image tower's
+    embedding with each concept's text embedding, against a per-concept threshold (`calibrate`)."""
+
+    def __init__(self, concepts: list[str], text_encoder=None, image_encoder=None):
+        from tinydit.text import embed_prompts, load_book_image_encoder, load_book_text_encoder
+
+        if isinstance(concepts, str) or not isinstance(concepts, (list, tuple)) or not concepts:
+            raise ValueError(f"concepts: expected a non-empty list of concept strings, got {concepts!r}")
+        self.concepts = [parse_concept(c) for c in concepts]
+        self.text_encoder = text_encoder or load_book_text_encoder()
+        self.image_encoder = (image_encoder or load_book_image_encoder()).eval()
+        with torch.no_grad():
+            self.embeds = torch.stack([F.normalize(embed_prompts(self.text_encoder, c.phrases()).mean(0), dim=0)
+                                       for c in self.concepts])  # (K, d)
+        self.thresholds = torch.full((len(self.concepts),), 0.5)  # until calibrate()
+
+    def similarity(self, images: list) -> torch.Tensor:
+        """(B, K) cosine similarity of each image to each concept."""
+        return self.image_embeds(images) @ self.embeds.T  # (B, K)
+
+    def fit(self, n: int = 4000, seed: int = 5, steps: int = 200) -> BookConceptChecker:
+        """Refine each concept's embedding from its text starting point on `n` labelled renders (the book
+        world draws its own ground truth): logistic regression on the cosine, as a linear probe."""
+        from tinydit.data import render_scene, sample_scene
+
+        scenes = [sample_scene(seed, "test", i) for i in range(n)]
+        emb = torch.cat([self.image_embeds([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+        for k, c in enumerate(self.concepts):
+            y = torch.tensor([c.present(s) for s in scenes], dtype=torch.float32)  # (n,)
+            w, b, scale = self.embeds[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True), \
+                torch.tensor(10.0, requires_grad=True)
+            opt = torch.optim.LBFGS([w, b, scale], max_iter=steps)
+
+            def loss(w=w, b=b, scale=scale, y=y):
+                opt.zero_grad()
+                value = F.binary_cross_entropy_with_logits(scale * (emb @ F.normalize(w, dim=0)) + b, y)
+                value.backward()
+                return value
+
+            opt.step(loss)
+            self.embeds[k] = F.normalize(w.detach(), dim=0)
+        return self
+
+    @torch.no_grad()
+    def image_embeds(self, images: list) -> torch.Tensor:
+        """(B, d) unit embeddings of the book image tower."""
+        from tinydit.data import pil_to_tensor
+
+        x = torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
+        return F.normalize(self.image_encoder(x), dim=-1)
+
+    def calibrate(self, fpr: float = 0.01, n: int = 2000, seed: int = 7) -> BookConceptChecker:
+        """Per concept, the threshold that `fpr` of `n` test-split renders *without* the concept exceed."""
+        from tinydit.data import render_scene, sample_scene
+
+        fpr = check_float("fpr", fpr, minimum=0, maximum=1)
+        scenes = [sample_scene(seed, "test", i) for i in range(n)]
+        sims = torch.cat([self.similarity([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
+        for k, c in enumerate(self.concepts):
+            negatives = sims[[not c.present(s) for s in scenes], k]
+            self.thresholds[k] = torch.quantile(negatives, 1 - fpr) if len(negatives) else 0.5
+        return self
+
+    def check(self, images: list) -> tuple[list[bool], list[list[str]]]:
+        sims = self.similarity(images)  # (B, K)
+        reasons = [[f"concept {c.name!r} ({float(s[k]):.3f} > {float(self.thresholds[k]):.3f})"
+                    for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
+        return [bool(r) for r in reasons], reasons
+
+
+# %% [markdown]
+# ## 4. Prompts, and one checker for the pipeline
+#
+# A blocklist on the prompt is crude but instant and explains itself: words and phrases, matched
+# case- and punctuation-insensitively on word boundaries. `SafetyChecker` runs the prompt filter and any
+# image checkers (the ported SD checker, the book-world one, chapter 14's optional ONNX detector), and
+# replaces each flagged image by black — or blurs it — with its reasons. The pipeline calls it.
+
+# %%
+# | export
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces: 'A RED-triangle!' -> 'a red triangle'."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
+
+
+class PromptFilter:
+    """Refuses prompts containing a blocked word or phrase (case- and punctuation-insensitive, whole words)."""
+
+    def __init__(self, blocklist: list[str]):
+        if isinstance(blocklist, str) or not isinstance(blocklist, (list, tuple)) or not blocklist:
+            raise ValueError(f"blocklist: expected a non-empty list of words or phrases, got {blocklist!r}")
+        self.phrases = [normalize_text(p) for p in blocklist if isinstance(p, str)]
+        if len(self.phrases) != len(blocklist) or not all(self.phrases):
+            raise ValueError(f"blocklist: every entry must be a string with a word in it, got {blocklist!r}")
+
+    def check(self, prompts: list[str]) -> list[list[str]]:
+        """Per prompt, the reasons it is blocked ([] when it is not)."""
+        out = []
+        for p in prompts:
+            text = f" {normalize_text(p)} "
+            out.append([f"prompt: contains {phrase!r}" for phrase in self.phrases if f" {phrase} " in text])
+        return out
+
+
+@dataclass
+class SafetyChecker:
+    """What the pipeline runs after decoding: `prompt_filter` and `image_checkers` (objects with
+    `check(images) -> (flags, reasons, ...)`); flagged images become black (`replace="black"`) or blurred."""
+
+    image_checkers: list = field(default_factory=list)
+    prompt_filter: PromptFilter | None = None
+    replace: str = "black"
+
+    def __post_init__(self):
+        if self.replace not in ("black", "blur"):
+            raise ValueError(f"replace: expected 'black' or 'blur', got {self.replace!r}")
+        if not self.image_checkers and self.prompt_filter is None:
+            raise ValueError("image_checkers: give at least one image checker or a prompt_filter")
+
+    def __call__(self, images: list, prompts: list[str]) -> tuple[list, list[bool], list[list[str]]]:
+        images = _check_images(images)
+        reasons = self.prompt_filter.check(prompts) if self.prompt_filter is not None else [[] for _ in images]
+        for checker in self.image_checkers:
+            for i, r in enumerate(checker.check(images)[1]):
+                reasons[i] = reasons[i] + r
+        flags = [bool(r) for r in reasons]
+        out = [self.hide(im) if f else im for im, f in zip(images, flags)]
+        return out, flags, reasons
+
+    def hide(self, image: Image.Image) -> Image.Image:
+        if self.replace == "black":
+            return Image.new("RGB", image.size)
+        return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
+
+
+# %% [markdown]
+# ## 5. Measured: the book-world checker on generated images
+#
+# Three concepts, declared as text: a colour–shape pair that is also a HELD_OUT pair ("a red triangle"),
+# a colour ("anything purple") and a shape ("squares"). Each starts from its text embedding, is refined
+# on labelled renders (`fit`: the book world draws its own ground truth), and gets the threshold that 1 %
+# of concept-free test renders exceed (`calibrate`). Then the pipeline generates test-split prompts and
+# chapter 09's reader says what each image really shows: the ground truth for precision and recall.
+
+# %%
+from tinydit.safety import BookConceptChecker, PromptFilter, SafetyChecker  # noqa: E402
+
+start = time.perf_counter()
+book_checker = BookConceptChecker(["a red triangle", "anything purple", "squares"])
+zero_shot = book_checker.similarity  # kept for the comparison below
+text_embeds = book_checker.embeds.clone()
+book_checker.fit(n=1000 if FAST else 4000).calibrate(fpr=0.01, n=1000 if FAST else 2000)
+print(f"fit + calibrate: {time.perf_counter() - start:.1f} s; thresholds {book_checker.thresholds.tolist()}")
+
+pipe = TextToImagePipeline.from_pretrained()
+N_GEN = 60 if FAST else 300
+gen_scenes = [data.sample_scene(11, "test", i) for i in range(N_GEN)]
+generated = pipe([s.caption for s in gen_scenes], seed=0, disable=True).images
+readings = [evaluate.read_image(data.pil_to_tensor(im)) for im in generated]
+sims = book_checker.similarity(generated)  # (N, K)
+fitted_embeds, book_checker.embeds = book_checker.embeds, text_embeds
+text_sims = book_checker.similarity(generated)  # the text-only concept embeddings, for comparison
+book_checker.embeds = fitted_embeds
+stats = {}
+for k, c in enumerate(book_checker.concepts):
+    truth = torch.tensor([c.read(r) for r in readings])
+    pred = sims[:, k] > book_checker.thresholds[k]
+    tp, fp, fn = int((truth & pred).sum()), int((~truth & pred).sum()), int((truth & ~pred).sum())
+    stats[c.name] = dict(positives=int(truth.sum()), precision=tp / max(1, tp + fp), recall=tp / max(1, tp + fn))
+    print(f"{c.name!r:18} {stats[c.name]['positives']:3} images show it: precision {100 * stats[c.name]['precision']:5.1f} %, "
+          f"recall {100 * stats[c.name]['recall']:5.1f} %")
+
+fig, axes = plt.subplots(1, len(book_checker.concepts), figsize=(12, 2.8))
+for ax, (k, c) in zip(axes, enumerate(book_checker.concepts)):
+    truth = torch.tensor([c.read(r) for r in readings])
+    ax.hist(sims[~truth, k].numpy(), bins=30, alpha=0.6, label="without")
+    ax.hist(sims[truth, k].numpy(), bins=30, alpha=0.6, label="with")
+    ax.axvline(float(book_checker.thresholds[k]), color="k", ls="--")
+    ax.set_title(f"{c.name}: cosine to the concept", fontsize=9)
+axes[0].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+assert stats["anything purple"]["recall"] > 0.8 and stats["squares"]["precision"] > 0.8  # measured 1.00 / 0.95
+
+# %% [markdown]
+# The colour and the shape concepts come out near the issue's 95 % / 95 %; the colour–shape pair does
+# **not**: the book's image tower embeds the *whole scene* into 64 numbers (chapter 06 trained it for
+# retrieval of captions), and "a red triangle next to a blue square" lies closer to other two-object
+# scenes than to "a red triangle". A checker that must see objects, not scenes, needs a tower trained
+# for it — or per-object crops, which we tried (five views per image: worse). Written down, not hidden.
+#
+# ## 6. In the pipeline
+#
+# The pipeline takes any callable `(images, prompts) -> (images, flags, reasons)` as its `safety_checker`
+# (chapter 12). With one configured, every call checks (`safety=None` means on); `safety=False` turns it
+# off for a call and says so once.
+
+# %%
+checker = SafetyChecker([book_checker], PromptFilter(["violence", "gore"]))
+safe_pipe = TextToImagePipeline(**{**pipe.components, "safety_checker": checker})
+out = safe_pipe(["a purple circle on the left", "a green square", "a blue circle, with GORE!"], seed=1, disable=True)
+for prompt, flag, reasons in zip(out.prompts, out.nsfw, out.reasons):
+    print(f"{'REPLACED' if flag else 'shown   '} {prompt!r}: {reasons}")
+assert out.nsfw[2] and any("gore" in r for r in out.reasons[2])  # the prompt filter, whatever the image shows
+assert out.images[2].getextrema() == ((0, 0), (0, 0), (0, 0))  # replaced by black
+fig, axes = plt.subplots(1, 3, figsize=(5, 1.9))
+for ax, im, flag in zip(axes, out.images, out.nsfw):
+    ax.imshow(im)
+    ax.set_title("replaced" if flag else "shown", fontsize=8)
+    ax.axis("off")
+plt.show()
+plain = safe_pipe("a purple circle", seed=1, disable=True, safety=False)  # off: logged once, no flags
+assert plain.nsfw is None
+
+# %% [markdown]
+# ## 7. Bad input
+
+# %%
+expect_error(lambda: BookConceptChecker([]), "concepts: expected a non-empty list")
+expect_error(lambda: BookConceptChecker(["a happy dog"]), "concepts: 'a happy dog' names no colour")
+expect_error(lambda: PromptFilter(["", "gore"]), "blocklist: every entry must be a string with a word")
+expect_error(lambda: SafetyChecker([], None), "image_checkers: give at least one")
+expect_error(lambda: SafetyChecker([book_checker], replace="pixelate"), "replace: expected 'black' or 'blur'")
+expect_error(lambda: book_checker.check("not an image"), "images: expected a PIL image", TypeError)
+empty = tempfile.mkdtemp()
+expect_error(lambda: __import__("tinydit.safety", fromlist=["x"]).StableDiffusionChecker.from_pretrained(empty),
+             "is not a safety-checker folder; missing config.json", FileNotFoundError)
+expect_error(lambda: pipe("a red circle", safety=True, disable=True), "safety: True, but this pipeline has no safety checker")
+
+# %% [markdown]
+# ## Summary
+#
+# - `StableDiffusionChecker` ports Stable Diffusion's CLIP-concept checker: it loads the real
+#   `safety_checker/` + `feature_extractor/` layout, preprocesses exactly as `CLIPImageProcessor`, and
+#   gives diffusers' embeddings and flags (tests: a tiny random checker saved by diffusers).
+# - `BookConceptChecker` is the same mechanism on the book's CLIP with concepts declared as text, refined
+#   on renders and calibrated to a 1 % false-positive rate. Measured on generated images: colour and
+#   shape concepts near 95 % precision / recall; a colour–shape pair far below (a scene-level tower).
+# - `PromptFilter` blocks words and phrases with reasons; `SafetyChecker` combines checkers and replaces
+#   flagged images (black or blurred); the pipeline runs it on every call unless told `safety=False`.
+#
+# ## Exercises
+#
+# 1. Calibrate at 0.1 %, 1 % and 5 % false positives and plot recall against the rate for each concept.
+# 2. Train a small detector-style head on the book image tower's feature map (before the flatten) for
+#    colour–shape pairs; does the pair concept reach 95 % / 95 %?
+# 3. The SD checker's 0.01 adjustment applies only after a special-care hit *in order*. Construct scores
+#    where the order matters, and check our port against diffusers' on them.
