@@ -316,7 +316,7 @@ class BookConceptChecker:
                 torch.tensor(10.0, requires_grad=True)
             opt = torch.optim.LBFGS([w, b, scale], max_iter=steps)
 
-            def loss(w=w, b=b, scale=scale, y=y):
+            def loss(w=w, b=b, scale=scale, y=y, opt=opt):
                 opt.zero_grad()
                 value = F.binary_cross_entropy_with_logits(scale * (emb @ F.normalize(w, dim=0)) + b, y)
                 value.backward()

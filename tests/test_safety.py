@@ -106,7 +106,7 @@ def book_checker():
 def test_book_checker_flags_renders_of_the_concept(book_checker):
     scenes = [data.sample_scene(21, "test", i) for i in range(300)]
     flags, reasons = book_checker.check([data.render_scene(s, 32) for s in scenes])
-    for k, concept in enumerate(book_checker.concepts):
+    for concept in book_checker.concepts:
         truth = [concept.present(s) for s in scenes]
         hit = [f and any(concept.name in r for r in rs) for f, rs in zip(flags, reasons)]
         recall = sum(h and t for h, t in zip(hit, truth)) / sum(truth)
