@@ -7,8 +7,10 @@ blocklist; and `SafetyChecker`, the callable the pipeline runs (flagged images r
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -308,3 +310,162 @@ class SafetyChecker:
         if self.replace == "black":
             return Image.new("RGB", image.size)
         return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
+
+
+# The model's 18 classes, in output order (also stored in the .onnx metadata under "names").
+NUDENET_LABELS = (
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
+    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
+    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
+)
+# Our choice of what counts as explicit: the exposed sexual body parts. Faces, feet, belly,
+# armpits, a male chest and every *_COVERED class are not flagged.
+EXPLICIT_LABELS = (
+    "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
+    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED",
+)
+INSTALL_HINT = "pip install tinydit[safety]"
+
+
+def _find_spec(name: str):
+    """The module's spec if it can be imported, else None (never imports it)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return None
+
+
+def _default_model_path() -> Path | None:
+    """Where the `nudenet` package keeps 320n.onnx, found without importing it (it imports cv2)."""
+    spec = _find_spec("nudenet")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
+
+
+def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray, ...]:
+    """OpenCV's INTER_LINEAR taps: output pixel d samples the input at (d + 0.5) * n_in / n_out - 0.5
+    (computed in float32) between pixels i0 and i1 with integer weights w0 + w1 = 2048. At the edges
+    OpenCV clamps the columns' weights (x) but only the rows' indices (y): same maths, other rounding."""
+    src = ((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5).astype(np.float32)
+    i0 = np.floor(src).astype(np.int64)
+    frac = src - i0.astype(np.float32)
+    if clamp_weights:
+        edge = (i0 < 0) | (i0 >= n_in - 1)
+        frac[edge] = 0  # the edge pixel is copied
+    w0 = np.rint((1 - frac) * np.float32(2048)).astype(np.int64)
+    return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, 2048 - w0
+
+
+def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
+    """cv2.resize(square, (n, n), interpolation=cv2.INTER_LINEAR) for a uint8 (S, S, 3) image,
+    bit for bit: bilinear (no anti-aliasing, unlike PIL's when it shrinks) in 11-bit fixed point."""
+    s = square.astype(np.int64)
+    if s.shape[0] == 2 * n:  # OpenCV's exact-halving shortcut: the rounded mean of each 2x2 block
+        return (s[0::2, 0::2] + s[0::2, 1::2] + s[1::2, 0::2] + s[1::2, 1::2] + 2) >> 2
+    x0, x1, a0, a1 = _linear_taps(s.shape[1], n, clamp_weights=True)
+    y0, y1, b0, b1 = _linear_taps(s.shape[0], n, clamp_weights=False)
+    rows = s[:, x0] * a0[:, None] + s[:, x1] * a1[:, None]  # (S, n, 3), pixel values x 2048
+    top, bottom = rows[y0] >> 4, rows[y1] >> 4  # (n, n, 3); OpenCV's SIMD rounding, step by step:
+    out = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    return np.clip((out + 2) >> 2, 0, 255)
+
+
+class OnnxNsfwDetector:
+    """Body-part detector on NudeNet's 320n.onnx. `detect` returns what NudeNet's `NudeDetector`
+    returns (same preprocessing, decoding and NMS); `check` flags an image when one of `labels`
+    is detected with a score >= `threshold`."""
+
+    size = 320         # the input resolution 320n was trained at
+    min_score = 0.25   # NudeNet keeps anchors whose best class score is > 0.25 (0.2, then NMS's 0.25)
+    nms_iou = 0.45     # and drops a box overlapping a better-scoring one (any class) with IoU > 0.45
+
+    def __init__(self, model_path=None, threshold: float = 0.5, labels=EXPLICIT_LABELS):
+        self.threshold = check_float("threshold", threshold, 0.0, 1.0)
+        if not isinstance(labels, (list, tuple, set, frozenset)) or not set(labels) <= set(NUDENET_LABELS):
+            raise ValueError(f"labels: expected a list of NudeNet labels {NUDENET_LABELS}, got {labels!r}")
+        self.labels = tuple(labels)
+        self.model_path = self._find_model(model_path)
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ImportError(f"OnnxNsfwDetector needs onnxruntime: {INSTALL_HINT}") from e
+        self.session = onnxruntime.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    @staticmethod
+    def _find_model(model_path) -> Path:
+        if model_path is None:
+            model_path = _default_model_path()
+            if model_path is None:
+                raise FileNotFoundError(f"model_path: not given and the nudenet package (which ships "
+                                        f"320n.onnx) is not installed: {INSTALL_HINT}, or pass model_path")
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"model_path: no ONNX file at {str(model_path)!r}")
+        return Path(model_path)
+
+    @staticmethod
+    def available() -> bool:
+        """True when onnxruntime is importable and the nudenet package's 320n.onnx is on disk."""
+        path = _default_model_path()
+        return _find_spec("onnxruntime") is not None and path is not None and path.is_file()
+
+    def preprocess(self, pil_image: Image.Image) -> np.ndarray:
+        """(1, 3, 320, 320) float32 in [0, 1], as NudeNet feeds the model: alpha dropped, black
+        padding at the right/bottom to a square, bilinear resize to 320, channels in B, G, R order."""
+        rgb = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8; RGBA -> RGB drops alpha
+        h, w, _ = rgb.shape
+        side = max(h, w)
+        square = np.zeros((side, side, 3), np.uint8)
+        square[:h, :w] = rgb  # (S, S, 3): the image at the top left, black at the right/bottom
+        out = _resize_like_opencv(square, self.size).astype(np.float32)  # (320, 320, 3) in 0..255
+        bgr = out[:, :, ::-1].transpose(2, 0, 1)  # (3, 320, 320); NudeNet's model sees BGR
+        return np.ascontiguousarray(bgr[None] * np.float32(1 / 255))
+
+    def _decode(self, output: np.ndarray, width: int, height: int) -> list[tuple[str, float, tuple]]:
+        """One image's raw output (22, A): 4 box numbers (centre x, centre y, w, h at 320 px) and
+        18 class scores per anchor -> [(label, score, (x, y, w, h) in image pixels)], best first."""
+        rows = output.T  # (A, 22)
+        scores = rows[:, 4:].max(axis=1)
+        rows, scores = rows[scores > self.min_score], scores[scores > self.min_score]
+        classes = rows[:, 4:].argmax(axis=1)
+        side = max(width, height)  # the padded square's side: 320 px in the model are `side` px here
+        cx, cy, bw, bh = (rows[:, k] for k in range(4))  # float32; NudeNet's order of operations
+        x = np.clip((cx - bw / 2) * side / self.size, 0, width)
+        y = np.clip((cy - bh / 2) * side / self.size, 0, height)
+        w = np.minimum(bw * side / self.size, width - x)
+        h = np.minimum(bh * side / self.size, height - y)
+        boxes = np.stack([x, y, w, h], axis=1).astype(np.float64)  # (N, 4): top-left x, y, width, height
+        return [(NUDENET_LABELS[classes[i]], float(scores[i]), tuple(int(v) for v in boxes[i]))
+                for i in self._nms(boxes, scores)]
+
+    def _nms(self, boxes: np.ndarray, scores: np.ndarray) -> list[int]:
+        """Greedy class-agnostic non-maximum suppression on (x, y, w, h) boxes, best score first."""
+        kept = []
+        for i in np.argsort(-scores, kind="stable"):
+            x0, y0 = np.maximum(boxes[i, :2], boxes[kept, :2]).T
+            x1, y1 = np.minimum(boxes[i, :2] + boxes[i, 2:], boxes[kept, :2] + boxes[kept, 2:]).T
+            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+            areas = boxes[i, 2] * boxes[i, 3] + boxes[kept, 2] * boxes[kept, 3]
+            # OpenCV's NMSBoxes counts two empty boxes (clipped to 0 px, e.g. in the padding) as identical
+            if not np.any((inter > self.nms_iou * (areas - inter)) | (areas <= np.finfo(float).eps)):
+                kept.append(i)
+        return kept
+
+    def detect(self, pil_images) -> list[list[tuple[str, float, tuple]]]:
+        """Per image, NudeNet's detections: [(label, score, (x, y, w, h))], best score first."""
+        images = _check_images(pil_images)
+        out = []
+        for image in images:  # one at a time, as NudeDetector.detect does (batched runs differ ~1e-6)
+            (raw,) = self.session.run(None, {self.input_name: self.preprocess(image)})  # (1, 22, 2100)
+            out.append(self._decode(raw[0], *image.size))
+        return out
+
+    def check(self, pil_images) -> tuple[list[bool], list[list[str]]]:
+        """Per image: flagged?, and the reasons ("nudenet: LABEL 0.83") for the explicit detections."""
+        reasons = [[f"nudenet: {label} {score:.2f}" for label, score, _ in dets
+                    if label in self.labels and score >= self.threshold]
+                   for dets in self.detect(pil_images)]
+        return [bool(r) for r in reasons], reasons
