@@ -524,8 +524,11 @@ expect_error(lambda: pipe("a red circle", safety=True, disable=True), "safety: T
 # `.onnx` file. The detector below is our own code: the model's documented input (padded to a square at
 # the right and bottom, bilinear resize to 320 exactly as OpenCV rounds it, BGR, [0, 1]) and output
 # decoding (class scores, non-maximum suppression). The tests, when the extra is installed (CI installs
-# it), check it against nudenet's own code on images they make themselves — no unsafe content anywhere —
-# and that every book image scores safe.
+# it), check it against nudenet's own code on images they make themselves — no unsafe content anywhere.
+# Two warnings. The weights carry the AGPL too (an Ultralytics YOLOv8 export): whoever *serves* tinydit
+# with this extra over a network may have obligations under AGPL §13. And it is not perfect on our world:
+# blue circles on gray can score as a body part (up to 0.54), so at threshold 0.5 it flags about 1 % of
+# test-split renders (4 of the first 500) — a real classifier's false positives, shown rather than hidden.
 
 # %%
 # | export
@@ -692,8 +695,8 @@ class OnnxNsfwDetector:
 if OnnxNsfwDetector.available():
     detector = OnnxNsfwDetector()
     flags, reasons = detector.check(generated[:16])
-    print(f"nudenet on 16 book images: {sum(flags)} flagged")
-    assert not any(flags)
+    print(f"nudenet on 16 generated book images: {sum(flags)} flagged {[r for r in reasons if r]}")
+    assert sum(flags) <= 2  # measured 0 of these 16; about 1 % of test renders in general
 else:
     print("optional detector not installed (pip install tinydit[safety])")
 
