@@ -199,3 +199,27 @@ def test_bf16_pipeline_draws_the_same_scene(pipe):
 def test_a_prompt_longer_than_the_window_is_truncated_with_a_counted_warning(pipe):
     with pytest.warns(UserWarning, match=r"prompts\[0\]: 62 tokens is more than the CLIP text encoder's limit of 32"):
         pipe(" ".join(["a red circle"] * 20), seed=0, num_inference_steps=2, disable=True, output_type="latent")
+
+
+def test_diffusers_decodes_our_folder_to_our_images(pipe, tmp_path):
+    """diffusers' PixArt pipeline decodes z / scaling_factor without the VAE's shift_factor; save_pretrained
+    folds the book VAE's shift into its 1x1 convs, so the images agree too, not only the latents."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe.save_pretrained(tmp_path / "p")
+    ref = PixArtAlphaPipeline.from_pretrained(tmp_path / "p")
+    assert ref.vae.config.shift_factor == 0
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = pipe(PROMPTS, latents=noise, disable=True, output_type="latent").latents
+    emb, neg = pipe.encode(PROMPTS), pipe.encode([""] * 2)
+    T = max(emb.tokens.shape[1], neg.tokens.shape[1])
+    pe, pm = F.pad(emb.tokens, (0, 0, 0, T - emb.tokens.shape[1])), F.pad(emb.mask, (0, T - emb.mask.shape[1])).long()
+    ne, nm = F.pad(neg.tokens, (0, 0, 0, T - neg.tokens.shape[1])), F.pad(neg.mask, (0, T - neg.mask.shape[1])).long()
+    theirs = ref(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                 negative_prompt_attention_mask=nm, latents=noise, num_inference_steps=20, guidance_scale=2.0,
+                 height=32, width=32, use_resolution_binning=False, output_type="pt", max_sequence_length=T).images
+    err = (theirs * 2 - 1 - pipe.decode(ours)).abs().max().item()
+    print(f"decoded images, diffusers vs tinydit: max |diff| {err:.1e}")
+    assert err < 1e-3  # measured 3.6e-5; without the fold 0.43
+    back = TextToImagePipeline.from_pretrained(tmp_path / "p")
+    assert (back.decode(ours) - pipe.decode(ours)).abs().max() < 1e-5  # the folded VAE decodes as the original

@@ -7,9 +7,12 @@ beside the weights, a prompt-embedding cache, offloading and dtype."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -487,6 +490,26 @@ def pixart_config(cfg: TextDiTConfig) -> dict:
             "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
 
 
+def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
+    """The VAE to save in a PixArt folder. diffusers' PixArt pipelines decode `z / scaling_factor` and
+    never add `shift_factor`, so a shifted VAE (the book's: -0.2582) is saved with the shift folded into
+    its 1x1 convs (exact: post_quant_conv's bias += W @ shift, quant_conv's mean bias -= shift) and
+    shift_factor 0: the same latents and the same images in both libraries."""
+    shift = vae.config.shift_factor
+    if not shift:
+        return vae
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        warnings.warn(f"vae: shift_factor {shift} cannot be folded (no quant convs); diffusers' PixArt pipelines "
+                      "will decode without it", stacklevel=3)
+        return vae
+    folded, C = copy.deepcopy(vae), vae.config.latent_channels
+    with torch.no_grad():
+        folded.post_quant_conv.bias += folded.post_quant_conv.weight[:, :, 0, 0] @ torch.full((C,), float(shift))
+        folded.quant_conv.bias[:C] -= shift  # moments = (mean, logvar): the mean's channels come first
+    folded.config = dataclasses.replace(folded.config, shift_factor=0.0)
+    return folded
+
+
 def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
     """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout."""
     for part in PIPELINE_PARTS:
@@ -495,7 +518,7 @@ def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
     sd = {k: v for k, v in pipe.transformer.state_dict().items() if k != "y_embedder.y_embedding"}  # diffusers has none
     save_file(pixart_to_diffusers({k: v.detach().cpu() for k, v in sd.items()}),
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    pipe.vae.save_pretrained(folder / "vae")
+    pixart_vae(pipe.vae).save_pretrained(folder / "vae")
     encoder = pipe.text_encoder
     with _quiet_transformers(progress_bar=False):
         encoder.model.save_pretrained(folder / "text_encoder")
