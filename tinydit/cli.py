@@ -674,16 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", "--num-images", type=_int_in(1, MAX_SAMPLES), default=1, dest="n",
                    help=f"images per prompt, 1..{MAX_SAMPLES} (under torchrun write --num-images: torchrun reads "
                    "--n as an abbreviation of its own flags)")
-    p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--cfg", type=_number_at_least(0), default=None,
-                   help="guidance scale >= 0 (default: the model's)")
-    p.add_argument("--sampler", default=None,
-                   help="a sampler of chapter 08, tinydit.samplers.SAMPLERS (default: the model's)")
-    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="seed of the first image; image k gets seed + k")
-    p.add_argument("--model", default=None, help="pipeline or book-model folder, or a hub id (default: the shipped "
-                   "book model)")
-    p.add_argument("--negative", default=None, help="negative prompt (default: none)")
-    p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=8, help="images per model call")
+    _add_sampling_flags(p)
     p.add_argument("--cols", type=_int_in(1, MAX_SAMPLES), default=8, help="grid columns (--out with --n > 1)")
     p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=None,
                    help=f"enlargement of each picture, 1..{MAX_SCALE} (default: 4 for --out, 1 for --out-dir)")
@@ -725,13 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_edit_flags(p: argparse.ArgumentParser, strength: float) -> None:
-    """The prompt and flags img2img and inpaint share with generate (one image or a grid, --out FILE)."""
-    p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--strength", type=_strength, default=strength,
-                   help="how far to noise SRC, in (0, 1]: 1 starts from pure noise")
-    p.add_argument("--out", default="out.png", help="output image, ending in .png or .jpg")
-    p.add_argument("--n", type=_int_in(1, MAX_SAMPLES), default=1, help=f"images, 1..{MAX_SAMPLES} (a grid if > 1)")
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags generate, img2img and inpaint share."""
     p.add_argument("--steps", type=_int_in(1, 1000), default=None, help="sampler steps (default: the model's)")
     p.add_argument("--cfg", type=_number_at_least(0), default=None, help="guidance scale >= 0 (default: the model's)")
     p.add_argument("--sampler", default=None,
@@ -741,6 +727,16 @@ def _add_edit_flags(p: argparse.ArgumentParser, strength: float) -> None:
                    "book model)")
     p.add_argument("--negative", default=None, help="negative prompt (default: none)")
     p.add_argument("--batch-size", type=_int_in(1, MAX_BATCH_SIZE), default=8, help="images per model call")
+
+
+def _add_edit_flags(p: argparse.ArgumentParser, strength: float) -> None:
+    """The prompt and flags img2img and inpaint share with generate (one image or a grid, --out FILE)."""
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("--strength", type=_strength, default=strength,
+                   help="how far to noise SRC, in (0, 1]: 1 starts from pure noise")
+    p.add_argument("--out", default="out.png", help="output image, ending in .png or .jpg")
+    p.add_argument("--n", type=_int_in(1, MAX_SAMPLES), default=1, help=f"images, 1..{MAX_SAMPLES} (a grid if > 1)")
+    _add_sampling_flags(p)
     p.add_argument("--cols", type=_int_in(1, MAX_SAMPLES), default=8, help="grid columns (--n > 1)")
     p.add_argument("--scale", type=_int_in(1, MAX_SCALE), default=1,
                    help=f"enlargement of each picture, 1..{MAX_SCALE} (1 keeps SRC's size)")
