@@ -73,6 +73,18 @@ def test_save_pretrained_round_trip_and_sampling_defaults(pipe, tmp_path):
     assert (changed.sampling.steps, changed.sampling.sampler) == (4, "euler")
 
 
+def diffusers_book_call(pipe, ref, noise, output_type):
+    """diffusers' PixArtAlphaPipeline `ref` on PROMPTS, fed the book encoder's embeddings (it cannot tokenize
+    for it), 20 steps at guidance 2 from `noise`."""
+    emb, neg = pipe.encode(PROMPTS), pipe.encode([""] * 2)
+    T = max(emb.tokens.shape[1], neg.tokens.shape[1])
+    pe, pm = F.pad(emb.tokens, (0, 0, 0, T - emb.tokens.shape[1])), F.pad(emb.mask, (0, T - emb.mask.shape[1])).long()
+    ne, nm = F.pad(neg.tokens, (0, 0, 0, T - neg.tokens.shape[1])), F.pad(neg.mask, (0, T - neg.mask.shape[1])).long()
+    return ref(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+               negative_prompt_attention_mask=nm, latents=noise, num_inference_steps=20, guidance_scale=2.0,
+               height=32, width=32, use_resolution_binning=False, output_type=output_type, max_sequence_length=T).images
+
+
 def test_diffusers_pixart_pipeline_loads_our_folder_and_gives_our_latents(pipe, tmp_path):
     from diffusers import PixArtAlphaPipeline
 
@@ -80,13 +92,7 @@ def test_diffusers_pixart_pipeline_loads_our_folder_and_gives_our_latents(pipe, 
     ref = PixArtAlphaPipeline.from_pretrained(tmp_path / "p")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = pipe(PROMPTS, latents=noise, disable=True, output_type="latent").latents
-    emb, neg = pipe.encode(PROMPTS), pipe.encode([""] * 2)
-    T = max(emb.tokens.shape[1], neg.tokens.shape[1])
-    pe, pm = F.pad(emb.tokens, (0, 0, 0, T - emb.tokens.shape[1])), F.pad(emb.mask, (0, T - emb.mask.shape[1])).long()
-    ne, nm = F.pad(neg.tokens, (0, 0, 0, T - neg.tokens.shape[1])), F.pad(neg.mask, (0, T - neg.mask.shape[1])).long()
-    theirs = ref(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
-                 negative_prompt_attention_mask=nm, latents=noise, num_inference_steps=20, guidance_scale=2.0,
-                 height=32, width=32, use_resolution_binning=False, output_type="latent", max_sequence_length=T).images
+    theirs = diffusers_book_call(pipe, ref, noise, "latent")
     err = (theirs - ours).abs().max().item()
     print(f"book model, diffusers PixArtAlphaPipeline vs tinydit: max |latent diff| {err:.2e}")
     assert err < 2e-4  # measured 3.4e-5 on latents of magnitude ~5 (float32 order of operations)
@@ -211,13 +217,7 @@ def test_diffusers_decodes_our_folder_to_our_images(pipe, tmp_path):
     assert ref.vae.config.shift_factor == 0
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = pipe(PROMPTS, latents=noise, disable=True, output_type="latent").latents
-    emb, neg = pipe.encode(PROMPTS), pipe.encode([""] * 2)
-    T = max(emb.tokens.shape[1], neg.tokens.shape[1])
-    pe, pm = F.pad(emb.tokens, (0, 0, 0, T - emb.tokens.shape[1])), F.pad(emb.mask, (0, T - emb.mask.shape[1])).long()
-    ne, nm = F.pad(neg.tokens, (0, 0, 0, T - neg.tokens.shape[1])), F.pad(neg.mask, (0, T - neg.mask.shape[1])).long()
-    theirs = ref(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
-                 negative_prompt_attention_mask=nm, latents=noise, num_inference_steps=20, guidance_scale=2.0,
-                 height=32, width=32, use_resolution_binning=False, output_type="pt", max_sequence_length=T).images
+    theirs = diffusers_book_call(pipe, ref, noise, "pt")
     err = (theirs * 2 - 1 - pipe.decode(ours)).abs().max().item()
     print(f"decoded images, diffusers vs tinydit: max |diff| {err:.1e}")
     assert err < 1e-3  # measured 3.6e-5; without the fold 0.43
