@@ -100,7 +100,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from tinydit.checkpoint import load_state_dict, resolve_pretrained
-from tinydit.validation import check_float
+from tinydit.validation import check_float, check_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (feature_extractor defaults)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -310,6 +310,7 @@ class BookConceptChecker:
         world draws its own ground truth): logistic regression on the cosine, as a linear probe."""
         from tinydit.data import render_scene, sample_scene
 
+        n, steps = check_int("n", n, minimum=10, maximum=100_000), check_int("steps", steps, minimum=1)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
         emb = torch.cat([self.image_embeds([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
         for k, c in enumerate(self.concepts):
@@ -341,6 +342,7 @@ class BookConceptChecker:
         from tinydit.data import render_scene, sample_scene
 
         fpr = check_float("fpr", fpr, minimum=0, maximum=1)
+        n = check_int("n", n, minimum=10, maximum=100_000)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
         sims = torch.cat([self.similarity([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
         for k, c in enumerate(self.concepts):
@@ -403,6 +405,9 @@ class SafetyChecker:
             raise ValueError(f"replace: expected 'black' or 'blur', got {self.replace!r}")
         if not self.image_checkers and self.prompt_filter is None:
             raise ValueError("image_checkers: give at least one image checker or a prompt_filter")
+        bad = [type(c).__name__ for c in self.image_checkers if not callable(getattr(c, "check", None))]
+        if bad:
+            raise TypeError(f"image_checkers: each needs a check(images) -> (flags, reasons, ...) method; got {bad}")
 
     def __call__(self, images: list, prompts: list[str]) -> tuple[list, list[bool], list[list[str]]]:
         images = _check_images(images)

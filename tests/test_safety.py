@@ -154,3 +154,14 @@ def test_pipeline_runs_the_checker_and_logs_when_it_is_off(book_checker, caplog)
 def test_bad_input(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_fit_calibrate_and_checkers_refuse_bad_input(book_checker):
+    with pytest.raises(ValueError, match="n: expected an integer >= 10, got 0"):
+        book_checker.calibrate(n=0)
+    with pytest.raises(ValueError, match="n: expected an integer >= 10, got -5"):
+        book_checker.fit(n=-5)
+    with pytest.raises(ValueError, match="fpr: expected a finite number, got nan"):
+        book_checker.calibrate(fpr=float("nan"))
+    with pytest.raises(TypeError, match=r"image_checkers: each needs a check\(images\)"):
+        SafetyChecker([object()])
