@@ -9,8 +9,10 @@ output paths and the size of the picture to draw in `_check_*` helpers.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -548,6 +550,52 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_notebook(model: str | None, prompt: str) -> dict:
+    """The one-cell notebook Voilà serves: chapter 12's GenerateDemo on `model`."""
+    import nbformat
+
+    source = ("from tinydit.pipeline import GenerateDemo, TextToImagePipeline\n"
+              f"demo = GenerateDemo(TextToImagePipeline.from_pretrained({model!r}), prompt={prompt!r})\n"
+              "demo.generate()  # the page opens with a picture\n"
+              "demo")
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)],
+                                    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("voila") is None:
+        raise ImportError("the demo is served by Voila, which is not installed: pip install 'tinydit[notebooks]'")
+    import nbformat
+
+    from tinydit.pipeline import DEMO_PROMPT, TextToImagePipeline
+
+    with socket.socket() as probe:  # Voila would quietly move to another port; say so instead
+        try:
+            probe.bind((args.ip, args.port))
+        except OSError as e:
+            flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--ip"  # else: not an address here
+            raise _FlagError(f"{flag}: cannot listen on {args.ip}:{args.port} ({e.strerror}); pick another "
+                             f"{flag.removeprefix('--')}") from None
+    try:  # fail here, in one line, rather than as a traceback in the served page
+        TextToImagePipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    model = None if args.model is None else str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    with tempfile.TemporaryDirectory(prefix="tinydit-demo-") as tmp:
+        notebook = Path(tmp) / "tinydit_demo.ipynb"
+        nbformat.write(nbformat.from_dict(_demo_notebook(model, DEMO_PROMPT if args.prompt is None else args.prompt)), notebook)
+        command = [sys.executable, "-m", "voila", str(notebook), f"--port={args.port}", f"--Voila.ip={args.ip}",
+                   "--Voila.port_retries=0", "--no-browser"]
+        print(f"serving chapter 12's demo at http://{args.ip}:{args.port}/ (Ctrl-C stops it)", flush=True)
+        try:
+            return __import__("subprocess").call(command)
+        except KeyboardInterrupt:  # the server got the same Ctrl-C and is stopping
+            return 0
+
+
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except None: those flags say in their help what they do when not given."""
 
@@ -713,6 +761,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RePaint resampling JUMP,N, e.g. 4,4: redo every JUMP steps N times (default: off)")
     p.add_argument("--crop-padding", type=_int_in(0, 10**6), default=None, metavar="PIXELS",
                    help="inpaint only the mask's bounding box grown by PIXELS (default: the whole picture)")
+
+    p = _subparser(
+        sub, "demo",
+        help="serve chapter 12's widget demo as a web app (Voila)",
+        description="Serve chapter 12's GenerateDemo -- prompt, sampler, steps, guidance, seed -> the image and "
+        "its cross-attention maps -- as a web page, with Voila, until Ctrl-C. Open the printed address in a "
+        "browser. Needs the notebooks extra (pip install 'tinydit[notebooks]').",
+    )
+    p.add_argument("--model", default=None, help="pipeline or book-model folder, or a hub id (default: the shipped "
+                   "book model)")
+    p.add_argument("--prompt", default=None, help="the prompt the page starts with (default: a held-out pair)")
+    p.add_argument("--port", type=_int_in(1, 65535), default=8866, help="port to serve on")
+    p.add_argument("--ip", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import html
+import io
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -569,3 +572,98 @@ class CrossAttentionMaps:
     def __exit__(self, *exc) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def attention_maps(pipe: TextToImagePipeline, prompt: str, seed: int = 0, **options):
+    """Generate `prompt` and record where the image tokens attended: (PipelineOutput, (T, h, w) maps, T tokens)."""
+    with CrossAttentionMaps(pipe.transformer) as maps:
+        out = pipe([prompt], seed=seed, disable=True, **options)
+    ids = pipe.text_encoder.tokenizer([prompt])["input_ids"][0]
+    words = pipe.text_encoder.tokenizer.convert_ids_to_tokens(ids)
+    return out, maps.mean(1)[0], words  # (T, h, w)
+
+
+def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | None = None):
+    """One panel per caption token (and the image first, if given); returns the matplotlib figure."""
+    import matplotlib.pyplot as plt  # optional: the notebooks extra
+
+    panels = len(words) + (image is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(1.6 * panels, 1.9), squeeze=False)
+    axes = list(axes[0])
+    if image is not None:
+        axes.pop(0).imshow(image)
+        fig.axes[0].set_title("image", fontsize=8)
+    vmax = float(attn[1:len(words) - 1].max()) if len(words) > 2 else float(attn.max())  # scale by the words, not <sot>/<eot>
+    for ax, word, m in zip(axes, words, attn):
+        ax.imshow(m, cmap="magma", vmin=0, vmax=vmax)
+        ax.set_title(word.replace("<|startoftext|>", "<sot>").replace("<|endoftext|>", "<eot>"), fontsize=8)
+    for ax in fig.axes:
+        ax.axis("off")
+    return fig
+
+
+DEMO_PROMPT = "a yellow square to the left of a red triangle"  # a held-out pair (chapter 01): composition, not recall
+
+
+class GenerateDemo:
+    """The chapter's widget: prompt, sampler, steps, guidance scale, seed -> the image (PNG, read back
+    exactly) and the cross-attention maps. `display(GenerateDemo(pipe))`; `python -m tinydit demo` serves it."""
+
+    def __init__(self, pipe: TextToImagePipeline, prompt: str = DEMO_PROMPT, attention: bool = True):
+        import ipywidgets as widgets  # optional: the notebooks extra
+
+        if not isinstance(pipe, TextToImagePipeline):
+            raise TypeError(f"pipe: expected a TextToImagePipeline; got {type(pipe).__name__}")
+        self.pipe, self.attention, self.last = pipe, attention, None
+        self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="70%"))
+        self.sampler = widgets.Dropdown(options=sorted(SAMPLERS), value=pipe.sampling.sampler, description="sampler")
+        self.steps = widgets.IntSlider(value=pipe.sampling.steps, min=1, max=50, description="steps")
+        self.cfg = widgets.FloatSlider(value=pipe.sampling.guidance_scale, min=0, max=8, step=0.5, description="CFG")
+        self.seed = widgets.IntText(value=0, description="seed")
+        self.button = widgets.Button(description="Generate", button_style="primary")
+        self.progress = widgets.IntProgress(min=0, max=1, description="steps")
+        self.image = widgets.Image(format="png", layout=widgets.Layout(width="256px", height="256px"))
+        self.status = widgets.HTML()  # the time taken, or the pipeline's one-line error
+        self.maps = widgets.Output()
+        for widget, name in [(self.prompt, "prompt"), (self.seed, "seed"), (self.button, "generate"),
+                             (self.image, "image"), (self.status, "status")]:
+            widget.add_class(f"tinydit-{name}")  # stable handles for a browser test
+        self.button.on_click(lambda _: self.generate())
+        style = widgets.HTML("<style>.tinydit-image { image-rendering: pixelated; border: 1px solid #ccc; }</style>")
+        self.view = widgets.VBox([style, self.prompt, widgets.HBox([self.sampler, self.steps]),
+                                  widgets.HBox([self.cfg, self.seed]), widgets.HBox([self.button, self.progress]),
+                                  widgets.HBox([self.image, self.maps]), self.status])
+
+    def generate(self) -> PipelineOutput | None:
+        """Run the pipeline on the widgets' values; shows the image, the maps and the time (or the error)."""
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        self.progress.max, self.progress.value = self.steps.value, 0
+        self.button.disabled = True  # one run at a time: a second click while sampling would interleave
+        self.status.value = "generating…"
+        start = time.perf_counter()
+        options = dict(seed=self.seed.value, sampler=self.sampler.value, num_inference_steps=self.steps.value,
+                       guidance_scale=self.cfg.value, callback=lambda info: setattr(self.progress, "value", self.progress.value + 1))
+        try:
+            out, attn, words = attention_maps(self.pipe, self.prompt.value, **options)
+        except (ValueError, TypeError) as e:  # the pipeline's one-line errors, shown to the reader
+            self.status.value = f"<b>error</b>: {html.escape(str(e))}"
+            return None
+        finally:
+            self.button.disabled = False
+        buffer = io.BytesIO()
+        out.images[0].save(buffer, format="PNG")
+        self.image.value = buffer.getvalue()
+        self.maps.clear_output(wait=True)
+        if self.attention:
+            fig = plot_attention(attn, words)
+            with self.maps:
+                display(fig)  # a PNG in the page; closed below so the inline backend does not draw it twice
+            plt.close(fig)
+        self.status.value = f"{time.perf_counter() - start:.2f} s · seed {self.seed.value} · {html.escape(self.prompt.value)}"
+        self.last = out
+        return out
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.view._repr_mimebundle_(**kwargs)
