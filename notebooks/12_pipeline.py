@@ -928,7 +928,8 @@ assert any("token" in str(w.message) for w in caught)
 #   `PixArtAlphaPipeline` loads and samples to our latents (3.4e-5), and diffusers' PixArt folders load
 #   here with diffusers' latents (2e-5 relative, tests).
 # - Cross-attention maps show what the model reads; a gallery of HELD_OUT pairs shows it composing
-#   pairs it never saw; a widget drives it all; `python -m tinydit generate` is the same call from a shell.
+#   pairs it never saw; `GenerateDemo` drives it all from widgets, in a notebook or served as a web page
+#   (`python -m tinydit demo`); `python -m tinydit generate` is the same call from a shell.
 #
 # ## Exercises
 #
