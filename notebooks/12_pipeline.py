@@ -724,9 +724,9 @@ def attention_maps(pipe: TextToImagePipeline, prompt: str, seed: int = 0, **opti
     """Generate `prompt` and record where the image tokens attended: (PipelineOutput, (T, h, w) maps, T tokens)."""
     with CrossAttentionMaps(pipe.transformer) as maps:
         out = pipe([prompt], seed=seed, disable=True, **options)
-    ids = pipe.text_encoder.tokenizer([prompt])["input_ids"][0]
-    words = pipe.text_encoder.tokenizer.convert_ids_to_tokens(ids)
-    return out, maps.mean(1)[0], words  # (T, h, w)
+    attn = maps.mean(1)[0]  # (T, h, w)
+    ids = pipe.text_encoder.tokenizer([prompt], truncation=True, max_length=attn.shape[0])["input_ids"][0]
+    return out, attn, pipe.text_encoder.tokenizer.convert_ids_to_tokens(ids)  # the tokens the encoder kept
 
 
 def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | None = None):
@@ -825,7 +825,9 @@ class GenerateDemo:
             raise TypeError(f"pipe: expected a TextToImagePipeline; got {type(pipe).__name__}")
         self.pipe, self.attention, self.last = pipe, attention, None
         self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="70%"))
-        self.sampler = widgets.Dropdown(options=sorted(SAMPLERS), value=pipe.sampling.sampler, description="sampler")
+        flow = pipe.sampling.prediction == "flow"  # the *_rf samplers need flow times <= 1
+        names = sorted(n for n in SAMPLERS if flow or not n.endswith("_rf"))
+        self.sampler = widgets.Dropdown(options=names, value=pipe.sampling.sampler, description="sampler")
         self.steps = widgets.IntSlider(value=pipe.sampling.steps, min=1, max=50, description="steps")
         self.cfg = widgets.FloatSlider(value=pipe.sampling.guidance_scale, min=0, max=8, step=0.5, description="CFG")
         self.seed = widgets.IntText(value=0, description="seed")
@@ -837,7 +839,7 @@ class GenerateDemo:
         for widget, name in [(self.prompt, "prompt"), (self.seed, "seed"), (self.button, "generate"),
                              (self.image, "image"), (self.status, "status")]:
             widget.add_class(f"tinydit-{name}")  # stable handles for a browser test
-        self.button.on_click(lambda _: self.generate())
+        self.button.on_click(self._clicked)
         style = widgets.HTML("<style>.tinydit-image { image-rendering: pixelated; border: 1px solid #ccc; }</style>")
         self.view = widgets.VBox([style, self.prompt, widgets.HBox([self.sampler, self.steps]),
                                   widgets.HBox([self.cfg, self.seed]), widgets.HBox([self.button, self.progress]),
@@ -873,6 +875,13 @@ class GenerateDemo:
         self.status.value = f"{time.perf_counter() - start:.2f} s · seed {self.seed.value} · {html.escape(self.prompt.value)}"
         self.last = out
         return out
+
+    def _clicked(self, _button) -> None:
+        """A click: any failure is shown in the page (a widget callback's exception reaches only the server's log)."""
+        try:
+            self.generate()
+        except Exception as e:  # the page has nowhere else to say it
+            self.status.value = f"<b>error</b>: {html.escape(f'{type(e).__name__}: {e}')}"
 
     def _repr_mimebundle_(self, **kwargs):
         return self.view._repr_mimebundle_(**kwargs)

@@ -13,6 +13,7 @@ import errno
 import math
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -572,13 +573,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from tinydit.pipeline import DEMO_PROMPT, TextToImagePipeline
 
-    with socket.socket() as probe:  # Voila would quietly move to another port; say so instead
-        try:
-            probe.bind((args.ip, args.port))
-        except OSError as e:
-            flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--ip"  # else: not an address here
-            raise _FlagError(f"{flag}: cannot listen on {args.ip}:{args.port} ({e.strerror}); pick another "
-                             f"{flag.removeprefix('--')}") from None
+    try:  # Voila would quietly move to another port; say so instead
+        family, kind, _, _, address = socket.getaddrinfo(args.ip, args.port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as e:
+        flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--ip"  # else: not an address here
+        raise _FlagError(f"{flag}: cannot listen on {args.ip}:{args.port} ({e.strerror}); pick another "
+                         f"{flag.removeprefix('--')}") from None
     try:  # fail here, in one line, rather than as a traceback in the served page
         TextToImagePipeline.from_pretrained(args.model)
     except (OSError, ValueError) as e:
@@ -589,9 +592,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         nbformat.write(nbformat.from_dict(_demo_notebook(model, DEMO_PROMPT if args.prompt is None else args.prompt)), notebook)
         command = [sys.executable, "-m", "voila", str(notebook), f"--port={args.port}", f"--Voila.ip={args.ip}",
                    "--Voila.port_retries=0", "--no-browser"]
-        print(f"serving chapter 12's demo at http://{args.ip}:{args.port}/ (Ctrl-C stops it)", flush=True)
+        host = "127.0.0.1" if args.ip in ("0.0.0.0", "::") else f"[{args.ip}]" if ":" in args.ip else args.ip
+        print(f"serving chapter 12's demo at http://{host}:{args.port}/ (Ctrl-C stops it)", flush=True)
         try:
-            return __import__("subprocess").call(command)
+            return subprocess.call(command)
         except KeyboardInterrupt:  # the server got the same Ctrl-C and is stopping
             return 0
 
@@ -773,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "book model)")
     p.add_argument("--prompt", default=None, help="the prompt the page starts with (default: a held-out pair)")
     p.add_argument("--port", type=_int_in(1, 65535), default=8866, help="port to serve on")
-    p.add_argument("--ip", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--ip", default="127.0.0.1", help="address to listen on; 0.0.0.0 listens on every "
+                   "interface, and the page has no password: anyone who reaches it can use it")
     p.set_defaults(func=_cmd_demo)
     return parser
 
