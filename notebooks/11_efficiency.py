@@ -597,6 +597,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinydit.attention import _check_qkv
 from tinydit.checkpoint import resolve_dtype
 from tinydit.offload import nbytes, set_data, tensors_of
 
@@ -1058,19 +1059,6 @@ def sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     choice = SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=None))
     auto = next((n for n in SDPA_BACKENDS if _sdp_backend(n) == choice), "math")
     return {**accepts, "auto": auto}
-
-
-def _check_qkv(q, k, v) -> None:
-    """q (B, heads, T_q, d), k and v (B, heads, T_k, d): one floating dtype, shapes that fit."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name}: expected a floating (B, heads, T, head_dim) tensor, got {got}")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"k: expected (B, heads, T_k, head_dim) = ({q.shape[0]}, {q.shape[1]}, T_k, {q.shape[-1]}) to fit "
-                         f"q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"v: expected (B, heads, T_k) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
 
 
 @contextmanager

@@ -2015,8 +2015,8 @@ CASES = [
     ("precision.weight_bytes.model_none", lambda: precision.weight_bytes(None), TE, r"^model: "),
     ("precision.pin_sdpa.upper_case", lambda: _pin_sdpa("FLASH"), VE, r"^backend: .*'FLASH'"),
     ("precision.pin_sdpa.none", lambda: _pin_sdpa(None), VE, r"^backend: "),
-    ("precision.sdpa_backends.q_list", lambda: precision.sdpa_backends([[1.0]], *qkv()[1:]), TE, r"^q: "),
-    ("precision.sdpa_backends.head_dims_differ", lambda: precision.sdpa_backends(qkv()[0], qkv(d=16)[1], qkv()[2]), VE, r"^(q|k|v): "),
+    ("precision.sdpa_backends.q_list", lambda: precision.sdpa_backends([[1.0]], *qkv()[1:]), (VE, TE), r"^q: "),
+    ("precision.sdpa_backends.head_dims_differ", lambda: precision.sdpa_backends(qkv()[0], qkv(d=16)[1], qkv()[2]), VE, r"^q, k, v: shapes do not fit"),
     # ---- tinydit.stepcache (chapter 11) -------------------------------------------------------
     ("stepcache.StepCache.threshold_str", lambda: stepcache.StepCache(off_toy(), threshold="0.1"), TE, r"^threshold: "),
     ("stepcache.StepCache.threshold_nan", lambda: stepcache.StepCache(off_toy(), threshold=NAN), VE, r"^threshold: "),
