@@ -48,6 +48,15 @@ def test_book_builds_offline_with_every_chapter(html):
     assert "ShapesDataset" in data_page and "caption grammar" in data_page
 
 
+def test_reference_pages_and_the_intro_pictures_are_in_the_book(html):
+    assert "Why a transformer, not a U-Net" in (html / "manifest.html").read_text()
+    assert "Tensor shapes, stage by stage" in (html / "shapes.html").read_text()
+    intro = (html / "intro.html").read_text()
+    for picture in ("generate_grid", "demo"):  # the generated grid, the served demo's screenshot
+        src = re.search(rf'<img[^>]*src="([^"]*{picture}[^"]*\.png)"', intro)
+        assert src is not None and (html / src.group(1)).is_file(), f"intro: picture {picture!r} missing"
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
 def test_chapter_page_shows_figures_and_hides_plumbing(html, notebook):
     page = (html / "notebooks" / f"{notebook.stem}.html").read_text()
