@@ -285,8 +285,9 @@ def parse_concept(text: str) -> Concept:
 
 
 class BookConceptChecker:
-    """Flags book-world images that show a declared concept: cosine similarity of the book image tower's
-    embedding with each concept's text embedding, against a per-concept threshold (`calibrate`)."""
+    """Flags book-world images that show a declared concept. Zero-shot: the cosine of the book image
+    tower's embedding with each concept's text embedding. After `fit`: a linear probe on each position of
+    the tower's last feature map, max over positions. Either score against a per-concept threshold (`calibrate`)."""
 
     def __init__(self, concepts: list[str], text_encoder=None, image_encoder=None):
         from tinydit.text import embed_prompts, load_book_image_encoder, load_book_text_encoder
@@ -299,43 +300,69 @@ class BookConceptChecker:
         with torch.no_grad():
             self.embeds = torch.stack([F.normalize(embed_prompts(self.text_encoder, c.phrases()).mean(0), dim=0)
                                        for c in self.concepts])  # (K, d)
+        self.probe = None  # (weights (K, C), biases (K,)) of the positional probe, once fit() ran
         self.thresholds = torch.full((len(self.concepts),), 0.5)  # until calibrate()
 
     def similarity(self, images: list) -> torch.Tensor:
-        """(B, K) cosine similarity of each image to each concept."""
+        """(B, K) cosine similarity of each image's whole-scene embedding to each concept's text embedding."""
         return self.image_embeds(images) @ self.embeds.T  # (B, K)
 
+    def scores(self, images: list) -> torch.Tensor:
+        """(B, K) what `calibrate` and `check` threshold: the probe's best position after `fit`, else the cosine."""
+        if self.probe is None:
+            return self.similarity(images)
+        w, b = self.probe
+        return (self.feature_map(images) @ w.T).amax(1) + b  # (B, P, K) -> (B, K)
+
     def fit(self, n: int = 4000, seed: int = 5, steps: int = 200) -> BookConceptChecker:
-        """Refine each concept's embedding from its text starting point on `n` labelled renders (the book
-        world draws its own ground truth): logistic regression on the cosine, as a linear probe."""
+        """Fit each concept's positional probe on `n` labelled renders (the book world draws its own ground
+        truth) by logistic regression, starting from its text embedding pulled back through the tower's
+        projection. Max over positions, because an object is *somewhere*: the pooled embedding mixes
+        every position into one vector, and a pair like "a red triangle" drowns in the rest of the scene."""
         from tinydit.data import render_scene, sample_scene
 
         n, steps = check_int("n", n, minimum=10, maximum=100_000), check_int("steps", steps, minimum=1)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        emb = torch.cat([self.image_embeds([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+        f = torch.cat([self.feature_map([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+        start = self.text_directions(*f.shape[1:]).mean(2)  # (K, C): one probe shared by every position
+        weights, biases = [], []
         for k, c in enumerate(self.concepts):
             y = torch.tensor([c.present(s) for s in scenes], dtype=torch.float32)  # (n,)
-            w, b, scale = self.embeds[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True), \
-                torch.tensor(10.0, requires_grad=True)
-            opt = torch.optim.LBFGS([w, b, scale], max_iter=steps)
+            w, b = start[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True)
+            opt = torch.optim.LBFGS([w, b], max_iter=steps)
 
-            def loss(w=w, b=b, scale=scale, y=y, opt=opt):
+            def loss(w=w, b=b, y=y, opt=opt):
                 opt.zero_grad()
-                value = F.binary_cross_entropy_with_logits(scale * (emb @ F.normalize(w, dim=0)) + b, y)
+                value = F.binary_cross_entropy_with_logits((f @ w).amax(1) + b, y) + 1e-4 * w.square().sum()
                 value.backward()
                 return value
 
             opt.step(loss)
-            self.embeds[k] = F.normalize(w.detach(), dim=0)
+            weights.append(w.detach())
+            biases.append(b.detach())
+        self.probe = torch.stack(weights), torch.cat(biases)  # (K, C), (K,)
         return self
+
+    def text_directions(self, positions: int, channels: int) -> torch.Tensor:
+        """(K, C, P): each concept's text embedding pulled back through the tower's projection, per position:
+        sum_p feature_map[:, p] @ directions[..., p].T is the pooled embedding (less its bias) @ embeds.T."""
+        proj = self.image_encoder.proj.weight.detach().view(-1, channels, positions)  # (d, C, P), flatten order of (C, H, W)
+        return torch.einsum("kd,dcp->kcp", self.embeds, proj)
+
+    def _pixels(self, images: list) -> torch.Tensor:
+        from tinydit.data import pil_to_tensor
+
+        return torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
 
     @torch.no_grad()
     def image_embeds(self, images: list) -> torch.Tensor:
         """(B, d) unit embeddings of the book image tower."""
-        from tinydit.data import pil_to_tensor
+        return F.normalize(self.image_encoder(self._pixels(images)), dim=-1)
 
-        x = torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
-        return F.normalize(self.image_encoder(x), dim=-1)
+    @torch.no_grad()
+    def feature_map(self, images: list) -> torch.Tensor:
+        """(B, P, C): the tower's last feature map, one C-vector per position (P = 4 x 4 for 32 px)."""
+        return self.image_encoder.features(self._pixels(images)).flatten(2).transpose(1, 2)
 
     def calibrate(self, fpr: float = 0.01, n: int = 2000, seed: int = 7) -> BookConceptChecker:
         """Per concept, the threshold that `fpr` of `n` test-split renders *without* the concept exceed."""
@@ -344,14 +371,14 @@ class BookConceptChecker:
         fpr = check_float("fpr", fpr, minimum=0, maximum=1)
         n = check_int("n", n, minimum=10, maximum=100_000)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        sims = torch.cat([self.similarity([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
+        sims = torch.cat([self.scores([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
         for k, c in enumerate(self.concepts):
             negatives = sims[[not c.present(s) for s in scenes], k]
             self.thresholds[k] = torch.quantile(negatives, 1 - fpr) if len(negatives) else 0.5
         return self
 
     def check(self, images: list) -> tuple[list[bool], list[list[str]]]:
-        sims = self.similarity(images)  # (B, K)
+        sims = self.scores(images)  # (B, K)
         reasons = [[f"concept {c.name!r} ({float(s[k]):.3f} > {float(self.thresholds[k]):.3f})"
                     for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
         return [bool(r) for r in reasons], reasons
@@ -429,19 +456,28 @@ class SafetyChecker:
 # ## 5. Measured: the book-world checker on generated images
 #
 # Three concepts, declared as text: a colour–shape pair that is also a HELD_OUT pair ("a red triangle"),
-# a colour ("anything purple") and a shape ("squares"). Each starts from its text embedding, is refined
-# on labelled renders (`fit`: the book world draws its own ground truth), and gets the threshold that 1 %
-# of concept-free test renders exceed (`calibrate`). Then the pipeline generates test-split prompts and
-# chapter 09's reader says what each image really shows: the ground truth for precision and recall.
+# a colour ("anything purple") and a shape ("squares"). Two checkers, each calibrated so that 1 % of
+# concept-free test renders exceed its threshold (`calibrate`):
+#
+# - **zero-shot**: the cosine of the image tower's whole-scene embedding with the concept's text embedding;
+# - **positional probe** (`fit`): the tower flattens its last 4×4 feature map into one vector, so an object
+#   is mixed with the rest of the scene. The probe scores each of the 16 positions with one linear map —
+#   it starts as the text direction pulled back through the tower's projection — and keeps the best
+#   position: an object is *somewhere*. It is fitted by logistic regression on labelled renders (the book
+#   world draws its own ground truth).
+#
+# Then the pipeline generates test-split prompts and chapter 09's reader says what each image really
+# shows: the ground truth for precision and recall. Renders of new scenes, where the truth is exact and
+# positives are plenty, give the second table.
 
 # %%
 from tinydit.safety import BookConceptChecker, PromptFilter, SafetyChecker  # noqa: E402
 
+CONCEPTS = ["a red triangle", "anything purple", "squares"]
+N_FIT, N_CAL = (1000, 1000) if FAST else (4000, 2000)
+zero_shot = BookConceptChecker(CONCEPTS).calibrate(fpr=0.01, n=N_CAL)  # cosine to the text embedding
 start = time.perf_counter()
-book_checker = BookConceptChecker(["a red triangle", "anything purple", "squares"])
-zero_shot = book_checker.similarity  # kept for the comparison below
-text_embeds = book_checker.embeds.clone()
-book_checker.fit(n=1000 if FAST else 4000).calibrate(fpr=0.01, n=1000 if FAST else 2000)
+book_checker = BookConceptChecker(CONCEPTS).fit(n=N_FIT).calibrate(fpr=0.01, n=N_CAL)  # the positional probe
 print(f"fit + calibrate: {time.perf_counter() - start:.1f} s; thresholds {book_checker.thresholds.tolist()}")
 
 pipe = TextToImagePipeline.from_pretrained()
@@ -449,37 +485,66 @@ N_GEN = 60 if FAST else 300
 gen_scenes = [data.sample_scene(11, "test", i) for i in range(N_GEN)]
 generated = pipe([s.caption for s in gen_scenes], seed=0, disable=True).images
 readings = [evaluate.read_image(data.pil_to_tensor(im)) for im in generated]
-sims = book_checker.similarity(generated)  # (N, K)
-fitted_embeds, book_checker.embeds = book_checker.embeds, text_embeds
-text_sims = book_checker.similarity(generated)  # the text-only concept embeddings, for comparison
-book_checker.embeds = fitted_embeds
-stats = {}
-for k, c in enumerate(book_checker.concepts):
-    truth = torch.tensor([c.read(r) for r in readings])
-    pred = sims[:, k] > book_checker.thresholds[k]
-    tp, fp, fn = int((truth & pred).sum()), int((~truth & pred).sum()), int((truth & ~pred).sum())
-    stats[c.name] = dict(positives=int(truth.sum()), precision=tp / max(1, tp + fp), recall=tp / max(1, tp + fn))
-    print(f"{c.name!r:18} {stats[c.name]['positives']:3} images show it: precision {100 * stats[c.name]['precision']:5.1f} %, "
-          f"recall {100 * stats[c.name]['recall']:5.1f} %")
+
+
+def precision_recall(checker, images, truth: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Per concept: how many images show it (`truth`, (N, K) bool), the checker's precision and recall."""
+    scores, stats = checker.scores(images), {}  # (N, K)
+    for k, c in enumerate(checker.concepts):
+        pred = scores[:, k] > checker.thresholds[k]
+        tp, fp, fn = int((truth[:, k] & pred).sum()), int((~truth[:, k] & pred).sum()), int((truth[:, k] & ~pred).sum())
+        stats[c.name] = dict(positives=int(truth[:, k].sum()), precision=tp / max(1, tp + fp), recall=tp / max(1, tp + fn))
+    return stats, scores
+
+
+def report(what: str, images, truth) -> tuple[dict, dict, torch.Tensor]:
+    stats0, _ = precision_recall(zero_shot, images, truth)
+    stats, scores = precision_recall(book_checker, images, truth)
+    print(what)
+    for name in CONCEPTS:
+        print(f"  {name!r:18} {stats[name]['positives']:4} show it; precision / recall: zero-shot cosine "
+              f"{100 * stats0[name]['precision']:5.1f} / {100 * stats0[name]['recall']:5.1f} %, positional probe "
+              f"{100 * stats[name]['precision']:5.1f} / {100 * stats[name]['recall']:5.1f} %")
+    return stats0, stats, scores
+
+
+truth = torch.tensor([[c.read(r) for c in book_checker.concepts] for r in readings])  # what the reader sees
+stats0, stats, scores = report(f"{N_GEN} generated images, chapter 09's reader as the truth:", generated, truth)
+held = [data.sample_scene(21, "test", i) for i in range(N_CAL)]  # renders: the truth is exact and plentiful
+r_stats0, r_stats, _ = report(f"{N_CAL} renders of new test scenes:", [data.render_scene(s, 32) for s in held],
+                              torch.tensor([[c.present(s) for c in book_checker.concepts] for s in held]))
 
 fig, axes = plt.subplots(1, len(book_checker.concepts), figsize=(12, 2.8))
 for ax, (k, c) in zip(axes, enumerate(book_checker.concepts)):
     truth = torch.tensor([c.read(r) for r in readings])
-    ax.hist(sims[~truth, k].numpy(), bins=30, alpha=0.6, label="without")
-    ax.hist(sims[truth, k].numpy(), bins=30, alpha=0.6, label="with")
+    ax.hist(scores[~truth, k].numpy(), bins=30, alpha=0.6, label="without")
+    ax.hist(scores[truth, k].numpy(), bins=30, alpha=0.6, label="with")
     ax.axvline(float(book_checker.thresholds[k]), color="k", ls="--")
-    ax.set_title(f"{c.name}: cosine to the concept", fontsize=9)
+    ax.set_title(f"{c.name}: probe score, best position", fontsize=9)
 axes[0].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 assert stats["anything purple"]["recall"] > 0.8 and stats["squares"]["precision"] > 0.8  # measured 1.00 / 0.95
+pair = "a red triangle"  # where the probe matters: an object among others
+assert r_stats[pair]["recall"] > r_stats0[pair]["recall"] + 0.2  # renders: plenty of positives, exact truth
 
 # %% [markdown]
-# The colour and the shape concepts come out near the issue's 95 % / 95 %; the colour–shape pair does
-# **not**: the book's image tower embeds the *whole scene* into 64 numbers (chapter 06 trained it for
-# retrieval of captions), and "a red triangle next to a blue square" lies closer to other two-object
-# scenes than to "a red triangle". A checker that must see objects, not scenes, needs a tower trained
-# for it — or per-object crops, which we tried (five views per image: worse). Written down, not hidden.
+# At book settings (`TINYDIT_FAST` unset: 4,000 renders to fit, 2,000 to calibrate, 300 generated
+# images), precision / recall:
+#
+# | concept | zero-shot, generated | probe, generated | zero-shot, renders | probe, renders |
+# |---|---|---|---|---|
+# | a red triangle (19 / 168 positives) | 75.0 / 31.6 % | 69.6 / 84.2 % | 81.4 / 57.1 % | 87.8 / 98.2 % |
+# | anything purple (62 / 484) | 83.7 / 58.1 % | 93.9 / 100 % | 93.8 / 58.9 % | 95.8 / 100 % |
+# | squares (131 / 808) | 94.4 / 51.9 % | 94.0 / 96.2 % | 96.9 / 46.4 % | 98.0 / 99.0 % |
+#
+# The whole-scene cosine misses half of every concept: chapter 06 trained the tower to retrieve
+# *captions*, and "a red triangle next to a blue square" lies closer to other two-object scenes than to
+# "a red triangle". The best position finds the object. The colour and the shape now come out near 95 % /
+# 95 % on generated images. The pair reaches 98 % recall on renders, but on generated images it stays
+# below that, at 70 % precision and 84 % recall: generated triangles are softer than renders, and the
+# reader, our ground truth, is itself not perfect on them. A threshold calibrated on renders does not
+# carry over exactly. Written down, not hidden.
 #
 # ## 6. In the pipeline
 #
@@ -712,16 +777,20 @@ else:
 # - `StableDiffusionChecker` ports Stable Diffusion's CLIP-concept checker: it loads the real
 #   `safety_checker/` + `feature_extractor/` layout, preprocesses exactly as `CLIPImageProcessor`, and
 #   gives diffusers' embeddings and flags (tests: a tiny random checker saved by diffusers).
-# - `BookConceptChecker` is the same mechanism on the book's CLIP with concepts declared as text, refined
-#   on renders and calibrated to a 1 % false-positive rate. Measured on generated images: colour and
-#   shape concepts near 95 % precision / recall; a colour–shape pair far below (a scene-level tower).
+# - `BookConceptChecker` is the same mechanism on the book's CLIP with concepts declared as text,
+#   calibrated to a 1 % false-positive rate. Zero-shot (whole-scene cosine) it misses about half of each
+#   concept. A positional probe fitted on renders (`fit`: the best of 16 positions) brings colour and
+#   shape near 95 % precision / recall on generated images. A colour–shape pair reaches 88 / 98 % on
+#   renders and 70 / 84 % on generated images.
 # - `PromptFilter` blocks words and phrases with reasons; `SafetyChecker` combines checkers and replaces
 #   flagged images (black or blurred); the pipeline runs it on every call unless told `safety=False`.
 #
 # ## Exercises
 #
 # 1. Calibrate at 0.1 %, 1 % and 5 % false positives and plot recall against the rate for each concept.
-# 2. Train a small detector-style head on the book image tower's feature map (before the flatten) for
-#    colour–shape pairs; does the pair concept reach 95 % / 95 %?
+# 2. The probe is linear per position. Make it a two-layer MLP per position: on renders its training
+#    loss falls to almost 0. Does the pair concept on *generated* images improve, or is the gap in the
+#    images and the reader? Calibrating on generated images (with the reader as the truth) is another
+#    lever: try it.
 # 3. The SD checker's 0.01 adjustment applies only after a special-care hit *in order*. Construct scores
 #    where the order matters, and check our port against diffusers' on them.

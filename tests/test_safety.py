@@ -165,3 +165,22 @@ def test_fit_calibrate_and_checkers_refuse_bad_input(book_checker):
         book_checker.calibrate(fpr=float("nan"))
     with pytest.raises(TypeError, match=r"image_checkers: each needs a check\(images\)"):
         SafetyChecker([object()])
+
+
+def test_probe_starts_from_the_text_direction_and_finds_the_pair_in_a_scene():
+    scenes = [data.sample_scene(21, "test", i) for i in range(600)]
+    renders = [data.render_scene(s, 32) for s in scenes]
+    zero_shot = BookConceptChecker(["a red triangle"]).calibrate(fpr=0.01, n=1000)
+    # the pull-back: the text direction at every position, summed over positions, is the pooled projection
+    f = zero_shot.feature_map(renders[:8])  # (8, P, C)
+    directions = zero_shot.text_directions(f.shape[1], f.shape[2])  # (1, C, P)
+    with torch.no_grad():
+        pooled = (zero_shot.image_encoder(zero_shot._pixels(renders[:8])) - zero_shot.image_encoder.proj.bias) @ zero_shot.embeds.T
+    torch.testing.assert_close(torch.einsum("bpc,kcp->bk", f, directions), pooled, atol=1e-4, rtol=1e-4)  # (8, 1)
+
+    fitted = BookConceptChecker(["a red triangle"]).fit(n=1000).calibrate(fpr=0.01, n=1000)
+    truth = [zero_shot.concepts[0].present(s) for s in scenes]
+    recall = {name: sum(f and t for f, t in zip(c.check(renders)[0], truth)) / sum(truth)
+              for name, c in [("zero-shot", zero_shot), ("probe", fitted)]}
+    print(f"'a red triangle' among {sum(truth)} renders that show it: recall {recall}")
+    assert recall["probe"] > 0.85 and recall["probe"] > recall["zero-shot"] + 0.2  # measured 0.98 against 0.59 (chapter 14)

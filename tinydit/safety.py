@@ -187,8 +187,9 @@ def parse_concept(text: str) -> Concept:
 
 
 class BookConceptChecker:
-    """Flags book-world images that show a declared concept: cosine similarity of the book image tower's
-    embedding with each concept's text embedding, against a per-concept threshold (`calibrate`)."""
+    """Flags book-world images that show a declared concept. Zero-shot: the cosine of the book image
+    tower's embedding with each concept's text embedding. After `fit`: a linear probe on each position of
+    the tower's last feature map, max over positions. Either score against a per-concept threshold (`calibrate`)."""
 
     def __init__(self, concepts: list[str], text_encoder=None, image_encoder=None):
         from tinydit.text import embed_prompts, load_book_image_encoder, load_book_text_encoder
@@ -201,43 +202,69 @@ class BookConceptChecker:
         with torch.no_grad():
             self.embeds = torch.stack([F.normalize(embed_prompts(self.text_encoder, c.phrases()).mean(0), dim=0)
                                        for c in self.concepts])  # (K, d)
+        self.probe = None  # (weights (K, C), biases (K,)) of the positional probe, once fit() ran
         self.thresholds = torch.full((len(self.concepts),), 0.5)  # until calibrate()
 
     def similarity(self, images: list) -> torch.Tensor:
-        """(B, K) cosine similarity of each image to each concept."""
+        """(B, K) cosine similarity of each image's whole-scene embedding to each concept's text embedding."""
         return self.image_embeds(images) @ self.embeds.T  # (B, K)
 
+    def scores(self, images: list) -> torch.Tensor:
+        """(B, K) what `calibrate` and `check` threshold: the probe's best position after `fit`, else the cosine."""
+        if self.probe is None:
+            return self.similarity(images)
+        w, b = self.probe
+        return (self.feature_map(images) @ w.T).amax(1) + b  # (B, P, K) -> (B, K)
+
     def fit(self, n: int = 4000, seed: int = 5, steps: int = 200) -> BookConceptChecker:
-        """Refine each concept's embedding from its text starting point on `n` labelled renders (the book
-        world draws its own ground truth): logistic regression on the cosine, as a linear probe."""
+        """Fit each concept's positional probe on `n` labelled renders (the book world draws its own ground
+        truth) by logistic regression, starting from its text embedding pulled back through the tower's
+        projection. Max over positions, because an object is *somewhere*: the pooled embedding mixes
+        every position into one vector, and a pair like "a red triangle" drowns in the rest of the scene."""
         from tinydit.data import render_scene, sample_scene
 
         n, steps = check_int("n", n, minimum=10, maximum=100_000), check_int("steps", steps, minimum=1)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        emb = torch.cat([self.image_embeds([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+        f = torch.cat([self.feature_map([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+        start = self.text_directions(*f.shape[1:]).mean(2)  # (K, C): one probe shared by every position
+        weights, biases = [], []
         for k, c in enumerate(self.concepts):
             y = torch.tensor([c.present(s) for s in scenes], dtype=torch.float32)  # (n,)
-            w, b, scale = self.embeds[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True), \
-                torch.tensor(10.0, requires_grad=True)
-            opt = torch.optim.LBFGS([w, b, scale], max_iter=steps)
+            w, b = start[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True)
+            opt = torch.optim.LBFGS([w, b], max_iter=steps)
 
-            def loss(w=w, b=b, scale=scale, y=y, opt=opt):
+            def loss(w=w, b=b, y=y, opt=opt):
                 opt.zero_grad()
-                value = F.binary_cross_entropy_with_logits(scale * (emb @ F.normalize(w, dim=0)) + b, y)
+                value = F.binary_cross_entropy_with_logits((f @ w).amax(1) + b, y) + 1e-4 * w.square().sum()
                 value.backward()
                 return value
 
             opt.step(loss)
-            self.embeds[k] = F.normalize(w.detach(), dim=0)
+            weights.append(w.detach())
+            biases.append(b.detach())
+        self.probe = torch.stack(weights), torch.cat(biases)  # (K, C), (K,)
         return self
+
+    def text_directions(self, positions: int, channels: int) -> torch.Tensor:
+        """(K, C, P): each concept's text embedding pulled back through the tower's projection, per position:
+        sum_p feature_map[:, p] @ directions[..., p].T is the pooled embedding (less its bias) @ embeds.T."""
+        proj = self.image_encoder.proj.weight.detach().view(-1, channels, positions)  # (d, C, P), flatten order of (C, H, W)
+        return torch.einsum("kd,dcp->kcp", self.embeds, proj)
+
+    def _pixels(self, images: list) -> torch.Tensor:
+        from tinydit.data import pil_to_tensor
+
+        return torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
 
     @torch.no_grad()
     def image_embeds(self, images: list) -> torch.Tensor:
         """(B, d) unit embeddings of the book image tower."""
-        from tinydit.data import pil_to_tensor
+        return F.normalize(self.image_encoder(self._pixels(images)), dim=-1)
 
-        x = torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
-        return F.normalize(self.image_encoder(x), dim=-1)
+    @torch.no_grad()
+    def feature_map(self, images: list) -> torch.Tensor:
+        """(B, P, C): the tower's last feature map, one C-vector per position (P = 4 x 4 for 32 px)."""
+        return self.image_encoder.features(self._pixels(images)).flatten(2).transpose(1, 2)
 
     def calibrate(self, fpr: float = 0.01, n: int = 2000, seed: int = 7) -> BookConceptChecker:
         """Per concept, the threshold that `fpr` of `n` test-split renders *without* the concept exceed."""
@@ -246,14 +273,14 @@ class BookConceptChecker:
         fpr = check_float("fpr", fpr, minimum=0, maximum=1)
         n = check_int("n", n, minimum=10, maximum=100_000)
         scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        sims = torch.cat([self.similarity([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
+        sims = torch.cat([self.scores([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
         for k, c in enumerate(self.concepts):
             negatives = sims[[not c.present(s) for s in scenes], k]
             self.thresholds[k] = torch.quantile(negatives, 1 - fpr) if len(negatives) else 0.5
         return self
 
     def check(self, images: list) -> tuple[list[bool], list[list[str]]]:
-        sims = self.similarity(images)  # (B, K)
+        sims = self.scores(images)  # (B, K)
         reasons = [[f"concept {c.name!r} ({float(s[k]):.3f} > {float(self.thresholds[k]):.3f})"
                     for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
         return [bool(r) for r in reasons], reasons
