@@ -722,6 +722,8 @@ class CrossAttentionMaps:
 # | export
 def attention_maps(pipe: TextToImagePipeline, prompt: str, seed: int = 0, **options):
     """Generate `prompt` and record where the image tokens attended: (PipelineOutput, (T, h, w) maps, T tokens)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected one string, got {type(prompt).__name__}")
     with CrossAttentionMaps(pipe.transformer) as maps:
         out = pipe([prompt], seed=seed, disable=True, **options)
     attn = maps.mean(1)[0]  # (T, h, w)
@@ -823,6 +825,8 @@ class GenerateDemo:
 
         if not isinstance(pipe, TextToImagePipeline):
             raise TypeError(f"pipe: expected a TextToImagePipeline; got {type(pipe).__name__}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
         self.pipe, self.attention, self.last = pipe, attention, None
         self.prompt = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="70%"))
         flow = pipe.sampling.prediction == "flow"  # the *_rf samplers need flow times <= 1
