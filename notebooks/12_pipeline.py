@@ -803,9 +803,8 @@ assert sum(hits) >= 0.6 * len(hits)  # chapter 09 measured 88 % on 300 prompts; 
 # Type a prompt (the book's vocabulary: colours red, green, blue, yellow, purple, orange; shapes circle,
 # square, triangle; positions and relations left / right / above / below; backgrounds white, gray,
 # black), pick a sampler, the steps, the guidance scale and a seed, and press Generate. The progress bar
-# follows the sampler's steps; below the image, what each word was attended to.
-
-# %% [markdown]
+# follows the sampler's steps; beside the image, what each word was attended to.
+#
 # The demo is a small class, exported, so the same object runs here, in a served web app
 # (`python -m tinydit demo` serves it with Voilà; a test drives it in headless Chromium) and in your own
 # notebooks. The image is an `ipywidgets.Image` holding the PNG itself — the browser shows it enlarged
