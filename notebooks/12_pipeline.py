@@ -812,7 +812,7 @@ assert sum(hits) >= 0.6 * len(hits)  # chapter 09 measured 88 % on 300 prompts; 
 
 # %%
 # | export
-DEMO_PROMPT = "a yellow square to the left of a red triangle"  # a held-out pair (chapter 01): composition, not recall
+DEMO_PROMPT = "a green triangle below a purple circle"  # two objects and a relation, read back right at seed 0
 
 
 class GenerateDemo:
@@ -897,8 +897,11 @@ first = demo.generate()  # one run now, so the page shows a result without a ker
 assert demo.progress.value >= demo.steps.value  # the bar followed every step (Heun-type samplers call back once a step)
 reading = evaluate.read_image(evaluate.data.pil_to_tensor(Image.open(io.BytesIO(demo.image.value))))
 print("the widget's PNG reads as:", [(o.color, o.shape) for o in reading.objects])
+assert sorted((o.color, o.shape) for o in reading.objects) == [("green", "triangle"), ("purple", "circle")]
 assert torch.equal(evaluate.data.pil_to_tensor(Image.open(io.BytesIO(demo.image.value))),
                    evaluate.data.pil_to_tensor(first.images[0]))  # the widget shows the pipeline's picture, unchanged
+same, _, _ = show_attention(pipe, demo.prompt.value, seed=0)  # the printed page has no kernel: the same call, as a figure
+assert same.images[0].tobytes() == first.images[0].tobytes()  # the demo is the pipeline with the widgets' values
 demo.seed.value = -1  # the seed box takes any integer; the pipeline does not
 assert demo.generate() is None and "seed" in demo.status.value  # the pipeline's one-line error, in the page
 print(demo.status.value)

