@@ -183,7 +183,8 @@ def test_demo_offers_only_samplers_that_fit_the_model(pipe):
 def test_demo_maps_one_panel_per_kept_token(pipe):
     from tinydit.pipeline import attention_maps
 
-    _, attn, words = attention_maps(pipe, " ".join(["a red circle"] * 20), num_inference_steps=2)  # 62 tokens > 32
+    with pytest.warns(UserWarning, match="62 tokens is more than"):  # 62 tokens > 32: truncated, and said so
+        _, attn, words = attention_maps(pipe, " ".join(["a red circle"] * 20), num_inference_steps=2)
     assert len(words) == attn.shape[0] and words[-1] == "<|endoftext|>"  # what the encoder kept, truncated as it does
 
 

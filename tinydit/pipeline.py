@@ -596,7 +596,7 @@ def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | No
         axes.pop(0).imshow(image)
         fig.axes[0].set_title("image", fontsize=8)
     vmax = float(attn[1:len(words) - 1].max()) if len(words) > 2 else float(attn.max())  # scale by the words, not <sot>/<eot>
-    for ax, word, m in zip(axes, words, attn):
+    for ax, word, m in zip(axes, words, attn.numpy()):
         ax.imshow(m, cmap="magma", vmin=0, vmax=vmax)
         ax.set_title(word.replace("<|startoftext|>", "<sot>").replace("<|endoftext|>", "<eot>"), fontsize=8)
     for ax in fig.axes:
