@@ -2,7 +2,8 @@
 Voila, Selenium drives the system's headless Chromium through it (Debian's `chromium` and
 `chromium-driver`, which `.ci/run` installs; nothing is downloaded at run time): type a prompt, press
 Generate, read the picture that appears back from the page's pixels with chapter 09's reader. About 20 s
-on 2 cores (printed)."""
+on 2 cores (printed). Without a browser: the demo command's one-line errors, and `GenerateDemo` itself
+(the samplers it offers, one map per kept token, any failure of a click shown in the page)."""
 
 import base64
 import io
