@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -26,6 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tinydit import cli, data, evaluate
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 NO_BROWSER = ("no system Chromium and ChromeDriver (Debian: apt-get install chromium chromium-driver; .ci/run "
@@ -115,6 +117,8 @@ def test_demo_in_headless_chromium_draws_the_typed_prompt(server, browser, tmp_p
     image = wait.until(lambda d: (im := page_image(d)) is not None and  # a blob URL: it loads after the status
                        data.pil_to_tensor(im).ne(data.pil_to_tensor(first)).any() and im)
     browser.save_screenshot(str(tmp_path / "demo.png"))
+    if os.environ.get("TINYDIT_UPDATE_SCREENSHOT") == "1":  # the book's picture of the demo, from this very run
+        Image.open(tmp_path / "demo.png").crop((0, 0, 1200, 460)).save(ROOT / "book" / "images" / "demo.png", optimize=True)
     print(f"page, prompt, Generate, image: {time.perf_counter() - start:.1f} s; status {status(browser)!r}")
 
     assert image.size == (32, 32)  # the PNG itself, not the 256 px rendering
