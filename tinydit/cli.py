@@ -428,17 +428,23 @@ def _barrier(world: int) -> None:
         dist.destroy_process_group()
 
 
+def _load_model_flag(model: str | None):
+    """The pipeline --model names (None: the shipped book model); a load failure is a --model error."""
+    from tinydit.pipeline import TextToImagePipeline
+
+    try:
+        return TextToImagePipeline.from_pretrained(model)
+    except (OSError, ValueError) as e:  # a hub id that cannot be fetched, a broken folder
+        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = _check_generate_flags(args)
     rank, world = _processes()
     _start_group(world)
-    from tinydit.pipeline import TextToImagePipeline
 
     t0 = time.perf_counter()
-    try:
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # a hub id that cannot be fetched, a broken folder
-        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    pipe = _load_model_flag(args.model)
     loaded = time.perf_counter()
     if args.out_dir is None:
         done = _write_image_file(pipe, args, prompts[0])
@@ -526,13 +532,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     source, mask = _check_edit_flags(args)
     from tinydit.edit import Img2ImgPipeline, InpaintPipeline
-    from tinydit.pipeline import TextToImagePipeline
 
     t0 = time.perf_counter()
-    try:
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # a hub id that cannot be fetched, a broken folder
-        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    pipe = _load_model_flag(args.model)
     _check_source_sides(pipe, args, source)
     if mask is not None and mask.size != source.size:  # after the last check: a refusal stays one line
         print(f"python -m tinydit {args.command}: warning: MASK is {mask.width}x{mask.height} px, SRC "
@@ -571,7 +573,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ImportError("the demo is served by Voila, which is not installed: pip install 'tinydit[notebooks]'")
     import nbformat
 
-    from tinydit.pipeline import DEMO_PROMPT, TextToImagePipeline
+    from tinydit.pipeline import DEMO_PROMPT
 
     try:  # Voila would quietly move to another port; say so instead
         family, kind, _, _, address = socket.getaddrinfo(args.ip, args.port, type=socket.SOCK_STREAM)[0]
@@ -582,10 +584,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--ip"  # else: not an address here
         raise _FlagError(f"{flag}: cannot listen on {args.ip}:{args.port} ({e.strerror}); pick another "
                          f"{flag.removeprefix('--')}") from None
-    try:  # fail here, in one line, rather than as a traceback in the served page
-        TextToImagePipeline.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise _FlagError(f"--model: {str(e).removeprefix('path_or_id: ')}") from None
+    _load_model_flag(args.model)  # fail here, in one line, rather than as a traceback in the served page
     model = None if args.model is None else str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with tempfile.TemporaryDirectory(prefix="tinydit-demo-") as tmp:
         notebook = Path(tmp) / "tinydit_demo.ipynb"
