@@ -185,7 +185,6 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -195,6 +194,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinydit.checkpoint import (
+    BOOK_VAE_DIR,
     WeightsMismatchError,
     load_model,
     load_state_dict,
@@ -845,7 +845,7 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
 
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
-    return Path(str(resources.files("tinydit") / "assets" / "book_vae"))
+    return BOOK_VAE_DIR
 
 
 def load_book_vae(dtype=None) -> AutoencoderKL:
@@ -1127,7 +1127,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import tinydit
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# The book's trained weights ship inside the package; inference owns their paths (training writes new ones).
+ASSETS = Path(tinydit.__file__).resolve().parent / "assets"
+BOOK_VAE_DIR = ASSETS / "book_vae"  # chapter 02
+BOOK_TEXT_ENCODER_DIR = ASSETS / "book_text_encoder"  # chapter 06 (and its image tower)
+BOOK_MODEL_DIR = ASSETS / "book_model"  # chapter 09's TextDiT, in diffusers' PixArt layout
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 WRAPPER_KEYS = ("state_dict", "ema", "model", "module")  # how training code nests a state dict
 # How torch.load(weights_only=True) says that a readable file holds something other than tensors

@@ -98,6 +98,7 @@ diffusers' and the original PixArt layouts, and `load_transformer`, which reads 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -1039,6 +1040,89 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
         return DiT.from_pretrained(folder, dtype=dtype, **overrides)
     raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
                      "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")
+
+# %% [markdown]
+# Writing is the inverse: our names back to diffusers' (the fused `qkv` / `kv` cut back into `to_q`,
+# `to_k`, `to_v`) and our config back to a `PixArtTransformer2DModel` config.json. Chapter 09 saves the
+# book model this way and chapter 12 writes whole pipeline folders with it; the round trip is checked
+# in chapter 12 and, against diffusers itself, in the tests.
+
+# %%
+# | export
+def pixart_config(cfg: TextDiTConfig) -> dict:
+    """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
+    if cfg.modulation != "adaln_single" or cfg.pooled_dim:
+        raise ValueError("transformer: only PixArt-style TextDiTs (adaln_single, no pooled text) have a diffusers "
+                         f"layout; got modulation={cfg.modulation!r}, pooled_dim={cfg.pooled_dim}")
+    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels * (2 if cfg.learn_sigma else 1),
+            "num_layers": cfg.depth, "sample_size": cfg.input_size, "patch_size": cfg.patch_size,
+            "cross_attention_dim": cfg.hidden_size, "caption_channels": cfg.context_dim,
+            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
+            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
+            "interpolation_scale": cfg.interpolation_scale, "use_additional_conditions": cfg.micro_conditions,
+            "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
+
+
+PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
+                  "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+                  "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+                  "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+                  "y_embedder.y_proj.fc2": "caption_projection.linear_2", "final_layer.linear": "proj_out",
+                  "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
+                  "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+
+
+def _is_pixart_key(key: str) -> bool:
+    """Does pixart_to_diffusers know where `key` of a TextDiT (adaLN-single) state dict goes?"""
+    if key in ("pos_embed", "final_layer.scale_shift_table"):
+        return True
+    parts = key.split(".", 2)
+    if parts[0] == "blocks" and len(parts) == 3:
+        rest = parts[2]
+        part = rest.rsplit(".", 1)[0]  # "mlp.fc1" of "mlp.fc1.weight"
+        split = ("attn.qkv", "cross_attn.kv_linear")  # fused weights, cut in three / two
+        return rest == "scale_shift_table" or (part != rest and (part in PIXART_RENAMES or part in split))
+    return key.rsplit(".", 1)[0] in PIXART_RENAMES
+
+
+def _check_pixart_state_dict(sd) -> None:
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
+    unknown = [k for k in sd if not _is_pixart_key(k)]
+    if unknown:
+        listed = ", ".join(repr(k) for k in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
+
+
+def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
+    chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""
+    _check_pixart_state_dict(sd)
+    sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # diffusers recomputes the fixed table
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        stem, suffix = key.rsplit(".", 1)
+        if key == "final_layer.scale_shift_table":
+            out["scale_shift_table"] = value
+        elif key.startswith("blocks."):
+            _, n, rest = key.split(".", 2)
+            b = f"transformer_blocks.{n}."
+            part = rest.rsplit(".", 1)[0]
+            if rest == "scale_shift_table":
+                out[b + rest] = value
+            elif part == "attn.qkv":
+                for name, chunk in zip("qkv", value.chunk(3)):
+                    out[f"{b}attn1.to_{name}.{suffix}"] = chunk
+            elif part == "cross_attn.kv_linear":
+                for name, chunk in zip("kv", value.chunk(2)):
+                    out[f"{b}attn2.to_{name}.{suffix}"] = chunk
+            else:
+                out[f"{b}{PIXART_RENAMES[part]}.{suffix}"] = value
+        else:
+            out[f"{PIXART_RENAMES[stem]}.{suffix}"] = value
+    return {k: v.contiguous() for k, v in out.items()}
 
 # %% [markdown]
 # ### Parity with diffusers, measured

@@ -125,14 +125,22 @@ sampling schedules, and two denoisers whose answers are known (Gaussian data, a 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from tinydit.schedules import (
+    DEFAULT_BETA_RANGES,
+    SCHEDULE_ALIASES,
+    SCHEDULES,
+    alphas_cumprod,
     discrete_sigmas,
     flow_sigmas,
     karras_sigmas,
+    make_betas,
+    rescale_zero_terminal_snr,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
@@ -300,6 +308,188 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ### 2.1 One object for a model's parametrisation
+#
+# Three things must agree for a model to be sampled right: what the network was *trained* to predict
+# (the target and the noised input), how a sampler *asks* it ($D(x, \sigma)$), and how the files on
+# disk *describe* it (diffusers' `scheduler_config.json`). k-diffusion keeps the first two in one
+# wrapper; we keep all three in one dataclass, `Parametrisation`, so that training (chapter 09),
+# the pipeline (chapter 12) and a saved folder can never disagree. Its methods are the three views:
+# `noised` (training), `denoiser` + `sigmas` (sampling), `from_scheduler_config` / `scheduler_config`
+# (files). Which of diffusers' scheduler classes a folder names also says which sampler to run.
+
+# %%
+# | export denoisers
+# diffusers scheduler class <-> our sampler; the parity tests of §4 pair them
+SCHEDULER_SAMPLERS = {
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
+    "DDIMScheduler": "ddim", "UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+}
+SAMPLER_SCHEDULERS = {"dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+                      "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+                      "heun": "HeunDiscreteScheduler", "ddim": "DDIMScheduler", "unipc": "UniPCMultistepScheduler"}
+MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+TARGETS = (*PREDICTIONS, "flow")
+BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
+
+
+def _check_noised_inputs(x0, noise, u, normal) -> None:
+    """x0 finite floats (B, C, H, W), noise of the same shape, u in [0, 1] and normal both (B,)."""
+    check_tensor("x0", x0, ndim=4, floating=True, finite=True)
+    check_tensor("noise", noise, floating=True)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    for name, draws in (("u", u), ("normal", normal)):
+        check_tensor(name, draws, floating=True)
+        if tuple(draws.shape) != (len(x0),):
+            raise ValueError(f"{name}: expected one draw per sample, shape ({len(x0)},), got {tuple(draws.shape)}")
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
+
+
+def scheduler_sampler(d: dict) -> str:
+    """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
+    name = d.get("_class_name") if isinstance(d, dict) else None
+    if name not in SCHEDULER_SAMPLERS:
+        raise ValueError(f"scheduler: {name!r} has no tinydit counterpart; supported: {sorted(SCHEDULER_SAMPLERS)}")
+    sde = name == "DPMSolverMultistepScheduler" and "sde" in d.get("algorithm_type", "dpmsolver++")
+    return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
+
+# %%
+# | export denoisers
+@dataclass
+class Parametrisation:
+    """What a network predicts from a noised latent and on which noise schedule: the training target,
+    the sampling denoiser and the diffusers scheduler config, in one object."""
+
+    prediction: str = "v_prediction"  # "epsilon", "v_prediction", "sample" (DDPM betas) or "flow" (rectified flow)
+    beta_schedule: str = "linear"  # training betas (DiT, PixArt and the book model: linear)
+    beta_start: float | None = None  # None: the schedule's own range (linear 1e-4 .. 0.02)
+    beta_end: float | None = None
+    num_train_timesteps: int = 1000  # T: the model's time input runs over [0, T)
+    zero_terminal_snr: bool = False  # betas rescaled to SNR 0 at t = T (Lin et al. 2023)
+    shift: float = 1.0  # flow models: SD3's time shift of the sampling schedule
+    quantize: bool = True  # call the model at integer timesteps, as diffusers' discrete schedulers do
+    sigma_schedule: str = "karras"  # "karras", "exponential", or diffusers' "linspace" / "leading" / "trailing"
+    steps_offset: int = 0  # diffusers' steps_offset (SD 1.x: 1), for "leading" spacing
+    scheduler: str = "DPMSolverMultistepScheduler"  # the diffusers class read: multistep ones space "linspace" their own way
+
+    def __post_init__(self):
+        check_choice("prediction", self.prediction, TARGETS)
+        key = SCHEDULE_ALIASES.get(self.beta_schedule, check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES))
+        if key != "cosine":  # a linear-type schedule: its range, defaults filled in (the cosine one has none)
+            lo, hi = DEFAULT_BETA_RANGES[key]
+            self.beta_start = lo if self.beta_start is None else check_float("beta_start", self.beta_start)
+            self.beta_end = hi if self.beta_end is None else check_float("beta_end", self.beta_end)
+        check_choice("sigma_schedule", self.sigma_schedule, DISCRETE_SCHEDULES)
+        check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_float("shift", self.shift, minimum=0, min_inclusive=False)
+        check_int("steps_offset", self.steps_offset, minimum=0)
+
+        self.__dict__.pop("alphas_cumprod", None)  # re-validated after a field changed: recompute the table
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar of the training betas (flow models: unused)."""
+        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        return alphas_cumprod(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas).double()
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
+        """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
+        draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
+        _check_noised_inputs(x0, noise, u, normal)
+        if self.prediction == "flow":
+            t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
+            tb = t[:, None, None, None]
+            return (1 - tb) * x0 + tb * noise, t * self.num_train_timesteps, noise - x0
+        T = self.num_train_timesteps
+        step = (u * T).long().clamp(max=T - 1)  # (B,) uniform over the T trained steps
+        ab = self.alphas_cumprod[step.cpu()].to(x0)  # (B,)
+        a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
+        target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
+        return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
+
+    def denoiser(self, model: nn.Module) -> nn.Module:
+        """Sampling: D(x, sigma, **cond) -> x0 around the network."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
+        if self.prediction == "flow":
+            return FlowDenoiser(model, time_scale=self.num_train_timesteps)
+        return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
+
+    def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
+        """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
+        steps = check_int("steps", steps, minimum=1)
+        if self.prediction == "flow":
+            return denoiser.get_sigmas(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+        if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
+            # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
+            t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+            table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
+            return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
+        return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
+
+    @classmethod
+    def from_scheduler_config(cls, d: dict) -> Parametrisation:
+        """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
+        name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
+        if name.startswith("FlowMatch"):
+            return cls(prediction="flow", shift=float(d.get("shift", 1.0)), num_train_timesteps=T, scheduler=name)
+        if d.get("prediction_type", "epsilon") not in PREDICTIONS:
+            raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
+        betas = d.get("beta_schedule", "linear")
+        cosine = SCHEDULE_ALIASES.get(betas, betas) == "cosine"  # no range: diffusers' beta_start/end are ignored
+        schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
+                    else d.get("timestep_spacing", "linspace"))
+        return cls(prediction=d.get("prediction_type", "epsilon"), beta_schedule=betas,
+                   beta_start=None if cosine else d.get("beta_start", 0.0001),
+                   beta_end=None if cosine else d.get("beta_end", 0.02), num_train_timesteps=T,
+                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
+                   steps_offset=d.get("steps_offset", 0), scheduler=name)
+
+    def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
+        """Files: the diffusers scheduler config that samples like this with `sampler`."""
+        T = self.num_train_timesteps
+        if self.prediction == "flow":
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
+        name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
+        d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
+             "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them
+             "prediction_type": self.prediction,
+             "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
+        if self.sigma_schedule in ("karras", "exponential"):
+            d[f"use_{self.sigma_schedule}_sigmas"] = True
+        else:
+            d["timestep_spacing"] = self.sigma_schedule
+        if name == "DPMSolverMultistepScheduler":
+            d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_2m_sde" else "dpmsolver++")
+        return d
+
+# %%
+class Oracle(torch.nn.Module):  # a "network" that returns the training target it was shown
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x, t):
+        return self.target
+
+x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+for p in TARGETS:
+    par = Parametrisation(prediction=p)
+    assert Parametrisation.from_scheduler_config(par.scheduler_config()) == par, p  # files, both ways
+    x_t, t, target = par.noised(x0, noise, u=torch.tensor([0.3, 0.9]), normal=torch.tensor([-1.0, 1.0]))  # training
+    if p == "flow":
+        x, sigma = x_t, t / par.num_train_timesteps  # sigma = t
+    else:
+        ab = par.alphas_cumprod[t]  # (2,)
+        sigma = ((1 - ab) / ab).sqrt().float()  # the same noise levels in Karras' variance-exploding space
+        x = x_t * (sigma**2 + 1).sqrt()[:, None, None, None]
+    assert torch.allclose(par.denoiser(Oracle(target))(x, sigma), x0, atol=1e-4), p  # sampling gives x0 back
+Parametrisation().scheduler_config()
+
+# %% [markdown]
 # ## 3. Samplers
 #
 # ### 3.1 Euler: the ODE, one slope per step
@@ -327,8 +517,9 @@ def lesson_euler(D, x, sigmas):
 """Samplers: integrate from noise to data with a denoiser D(x, sigma, **cond) -> x0 (Karras et al. 2022).
 
 Every sampler has k-diffusion's signature `sample_x(model, x, sigmas, extra_args=None, callback=None,
-disable=None, ..., generator=None)`: `x` is the start (noise * sigmas[0]), `sigmas` descends to a final
-0, `model` is a denoiser (`tinydit.denoisers`). Noise is drawn from `generator` on the CPU, then moved,
+disable=None, ..., generator=None)`: `x` is the start (noise * sigmas[0]), `sigmas` descends strictly
+(to 0 for a clean sample; ending above 0 returns the partly denoised one, so a schedule can be split
+across two samplers, as ComfyUI's SplitSigmas does), `model` is a denoiser (`tinydit.denoisers`). Noise is drawn from `generator` on the CPU, then moved,
 so a seed gives the same image on any device. `SAMPLERS` maps names to the functions.
 """
 
@@ -344,14 +535,15 @@ from tinydit.validation import check_choice, check_float, check_int, check_tenso
 
 
 def _check_sigmas(sigmas) -> list[float]:
-    """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels ending in 0 -> floats."""
+    """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels >= 0 -> floats. Ending
+    above 0 returns the partly denoised sample, so one schedule can be split across two samplers."""
     check_tensor("sigmas", sigmas, ndim=1, floating=True, finite=True)
     if len(sigmas) < 2:
         raise ValueError(f"sigmas: expected n+1 >= 2 noise levels (n >= 1 steps; 0 steps would return the "
                          f"noise itself), got {len(sigmas)}")
     s = sigmas.tolist()  # one device sync; the loops compute their coefficients in Python floats
-    if s[-1] != 0:
-        raise ValueError(f"sigmas: expected the last value to be 0 (a sampler ends on a clean sample), got {s[-1]}")
+    if s[-1] < 0:
+        raise ValueError(f"sigmas: expected noise levels >= 0, got a last value of {s[-1]}")
     for i in range(len(s) - 1):
         if not s[i] > s[i + 1]:
             raise ValueError(f"sigmas: expected strictly decreasing values, got sigmas[{i}] = {s[i]} <= "
@@ -951,6 +1143,10 @@ def get_sampler(name: str):
     """The sampler function called `name` (see `SAMPLERS`)."""
     return SAMPLERS[name]
 
+
+DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
+DEFAULT_STEPS = 20  # model evaluations per image (chapter 12's benchmark: Euler needs 6 for the same adherence)
+
 # %% [markdown]
 # ## 4. Parity with diffusers' schedulers
 #
@@ -1221,6 +1417,25 @@ widgets.interact(sample_grid, sampler=widgets.Dropdown(options=names, value="eul
                  steps=widgets.IntSlider(value=8, min=1, max=40), eta=widgets.FloatSlider(value=1.0, min=0, max=1, step=0.1))
 
 # %% [markdown]
+# ### Splitting a schedule
+#
+# A schedule need not end at 0: the sampler then stops at its last noise level and returns the
+# partly denoised sample. ComfyUI users split one schedule in two (`SplitSigmas`) to hand the
+# high-noise steps to one sampler or model and the rest to another. For a one-step method the two
+# halves are exactly the whole run; an ancestral one continues with the same generator. Multistep
+# methods (DPM++ 2M/3M, LMS, UniPC) restart their history at the split, as in k-diffusion.
+
+# %%
+k = 4
+for name in ("euler", "heun", "dpm_2", "euler_ancestral", "dpmpp_2s_ancestral"):
+    g = torch.Generator().manual_seed(0)
+    whole = SAMPLERS[name](gauss, x_T, sig10.double(), disable=True, generator=torch.Generator().manual_seed(0))
+    half = SAMPLERS[name](gauss, x_T, sig10[: k + 1].double(), disable=True, generator=g)  # stops at sigma_k > 0
+    both = SAMPLERS[name](gauss, half, sig10[k:].double(), disable=True, generator=g)
+    assert torch.equal(both, whole), name  # bit for bit
+print(f"split at sigma_{k} = {float(sig10[k]):.3f}: five one-step samplers give the whole run, bit for bit")
+
+# %% [markdown]
 # ## 7. Bad input
 #
 # Every sampler checks its inputs once, before the first denoiser call, and names what is wrong.
@@ -1229,7 +1444,7 @@ widgets.interact(sample_grid, sampler=widgets.Dropdown(options=names, value="eul
 bad_runs = {
     r"sigmas: expected strictly decreasing values, got sigmas\[1\] = 1.0 <= sigmas\[2\] = 2.0": torch.tensor([3.0, 1.0, 2.0, 0.0]),
     r"sigmas: expected strictly decreasing values, got sigmas\[0\] = 1.0 <= sigmas\[1\] = 1.0": torch.tensor([1.0, 1.0, 0.0]),
-    r"sigmas: expected the last value to be 0": torch.tensor([2.0, 1.0]),
+    r"sigmas: expected noise levels >= 0, got a last value of -1.0": torch.tensor([2.0, 1.0, -1.0]),
     r"sigmas: expected n\+1 >= 2 noise levels .* got 1": torch.tensor([0.0]),
     r"sigmas: expected finite values, got 1 NaN": torch.tensor([float("nan"), 1.0, 0.0]),
 }

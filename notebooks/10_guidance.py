@@ -32,6 +32,7 @@ import os
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
+import copy
 import math
 import time
 
@@ -45,11 +46,10 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from tinydit import data, samplers, train
+from tinydit import data, samplers
 from tinydit.denoisers import DiscreteDenoiser
 from tinydit.evaluate import eval_scenes, render_scenes
-from tinydit.text import load_book_text_encoder
-from tinydit.vae import load_book_vae
+from tinydit.pipeline import TextToImagePipeline
 from tinydit.validation import expect_error
 
 torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
@@ -106,7 +106,8 @@ D_uncond + scale (D_cond - D_uncond) (Ho & Salimans 2022), both branches in one 
 every sampler of `tinydit.samplers` runs it unchanged; the conditioning travels in `extra_args`
 (`guidance_args` builds it from prompts). Cures: `Rescale` (Lin et al. 2023), `Threshold` (Imagen,
 Saharia et al. 2022), `Mimic` (sd-dynamic-thresholding), `APG` (Sadat et al. 2024), and the guidance
-`interval` (Kynkäänniemi et al. 2024). `generate_guided` samples the book model with any of them.
+`interval` (Kynkäänniemi et al. 2024). The pipeline (chapter 12) runs them all; the measurements of
+this chapter stand on it, in `tinydit.guidance_study`.
 """
 
 from __future__ import annotations
@@ -117,11 +118,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinydit.data import BACKGROUNDS, COLORS
-from tinydit.evaluate import evaluate
-from tinydit.text import load_book_text_encoder
-from tinydit.train import DEFAULT_SAMPLER, DEFAULT_STEPS, generate
-from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
 
 SPACES = ("v", "eps", "x0")  # where CFG rescale measures the standard deviation
@@ -288,14 +284,24 @@ torch.testing.assert_close(CFGDenoiser(toy_D, 4.5)(x_toy, sig_toy, context=c_toy
 
 # %% [markdown]
 # **Every sampler runs it.** On the book model, for six samplers (deterministic, ancestral, second
-# order): at $w = 1$ the wrapper is the bare conditional denoiser; at $w = 3$ it matches chapter 09's
-# minimal `GuidedDenoiser`.
+# order): at $w = 1$ the wrapper is the bare conditional denoiser; at $w = 3$ it matches the formula
+# written out with two separate calls. The book model comes from chapter 12's pipeline, which holds it
+# with its parametrisation (chapter 08), text encoder and VAE.
 
 # %%
-book, objective = train.load_book_model()
-encoder, book_vae = load_book_text_encoder(), load_book_vae()
-D_book = objective.denoiser(book)
-sig8 = objective.sigmas(D_book, 8)
+pipe = TextToImagePipeline.from_pretrained()  # the shipped book model
+book, param, encoder, book_vae = pipe.transformer, pipe.sampling, pipe.text_encoder, pipe.vae
+D_book = param.denoiser(book)
+sig8 = param.sigmas(D_book, 8)
+
+
+def two_call_cfg(D, w):  # the formula and nothing else: two forwards, no batching, no checks
+    def guided(x, sigma, context, context_mask, uncond_context, uncond_mask):
+        uncond = D(x, sigma, context=uncond_context, context_mask=uncond_mask)
+        return uncond + w * (D(x, sigma, context=context, context_mask=context_mask) - uncond)
+    return guided
+
+
 prompts = ["a red triangle above a blue circle", "a big yellow square in the middle"]
 args = guidance_args(encoder, prompts)  # context, context_mask, uncond_context, uncond_mask: (B, T, 96), (B, T)
 x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sig8[0]  # (B, C, h, w)
@@ -304,19 +310,34 @@ for name in ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "un
                                                                generator=torch.Generator().manual_seed(1))
     plain = run(D_book, dict(context=args["context"], context_mask=args["context_mask"]))
     torch.testing.assert_close(run(CFGDenoiser(D_book, 1.0), args), plain)
-    torch.testing.assert_close(run(CFGDenoiser(D_book, 3.0), args), run(train.GuidedDenoiser(D_book, 3.0), args),
+    torch.testing.assert_close(run(CFGDenoiser(D_book, 3.0), args), run(two_call_cfg(D_book, 3.0), args),
                                rtol=1e-5, atol=1e-5)
 
 # %% [markdown]
 # ## 2. What the scale does
 #
-# `generate_guided` is chapter 09's `generate` with the full wrapper as its `guide` (cure, interval)
-# and `guidance_args` as its `cond_args` (negative prompt); it keeps what section 4's saturation
-# measures read: the decoded images *before* the clamp to $[-1, 1]$ (it asks for the latents and
-# decodes them itself), and the last step's $\hat x_0$ (the sampler's `callback` sees every step).
+# `generate_guided` runs the pipeline's public steps (chapter 12) with a cure and an interval, and keeps
+# what section 4's saturation measures read: the decoded images *before* the clamp to $[-1, 1]$
+# (`decode(z, clamp=False)`), and the last step's $\hat x_0$ (the sampler's `callback` sees every step).
+# It lives in `tinydit.guidance_study`: measurements stand on the pipeline, the pipeline never on them.
 
 # %%
-# | export
+# | export guidance_study
+"""Chapter 10's measurements of guidance on the book model: `generate_guided` (the pipeline's steps with
+a cure, keeping the raw decode and the last x0), saturation measures, and `measure` (adherence through
+chapter 09's evaluator, and saturation, of one setting). Inference never imports this module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinydit.data import BACKGROUNDS, COLORS
+from tinydit.evaluate import evaluate
+from tinydit.guidance import DEFAULT_CURE
+
+
 @dataclass
 class Guided:
     """What `generate_guided` returns."""
@@ -327,18 +348,19 @@ class Guided:
 
 
 @torch.no_grad()
-def generate_guided(model, objective, captions: list[str], seeds: list[int] | None = None, scale: float | None = None,
-                    cure="default", interval=None, negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
-                    sampler: str = DEFAULT_SAMPLER, vae=None, text_encoder=None, disable: bool | None = True) -> Guided:
-    """Chapter 09's `generate` with a full CFGDenoiser as its `guide`: `scale` (None: DEFAULT_SCALE), `cure`
-    ("default": DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`. Noise from `seeds`, drawn on the CPU."""
-    scale, cure = DEFAULT_SCALE if scale is None else scale, DEFAULT_CURE if cure == "default" else cure
-    text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-    last = {}  # the sampler's callback keeps the last step: its x0 prediction is "denoised"
-    latents = generate(model, objective, captions, seeds, steps, sampler=sampler, disable=disable, return_latents=True,
-                       guide=lambda denoiser, sigmas: CFGDenoiser(denoiser, scale, cure, interval, sigmas),
-                       cond_args=guidance_args(text_encoder, captions, negative_prompt), callback=last.update)
-    raw = (vae if vae is not None else load_book_vae()).from_latent(latents.float().cpu())  # (B, 3, H, W)
+def generate_guided(pipe, captions: list[str], seeds: list[int] | None = None, scale: float | None = None,
+                    cure="default", interval=None, negative_prompt: str | list[str] | None = None,
+                    steps: int | None = None, sampler: str | None = None, disable: bool | None = True) -> Guided:
+    """A TextToImagePipeline's steps with CFG at `scale` (None: the pipeline's default), `cure` ("default":
+    DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`; image i's noise from seeds[i] (default i)."""
+    cure = DEFAULT_CURE if isinstance(cure, str) and cure == "default" else cure
+    r = pipe.check_inputs(captions, negative_prompt, 1, steps, scale, sampler)
+    start = pipe.prepare_latents(r.shape, seed=list(range(len(r.prompts))) if seeds is None else list(seeds))
+    sigmas, last = pipe.schedule(r.steps), {}  # the sampler's callback keeps the last step: its x0 is "denoised"
+    z = pipe.denoise(start.noise * sigmas[0], pipe.encode_prompt(r.prompts, r.negatives), sigmas, r.guidance_scale,
+                     r.sampler, cure=cure, interval=interval, generator=start.generator, callback=last.update,
+                     disable=disable)  # (B, C, h, w)
+    raw = pipe.decode(z, clamp=False)  # (B, 3, H, W)
     return Guided(raw.clamp(-1, 1), raw, last["denoised"].float().cpu())
 
 # %% [markdown]
@@ -351,7 +373,7 @@ def generate_guided(model, objective, captions: list[str], seeds: list[int] | No
 demo = ["a big red triangle in the middle", "a blue circle on the right",  # two HELD_OUT pairs
         "a red square left of a green circle", "a purple circle right of an orange square"]
 SHOW = [1.0, 2.0, 6.0, 12.0]
-runs = {w: generate_guided(book, objective, demo, scale=w, cure=None, vae=book_vae, text_encoder=encoder) for w in SHOW}
+runs = {w: generate_guided(pipe, demo, scale=w, cure=None) for w in SHOW}
 print("rows: scale", ", ".join(map(str, SHOW)))
 data.image_grid(torch.cat([r.images for r in runs.values()]), cols=len(demo), scale=3)
 
@@ -449,8 +471,8 @@ torch.testing.assert_close(rescale_cfg(p_cond, p_cfg, 0.7), lesson_rescale(p_con
 print("rescale_cfg vs diffusers: max |diff| =", float((rescale_cfg(p_cond, p_cfg, 0.7)
                                                       - rescale_noise_cfg(p_cfg, p_cond, 0.7)).abs().max()))
 
-book64 = train.load_book_model()[0].double().requires_grad_(False)  # float64: the σ-conversions add no rounding
-D64 = DiscreteDenoiser(book64, objective.alphas_cumprod, "v_prediction")
+book64 = copy.deepcopy(book).double().requires_grad_(False)  # float64: the σ-conversions add no rounding
+D64 = DiscreteDenoiser(book64, param.alphas_cumprod, "v_prediction")
 x64, s64 = x_T.double(), torch.full((2,), 3.0, dtype=torch.float64)
 a64 = {k: v.double() if v.is_floating_point() else v for k, v in args.items()}
 x_in, t64 = x64 / (s64[:, None, None, None] ** 2 + 1) ** 0.5, D64.sigma_to_t(s64)  # the network's own inputs
@@ -725,7 +747,7 @@ assert calls == [6, 3]  # outside the interval: the conditional branch alone
 #   nearest named colour is a palette colour, not a background) to that palette colour.
 
 # %%
-# | export
+# | export guidance_study
 CLIP_LIMIT = 1.1  # |decoded value| beyond this counts as clipped (real renders, decoded: 0.04 % of pixels)
 
 
@@ -747,15 +769,15 @@ def saturation(out: Guided) -> dict[str, torch.Tensor]:
             "palette_error": palette_error(out.images)}
 
 
-def measure(model, objective, scale: float, n: int = 300, seed: int = 0, steps: int = DEFAULT_STEPS,
-            sampler: str = DEFAULT_SAMPLER, vae=None, text_encoder=None, **options) -> dict:
+def measure(pipe, scale: float, n: int = 300, seed: int = 0, steps: int | None = None, sampler: str | None = None,
+            **options) -> dict:
     """Adherence (chapter 09's `evaluate`, n prompts per group) and mean saturation of one setting:
     `generate_guided` at `scale` with `options` (cure=..., interval=..., negative_prompt=...)."""
     stats = []
 
     def draw(captions, seeds):
-        out = generate_guided(model, objective, captions, seeds, scale=scale, steps=steps, sampler=sampler,
-                              vae=vae, text_encoder=text_encoder, **{"cure": None, **options})
+        out = generate_guided(pipe, captions, seeds, scale=scale, steps=steps, sampler=sampler,
+                              **{"cure": None, **options})
         stats.append(saturation(out))
         return out.images
 
@@ -796,7 +818,7 @@ scales = [1.0, 3.0, 6.0, 12.0] if FAST else [1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0]
 n_eval = 10 if FAST else 100  # prompts per group: 300 per setting, 42 settings (~20 min on one core)
 t0 = time.time()
 settings = [(name, options, w) for name, options in CURES.items() for w in scales]
-rows = [{"cure": name, **measure(book, objective, w, n_eval, vae=book_vae, text_encoder=encoder, **options)}
+rows = [{"cure": name, **measure(pipe, w, n_eval, **options)}
         for name, options, w in tqdm(settings, desc="sweep", disable=FAST)]
 print(f"{len(rows)} settings x {3 * n_eval} prompts in {time.time() - t0:.0f} s")
 
@@ -888,7 +910,7 @@ DEFAULT_CURE = None  # at scale 2 nothing burns: plain CFG has the lowest colour
 
 # %%
 def show_guidance(scale=DEFAULT_SCALE, cure="none"):
-    out = generate_guided(book, objective, demo, scale=scale, vae=book_vae, text_encoder=encoder,
+    out = generate_guided(pipe, demo, scale=scale,
                           **{"cure": None, **CURES[cure]})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3), width_ratios=[2, 1])
     ax1.imshow(data.image_grid(out.images, cols=len(demo), scale=3)), ax1.axis("off")

@@ -31,6 +31,7 @@ FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller
 
 # %%
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -40,9 +41,11 @@ import torch
 from IPython.display import display
 
 from tinydit import evaluate, samplers
+from tinydit.checkpoint import BOOK_MODEL_DIR
+from tinydit.denoisers import Parametrisation
 from tinydit.guidance import CFGDenoiser, guidance_args
 from tinydit.text import load_book_text_encoder
-from tinydit.train import load_book_model
+from tinydit.textdit import TextDiT
 from tinydit.vae import load_book_vae
 from tinydit.validation import expect_error
 
@@ -55,19 +58,20 @@ torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats
 # denoiser once per step → latents → pixels (the VAE). With the book's parts:
 
 # %%
-def lesson_pipeline(prompt, encoder, model, objective, vae, seed=0, steps=20, scale=2.0):
+def lesson_pipeline(prompt, encoder, model, param, vae, seed=0, steps=20, scale=2.0):
     cond = guidance_args(encoder, [prompt])  # tokens (1, T, 96) and the empty prompt's, with masks
-    denoiser = CFGDenoiser(objective.denoiser(model), scale)  # D(x, sigma) -> x0, guided
-    sigmas = objective.sigmas(denoiser.denoiser, steps)  # (steps + 1,) from sigma_max down to 0
+    denoiser = CFGDenoiser(param.denoiser(model), scale)  # D(x, sigma) -> x0, guided
+    sigmas = param.sigmas(denoiser.denoiser, steps)  # (steps + 1,) from sigma_max down to 0
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * sigmas[0]  # (1, 4, 8, 8)
     z = samplers.sample_dpmpp_2m(denoiser, x, sigmas, extra_args=cond, disable=True)  # (1, 4, 8, 8)
     return vae.from_latent(z).clamp(-1, 1)  # (1, 3, 32, 32) in [-1, 1]
 
 
 encoder, vae = load_book_text_encoder(), load_book_vae()
-model, objective = load_book_model()
+model = TextDiT.from_pretrained(BOOK_MODEL_DIR)  # the book model that chapter 09 trains, shipped with the package
+param = Parametrisation.from_scheduler_config(json.loads((BOOK_MODEL_DIR / "scheduler_config.json").read_text()))
 with torch.no_grad():
-    lesson_image = lesson_pipeline("a red circle above a blue square", encoder, model, objective, vae)
+    lesson_image = lesson_pipeline("a red circle above a blue square", encoder, model, param, vae)
 assert lesson_image.shape == (1, 3, 32, 32)
 reading = evaluate.read_image(lesson_image[0])
 print(reading)
@@ -89,153 +93,64 @@ print(reading)
 # %%
 # | export
 """Text to image end to end (chapter 12): `TextToImagePipeline` (text encoder -> DiT + sampler +
-guidance -> VAE), reading and writing diffusers' pipeline layout (PixArt-α / Σ), with defaults stored
-beside the weights, a prompt-embedding cache, offloading and dtype."""
+guidance -> VAE) with diffusers' public steps (`check_inputs`, `encode_prompt`, `prepare_latents`,
+`denoise`, `decode`), which img2img, inpainting, the evaluator and the chapters reuse, defaults stored
+beside the weights, a prompt-embedding cache, offloading and dtype. Folder layouts: `tinydit.formats`."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import html
-import io
-import json
 import logging
 import os
-import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tinydit.checkpoint import read_config, resolve_dtype, resolve_pretrained
-from tinydit.denoisers import DISCRETE_SCHEDULES, PREDICTIONS, DiscreteDenoiser, FlowDenoiser
+from tinydit import formats
+from tinydit.checkpoint import BOOK_MODEL_DIR, resolve_dtype
+from tinydit.denoisers import Parametrisation, scheduler_sampler
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
 from tinydit.offload import ModelOffload, as_device
-from tinydit.samplers import SAMPLERS, get_sampler
-from tinydit.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
-from tinydit.text import (
-    CLIPTextEncoder,
-    PromptCache,
-    T5TextEncoder,
-    TextEmbeddings,
-    _quiet_transformers,
-    load_book_text_encoder,
-)
-from tinydit.textdit import TextDiT, TextDiTConfig
-from tinydit.train import BOOK_MODEL_DIR, DEFAULT_SAMPLER, DEFAULT_STEPS, pixart_to_diffusers
-from tinydit.vae import AutoencoderKL, load_book_vae
+from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampler
+from tinydit.text import PromptCache, TextEmbeddings
+from tinydit.textdit import TextDiT
+from tinydit.vae import AutoencoderKL
 from tinydit.validation import check_float, check_int, check_memory, check_tensor
 
-# diffusers scheduler class -> (our sampler, its options); chapter 08's parity tests pair them
-SCHEDULER_SAMPLERS = {
-    "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
-    "DDIMScheduler": "ddim", "UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
-}
-MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
-SAMPLER_SCHEDULERS = {"dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
-                      "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
-                      "heun": "HeunDiscreteScheduler", "ddim": "DDIMScheduler", "unipc": "UniPCMultistepScheduler"}
 
-
+# %%
+# | export
 @dataclass
-class SamplingConfig:
-    """How a model is sampled: its parametrisation and training betas (from the scheduler config), and
-    the defaults a call uses when it does not say (sampler, steps, guidance)."""
+class SamplingConfig(Parametrisation):
+    """Chapter 08's Parametrisation of a model (read from its scheduler config), and the defaults a
+    call uses when it does not say (sampler, steps, guidance, size)."""
 
-    prediction: str = "v_prediction"  # "epsilon", "v_prediction" (DDPM betas) or "flow" (rectified flow)
-    beta_schedule: str = "linear"  # the training betas (PixArt and the book model: linear 1e-4 .. 0.02)
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    num_train_timesteps: int = 1000
-    zero_terminal_snr: bool = False  # betas rescaled to SNR 0 at t = T (Lin et al. 2023)
-    sigma_schedule: str = "karras"  # "karras", "exponential", or diffusers' "linspace" / "leading" / "trailing"
-    steps_offset: int = 0  # diffusers' steps_offset (SD 1.x: 1), for "leading" spacing
-    shift: float = 1.0  # flow models: SD3's time shift
-    quantize: bool = True  # call the model at integer timesteps, as diffusers' discrete schedulers do
     sampler: str = DEFAULT_SAMPLER  # chapter 08's name
     steps: int = DEFAULT_STEPS  # model evaluations per image
     guidance_scale: float = DEFAULT_SCALE  # chapter 10's default for the book model
     sample_size: int = 32  # image side in pixels when a call gives no height / width
-    scheduler: str = "DPMSolverMultistepScheduler"  # the diffusers class read: multistep ones space "linspace" their own way
 
     @classmethod
     def from_scheduler_config(cls, d: dict, **defaults) -> SamplingConfig:
-        """Our reading of a diffusers scheduler_config.json (its class and settings)."""
-        name = d.get("_class_name")
-        if name not in SCHEDULER_SAMPLERS:
-            raise ValueError(f"scheduler: {name!r} has no tinydit counterpart; supported: {sorted(SCHEDULER_SAMPLERS)}")
-        sampler = SCHEDULER_SAMPLERS[name]
-        if d.get("prediction_type", "epsilon") not in PREDICTIONS and not name.startswith("FlowMatch"):
-            raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
-        if name == "DPMSolverMultistepScheduler" and "sde" in d.get("algorithm_type", "dpmsolver++"):
-            sampler = "dpmpp_2m_sde"
-        if name.startswith("FlowMatch"):
-            return cls(scheduler=name, prediction="flow", shift=float(d.get("shift", 1.0)), sampler=sampler,
-                       num_train_timesteps=d.get("num_train_timesteps", 1000), **defaults)
-        schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
-                    else d.get("timestep_spacing", "linspace"))
-        return cls(scheduler=name, prediction=d.get("prediction_type", "epsilon"), beta_schedule=d.get("beta_schedule", "linear"),
-                   beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
-                   num_train_timesteps=d.get("num_train_timesteps", 1000),
-                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
-                   steps_offset=d.get("steps_offset", 0), sampler=sampler, **defaults)
+        """Our reading of a diffusers scheduler_config.json: its parametrisation and its sampler."""
+        sampler = scheduler_sampler(d)
+        return cls(**asdict(Parametrisation.from_scheduler_config(d)), **{"sampler": sampler, **defaults})
 
     def validate(self) -> SamplingConfig:
         """Every field checked (a hand-edited folder or a from_pretrained override); errors name the field."""
+        self.__post_init__()
         check_int("steps", self.steps, minimum=1)
         check_float("guidance_scale", self.guidance_scale, minimum=0)
         _check_sampler(self.sampler)
         check_int("sample_size", self.sample_size, minimum=1)
-        check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
-        check_float("shift", self.shift, minimum=0)
-        if self.prediction not in (*PREDICTIONS, "flow"):
-            raise ValueError(f"prediction: expected one of {(*PREDICTIONS, 'flow')}, got {self.prediction!r}")
-        if self.sigma_schedule not in DISCRETE_SCHEDULES:
-            raise ValueError(f"sigma_schedule: expected one of {DISCRETE_SCHEDULES}, got {self.sigma_schedule!r}")
         return self
 
-    def scheduler_config(self) -> dict:
+    def scheduler_config(self, sampler: str | None = None) -> dict:
         """The diffusers scheduler config that samples like this (for save_pretrained)."""
-        name = SAMPLER_SCHEDULERS.get(self.sampler, self.scheduler)
-        if self.prediction == "flow":
-            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps,
-                    "shift": self.shift}
-        d = {"_class_name": name, "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
-             "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction,
-             "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
-        if self.sigma_schedule in ("karras", "exponential"):
-            d[f"use_{self.sigma_schedule}_sigmas"] = True
-        else:
-            d["timestep_spacing"] = self.sigma_schedule
-        if name == "DPMSolverMultistepScheduler":
-            d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if self.sampler == "dpmpp_2m_sde" else "dpmsolver++")
-        return d
-
-    def denoiser(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Chapter 08's D(x, sigma, **cond) -> x0 around the network."""
-        if self.prediction == "flow":
-            return FlowDenoiser(model, time_scale=self.num_train_timesteps)
-        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
-        if self.zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        return DiscreteDenoiser(model, alphas_cumprod(betas).double(), prediction=self.prediction, quantize=self.quantize)
-
-    def sigmas(self, denoiser: torch.nn.Module, steps: int) -> torch.Tensor:
-        """`steps` + 1 noise levels, from the first down to 0."""
-        if self.prediction == "flow":
-            return denoiser.get_sigmas(steps, shift=self.shift)
-        if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
-            # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
-            t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
-            table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
-            return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
-        return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
-
+        return super().scheduler_config(self.sampler if sampler is None else sampler)
 
 # %%
 book_sampling = SamplingConfig.from_scheduler_config(json.loads((BOOK_MODEL_DIR / "scheduler_config.json").read_text()))
@@ -266,10 +181,30 @@ class PipelineOutput:
     reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
 
-class TextToImagePipeline:
-    """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
-    folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
-    loads a tinydit / diffusers PixArt pipeline folder or a book-model folder of chapter 09."""
+@dataclass
+class Request:
+    """A call's arguments after `check_inputs`: what the other steps read."""
+
+    prompts: list[str]  # one per image (each prompt repeated num_images_per_prompt times)
+    negatives: list[str]  # one per image; "" = the unconditional branch
+    steps: int  # model evaluations
+    guidance_scale: float
+    sampler: str
+    shape: tuple[int, int, int, int]  # (B, C, h, w) of the latents
+
+
+class InitialNoise(NamedTuple):
+    """`prepare_latents`: unit-variance noise (B, C, h, w) on the CPU, each image's seed, and the
+    generator of the stochastic samplers' fresh noise."""
+
+    noise: torch.Tensor
+    seeds: list[int | None]
+    generator: torch.Generator | None
+
+# %%
+# | export
+class PipelineParts:
+    """The components of a pipeline and where they live (the device, model offload, the prompt cache)."""
 
     def __init__(self, text_encoder, transformer: TextDiT, vae: AutoencoderKL, sampling: SamplingConfig | None = None,
                  safety_checker=None, cache_size: int = 64):
@@ -292,7 +227,7 @@ class TextToImagePipeline:
     def device(self) -> torch.device:
         return self.offloader.device if self.offloader is not None else next(self.transformer.parameters()).device
 
-    def to(self, device) -> TextToImagePipeline:
+    def to(self, device) -> PipelineParts:
         for part in (self.text_encoder, self.transformer, self.vae):
             part.to(device)
         return self
@@ -308,7 +243,7 @@ class TextToImagePipeline:
                                        "vae": self.vae}, device=device)
         return self.offloader
 
-    def disable_model_offload(self, device="cpu") -> TextToImagePipeline:
+    def disable_model_offload(self, device="cpu") -> PipelineParts:
         """Undo enable_model_offload: the hooks removed, every component back on `device`."""
         if self.offloader is not None:
             self.offloader.close()
@@ -322,14 +257,18 @@ class TextToImagePipeline:
         with self.offloader.use("text_encoder"):
             return self.cache.encode(self.text_encoder, prompts)
 
-    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, sampler: str | None = None, seed=None, generator=None,
-                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                 callback=None, latents: torch.Tensor | None = None, cure=DEFAULT_CURE, disable: bool | None = None,
-                 output_type: str = "pil", safety: bool | None = None) -> PipelineOutput:
+# %%
+# | export
+class PipelineSteps(PipelineParts):
+    """The public steps of a call, in diffusers' order; img2img, inpainting, the evaluator and the
+    chapters' studies compose them instead of writing a second sampling loop."""
+
+    def check_inputs(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, num_inference_steps=None,
+                     guidance_scale=None, sampler=None, height=None, width=None, callback=None,
+                     output_type: str = "pil") -> Request:
+        """Every argument checked before any work; None takes the model's default."""
         s = self.sampling
         _check_call_options(callback, output_type)
-        safety = self._check_safety(safety)
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
         scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
@@ -337,22 +276,55 @@ class TextToImagePipeline:
         h, w = (_check_side(n, v, s.sample_size, self.multiple) for n, v in (("height", height), ("width", width)))
         shape = (len(prompts), self.transformer.config.in_channels, h // self.factor, w // self.factor)
         _check_request(shape, self.transformer.config, "height" if height is not None else "width")
-        noise, seeds = _initial_noise(shape, seed, generator, latents)  # (B, C, h, w), unit variance
-        cond = self._conditioning(prompts, negatives)
-        denoiser = s.denoiser(self.transformer)
-        sigmas = s.sigmas(denoiser, steps)
-        guided = CFGDenoiser(denoiser, scale, cure, sigmas=sigmas)
-        device = self.device
-        with tqdm(total=steps, desc="generate", unit="step", disable=disable) as bar:
+        return Request(prompts, negatives, steps, scale, sampler, shape)
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str]) -> dict:
+        """The sampler's extra_args: prompt and negative-prompt tokens with masks, on the DiT's device."""
+        args = guidance_args(self.encode, prompts, negatives)
+        return {k: v.to(self.device) for k, v in args.items()}
+
+    def prepare_latents(self, shape, seed=None, generator=None, latents=None) -> InitialNoise:
+        """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seed[i]), from one
+        `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
+        noise, seeds = _initial_noise(shape, seed, generator, latents)
+        return InitialNoise(noise, seeds, _sampler_generator(seeds, generator))
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        """The model's `steps` + 1 noise levels (chapter 08's Parametrisation), from the first down to 0."""
+        return self.sampling.sigmas(self.sampling.denoiser(self.transformer), steps)
+
+# %%
+# | export
+class PipelineSampling(PipelineSteps):
+    """The remaining steps: the guided sampling loop, decoding, and the safety check."""
+
+    def denoise(self, x: torch.Tensor, cond: dict, sigmas: torch.Tensor, guidance_scale: float | None = None,
+                sampler=None, cure=DEFAULT_CURE, interval=None, span: torch.Tensor | None = None, wrap=None,
+                generator=None, callback=None, disable: bool | None = None) -> torch.Tensor:
+        """Sample from `x` (B, C, h, w), at sigmas[0], down `sigmas` with CFG (chapter 10: `cure`, `interval`);
+        `sampler`: a name or any function with k-diffusion's signature; `span`: the whole run's schedule
+        (for scheduled cures; default `sigmas`); `wrap(guided) -> denoiser` (inpainting's latent blend)."""
+        s = self.sampling
+        scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler))
+        guided = CFGDenoiser(s.denoiser(self.transformer), scale, cure, interval, sigmas=sigmas if span is None else span)
+        guided = guided if wrap is None else wrap(guided)
+        with tqdm(total=len(sigmas) - 1, desc="generate", unit="step", disable=disable) as bar:
             def step(info):
                 bar.update(1)
                 if callback is not None:
                     callback(info)
-            z = get_sampler(sampler)(guided, (noise * sigmas[0]).to(device), sigmas.to(device), extra_args=cond,
-                                     callback=step, disable=True, generator=_sampler_generator(seeds, generator))
-        if output_type == "latent":
-            return PipelineOutput([], z, prompts, seeds)
-        return self.finish(to_pil(self.decode(z)), z, prompts, seeds, safety)
+            return sample(guided, x.to(self.device), sigmas.to(self.device), extra_args=cond, callback=step,
+                          disable=True, generator=generator)
+
+    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) on the CPU, in [-1, 1] (`clamp=False`: as decoded)."""
+        if self.offloader is None:
+            images = self.vae.from_latent(z.to(next(self.vae.parameters()).device)).float().cpu()
+        else:
+            with self.offloader.use("vae") as device:
+                images = self.vae.from_latent(z.to(device)).float().cpu()
+        return images.clamp(-1, 1) if clamp else images
 
     def _check_safety(self, safety) -> bool:
         """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
@@ -372,19 +344,30 @@ class TextToImagePipeline:
         images, flags, reasons = self.safety_checker(images, prompts)
         return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
-    def _conditioning(self, prompts: list[str], negatives: list[str]) -> dict:
-        """The sampler's extra_args: prompt and negative-prompt tokens with masks, on the DiT's device."""
-        args = guidance_args(self.encode, prompts, negatives)
-        return {k: v.to(self.device) for k, v in args.items()}
+# %%
+# | export
+class TextToImagePipeline(PipelineSampling):
+    """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
+    folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
+    loads a tinydit / diffusers PixArt pipeline folder or a book-model folder of chapter 09."""
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], on the CPU."""
-        if self.offloader is None:
-            return self.vae.from_latent(z.to(next(self.vae.parameters()).device)).float().cpu().clamp(-1, 1)
-        with self.offloader.use("vae") as device:
-            return self.vae.from_latent(z.to(device)).float().cpu().clamp(-1, 1)
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, sampler: str | None = None, seed=None, generator=None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 callback=None, latents: torch.Tensor | None = None, cure=DEFAULT_CURE, disable: bool | None = None,
+                 output_type: str = "pil", safety: bool | None = None) -> PipelineOutput:
+        r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
+                              sampler, height, width, callback, output_type)
+        safety = self._check_safety(safety)
+        cond = self.encode_prompt(r.prompts, r.negatives)  # the sampler's extra_args
+        start = self.prepare_latents(r.shape, seed, generator, latents)  # unit noise (B, C, h, w), seeds
+        sigmas = self.schedule(r.steps)  # (steps + 1,)
+        z = self.denoise(start.noise * sigmas[0], cond, sigmas, r.guidance_scale, r.sampler, cure=cure,
+                         generator=start.generator, callback=callback, disable=disable)  # (B, C, h, w)
+        if output_type == "latent":
+            return PipelineOutput([], z, r.prompts, start.seeds)
+        return self.finish(to_pil(self.decode(z)), z, r.prompts, start.seeds, safety)
 
-    # ---- loading and saving: the two layouts (their code follows the class) ----
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, dtype=None, device="cpu",
                         **defaults) -> TextToImagePipeline:
@@ -393,17 +376,15 @@ class TextToImagePipeline:
         or a book-model folder of chapter 09 (PixArt transformer + scheduler config; the book encoders).
         `dtype`: "fp32", "fp16", "bf16" for every component; `defaults`: SamplingConfig fields to override."""
         dtype, device = resolve_dtype(dtype), as_device("device", device)
-        folder = BOOK_MODEL_DIR if path_or_id is None else resolve_pipeline_folder(path_or_id)
-        if (folder / MODEL_INDEX).is_file():
-            parts = load_pipeline_parts(folder, dtype)
-        else:
-            parts = load_book_parts(folder, dtype)
-        sampling = parts.pop("sampling")
         unknown = sorted(set(defaults) - {f.name for f in fields(SamplingConfig)})
         if unknown:
             raise TypeError(f"from_pretrained: unknown sampling default(s) {unknown}; known: "
                             f"{[f.name for f in fields(SamplingConfig)]}")
-        for k, v in defaults.items():
+        folder = BOOK_MODEL_DIR if path_or_id is None else formats.resolve_pipeline_folder(path_or_id)
+        parts = formats.load_parts(folder, dtype)  # the components, the scheduler config, the saved defaults
+        saved = {**parts.pop("defaults"), **defaults}
+        sampling = SamplingConfig.from_scheduler_config(parts.pop("scheduler"))
+        for k, v in saved.items():
             setattr(sampling, k, v)
         return cls(**parts, sampling=sampling.validate()).to(device)
 
@@ -415,8 +396,7 @@ class TextToImagePipeline:
             raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
         if Path(folder).exists() and not Path(folder).is_dir():
             raise ValueError(f"folder: {str(folder)!r} is a file, expected a folder (new or existing)")
-        return save_pipeline(self, Path(folder))
-
+        return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
 
 # %%
 # | export
@@ -518,10 +498,32 @@ def to_pil(images: torch.Tensor) -> list:
 # our default sampler, steps and guidance, and how the text encoder pads.
 
 # %%
-# | export
+# | export formats
+"""Pipeline folders on disk (chapter 12): diffusers' layout read and written (model_index.json and one
+subfolder per component, PixArt-α / Σ), and chapter 09's book-model folder read. The pipeline builds
+itself from what `load_parts` returns; `save_pipeline` writes any pipeline's components."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tinydit.checkpoint import read_config, resolve_pretrained
+from tinydit.text import CLIPTextEncoder, T5TextEncoder, _quiet_transformers, load_book_text_encoder
+from tinydit.textdit import TextDiT, pixart_config, pixart_to_diffusers
+from tinydit.vae import AutoencoderKL, load_book_vae
+
 MODEL_INDEX = "model_index.json"
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIPELINE_FILES = (MODEL_INDEX, "*/config.json", "*/*.safetensors", "tokenizer/*", "scheduler/*")
+SAVED_DEFAULTS = ("steps", "guidance_scale", "sample_size", "sampler")  # what "_tinydit" keeps that diffusers cannot
 
 
 def resolve_pipeline_folder(path_or_id) -> Path:
@@ -537,15 +539,21 @@ def _require(folder: Path, names, what: str) -> None:
         raise FileNotFoundError(f"path_or_id: {str(folder)!r} is {what} but lacks {', '.join(missing)}")
 
 
+def load_parts(folder: Path, dtype=None) -> dict:
+    """A pipeline folder or a book-model folder -> text_encoder, transformer, vae, the scheduler config
+    (a dict) and the defaults the folder stores (a dict of SamplingConfig fields)."""
+    return load_pipeline_parts(folder, dtype) if (folder / MODEL_INDEX).is_file() else load_book_parts(folder, dtype)
+
+
 def load_book_parts(folder: Path, dtype=None) -> dict:
     """A book-model folder (chapter 09): its PixArt transformer and scheduler, the book encoder and VAE."""
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"path_or_id: {str(folder)!r} is neither a pipeline folder (no {MODEL_INDEX}) nor a "
                                 "book-model folder (no config.json with diffusion_pytorch_model.safetensors)")
     _require(folder, ["diffusion_pytorch_model.safetensors", "scheduler_config.json"], "a book-model folder")
-    sampling = SamplingConfig.from_scheduler_config(read_config(folder / "scheduler_config.json", "path_or_id"))
+    scheduler = read_config(folder / "scheduler_config.json", "path_or_id")
     return dict(text_encoder=load_book_text_encoder(dtype=dtype), transformer=TextDiT.from_pretrained(folder, dtype=dtype),
-                vae=load_book_vae(dtype=dtype), sampling=sampling)
+                vae=load_book_vae(dtype=dtype), scheduler=scheduler, defaults={})
 
 
 def load_text_encoder(folder: Path, index: dict, dtype=None):
@@ -577,7 +585,7 @@ def _check_index(index: dict) -> dict:
 
 
 def load_pipeline_parts(folder: Path, dtype=None) -> dict:
-    """Every component of a pipeline folder, and its sampling config."""
+    """Every component of a pipeline folder, its scheduler config and its stored defaults."""
     index = _check_index(read_config(folder / MODEL_INDEX, "path_or_id"))
     _require(folder, [f"{p}/" for p in PIPELINE_PARTS] + ["scheduler/scheduler_config.json"], "a pipeline folder")
     scheduler = read_config(folder / "scheduler" / "scheduler_config.json", "path_or_id")
@@ -586,29 +594,9 @@ def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     saved = index.get("_tinydit", {}).get("sampling", {})
     defaults = dict(steps=20, guidance_scale=4.5, sample_size=transformer.config.input_size * factor)  # PixArt's
-    defaults.update({k: v for k, v in saved.items() if k in ("steps", "guidance_scale", "sample_size", "sampler")})
-    sampler = defaults.pop("sampler", None)
-    sampling = SamplingConfig.from_scheduler_config(scheduler, **defaults)
-    if sampler is not None:
-        sampling.sampler = sampler
-    sampling.validate()
-    return dict(text_encoder=load_text_encoder(folder, index, dtype), transformer=transformer, vae=vae, sampling=sampling)
-
-
-def pixart_config(cfg: TextDiTConfig) -> dict:
-    """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
-    if cfg.modulation != "adaln_single" or cfg.pooled_dim:
-        raise ValueError("transformer: only PixArt-style TextDiTs (adaln_single, no pooled text) have a diffusers "
-                         f"layout; got modulation={cfg.modulation!r}, pooled_dim={cfg.pooled_dim}")
-    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
-            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels * (2 if cfg.learn_sigma else 1),
-            "num_layers": cfg.depth, "sample_size": cfg.input_size, "patch_size": cfg.patch_size,
-            "cross_attention_dim": cfg.hidden_size, "caption_channels": cfg.context_dim,
-            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
-            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
-            "interpolation_scale": cfg.interpolation_scale, "use_additional_conditions": cfg.micro_conditions,
-            "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
+    defaults.update({k: v for k, v in saved.items() if k in SAVED_DEFAULTS})
+    return dict(text_encoder=load_text_encoder(folder, index, dtype), transformer=transformer, vae=vae,
+                scheduler=scheduler, defaults=defaults)
 
 
 def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
@@ -631,8 +619,9 @@ def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
     return folded
 
 
-def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
-    """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout."""
+def save_pipeline(pipe, folder: Path, sampling: dict, scheduler: dict) -> Path:
+    """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout, with `scheduler` (a diffusers
+    scheduler config) and tinydit's `sampling` defaults under model_index.json's "_tinydit" key."""
     for part in PIPELINE_PARTS:
         (folder / part).mkdir(parents=True, exist_ok=True)
     (folder / "transformer" / "config.json").write_text(json.dumps(pixart_config(pipe.transformer.config), indent=1))
@@ -644,7 +633,6 @@ def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
     with _quiet_transformers(progress_bar=False):
         encoder.model.save_pretrained(folder / "text_encoder")
     encoder.tokenizer.save_pretrained(folder / "tokenizer")
-    scheduler = pipe.sampling.scheduler_config()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
     text = {"max_length": encoder.max_length, "padding": encoder.padding}
     if isinstance(encoder, CLIPTextEncoder):
@@ -654,10 +642,12 @@ def save_pipeline(pipe: TextToImagePipeline, folder: Path) -> Path:
              "text_encoder": ["transformers", type(encoder.model).__name__],
              "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
              "scheduler": ["diffusers", scheduler["_class_name"]],
-             "_tinydit": {"sampling": asdict(pipe.sampling), "text_encoder": text}}
+             "_tinydit": {"sampling": sampling, "text_encoder": text}}
     (folder / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return folder
 
+
+# %% [markdown]
 
 # %% [markdown]
 # Round trip: the book model written in diffusers' layout and read back gives the same latents, and
@@ -684,7 +674,27 @@ assert torch.equal(a, b) and back.sampling == pipe.sampling
 # again, the model untouched — shows which part of the image listens to which word.
 
 # %%
-# | export
+# | export demo
+"""What the model looks at, and a widget to play with it (chapter 12): cross-attention maps recorded
+with forward hooks while the pipeline samples, their plot, and `GenerateDemo` (ipywidgets; served by
+`python -m tinydit demo`). matplotlib, ipywidgets and IPython are imported only where they are used."""
+
+from __future__ import annotations
+
+import html
+import io
+import time
+
+import torch
+from PIL import Image
+
+from tinydit.pipeline import PipelineOutput, TextToImagePipeline
+from tinydit.samplers import SAMPLERS
+from tinydit.textdit import TextDiT
+
+
+# %%
+# | export demo
 class CrossAttentionMaps:
     """Records a TextDiT's text-to-image cross-attention while sampling: `with CrossAttentionMaps(model)
     as maps: pipe(...)`, then `maps.mean(B)` -> (B, T, h, w): the attention of the image tokens to each
@@ -719,7 +729,7 @@ class CrossAttentionMaps:
 
 
 # %%
-# | export
+# | export demo
 def attention_maps(pipe: TextToImagePipeline, prompt: str, seed: int = 0, **options):
     """Generate `prompt` and record where the image tokens attended: (PipelineOutput, (T, h, w) maps, T tokens)."""
     if not isinstance(prompt, str):
@@ -811,7 +821,7 @@ assert sum(hits) >= 0.6 * len(hits)  # chapter 09 measured 88 % on 300 prompts; 
 # with crisp pixels, and a program can read back the exact picture the pipeline made.
 
 # %%
-# | export
+# | export demo
 DEMO_PROMPT = "a green triangle below a purple circle"  # two objects and a relation, read back right at seed 0
 
 

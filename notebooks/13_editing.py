@@ -93,6 +93,7 @@ cropping to the mask; both share a TextToImagePipeline's components."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -102,17 +103,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from tinydit.data import pil_to_tensor
-from tinydit.guidance import DEFAULT_CURE, CFGDenoiser
-from tinydit.pipeline import (
-    PipelineOutput,
-    TextToImagePipeline,
-    _check_prompts,
-    _check_sampler,
-    _initial_noise,
-    _sampler_generator,
-    to_pil,
-)
-from tinydit.samplers import get_sampler
+from tinydit.guidance import DEFAULT_CURE
+from tinydit.pipeline import PipelineOutput, TextToImagePipeline, to_pil
 from tinydit.validation import check_float, check_int
 
 
@@ -254,41 +246,33 @@ class EditPipeline(TextToImagePipeline):
              num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
              repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil",
              safety: bool | None = None) -> PipelineOutput:
-        s = self.sampling
-        safety = self._check_safety(safety)
-        prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
-        strength = _check_strength(strength)
-        steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
-        scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
-        sampler = _check_sampler(s.sampler if sampler is None else sampler)
+        r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
+                              sampler, callback=callback, output_type=output_type)  # the pipeline's own checks
+        safety, strength = self._check_safety(safety), _check_strength(strength)
         source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
         H, W = source.shape[1:]
         if H % self.multiple or W % self.multiple:
             raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
         mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
-        B, C, h, w = len(prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
+        B, C, h, w = len(r.prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
         if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
             z = self.vae.to_latent(source[None].to(self.device)).repeat(B, 1, 1, 1)
-            return self.finish(to_pil(source[None].repeat(B, 1, 1, 1)), z, prompts, [None] * B, safety)
-        noise, seeds = _initial_noise((B, C, h, w), seed, generator, None)  # (B, C, h, w)
+            return self.finish(to_pil(source[None].repeat(B, 1, 1, 1)), z, r.prompts, [None] * B, safety)
+        start = self.prepare_latents((B, C, h, w), seed, generator)  # unit noise (B, C, h, w), seeds
         z_src = self.vae.to_latent(source[None].to(self.device)).float().cpu().repeat(B, 1, 1, 1)  # (B, C, h, w)
-        denoiser = s.denoiser(self.transformer)
-        full = s.sigmas(denoiser, steps)
-        sigmas = full[start_index(steps, strength):]
-        x = noise * sigmas[0] if strength == 1 else z_src + noise * sigmas[0]  # strength 1: text-to-image's start
-        guided = CFGDenoiser(denoiser, scale, cure, sigmas=full)
+        full = self.schedule(r.steps)
+        sigmas = full[start_index(r.steps, strength):]
+        x = start.noise * sigmas[0] if strength == 1 else z_src + start.noise * sigmas[0]  # strength 1: text-to-image's start
+        wrap = None
         if mask is not None:
             latent_mask = F.interpolate(mask[None], size=(h, w), mode="area")  # (1, 1, h, w)
-            latent_mask = latent_mask if soft else (latent_mask > 0).float()
-            guided = LatentBlend(guided, z_src.to(self.device), noise.to(self.device), latent_mask.to(self.device),
-                                 full, soft)
-        cond, device = self._conditioning(prompts, negatives), self.device
-        gen = _sampler_generator(seeds, generator)
-        if repaint is not None:
-            z = sample_repaint(guided, x.to(device), sigmas.to(device), cond, callback, disable, *repaint, generator=gen)
-        else:
-            z = get_sampler(sampler)(guided, x.to(device), sigmas.to(device), extra_args=cond, callback=callback,
-                                     disable=disable, generator=gen)
+            latent_mask = (latent_mask if soft else (latent_mask > 0).float()).to(self.device)
+            wrap = lambda guided: LatentBlend(guided, z_src.to(self.device), start.noise.to(self.device), latent_mask,
+                                              full, soft)
+        sample = r.sampler if repaint is None else functools.partial(sample_repaint, jump=repaint[0], n_sample=repaint[1])
+        z = self.denoise(x, self.encode_prompt(r.prompts, r.negatives), sigmas, r.guidance_scale, sample, cure=cure,
+                         span=full, wrap=wrap, generator=start.generator, callback=callback, disable=disable)
+        prompts, seeds = r.prompts, start.seeds
         if output_type == "latent":
             return PipelineOutput([], z, prompts, seeds)
         images = self.decode(z)  # (B, 3, H, W)

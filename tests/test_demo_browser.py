@@ -175,7 +175,7 @@ def pipe():
 
 
 def test_demo_offers_only_samplers_that_fit_the_model(pipe):
-    from tinydit.pipeline import GenerateDemo
+    from tinydit.demo import GenerateDemo
     from tinydit.samplers import SAMPLERS
 
     demo = GenerateDemo(pipe)
@@ -186,7 +186,7 @@ def test_demo_offers_only_samplers_that_fit_the_model(pipe):
 
 
 def test_demo_maps_one_panel_per_kept_token(pipe):
-    from tinydit.pipeline import attention_maps
+    from tinydit.demo import attention_maps
 
     with pytest.warns(UserWarning, match="62 tokens is more than"):  # 62 tokens > 32: truncated, and said so
         _, attn, words = attention_maps(pipe, " ".join(["a red circle"] * 20), num_inference_steps=2)
@@ -194,7 +194,8 @@ def test_demo_maps_one_panel_per_kept_token(pipe):
 
 
 def test_any_failure_of_a_click_is_shown_in_the_page(pipe):
-    from tinydit.pipeline import GenerateDemo, TextToImagePipeline
+    from tinydit.demo import GenerateDemo
+    from tinydit.pipeline import TextToImagePipeline
 
     def broken_checker(images, prompts):
         raise RuntimeError("checker offline")

@@ -43,10 +43,13 @@ from tinydit import (
     attention,
     cli,
     data,
+    demo,
+    denoisers,
     dit,
     embeddings,
     evaluate,
     guidance,
+    guidance_study,
     offload,
     pipeline,
     precision,
@@ -801,9 +804,10 @@ def _nan_book_weights(folder: Path) -> None:
 
 
 def _book_model_loads_in_eval_mode():
-    model, objective = train.load_book_model(book_model_folder())
+    model, param = train.load_book_model(book_model_folder())
     assert not model.training, "load_book_model returned a model in training mode"
-    assert objective.kind == "v_prediction", f"objective {objective.kind!r}, saved 'v_prediction'"
+    assert isinstance(param, denoisers.Parametrisation), f"load_book_model returned {type(param).__name__}"
+    assert param.prediction == "v_prediction", f"prediction {param.prediction!r}, saved 'v_prediction'"
     x, t, c = latent(2), torch.tensor([10, 500]), ctx(2, 4, 96)
     assert torch.allclose(model(x, t, context=c), tiny_book_model()(x, t, context=c), atol=1e-5), "weights differ"
 
@@ -835,20 +839,27 @@ def book_encoders():
     return vae.load_book_vae(), text.load_book_text_encoder()
 
 
-def generate_tiny(captions=None, seeds=None, **kw):
-    """`train.generate` with the tiny book model, 2 steps, the book VAE and text encoder."""
-    model, objective = kw.pop("model", tiny_book_model()), kw.pop("objective", train.Objective())
-    captions = ["a red circle", "a blue square"] if captions is None else captions
+@functools.cache
+def tiny_book_pipe(objective: str = "v_prediction") -> pipeline.TextToImagePipeline:
+    """`train.book_pipeline` around the tiny book model (trained, says its config, for `objective`),
+    the book VAE and text encoder. Shared and never changed."""
     v, enc = book_encoders()
-    return train.generate(model, objective, captions, seeds, vae=v, text_encoder=enc, **{"steps": 2, **kw})
+    return train.book_pipeline(tiny_book_model(), train_cfg(objective=objective), text_encoder=enc, vae=v)
+
+
+def generate_tiny(captions=None, seeds=None, objective: str = "v_prediction", **options):
+    """`evaluate.pipeline_generator` (what chapter 09's evaluator draws with) on `tiny_book_pipe`,
+    2 steps; image i from seeds[i] (default i); `options` go to the pipeline call."""
+    captions = ["a red circle", "a blue square"] if captions is None else captions
+    seeds = list(range(len(captions))) if seeds is None else seeds
+    draw = evaluate.pipeline_generator(tiny_book_pipe(objective), **{"num_inference_steps": 2, **options})
+    return draw(captions, seeds)
 
 
 def generate_guided_tiny(captions=None, seeds=None, **kw):
-    """`guidance.generate_guided` with the tiny book model, 2 steps, the book VAE and text encoder."""
-    model, objective = kw.pop("model", tiny_book_model()), kw.pop("objective", train.Objective())
+    """`guidance_study.generate_guided` on `tiny_book_pipe`, 2 steps."""
     captions = ["a red circle", "a blue square"] if captions is None else captions
-    v, enc = book_encoders()
-    return guidance.generate_guided(model, objective, captions, seeds, vae=v, text_encoder=enc, **{"steps": 2, **kw})
+    return guidance_study.generate_guided(tiny_book_pipe(), captions, seeds, **{"steps": 2, **kw})
 
 
 def renders(n: int = 2, side: int = 32) -> torch.Tensor:
@@ -959,16 +970,15 @@ def _reader_accuracy_corrupt_drops_images():
     raise AssertionError(f"corrupt returned 1 of 3 images; scored anyway: {acc['seen']}")
 
 
-def _evaluate_model_objective_replaced():
-    """model=None loads the book model AND its objective: the one passed would be dropped."""
-    with mock.patch.object(evaluate, "evaluate", return_value=None):
-        evaluate.evaluate_model(None, train.Objective("flow"), n=1)
+def _book_pipeline_one_string_is_one_prompt():
+    out = tiny_book_pipe()("a red", num_inference_steps=2, disable=True, output_type="latent")
+    assert out.prompts == ["a red"] and len(out.latents) == 1, \
+        f"prompt='a red' made {len(out.latents)} images for prompts {out.prompts} (one per character?)"
 
 
-def _generate_one_string():
-    images = train.generate(tiny_book_model(), train.Objective(), "a red", vae=book_encoders()[0],
-                            text_encoder=book_encoders()[1], steps=2)
-    raise AssertionError(f"captions='a red' made {len(images)} images, one per character")
+def _book_pipeline_denoise_cond_list():
+    pipe = tiny_book_pipe()
+    pipe.denoise(latent(2, 8), [torch.zeros(2, 4, 96)], pipe.schedule(2), disable=True)
 
 
 def _evaluate_run_snapshot_name():
@@ -981,13 +991,13 @@ def _evaluate_run_snapshot_name():
 
 
 def _noised_u_negative():
-    _, step, _, _ = train.Objective().noised(*x0_noise_u(u=torch.tensor([-0.5, 0.5])))
+    _, step, _ = denoisers.Parametrisation().noised(*x0_noise_u(u=torch.tensor([-0.5, 0.5])))
     assert (step >= 0).all(), f"u=-0.5 gave DDPM step {step.tolist()} (a negative index wraps around)"
 
 
 def dit_x0_3d():
     x0 = torch.zeros(4, 8, 8)
-    return train.Objective().noised(x0, x0, torch.rand(4), torch.zeros(4))
+    return denoisers.Parametrisation().noised(x0, x0, torch.rand(4), torch.zeros(4))
 
 
 # ---- chapter 11: offloading, fp8 storage, the step cache; chapter 12: the pipeline ------------
@@ -1189,7 +1199,7 @@ def _stepcache_then_block_offload():
 def _stepcache_then_cross_attention_maps():
     m = fresh_tiny_textdit()
     stepcache.StepCache(m, threshold=0)
-    with pipeline.CrossAttentionMaps(m) as maps, torch.no_grad():
+    with demo.CrossAttentionMaps(m) as maps, torch.no_grad():
         m(latent(2), torch.tensor([10, 500]), context=ctx())
     assert len(maps.calls) == len(m.blocks), f"{len(maps.calls)} maps recorded for {len(m.blocks)} blocks"
 
@@ -1703,9 +1713,9 @@ CASES = [
     ("train.TrainConfig.zero_snr_epsilon", lambda: train.TrainConfig(objective="epsilon", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
     ("train.TrainConfig.fast_unknown_field", lambda: train.TrainConfig.fast(stepz=5), TE, r"\bstepz\b"),
     ("train.TrainConfig.fast_bad_override", lambda: train.TrainConfig.fast(steps=0), VE, r"^steps: "),
-    ("train.Objective.kind_unknown", lambda: train.Objective("x0"), VE, r"^objective: "),
-    ("train.Objective.timesteps_one", lambda: train.Objective(num_train_timesteps=1), VE, r"^num_train_timesteps: "),
-    ("train.Objective.min_snr_negative", lambda: train.Objective(min_snr_gamma=-1), VE, r"^min_snr_gamma: "),
+    ("denoisers.Parametrisation.prediction_unknown", lambda: denoisers.Parametrisation("x0"), VE, r"^prediction: "),
+    ("denoisers.Parametrisation.timesteps_one", lambda: denoisers.Parametrisation(num_train_timesteps=1), VE, r"^num_train_timesteps: "),
+    ("train.TrainConfig.min_snr_negative", lambda: train.TrainConfig(min_snr_gamma=-1), VE, r"^min_snr_gamma: "),
     ("train.encode_dataset.empty", lambda: train.encode_dataset([], *book_encoders()), VE, r"^dataset: .*no samples"),
     ("train.encode_dataset.caption_none", lambda: train.encode_dataset([(renders(1)[0], "a"), (renders(1)[0], None)], *book_encoders(), disable=True), VE, r"^prompts\[1\]: "),
     ("train.encode_dataset.image_0_255", lambda: train.encode_dataset([(renders(1)[0] * 127.5 + 127.5, "a")], *book_encoders(), disable=True), VE, r"^x: .*0-255"),
@@ -1741,18 +1751,18 @@ CASES = [
     ("train.resume.other_seed", lambda: tiny_trainer(train_cfg(seed=3)).resume(last_checkpoint()), VE, r"^resume: .*different run \(seed: checkpoint 0, this run 3\)"),
     ("train.resume.other_width", lambda: tiny_trainer(train_cfg(hidden_size=64)).resume(last_checkpoint()), VE, r"^resume: .*different run \(hidden_size: checkpoint 32, this run 64\)"),
     ("train.train_book_model.resume_nothing", _train_book_model_resume_nothing, FileNotFoundError, r"^resume: no checkpoint"),
-    ("train.GuidedDenoiser.scale_nan", lambda: train.GuidedDenoiser(torch.nn.Identity(), NAN), VE, r"^guidance_scale: "),
-    ("train.GuidedDenoiser.scale_negative", lambda: train.GuidedDenoiser(torch.nn.Identity(), -1), VE, r"^guidance_scale: "),
-    ("train.GuidedDenoiser.scale_str", lambda: train.GuidedDenoiser(torch.nn.Identity(), "3"), TE, r"^guidance_scale: "),
-    ("train.GuidedDenoiser.scale_bool", lambda: train.GuidedDenoiser(torch.nn.Identity(), True), TE, r"^guidance_scale: "),
-    ("train.generate.seeds_too_many", lambda: generate_tiny(seeds=[1, 2, 3]), VE, r"^seeds: .*\(2\), got 3"),
-    ("train.generate.seeds_too_few", lambda: generate_tiny(seeds=[1]), VE, r"^seeds: .*\(2\), got 1"),
-    ("train.generate.guidance_nan", lambda: generate_tiny(guidance_scale=NAN), VE, r"^guidance_scale: "),
-    ("train.generate.guidance_inf", lambda: generate_tiny(guidance_scale=INF), VE, r"^guidance_scale: "),
-    ("train.generate.guidance_negative", lambda: generate_tiny(guidance_scale=-2.0), VE, r"^guidance_scale: "),
-    ("train.generate.captions_empty", lambda: generate_tiny(captions=[]), VE, r"^prompts: "),
-    ("train.generate.caption_none", lambda: generate_tiny(captions=["a red circle", None]), VE, r"^prompts\[1\]: "),
-    ("train.generate.sampler_unknown", lambda: generate_tiny(sampler="ddim_magic"), VE, r"^sampler: .*ddim_magic"),
+    ("guidance.CFGDenoiser.scale_nan", lambda: guidance.CFGDenoiser(torch.nn.Identity(), NAN), VE, r"^scale: "),
+    ("guidance.CFGDenoiser.scale_negative", lambda: guidance.CFGDenoiser(torch.nn.Identity(), -1), VE, r"^scale: "),
+    ("guidance.CFGDenoiser.scale_str", lambda: guidance.CFGDenoiser(torch.nn.Identity(), "3"), TE, r"^scale: "),
+    ("guidance.CFGDenoiser.scale_bool", lambda: guidance.CFGDenoiser(torch.nn.Identity(), True), TE, r"^scale: "),
+    ("evaluate.pipeline_generator.seeds_too_many", lambda: generate_tiny(seeds=[1, 2, 3]), VE, r"^seed: .*\(2\), got 3"),
+    ("evaluate.pipeline_generator.seeds_too_few", lambda: generate_tiny(seeds=[1]), VE, r"^seed: .*\(2\), got 1"),
+    ("evaluate.pipeline_generator.guidance_nan", lambda: generate_tiny(guidance_scale=NAN), VE, r"^guidance_scale: "),
+    ("evaluate.pipeline_generator.guidance_inf", lambda: generate_tiny(guidance_scale=INF), VE, r"^guidance_scale: "),
+    ("evaluate.pipeline_generator.guidance_negative", lambda: generate_tiny(guidance_scale=-2.0), VE, r"^guidance_scale: "),
+    ("evaluate.pipeline_generator.captions_empty", lambda: generate_tiny(captions=[]), VE, r"^prompt: "),
+    ("evaluate.pipeline_generator.caption_none", lambda: generate_tiny(captions=["a red circle", None]), TE, r"^prompt: .*1: NoneType"),
+    ("evaluate.pipeline_generator.sampler_unknown", lambda: generate_tiny(sampler="ddim_magic"), VE, r"^sampler: .*ddim_magic"),
     ("evaluate.read_image.uint8", lambda: evaluate.read_image(torch.zeros(3, 32, 32, dtype=torch.uint8)), TE, r"^image: .*floating"),
     ("evaluate.read_image.bool", lambda: evaluate.read_image(torch.zeros(3, 32, 32, dtype=torch.bool)), TE, r"^image: .*floating"),
     ("evaluate.read_image.batch", lambda: evaluate.read_image(renders(1)), VE, r"^image: .*\(3, H, W\).*\(1, 3, 32, 32\)"),
@@ -1796,10 +1806,10 @@ CASES = [
     ("evaluate.evaluate.returns_uint8", lambda: evaluate.evaluate(lambda c, s: torch.zeros(len(c), 3, 32, 32, dtype=torch.uint8), n=1, disable=True), TE, r"^generate: .*floating"),
     ("evaluate.evaluate.returns_nan", lambda: evaluate.evaluate(lambda c, s: torch.full((len(c), 3, 32, 32), NAN), n=1, disable=True), VE, r"^generate: .*NaN"),
     ("evaluate.evaluate.returns_64px", lambda: evaluate.evaluate(lambda c, s: torch.zeros(len(c), 3, 64, 64), n=1, disable=True), VE, r"^generate: .*got shape \(1, 3, 64, 64\)"),
-    ("evaluate.evaluate_model.objective_missing", lambda: evaluate.evaluate_model(tiny_book_model(), None, n=1), VE, r"^objective: "),
-    ("evaluate.evaluate_model.n_zero", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=0), VE, r"^n: "),
-    ("evaluate.evaluate_model.guidance_nan", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, guidance_scale=NAN, disable=True), VE, r"^guidance_scale: "),
-    ("evaluate.evaluate_model.sampler_unknown", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, sampler="nope", disable=True), VE, r"^sampler: .*nope"),
+    ("evaluate.evaluate_model.batch_zero", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=1, batch_size=0, disable=True), VE, r"^batch_size: "),
+    ("evaluate.evaluate_model.n_zero", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=0), VE, r"^n: "),
+    ("evaluate.evaluate_model.guidance_nan", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=1, guidance_scale=NAN, disable=True), VE, r"^guidance_scale: "),
+    ("evaluate.evaluate_model.sampler_unknown", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=1, sampler="nope", disable=True), VE, r"^sampler: .*nope"),
     ("evaluate.evaluate_run.missing", lambda: evaluate.evaluate_run(work() / "train09" / "no_run"), FileNotFoundError, r"^run_dir: no snapshots"),
     ("evaluate.evaluate_run.a_file", lambda: evaluate.evaluate_run(a_regular_file()), FileNotFoundError, r"^run_dir: no snapshots"),
     ("evaluate.evaluate_run.n_zero", lambda: evaluate.evaluate_run(tiny_run(), n=0), VE, r"^n: "),
@@ -1814,7 +1824,7 @@ CASES = [
     ("cli.evaluate.steps_zero", lambda: cli_main_no_work("evaluate", "--steps", "0"), CliRefused, one_line("--steps")),
     ("cli.evaluate.cfg_text", lambda: cli_main_no_work("evaluate", "--cfg", "high"), CliRefused, one_line("--cfg")),
     ("cli.evaluate.json_unwritable", lambda: cli_main_no_work("evaluate", "--n", "1", "--json", unwritable("r.json")), CliRefused, one_line("--json")),
-    ("cli.evaluate.model_truncated", lambda: cli_main_no_work("evaluate", "--n", "1", "--model", book_model_variant("cli_truncated", _replace(BOOK_WEIGHTS, b"\0" * 10))), CliRefused, r"^exit=2 lines=1 .*error: path: .*corrupt"),
+    ("cli.evaluate.model_truncated", lambda: cli_main_no_work("evaluate", "--n", "1", "--model", book_model_variant("cli_truncated", _replace(BOOK_WEIGHTS, b"\0" * 10))), CliRefused, one_line("--model") + r": path: .*corrupt"),
     # second pass (hostile_findings_09): refused up front, before data is encoded or a step taken
     ("train.TrainConfig.min_lr_ratio_nan", lambda: train.TrainConfig(min_lr_ratio=NAN), VE, r"^min_lr_ratio: "),
     ("train.TrainConfig.min_lr_ratio_negative", lambda: train.TrainConfig(min_lr_ratio=-1.0), VE, r"^min_lr_ratio: "),
@@ -1829,21 +1839,22 @@ CASES = [
     ("train.TrainConfig.hidden_huge", lambda: train.TrainConfig(hidden_size=2**20, num_heads=1), VE, r"^hidden_size\b.*memory"),
     ("train.TrainConfig.zero_snr_flow", lambda: train.TrainConfig(objective="flow", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
     ("train.TrainConfig.min_snr_flow", lambda: train.TrainConfig(objective="flow", min_snr_gamma=5.0), VE, r"^min_snr_gamma: "),
-    # Objective
-    ("train.Objective.beta_schedule_unknown", lambda: train.Objective(beta_schedule="sigmoid"), VE, r"^beta_schedule: "),
-    ("train.Objective.zero_snr_str", lambda: train.Objective(zero_terminal_snr="no"), TE, r"^zero_terminal_snr: "),
-    ("train.Objective.zero_snr_epsilon", lambda: train.Objective("epsilon", zero_terminal_snr=True), VE, r"^zero_terminal_snr: "),
-    ("train.Objective.noised.u_negative", _noised_u_negative, VE, r"^u: "),
-    ("train.Objective.noised.u_above_1", lambda: train.Objective().noised(*x0_noise_u(u=torch.tensor([0.5, 3.0]))), VE, r"^u: "),
-    ("train.Objective.noised.noise_broadcast", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8), torch.ones(1, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^noise: "),
-    ("train.Objective.noised.x0_3d", dit_x0_3d, VE, r"^x0: "),
-    ("train.Objective.noised.u_batch", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.rand(3), torch.zeros(3)), VE, r"^u: "),
-    ("train.Objective.noised.x0_int", lambda: train.Objective().noised(torch.zeros(2, 4, 8, 8, dtype=torch.long), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), TE, r"^x0: "),
-    ("train.Objective.noised.x0_nan", lambda: train.Objective().noised(with_value(torch.zeros(2, 4, 8, 8), NAN), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^x0: "),
-    ("train.Objective.denoiser.not_a_model", lambda: train.Objective().denoiser("model"), TE, r"^model: "),
-    ("train.Objective.sigmas.steps_zero", lambda: train.Objective().sigmas(train.Objective().denoiser(tiny_book_model()), 0), VE, r"^steps: "),
-    ("train.Objective.sigmas.flow_steps_zero", lambda: train.Objective("flow").sigmas(train.Objective("flow").denoiser(tiny_book_model()), 0), VE, r"^steps: "),
-    ("train.Objective.sigmas.steps_bool", lambda: train.Objective().sigmas(train.Objective().denoiser(tiny_book_model()), True), TE, r"^steps: "),
+    # Parametrisation (chapter 08; train.parametrisation builds one from a TrainConfig)
+    ("denoisers.Parametrisation.beta_schedule_unknown", lambda: denoisers.Parametrisation(beta_schedule="sigmoid"), VE, r"^beta_schedule: "),
+    ("denoisers.Parametrisation.shift_zero", lambda: denoisers.Parametrisation("flow", shift=0), VE, r"^shift: "),
+    ("denoisers.Parametrisation.sigma_schedule_unknown", lambda: denoisers.Parametrisation(sigma_schedule="cosine"), VE, r"^sigma_schedule: "),
+    ("train.parametrisation.cfg_dict", lambda: train.parametrisation({"objective": "flow"}), TE, r"^cfg: .*TrainConfig"),
+    ("denoisers.Parametrisation.noised.u_negative", _noised_u_negative, VE, r"^u: "),
+    ("denoisers.Parametrisation.noised.u_above_1", lambda: denoisers.Parametrisation().noised(*x0_noise_u(u=torch.tensor([0.5, 3.0]))), VE, r"^u: "),
+    ("denoisers.Parametrisation.noised.noise_broadcast", lambda: denoisers.Parametrisation().noised(torch.zeros(2, 4, 8, 8), torch.ones(1, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^noise: "),
+    ("denoisers.Parametrisation.noised.x0_3d", dit_x0_3d, VE, r"^x0: "),
+    ("denoisers.Parametrisation.noised.u_batch", lambda: denoisers.Parametrisation().noised(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), torch.rand(3), torch.zeros(3)), VE, r"^u: "),
+    ("denoisers.Parametrisation.noised.x0_int", lambda: denoisers.Parametrisation().noised(torch.zeros(2, 4, 8, 8, dtype=torch.long), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), TE, r"^x0: "),
+    ("denoisers.Parametrisation.noised.x0_nan", lambda: denoisers.Parametrisation().noised(with_value(torch.zeros(2, 4, 8, 8), NAN), torch.zeros(2, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^x0: "),
+    ("denoisers.Parametrisation.denoiser.not_a_model", lambda: denoisers.Parametrisation().denoiser("model"), TE, r"^model: "),
+    ("denoisers.Parametrisation.sigmas.steps_zero", lambda: denoisers.Parametrisation().sigmas(denoisers.Parametrisation().denoiser(tiny_book_model()), 0), VE, r"^steps: "),
+    ("denoisers.Parametrisation.sigmas.flow_steps_zero", lambda: denoisers.Parametrisation("flow").sigmas(denoisers.Parametrisation("flow").denoiser(tiny_book_model()), 0), VE, r"^steps: "),
+    ("denoisers.Parametrisation.sigmas.steps_bool", lambda: denoisers.Parametrisation().sigmas(denoisers.Parametrisation().denoiser(tiny_book_model()), True), TE, r"^steps: "),
     # encode_dataset / StreamingData
     ("train.encode_dataset.none", lambda: train.encode_dataset(None, *book_encoders()), TE, r"^dataset: "),
     ("train.encode_dataset.batch_zero", lambda: train.encode_dataset(data.ShapesDataset(2), *book_encoders(), batch_size=0, disable=True), VE, r"^batch_size: "),
@@ -1871,9 +1882,9 @@ CASES = [
     # build_model / book_model_config / pixart_to_diffusers / atomic_write / save / read config
     ("train.build_model.config_dict", lambda: train.build_model({"hidden_size": 32}), TE, r"^cfg: "),
     ("train.book_model_config.none", lambda: train.book_model_config(None), TE, r"^cfg: "),
-    ("train.pixart_to_diffusers.dit_weights", lambda: train.pixart_to_diffusers(tiny_dit().state_dict()), VE, r"^sd: .*y_embedder"),
-    ("train.pixart_to_diffusers.unknown_key", lambda: train.pixart_to_diffusers({"foo.weight": torch.zeros(1)}), VE, r"^sd: .*foo\.weight"),
-    ("train.pixart_to_diffusers.not_a_dict", lambda: train.pixart_to_diffusers(tiny_book_model()), TE, r"^sd: "),
+    ("textdit.pixart_to_diffusers.dit_weights", lambda: textdit.pixart_to_diffusers(tiny_dit().state_dict()), VE, r"^sd: .*y_embedder"),
+    ("textdit.pixart_to_diffusers.unknown_key", lambda: textdit.pixart_to_diffusers({"foo.weight": torch.zeros(1)}), VE, r"^sd: .*foo\.weight"),
+    ("textdit.pixart_to_diffusers.not_a_dict", lambda: textdit.pixart_to_diffusers(tiny_book_model()), TE, r"^sd: "),
     ("train.atomic_write.writer_writes_nothing", lambda: train.atomic_write(work() / "g.txt", lambda p: None), (OSError, VE), r"^write: "),
     ("train.atomic_write.not_callable", lambda: train.atomic_write(work() / "train09" / "h.txt", "text"), TE, r"^write: "),
     ("train.atomic_write.missing_folder", lambda: train.atomic_write(work() / "no_such_dir" / "h.txt", lambda p: Path(p).write_text("x")), FileNotFoundError, r"^path: .*no_such_dir"),
@@ -1904,30 +1915,30 @@ CASES = [
     ("train.resume.no_model_key", lambda: tiny_trainer().resume(checkpoint_edit("no_model.pt", lambda s: s.pop("model"))), VE, r"^resume: .*model"),
     ("train.resume.nan_weights", lambda: tiny_trainer().resume(checkpoint_edit("nan.pt", _nan_model)), VE, r"^resume: .*NaN"),
     ("train.resume.step_beyond_steps", lambda: tiny_trainer(train_cfg(steps=2)).resume(last_checkpoint()), VE, r"^(resume|steps): .*step 3"),
-    # generate
-    ("train.generate.steps_zero", lambda: generate_tiny(steps=0), VE, r"^steps: "),
-    ("train.generate.steps_float", lambda: generate_tiny(steps=2.0), TE, r"^steps: "),
-    ("train.generate.flow_steps_zero", lambda: generate_tiny(steps=0, objective=train.Objective("flow")), VE, r"^steps: "),
-    ("train.generate.seeds_float", lambda: generate_tiny(seeds=[0.5, 1.5]), TE, r"^seeds\[0\]: "),
-    ("train.generate.seeds_negative", lambda: generate_tiny(seeds=[-1, 2]), VE, r"^seeds\[0\]: "),
-    ("train.generate.seeds_bool", lambda: generate_tiny(seeds=[True, False]), TE, r"^seeds\[0\]: "),
-    ("train.generate.seeds_huge", lambda: generate_tiny(seeds=[2**70, 1]), VE, r"^seeds\[0\]: "),
-    ("train.generate.seeds_int", lambda: generate_tiny(seeds=5), TE, r"^seeds: "),
-    ("train.generate.captions_str", _generate_one_string, TE, r"^captions: "),
-    ("train.generate.model_none", lambda: generate_tiny(model=None), TE, r"^model: "),
-    ("train.generate.model_class_dit", lambda: generate_tiny(model=tiny_dit()), TE, r"^model: "),
-    ("train.generate.objective_none", lambda: generate_tiny(objective=None), TE, r"^objective: "),
-    ("train.generate.objective_config", lambda: generate_tiny(objective=train_cfg()), TE, r"^objective: "),
-    ("train.generate.guide_not_callable", lambda: generate_tiny(guide=3.0), TE, r"^guide: "),
-    ("train.generate.callback_not_callable", lambda: generate_tiny(callback=[]), TE, r"^callback: "),
-    ("train.generate.cond_args_list", lambda: generate_tiny(cond_args=[torch.zeros(2, 4, 96)]), TE, r"^cond_args: "),
-    ("guidance.generate_guided.seeds_negative", lambda: generate_guided_tiny(seeds=[-1, 2]), VE, r"^seeds\[0\]: "),
-    ("guidance.generate_guided.seeds_float", lambda: generate_guided_tiny(seeds=[0.5, 1.5]), TE, r"^seeds\[0\]: "),
-    ("guidance.generate_guided.seeds_int", lambda: generate_guided_tiny(seeds=5), TE, r"^seeds: "),
-    ("guidance.generate_guided.seeds_too_many", lambda: generate_guided_tiny(seeds=[1, 2, 3]), VE, r"^seeds: .*\(2\), got 3"),
-    ("guidance.generate_guided.seeds_too_few", lambda: generate_guided_tiny(seeds=[1]), VE, r"^seeds: .*\(2\), got 1"),
-    ("guidance.generate_guided.model_none", lambda: generate_guided_tiny(model=None), TE, r"^model: "),
-    ("guidance.generate_guided.steps_zero", lambda: generate_guided_tiny(steps=0), VE, r"^steps: "),
+    # sampling a book model: train.book_pipeline, evaluate.pipeline_generator, guidance_study.generate_guided
+    ("evaluate.pipeline_generator.steps_zero", lambda: generate_tiny(num_inference_steps=0), VE, r"^num_inference_steps: "),
+    ("evaluate.pipeline_generator.steps_float", lambda: generate_tiny(num_inference_steps=2.0), TE, r"^num_inference_steps: "),
+    ("train.book_pipeline.flow_schedule_steps_zero", lambda: tiny_book_pipe("flow").schedule(0), VE, r"^steps: "),
+    ("evaluate.pipeline_generator.seeds_float", lambda: generate_tiny(seeds=[0.5, 1.5]), TE, r"^seed\[0\]: "),
+    ("evaluate.pipeline_generator.seeds_negative", lambda: generate_tiny(seeds=[-1, 2]), VE, r"^seed\[0\]: "),
+    ("evaluate.pipeline_generator.seeds_bool", lambda: generate_tiny(seeds=[True, False]), TE, r"^seed\[0\]: "),
+    ("evaluate.pipeline_generator.seeds_huge", lambda: generate_tiny(seeds=[2**70, 1]), VE, r"^seed\[0\]: "),
+    ("train.book_pipeline.prompt_str_is_one_prompt", _book_pipeline_one_string_is_one_prompt, None, None),
+    ("evaluate.pipeline_generator.pipe_none", lambda: evaluate.pipeline_generator(None), TE, r"^pipe: .*got NoneType"),
+    ("evaluate.pipeline_generator.pipe_dit", lambda: evaluate.pipeline_generator(tiny_dit()), TE, r"^pipe: .*got DiT"),
+    ("train.book_pipeline.cfg_dict", lambda: train.book_pipeline(tiny_book_model(), {"objective": "flow"}), TE, r"^cfg: .*TrainConfig"),
+    ("train.book_pipeline.cfg_parametrisation", lambda: train.book_pipeline(tiny_book_model(), train.parametrisation(train_cfg())), TE, r"^cfg: .*got Parametrisation"),
+    ("train.book_pipeline.cure_not_callable", lambda: generate_tiny(cure=3.0), TE, r"^cure: "),
+    ("evaluate.pipeline_generator.callback_not_callable", lambda: generate_tiny(callback=[]), TE, r"^callback: "),
+    ("train.book_pipeline.denoise_cond_list", _book_pipeline_denoise_cond_list, TE, r"^extra_args: "),
+    ("guidance_study.generate_guided.seeds_negative", lambda: generate_guided_tiny(seeds=[-1, 2]), VE, r"^seed\[0\]: "),
+    ("guidance_study.generate_guided.seeds_float", lambda: generate_guided_tiny(seeds=[0.5, 1.5]), TE, r"^seed\[0\]: "),
+    ("guidance_study.generate_guided.scale_nan", lambda: generate_guided_tiny(scale=NAN), VE, r"^guidance_scale: "),
+    ("guidance_study.generate_guided.seeds_too_many", lambda: generate_guided_tiny(seeds=[1, 2, 3]), VE, r"^seed: .*\(2\), got 3"),
+    ("guidance_study.generate_guided.seeds_too_few", lambda: generate_guided_tiny(seeds=[1]), VE, r"^seed: .*\(2\), got 1"),
+    ("guidance_study.generate_guided.cure_str", lambda: generate_guided_tiny(cure="rescale"), TE, r"^cure: .*'rescale'"),
+    ("guidance_study.generate_guided.interval_reversed", lambda: generate_guided_tiny(interval=(5.0, 1.0)), VE, r"^interval: "),
+    ("guidance_study.generate_guided.steps_zero", lambda: generate_guided_tiny(steps=0), VE, r"^num_inference_steps: "),
     # train_book_model
     ("train.train_book_model.config_dict", lambda: train.train_book_model({"steps": 1}, out_dir=work() / "train09" / "tbm"), TE, r"^config: "),
     ("train.train_book_model.out_unwritable", _train_book_model_unwritable, (OSError, VE), r"^out_dir: "),
@@ -1945,9 +1956,9 @@ CASES = [
     ("evaluate.image_features.empty", lambda: evaluate.image_features(torch.zeros(0, 3, 32, 32)), VE, r"^images: "),
     ("evaluate.frechet_distance.zero_width", lambda: evaluate.frechet_distance(torch.zeros(4, 0), torch.zeros(4, 0)), VE, r"^feats_a: "),
     ("evaluate.frechet_distance.bool", lambda: evaluate.frechet_distance(torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)), TE, r"^feats_a: "),
-    ("evaluate.evaluate_model.objective_replaced", _evaluate_model_objective_replaced, VE, r"^objective: "),
-    ("evaluate.evaluate_model.steps_zero", lambda: evaluate.evaluate_model(tiny_book_model(), train.Objective(), n=1, steps=0, disable=True), VE, r"^steps: "),
-    ("evaluate.evaluate_model.model_str", lambda: evaluate.evaluate_model("book", train.Objective(), n=1, disable=True), TE, r"^model: "),
+    ("evaluate.evaluate_model.seed_negative", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=1, seed=-1, disable=True), VE, r"^seed: "),
+    ("evaluate.evaluate_model.steps_zero", lambda: evaluate.evaluate_model(tiny_book_pipe(), n=1, steps=0, disable=True), VE, r"^num_inference_steps: "),
+    ("evaluate.pipeline_generator.pipe_model", lambda: evaluate.pipeline_generator(tiny_book_model()), TE, r"^pipe: .*got TextDiT"),
     ("evaluate.evaluate_run.snapshot_name", _evaluate_run_snapshot_name, VE, r"^run_dir: .*step-final"),
     # CLI (tinydit/cli.py is hand-written)
     ("cli.train.resume_nothing", lambda: cli_main_no_work("train", "--resume", "--out", work() / "train09" / "no_run_here"), CliRefused, one_line("--resume")),
@@ -2095,9 +2106,9 @@ CASES = [
     ("pipeline.from_pretrained.device_tpu", lambda: pipeline.TextToImagePipeline.from_pretrained(pipeline_folder(), device="tpu"), VE, r"^device: .*'tpu'"),
     ("pipeline.save_pretrained.into_a_file", lambda: book_pipe().save_pretrained(a_regular_file()), (VE, OSError), r"^folder: "),
     ("pipeline.save_pretrained.none", lambda: book_pipe().save_pretrained(None), TE, r"^folder: "),
-    ("pipeline.GenerateDemo.not_a_pipeline", lambda: pipeline.GenerateDemo("a red circle"), TE, r"^pipe: .*got str"),
-    ("pipeline.GenerateDemo.prompt_int", lambda: pipeline.GenerateDemo(book_pipe(), prompt=3), TE, r"^prompt: .*got int"),
-    ("pipeline.attention_maps.prompt_list", lambda: pipeline.attention_maps(book_pipe(), ["a", "b"]), TE, r"^prompt: expected one string"),
+    ("demo.GenerateDemo.not_a_pipeline", lambda: demo.GenerateDemo("a red circle"), TE, r"^pipe: .*got str"),
+    ("demo.GenerateDemo.prompt_int", lambda: demo.GenerateDemo(book_pipe(), prompt=3), TE, r"^prompt: .*got int"),
+    ("demo.attention_maps.prompt_list", lambda: demo.attention_maps(book_pipe(), ["a", "b"]), TE, r"^prompt: expected one string"),
     ("pipeline.enable_model_offload.device_tpu", lambda: fresh_pipe().enable_model_offload("tpu"), VE, r"^device: "),
     ("pipeline.enable_model_offload.device_absent", lambda: fresh_pipe().enable_model_offload(absent_cuda()), VE, r"^device: "),
     ("pipeline.enable_model_offload.twice", _pipe_enable_model_offload_twice, None, None),

@@ -1,5 +1,6 @@
 """Chapter 09: the training loop — objectives, resume, kill-safety, DDP, the diffusers layout, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,11 +16,9 @@ import pytest
 import torch
 
 from tinydit import train
+from tinydit.checkpoint import BOOK_MODEL_DIR
 from tinydit.data import ShapesDataset
-from tinydit.samplers import get_sampler
 from tinydit.schedules import add_noise, flow_add_noise
-from tinydit.text import load_book_text_encoder
-from tinydit.vae import load_book_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_train=64, steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3, snapshot_every=0,
@@ -46,13 +45,14 @@ def _nonzero(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def test_objective_targets_match_the_forward_process_and_the_sampling_wrapper(kind):
     """The training target and chapter 08's denoiser agree: a network that outputs the exact target
     makes the denoiser return x0 exactly."""
-    obj = train.Objective(kind)
+    obj = train.parametrisation(train.TrainConfig(objective=kind))
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
     u, normal = torch.rand(8, generator=g), torch.randn(8, generator=g)
-    x_t, t, target, weight = obj.noised(x0, noise, u, normal)
+    x_t, t, target = obj.noised(x0, noise, u, normal)
+    weight = train.loss_weight(obj, t, 5.0)
     if kind == "flow":
-        ref, _ = flow_add_noise(x0, t / obj.T, noise=noise)
+        ref, _ = flow_add_noise(x0, t / obj.num_train_timesteps, noise=noise)
     else:
         ref, _ = add_noise(x0, t, obj.alphas_cumprod.float(), noise=noise)
     torch.testing.assert_close(x_t, ref, atol=1e-6, rtol=1e-6)
@@ -64,7 +64,7 @@ def test_objective_targets_match_the_forward_process_and_the_sampling_wrapper(ki
 
     D = obj.denoiser(Oracle())
     if kind == "flow":
-        sigma, x_in = t / obj.T, x_t
+        sigma, x_in = t / obj.num_train_timesteps, x_t
     else:
         ab = obj.alphas_cumprod[t]
         sigma = ((1 - ab) / ab).sqrt().float()
@@ -77,12 +77,14 @@ def test_min_snr_weights_follow_hang_et_al():
     gamma 0 = the plain, unweighted MSE on the target."""
     u = torch.linspace(0, 0.999, 50)
     zeros = torch.zeros(50, 4, 8, 8)
-    w = train.Objective("v_prediction", min_snr_gamma=5.0).noised(zeros, zeros, u, torch.zeros(50))[3]
-    ab = train.Objective("v_prediction").alphas_cumprod[(u * 1000).long()]
+    obj = train.parametrisation(train.TrainConfig())
+    t = obj.noised(zeros, zeros, u, torch.zeros(50))[1]  # (50,) the DDPM steps of u
+    w = train.loss_weight(obj, t, 5.0)
+    ab = obj.alphas_cumprod[(u * 1000).long()]
     snr = ab / (1 - ab)
     torch.testing.assert_close(w.double(), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), atol=1e-6, rtol=1e-5)
     assert 0.1 < u[w.argmax()] < 0.5  # the weight peaks at SNR = gamma, not at either end
-    plain = train.Objective("v_prediction").noised(zeros, zeros, u, torch.zeros(50))[3]
+    plain = train.loss_weight(obj, t, 0.0)
     torch.testing.assert_close(plain, torch.ones(50))
 
 
@@ -112,8 +114,8 @@ def test_book_model_layout_loads_unmodified_in_diffusers(tmp_path):
 def test_shipped_book_model_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     model, objective = train.load_book_model()
-    assert objective.kind == "v_prediction"
-    ref = diffusers.PixArtTransformer2DModel.from_pretrained(train.BOOK_MODEL_DIR).eval()
+    assert objective.prediction == "v_prediction"
+    ref = diffusers.PixArtTransformer2DModel.from_pretrained(BOOK_MODEL_DIR).eval()
     from tinydit.text import load_book_text_encoder
 
     emb = load_book_text_encoder()(["a red triangle on the left", "a big blue circle above a small green square"])
@@ -125,60 +127,36 @@ def test_shipped_book_model_matches_diffusers():
     assert (a - b).abs().max() <= 1e-5
 
 
-# ---------------------------------------------------------------- generate and its hooks
-
-def _generate_before_the_hooks(model, objective, captions, seeds, steps, scale, sampler, vae, text_encoder):
-    """`train.generate`'s body before chapter 10's hooks existed: the reference its defaults keep, bit for bit."""
-    emb, empty = text_encoder(list(captions)), text_encoder([""] * len(captions))
-    T = max(emb.tokens.shape[1], empty.tokens.shape[1])
-    (ctx, mask), (u_ctx, u_mask) = train._pad_tokens(emb, T), train._pad_tokens(empty, T)
-    denoiser = objective.denoiser(model.eval())
-    sigmas = objective.sigmas(denoiser, steps)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    latents = get_sampler(sampler)(train.GuidedDenoiser(denoiser, scale), noise * sigmas[0], sigmas, disable=True,
-                                   extra_args=dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask))
-    return latents, vae.from_latent(latents.float()).clamp(-1, 1)
-
-
-@pytest.mark.parametrize("steps, scale, sampler", [(6, 2.0, "dpmpp_2m"), (4, 1.0, "euler"), (3, 4.0, "heun"),
-                                                   (4, 3.0, "euler_ancestral")])
-@torch.no_grad()
-def test_generate_defaults_are_bit_identical_to_before_the_hooks(steps, scale, sampler):
-    model, objective = train.load_book_model()
-    vae, enc = load_book_vae(), load_book_text_encoder()
-    captions, seeds = ["a red circle on the left", "a blue square above a green triangle"], [3, 4]
-    torch.manual_seed(0)  # the ancestral sampler's noise
-    latents, images = _generate_before_the_hooks(model, objective, captions, seeds, steps, scale, sampler, vae, enc)
-    torch.manual_seed(0)
-    assert torch.equal(train.generate(model, objective, captions, seeds, steps, scale, sampler, vae, enc), images)
-    torch.manual_seed(0)
-    assert torch.equal(train.generate(model, objective, captions, seeds, steps, scale, sampler, vae, enc,
-                                      return_latents=True), latents)
-
+# ---------------------------------------------------------------- previews and the saved parametrisation
 
 @torch.no_grad()
-def test_generate_hooks_guide_cond_args_callback():
-    model, objective = train.load_book_model()
-    vae, enc = load_book_vae(), load_book_text_encoder()
-    captions, seeds = ["a big yellow square in the middle", "a green triangle at the top"], [5, 6]
-    plain = train.generate(model, objective, captions, seeds, 5, 3.0, vae=vae, text_encoder=enc)
-    seen, steps = [], []
+def test_book_pipeline_is_the_shipped_pipeline():
+    """Training previews and the evaluator sample through book_pipeline: the same pictures as
+    TextToImagePipeline.from_pretrained() (what `python -m tinydit generate` loads)."""
+    from tinydit.pipeline import TextToImagePipeline
 
-    def guide(denoiser, sigmas):
-        seen.append(sigmas)
-        return train.GuidedDenoiser(denoiser, 3.0)
+    shipped = TextToImagePipeline.from_pretrained()
+    ours = train.book_pipeline(train.load_book_model()[0])
+    assert ours.sampling == shipped.sampling  # the saved scheduler config read back = the config's parametrisation
+    captions = ["a red circle on the left", "a blue square above a green triangle"]
+    a = ours(captions, seed=[3, 4], num_inference_steps=4, output_type="latent", disable=True).latents
+    b = shipped(captions, seed=[3, 4], num_inference_steps=4, output_type="latent", disable=True).latents
+    assert torch.equal(a, b)
 
-    args = train._empty_prompt_args(enc, captions, "cpu")
-    hooked = train.generate(model, objective, captions, seeds, 5, guidance_scale=7.0, vae=vae, guide=guide,
-                            cond_args=args, callback=lambda info: steps.append(info["denoised"].shape))
-    assert torch.equal(hooked, plain)  # the guide's scale 3 won over guidance_scale=7
-    assert len(seen) == 1 and torch.equal(seen[0], objective.sigmas(objective.denoiser(model), 5))
-    assert steps == [(2, 4, 8, 8)] * 5  # dpmpp_2m: one callback per step, with the x0 prediction
-    swapped = train.generate(model, objective, captions, seeds, 5, 3.0, vae=vae,
-                             cond_args={k: v.flip(0) for k, v in args.items()})  # each seed gets the other caption
-    torch.testing.assert_close(swapped, train.generate(model, objective, captions[::-1], seeds, 5, 3.0, vae=vae,
-                                                       text_encoder=enc), rtol=1e-5, atol=1e-5)
-    assert (swapped - plain).abs().max() > 0.1  # cond_args is what the sampler conditions on
+
+@pytest.mark.parametrize("overrides", [{}, {"objective": "flow"}, {"objective": "epsilon", "beta_schedule": "scaled_linear"},
+                                       {"zero_terminal_snr": True}])
+def test_saved_scheduler_config_reads_back_as_the_training_parametrisation(tmp_path, overrides):
+    """One object: what a run trains on is what its saved folder samples with (the old writer put
+    scaled_linear's range as 1e-4 .. 0.02 into the file)."""
+    from tinydit.denoisers import Parametrisation
+
+    cfg = train.TrainConfig(**{**TINY, **overrides})
+    folder = train.save_book_model(train.build_model(cfg), tmp_path / "m", cfg)
+    saved = json.loads((folder / "scheduler_config.json").read_text())
+    param = train.parametrisation(cfg)
+    assert Parametrisation.from_scheduler_config(saved) == dataclasses.replace(param, scheduler=saved["_class_name"])
+    torch.testing.assert_close(Parametrisation.from_scheduler_config(saved).alphas_cumprod, param.alphas_cumprod)
 
 
 # ---------------------------------------------------------------- resume and checkpoints

@@ -20,7 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import tinydit
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# The book's trained weights ship inside the package; inference owns their paths (training writes new ones).
+ASSETS = Path(tinydit.__file__).resolve().parent / "assets"
+BOOK_VAE_DIR = ASSETS / "book_vae"  # chapter 02
+BOOK_TEXT_ENCODER_DIR = ASSETS / "book_text_encoder"  # chapter 06 (and its image tower)
+BOOK_MODEL_DIR = ASSETS / "book_model"  # chapter 09's TextDiT, in diffusers' PixArt layout
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 WRAPPER_KEYS = ("state_dict", "ema", "model", "module")  # how training code nests a state dict
 # How torch.load(weights_only=True) says that a readable file holds something other than tensors

@@ -211,11 +211,10 @@ def _check_evaluate_flags(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from tinydit import evaluate, train
+    from tinydit import evaluate
 
     _check_evaluate_flags(args)
-    cfg = train.DEFAULT_GUIDANCE if args.cfg is None else args.cfg
-    settings = dict(steps=args.steps, guidance_scale=cfg, sampler=args.sampler, seed=args.seed)
+    settings = dict(steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, seed=args.seed)
     t0 = time.perf_counter()
     if args.run is not None:
         result = evaluate.evaluate_run(args.run, n=args.n, **settings)
@@ -224,13 +223,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"step {point['step']:>6}: seen pair {acc['seen']['pair']:.1%}, HELD_OUT pair "
                   f"{acc['held_out']['pair']:.1%}, two objects + relation {acc['two']['relation']:.1%}, "
                   f"FD {point['frechet']:.2f}")
+        cfg = args.cfg
     else:
-        model, objective = train.load_book_model(args.model)
-        report = evaluate.evaluate_model(model, objective, n=args.n, **settings)
+        pipe = _load_model_flag(args.model)  # the pipeline `generate --model` runs: the grade is of the product
+        report = evaluate.evaluate_model(pipe, n=args.n, **settings)
         result = report.as_dict()
         print(report.table())
-    print(f"({args.n} prompts per group, {args.steps} steps of {args.sampler}, guidance {cfg}, "
-          f"{time.perf_counter() - t0:.0f} s)")
+        cfg = pipe.sampling.guidance_scale if args.cfg is None else args.cfg
+    print(f"({args.n} prompts per group, {args.steps} steps of {args.sampler}, guidance "
+          f"{'the pipeline default' if cfg is None else cfg}, {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         Path(args.json).write_text(json.dumps({"settings": settings, "n": args.n, "result": result}, indent=1))
         print(f"wrote {args.json}")
@@ -557,7 +558,7 @@ def _demo_notebook(model: str | None, prompt: str) -> dict:
     """The one-cell notebook Voilà serves: chapter 12's GenerateDemo on `model`."""
     import nbformat
 
-    source = ("from tinydit.pipeline import GenerateDemo, TextToImagePipeline\n"
+    source = ("from tinydit.demo import GenerateDemo\nfrom tinydit.pipeline import TextToImagePipeline\n"
               f"demo = GenerateDemo(TextToImagePipeline.from_pretrained({model!r}), prompt={prompt!r})\n"
               "demo.generate()  # the page opens with a picture\n"
               "demo")
@@ -573,7 +574,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ImportError("the demo is served by Voila, which is not installed: pip install 'tinydit[notebooks]'")
     import nbformat
 
-    from tinydit.pipeline import DEMO_PROMPT
+    from tinydit.demo import DEMO_PROMPT
 
     try:  # Voila would quietly move to another port; say so instead
         family, kind, _, _, address = socket.getaddrinfo(args.ip, args.port, type=socket.SOCK_STREAM)[0]

@@ -8,14 +8,22 @@ sampling schedules, and two denoisers whose answers are known (Gaussian data, a 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from tinydit.schedules import (
+    DEFAULT_BETA_RANGES,
+    SCHEDULE_ALIASES,
+    SCHEDULES,
+    alphas_cumprod,
     discrete_sigmas,
     flow_sigmas,
     karras_sigmas,
+    make_betas,
+    rescale_zero_terminal_snr,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
@@ -131,6 +139,152 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     n = check_int("image_seq_len", image_seq_len, minimum=1)
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (n - base_seq_len)
+
+
+# diffusers scheduler class <-> our sampler; the parity tests of §4 pair them
+SCHEDULER_SAMPLERS = {
+    "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
+    "DDIMScheduler": "ddim", "UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+}
+SAMPLER_SCHEDULERS = {"dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+                      "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+                      "heun": "HeunDiscreteScheduler", "ddim": "DDIMScheduler", "unipc": "UniPCMultistepScheduler"}
+MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+TARGETS = (*PREDICTIONS, "flow")
+BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
+
+
+def _check_noised_inputs(x0, noise, u, normal) -> None:
+    """x0 finite floats (B, C, H, W), noise of the same shape, u in [0, 1] and normal both (B,)."""
+    check_tensor("x0", x0, ndim=4, floating=True, finite=True)
+    check_tensor("noise", noise, floating=True)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    for name, draws in (("u", u), ("normal", normal)):
+        check_tensor(name, draws, floating=True)
+        if tuple(draws.shape) != (len(x0),):
+            raise ValueError(f"{name}: expected one draw per sample, shape ({len(x0)},), got {tuple(draws.shape)}")
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
+
+
+def scheduler_sampler(d: dict) -> str:
+    """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
+    name = d.get("_class_name") if isinstance(d, dict) else None
+    if name not in SCHEDULER_SAMPLERS:
+        raise ValueError(f"scheduler: {name!r} has no tinydit counterpart; supported: {sorted(SCHEDULER_SAMPLERS)}")
+    sde = name == "DPMSolverMultistepScheduler" and "sde" in d.get("algorithm_type", "dpmsolver++")
+    return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
+
+
+@dataclass
+class Parametrisation:
+    """What a network predicts from a noised latent and on which noise schedule: the training target,
+    the sampling denoiser and the diffusers scheduler config, in one object."""
+
+    prediction: str = "v_prediction"  # "epsilon", "v_prediction", "sample" (DDPM betas) or "flow" (rectified flow)
+    beta_schedule: str = "linear"  # training betas (DiT, PixArt and the book model: linear)
+    beta_start: float | None = None  # None: the schedule's own range (linear 1e-4 .. 0.02)
+    beta_end: float | None = None
+    num_train_timesteps: int = 1000  # T: the model's time input runs over [0, T)
+    zero_terminal_snr: bool = False  # betas rescaled to SNR 0 at t = T (Lin et al. 2023)
+    shift: float = 1.0  # flow models: SD3's time shift of the sampling schedule
+    quantize: bool = True  # call the model at integer timesteps, as diffusers' discrete schedulers do
+    sigma_schedule: str = "karras"  # "karras", "exponential", or diffusers' "linspace" / "leading" / "trailing"
+    steps_offset: int = 0  # diffusers' steps_offset (SD 1.x: 1), for "leading" spacing
+    scheduler: str = "DPMSolverMultistepScheduler"  # the diffusers class read: multistep ones space "linspace" their own way
+
+    def __post_init__(self):
+        check_choice("prediction", self.prediction, TARGETS)
+        key = SCHEDULE_ALIASES.get(self.beta_schedule, check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES))
+        if key != "cosine":  # a linear-type schedule: its range, defaults filled in (the cosine one has none)
+            lo, hi = DEFAULT_BETA_RANGES[key]
+            self.beta_start = lo if self.beta_start is None else check_float("beta_start", self.beta_start)
+            self.beta_end = hi if self.beta_end is None else check_float("beta_end", self.beta_end)
+        check_choice("sigma_schedule", self.sigma_schedule, DISCRETE_SCHEDULES)
+        check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
+        check_float("shift", self.shift, minimum=0, min_inclusive=False)
+        check_int("steps_offset", self.steps_offset, minimum=0)
+
+        self.__dict__.pop("alphas_cumprod", None)  # re-validated after a field changed: recompute the table
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar of the training betas (flow models: unused)."""
+        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        return alphas_cumprod(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas).double()
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
+        """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
+        draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
+        _check_noised_inputs(x0, noise, u, normal)
+        if self.prediction == "flow":
+            t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
+            tb = t[:, None, None, None]
+            return (1 - tb) * x0 + tb * noise, t * self.num_train_timesteps, noise - x0
+        T = self.num_train_timesteps
+        step = (u * T).long().clamp(max=T - 1)  # (B,) uniform over the T trained steps
+        ab = self.alphas_cumprod[step.cpu()].to(x0)  # (B,)
+        a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
+        target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
+        return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
+
+    def denoiser(self, model: nn.Module) -> nn.Module:
+        """Sampling: D(x, sigma, **cond) -> x0 around the network."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
+        if self.prediction == "flow":
+            return FlowDenoiser(model, time_scale=self.num_train_timesteps)
+        return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
+
+    def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
+        """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
+        steps = check_int("steps", steps, minimum=1)
+        if self.prediction == "flow":
+            return denoiser.get_sigmas(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+        if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
+            # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
+            t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+            table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
+            return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
+        return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
+
+    @classmethod
+    def from_scheduler_config(cls, d: dict) -> Parametrisation:
+        """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
+        name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
+        if name.startswith("FlowMatch"):
+            return cls(prediction="flow", shift=float(d.get("shift", 1.0)), num_train_timesteps=T, scheduler=name)
+        if d.get("prediction_type", "epsilon") not in PREDICTIONS:
+            raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
+        betas = d.get("beta_schedule", "linear")
+        cosine = SCHEDULE_ALIASES.get(betas, betas) == "cosine"  # no range: diffusers' beta_start/end are ignored
+        schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
+                    else d.get("timestep_spacing", "linspace"))
+        return cls(prediction=d.get("prediction_type", "epsilon"), beta_schedule=betas,
+                   beta_start=None if cosine else d.get("beta_start", 0.0001),
+                   beta_end=None if cosine else d.get("beta_end", 0.02), num_train_timesteps=T,
+                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
+                   steps_offset=d.get("steps_offset", 0), scheduler=name)
+
+    def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
+        """Files: the diffusers scheduler config that samples like this with `sampler`."""
+        T = self.num_train_timesteps
+        if self.prediction == "flow":
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
+        name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
+        d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
+             "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them
+             "prediction_type": self.prediction,
+             "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
+        if self.sigma_schedule in ("karras", "exponential"):
+            d[f"use_{self.sigma_schedule}_sigmas"] = True
+        else:
+            d["timestep_spacing"] = self.sigma_schedule
+        if name == "DPMSolverMultistepScheduler":
+            d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_2m_sde" else "dpmsolver++")
+        return d
 
 
 class GaussianDenoiser(nn.Module):

@@ -14,18 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinydit import data
-from tinydit.data import Scene
-from tinydit.text import load_book_image_encoder, load_book_text_encoder
-from tinydit.textdit import TextDiT
-from tinydit.train import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    Objective,
-    generate,
-    load_book_model,
-)
-from tinydit.vae import load_book_vae
+from tinydit.data import Scene, pil_to_tensor
+from tinydit.pipeline import TextToImagePipeline
+from tinydit.text import load_book_image_encoder
+from tinydit.train import book_pipeline, load_book_model, read_train_config
 from tinydit.validation import check_choice, check_finite, check_int, check_tensor
 
 PALETTE = np.array(list(data.COLORS.values()), dtype=np.float64)  # (6, 3) RGB in [0, 255]
@@ -450,11 +442,17 @@ def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 
     return EvalReport(accuracy, counts, fd, n, seed)
 
 
-def _check_model_args(model, objective) -> None:
-    if not isinstance(model, TextDiT):
-        raise TypeError(f"model: expected a TextDiT (load_book_model) or None, got {type(model).__name__}")
-    if objective is None:
-        raise ValueError("objective: needed with a model (load_book_model returns both)")
+def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[str], list[int]], torch.Tensor]:
+    """`evaluate`'s generate(captions, seeds): the pipeline's own pictures (its PNG pixels, read back),
+    image j from seed seeds[j]; `options` go to every call (num_inference_steps, guidance_scale, sampler)."""
+    if not isinstance(pipe, TextToImagePipeline):
+        raise TypeError(f"pipe: expected a TextToImagePipeline, got {type(pipe).__name__}")
+
+    def draw(captions: list[str], seeds: list[int]) -> torch.Tensor:
+        out = pipe(list(captions), seed=list(seeds), disable=True, **options)
+        return torch.stack([pil_to_tensor(im) for im in out.images])  # (B, 3, 32, 32) in [-1, 1]
+
+    return draw
 
 
 def _snapshot_step(snap: Path) -> int:
@@ -464,24 +462,16 @@ def _snapshot_step(snap: Path) -> int:
     return int(match.group(1))
 
 
-def evaluate_model(model: nn.Module | None = None, objective: Objective | None = None, n: int = 300,
-                   steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                   sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 100,
-                   disable: bool | None = None) -> EvalReport:
-    """`evaluate` a chapter-09 model (default: the shipped book model) at one sampler setting."""
-    steps = check_int("steps", steps, minimum=1)
-    if model is None:
-        if objective is not None:
-            raise ValueError("objective: given without a model; the shipped book model brings its own (pass both)")
-        model, objective = load_book_model()
-    _check_model_args(model, objective)
-    vae, text_encoder = load_book_vae(), load_book_text_encoder()
-
-    def draw(captions: list[str], seeds: list[int]) -> torch.Tensor:
-        return generate(model, objective, captions, seeds, steps=steps, guidance_scale=guidance_scale,
-                        sampler=sampler, vae=vae, text_encoder=text_encoder)
-
-    return evaluate(draw, n=n, seed=seed, batch_size=batch_size, disable=disable)
+def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps: int | None = None,
+                   guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
+                   batch_size: int = 100, disable: bool | None = None) -> EvalReport:
+    """`evaluate` a pipeline (default: the shipped book model's) at one sampler setting; None takes the
+    pipeline's defaults, as `python -m tinydit generate` does."""
+    pipe = TextToImagePipeline.from_pretrained() if pipe is None else pipe
+    options = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale),
+                                 ("sampler", sampler)) if v is not None}
+    pipe.check_inputs(["a red circle"], **options)  # a bad setting fails here, not after the first batch
+    return evaluate(pipeline_generator(pipe, **options), n=n, seed=seed, batch_size=batch_size, disable=disable)
 
 
 def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None, **settings) -> list[dict]:
@@ -494,7 +484,7 @@ def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None,
     steps = [_snapshot_step(snap) for snap in snaps]  # before any work
     curve = []
     for snap, step in zip(tqdm(snaps, desc="snapshots", disable=disable), steps):
-        model, objective = load_book_model(snap)
-        report = evaluate_model(model, objective, n=n, disable=True, **settings)
+        model, _ = load_book_model(snap)
+        report = evaluate_model(book_pipeline(model, read_train_config(snap)), n=n, disable=True, **settings)
         curve.append({"step": step, **report.as_dict()})
     return curve

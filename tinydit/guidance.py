@@ -8,7 +8,8 @@ D_uncond + scale (D_cond - D_uncond) (Ho & Salimans 2022), both branches in one 
 every sampler of `tinydit.samplers` runs it unchanged; the conditioning travels in `extra_args`
 (`guidance_args` builds it from prompts). Cures: `Rescale` (Lin et al. 2023), `Threshold` (Imagen,
 Saharia et al. 2022), `Mimic` (sd-dynamic-thresholding), `APG` (Sadat et al. 2024), and the guidance
-`interval` (Kynkäänniemi et al. 2024). `generate_guided` samples the book model with any of them.
+`interval` (Kynkäänniemi et al. 2024). The pipeline (chapter 12) runs them all; the measurements of
+this chapter stand on it, in `tinydit.guidance_study`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinydit.data import BACKGROUNDS, COLORS
-from tinydit.evaluate import evaluate
-from tinydit.text import load_book_text_encoder
-from tinydit.train import DEFAULT_SAMPLER, DEFAULT_STEPS, generate
-from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
 
 SPACES = ("v", "eps", "x0")  # where CFG rescale measures the standard deviation
@@ -170,31 +166,6 @@ def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[
     T = max(emb.tokens.shape[1], neg.tokens.shape[1])
     (ctx, mask), (u_ctx, u_mask) = _pad(emb.tokens, emb.mask, len(prompts), T), _pad(neg.tokens, neg.mask, len(prompts), T)
     return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
-
-
-@dataclass
-class Guided:
-    """What `generate_guided` returns."""
-
-    images: torch.Tensor  # (B, 3, H, W) decoded, clamped to [-1, 1]
-    raw: torch.Tensor  # (B, 3, H, W) decoded, before the clamp (what the clipped share reads)
-    x0: torch.Tensor  # (B, C, h, w) the denoiser's x0 prediction at the last step (latent)
-
-
-@torch.no_grad()
-def generate_guided(model, objective, captions: list[str], seeds: list[int] | None = None, scale: float | None = None,
-                    cure="default", interval=None, negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
-                    sampler: str = DEFAULT_SAMPLER, vae=None, text_encoder=None, disable: bool | None = True) -> Guided:
-    """Chapter 09's `generate` with a full CFGDenoiser as its `guide`: `scale` (None: DEFAULT_SCALE), `cure`
-    ("default": DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`. Noise from `seeds`, drawn on the CPU."""
-    scale, cure = DEFAULT_SCALE if scale is None else scale, DEFAULT_CURE if cure == "default" else cure
-    text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-    last = {}  # the sampler's callback keeps the last step: its x0 prediction is "denoised"
-    latents = generate(model, objective, captions, seeds, steps, sampler=sampler, disable=disable, return_latents=True,
-                       guide=lambda denoiser, sigmas: CFGDenoiser(denoiser, scale, cure, interval, sigmas),
-                       cond_args=guidance_args(text_encoder, captions, negative_prompt), callback=last.update)
-    raw = (vae if vae is not None else load_book_vae()).from_latent(latents.float().cpu())  # (B, 3, H, W)
-    return Guided(raw.clamp(-1, 1), raw, last["denoised"].float().cpu())
 
 
 def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.7) -> torch.Tensor:
@@ -358,45 +329,6 @@ class APG:
             diff = diff + self.momentum * step.state[key] if key in step.state else diff
             step.state[key] = diff
         return step.cond + (step.scale - 1) * apg_update(diff, step.cond, self.eta, self.norm_threshold)
-
-
-CLIP_LIMIT = 1.1  # |decoded value| beyond this counts as clipped (real renders, decoded: 0.04 % of pixels)
-
-
-def palette_error(images: torch.Tensor) -> torch.Tensor:
-    """(B,) per image: mean RGB distance (0..255) of its object pixels to their nearest palette colour
-    (data.COLORS); object pixels: nearer to a palette colour than to every background. NaN: none."""
-    rgb = ((images.float().clamp(-1, 1) + 1) * 127.5).flatten(2).transpose(1, 2)  # (B, HW, 3)
-    table = torch.tensor([*COLORS.values(), *BACKGROUNDS.values()], dtype=rgb.dtype)  # (9, 3)
-    dist = torch.cdist(rgb, table[None].expand(len(rgb), -1, -1))  # (B, HW, 9)
-    nearest, which = dist.min(-1)  # (B, HW) each
-    objects = (which < len(COLORS)).float()
-    return (nearest * objects).sum(1) / objects.sum(1)
-
-
-def saturation(out: Guided) -> dict[str, torch.Tensor]:
-    """Per image (B,): mean |x0| at the last step, share of clipped pixels, colour error (palette_error)."""
-    return {"mean_abs_x0": out.x0.abs().flatten(1).mean(1),
-            "clipped": (out.raw.abs() > CLIP_LIMIT).flatten(1).float().mean(1),
-            "palette_error": palette_error(out.images)}
-
-
-def measure(model, objective, scale: float, n: int = 300, seed: int = 0, steps: int = DEFAULT_STEPS,
-            sampler: str = DEFAULT_SAMPLER, vae=None, text_encoder=None, **options) -> dict:
-    """Adherence (chapter 09's `evaluate`, n prompts per group) and mean saturation of one setting:
-    `generate_guided` at `scale` with `options` (cure=..., interval=..., negative_prompt=...)."""
-    stats = []
-
-    def draw(captions, seeds):
-        out = generate_guided(model, objective, captions, seeds, scale=scale, steps=steps, sampler=sampler,
-                              vae=vae, text_encoder=text_encoder, **{"cure": None, **options})
-        stats.append(saturation(out))
-        return out.images
-
-    report = evaluate(draw, n=n, seed=seed, disable=True)
-    return {"scale": float(scale), "seen": report.accuracy["seen"]["pair"], "held_out": report.accuracy["held_out"]["pair"],
-            "two": report.accuracy["two"]["relation"], "frechet": report.frechet,
-            **{k: float(torch.cat([s[k] for s in stats]).nanmean()) for k in stats[0]}}
 
 
 DEFAULT_SCALE = 2.0  # the best adherence in section 4's table (book model, 100 prompts per group)

@@ -4,8 +4,9 @@
 """Samplers: integrate from noise to data with a denoiser D(x, sigma, **cond) -> x0 (Karras et al. 2022).
 
 Every sampler has k-diffusion's signature `sample_x(model, x, sigmas, extra_args=None, callback=None,
-disable=None, ..., generator=None)`: `x` is the start (noise * sigmas[0]), `sigmas` descends to a final
-0, `model` is a denoiser (`tinydit.denoisers`). Noise is drawn from `generator` on the CPU, then moved,
+disable=None, ..., generator=None)`: `x` is the start (noise * sigmas[0]), `sigmas` descends strictly
+(to 0 for a clean sample; ending above 0 returns the partly denoised one, so a schedule can be split
+across two samplers, as ComfyUI's SplitSigmas does), `model` is a denoiser (`tinydit.denoisers`). Noise is drawn from `generator` on the CPU, then moved,
 so a seed gives the same image on any device. `SAMPLERS` maps names to the functions.
 """
 
@@ -21,14 +22,15 @@ from tinydit.validation import check_choice, check_float, check_int, check_tenso
 
 
 def _check_sigmas(sigmas) -> list[float]:
-    """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels ending in 0 -> floats."""
+    """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels >= 0 -> floats. Ending
+    above 0 returns the partly denoised sample, so one schedule can be split across two samplers."""
     check_tensor("sigmas", sigmas, ndim=1, floating=True, finite=True)
     if len(sigmas) < 2:
         raise ValueError(f"sigmas: expected n+1 >= 2 noise levels (n >= 1 steps; 0 steps would return the "
                          f"noise itself), got {len(sigmas)}")
     s = sigmas.tolist()  # one device sync; the loops compute their coefficients in Python floats
-    if s[-1] != 0:
-        raise ValueError(f"sigmas: expected the last value to be 0 (a sampler ends on a clean sample), got {s[-1]}")
+    if s[-1] < 0:
+        raise ValueError(f"sigmas: expected noise levels >= 0, got a last value of {s[-1]}")
     for i in range(len(s) - 1):
         if not s[i] > s[i + 1]:
             raise ValueError(f"sigmas: expected strictly decreasing values, got sigmas[{i}] = {s[i]} <= "
@@ -406,3 +408,7 @@ SAMPLERS = SamplerRegistry(
 def get_sampler(name: str):
     """The sampler function called `name` (see `SAMPLERS`)."""
     return SAMPLERS[name]
+
+
+DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
+DEFAULT_STEPS = 20  # model evaluations per image (chapter 12's benchmark: Euler needs 6 for the same adherence)

@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-import tinydit
-from tinydit.checkpoint import WeightsMismatchError, _listing, resolve_pretrained
+from tinydit.checkpoint import (
+    BOOK_TEXT_ENCODER_DIR,
+    WeightsMismatchError,
+    _listing,
+    resolve_pretrained,
+)
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_int, check_tensor
 
-BOOK_TEXT_ENCODER_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_text_encoder"
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
 
 

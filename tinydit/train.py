@@ -9,7 +9,6 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from itertools import zip_longest
 from pathlib import Path
@@ -22,21 +21,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-import tinydit
-from tinydit.checkpoint import _read_pickle, check_and_load, read_config
+from tinydit.checkpoint import BOOK_MODEL_DIR, _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
-from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser
-from tinydit.samplers import get_sampler
-from tinydit.schedules import (
-    SCHEDULE_ALIASES,
-    SCHEDULES,
-    alphas_cumprod,
-    make_betas,
-    min_snr_weights,
-    rescale_zero_terminal_snr,
-)
+from tinydit.denoisers import Parametrisation
+from tinydit.pipeline import SamplingConfig, TextToImagePipeline
+from tinydit.samplers import DEFAULT_SAMPLER
+from tinydit.schedules import SCHEDULE_ALIASES, SCHEDULES, min_snr_weights
 from tinydit.text import TextEmbeddings, load_book_text_encoder
-from tinydit.textdit import TextDiT, config_from_diffusers_pixart
+from tinydit.textdit import TextDiT, config_from_diffusers_pixart, pixart_to_diffusers
 from tinydit.vae import load_book_vae
 from tinydit.validation import (
     check_bool,
@@ -45,13 +37,11 @@ from tinydit.validation import (
     check_float,
     check_int,
     check_memory,
-    check_tensor,
 )
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
 BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
 MAX_SEED = 2**32 - 1  # seeds of a run (the CLI's --seed range); a step's generator is seeded seed * 1e6 + step
-BOOK_MODEL_DIR = Path(tinydit.__file__).resolve().parent / "assets" / "book_model"
 
 
 def _check_objective_settings(kind: str, zero_terminal_snr: bool, min_snr_gamma: float) -> None:
@@ -154,84 +144,21 @@ def _check_train_config(name: str, cfg) -> TrainConfig:
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every", "compile", "mixed_precision")
 
 
-def _check_noised_inputs(x0, noise, u, normal) -> None:
-    """x0 finite floats (B, C, H, W), noise of the same shape, u in [0, 1] and normal both (B,)."""
-    check_tensor("x0", x0, ndim=4, floating=True, finite=True)
-    check_tensor("noise", noise, floating=True)
-    if noise.shape != x0.shape:
-        raise ValueError(f"noise: expected the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
-    for name, draws in (("u", u), ("normal", normal)):
-        check_tensor(name, draws, floating=True)
-        if tuple(draws.shape) != (len(x0),):
-            raise ValueError(f"{name}: expected one draw per sample, shape ({len(x0)},), got {tuple(draws.shape)}")
-    if not bool(((u >= 0) & (u <= 1)).all()):
-        raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
+def parametrisation(cfg: TrainConfig) -> Parametrisation:
+    """The training objective of a config as chapter 08's Parametrisation: the same object draws the
+    training pairs (`noised`), hands the samplers their denoiser, and writes the scheduler config."""
+    _check_train_config("cfg", cfg)
+    return Parametrisation(prediction=cfg.objective, beta_schedule=cfg.beta_schedule,
+                           zero_terminal_snr=cfg.zero_terminal_snr)
 
 
-class Objective:
-    """What the network learns to predict from a noised latent: epsilon or v on a DDPM schedule
-    (Ho et al. 2020; Salimans & Ho 2022), or the rectified-flow velocity (Liu et al. 2022)."""
-
-    def __init__(self, kind: str = "v_prediction", beta_schedule: str = "linear", zero_terminal_snr: bool = False,
-                 min_snr_gamma: float = 0.0, num_train_timesteps: int = 1000):
-        self.kind = check_choice("objective", kind, OBJECTIVES)
-        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        _check_objective_settings(kind, zero_terminal_snr, min_snr_gamma)
-        self.min_snr_gamma = check_float("min_snr_gamma", min_snr_gamma, minimum=0)
-        self.T = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
-        betas = make_betas(beta_schedule, self.T)
-        if zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod(betas).double()  # (T,), float64 like chapter 08's denoiser
-        self.beta_schedule, self.zero_terminal_snr = beta_schedule, bool(zero_terminal_snr)
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig) -> Objective:
-        return cls(cfg.objective, cfg.beta_schedule, cfg.zero_terminal_snr, cfg.min_snr_gamma)
-
-    def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
-        """(x_t, model time, target, loss weight) for clean x0 (B, C, H, W), noise like x0, and per-sample
-        draws u ~ U(0, 1) (DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
-        _check_noised_inputs(x0, noise, u, normal)
-        if self.kind == "flow":
-            t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
-            tb = t[:, None, None, None]
-            return (1 - tb) * x0 + tb * noise, t * self.T, noise - x0, torch.ones_like(t)
-        step = (u * self.T).long().clamp(max=self.T - 1)  # (B,) uniform over the T trained steps
-        ab = self.alphas_cumprod[step].to(x0.dtype)  # (B,)
-        a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
-        x_t = a * x0 + s * noise  # (B, C, H, W), q(x_t | x0)
-        target = noise if self.kind == "epsilon" else a * noise - s * x0  # eps, or v = a eps - s x0
-        weight = torch.ones_like(ab)
-        if self.min_snr_gamma > 0:
-            snr = (ab / (1 - ab)).clamp(min=1e-10)  # clamp: zero-terminal-SNR's last step has SNR 0
-            weight = min_snr_weights(snr, self.min_snr_gamma, self.kind)
-        return x_t, step, target, weight
-
-    def denoiser(self, model: nn.Module) -> nn.Module:
-        """Chapter 08's wrapper for sampling: D(x, sigma, **cond) -> x0."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
-        if self.kind == "flow":
-            return FlowDenoiser(model, time_scale=self.T)
-        return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.kind)
-
-    def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
-        """The noise levels to sample with: Karras (DDPM) or the flow times, n+1 values ending in 0."""
-        steps = check_int("steps", steps, minimum=1)
-        if self.kind == "flow":
-            return denoiser.get_sigmas(steps, shift=1.0)
-        return denoiser.get_sigmas(steps, schedule="karras")
-
-
-def scheduler_config(cfg: TrainConfig) -> dict:
-    """A stock diffusers scheduler that samples the book model (chapter 12's PixArt pipeline reads it)."""
-    if cfg.objective == "flow":
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
-    return {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
-            "beta_schedule": cfg.beta_schedule, "beta_start": 0.0001, "beta_end": 0.02,
-            "prediction_type": cfg.objective, "rescale_betas_zero_snr": cfg.zero_terminal_snr,
-            "use_karras_sigmas": True, "solver_order": 2, "algorithm_type": "dpmsolver++"}
+def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """(B,) per-sample loss weights at model times `t`: 1, or min-SNR-gamma (Hang et al. 2023) on DDPM targets."""
+    if min_snr_gamma <= 0 or param.prediction == "flow":
+        return torch.ones(len(t), device=t.device)
+    ab = param.alphas_cumprod[t.cpu()].float().to(t.device)  # (B,)
+    snr = (ab / (1 - ab)).clamp(min=1e-10)  # clamp: zero-terminal-SNR's last step has SNR 0
+    return min_snr_weights(snr, min_snr_gamma, param.prediction)
 
 
 @dataclass
@@ -425,66 +352,6 @@ def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     return TextDiT(config_from_diffusers_pixart(book_model_config(cfg, context_dim)))
 
 
-PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
-                  "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-                  "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-                  "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-                  "y_embedder.y_proj.fc2": "caption_projection.linear_2", "final_layer.linear": "proj_out",
-                  "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
-                  "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
-
-
-def _is_pixart_key(key: str) -> bool:
-    """Does pixart_to_diffusers know where `key` of a TextDiT (adaLN-single) state dict goes?"""
-    if key in ("pos_embed", "final_layer.scale_shift_table"):
-        return True
-    parts = key.split(".", 2)
-    if parts[0] == "blocks" and len(parts) == 3:
-        rest = parts[2]
-        part = rest.rsplit(".", 1)[0]  # "mlp.fc1" of "mlp.fc1.weight"
-        split = ("attn.qkv", "cross_attn.kv_linear")  # fused weights, cut in three / two
-        return rest == "scale_shift_table" or (part != rest and (part in PIXART_RENAMES or part in split))
-    return key.rsplit(".", 1)[0] in PIXART_RENAMES
-
-
-def _check_pixart_state_dict(sd) -> None:
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
-    unknown = [k for k in sd if not _is_pixart_key(k)]
-    if unknown:
-        listed = ", ".join(repr(k) for k in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
-        raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
-
-
-def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
-    chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""
-    _check_pixart_state_dict(sd)
-    sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # diffusers recomputes the fixed table
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        stem, suffix = key.rsplit(".", 1)
-        if key == "final_layer.scale_shift_table":
-            out["scale_shift_table"] = value
-        elif key.startswith("blocks."):
-            _, n, rest = key.split(".", 2)
-            b = f"transformer_blocks.{n}."
-            part = rest.rsplit(".", 1)[0]
-            if rest == "scale_shift_table":
-                out[b + rest] = value
-            elif part == "attn.qkv":
-                for name, chunk in zip("qkv", value.chunk(3)):
-                    out[f"{b}attn1.to_{name}.{suffix}"] = chunk
-            elif part == "cross_attn.kv_linear":
-                for name, chunk in zip("kv", value.chunk(2)):
-                    out[f"{b}attn2.to_{name}.{suffix}"] = chunk
-            else:
-                out[f"{b}{PIXART_RENAMES[part]}.{suffix}"] = value
-        else:
-            out[f"{PIXART_RENAMES[stem]}.{suffix}"] = value
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (no-op where directories cannot be opened)."""
     try:
@@ -541,7 +408,7 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
     files = {"config.json": book_model_config(cfg, model.config.context_dim),
-             "scheduler_config.json": scheduler_config(cfg),
+             "scheduler_config.json": parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
              "training.json": {"config": asdict(cfg), **(info or {})}}
     for name, content in files.items():
         atomic_write(folder / name, lambda p, c=content: p.write_text(json.dumps(c, indent=1)))
@@ -562,13 +429,22 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     return TrainConfig(**config)
 
 
-def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Objective]:
-    """The shipped book model (EMA weights) or one saved by `save_book_model`, and its objective."""
+def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametrisation]:
+    """The shipped book model (EMA weights) or one saved by `save_book_model`, and its parametrisation."""
     folder = Path(folder) if folder is not None else BOOK_MODEL_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"folder: no book model in {str(folder)!r} (expected config.json and "
                                 "diffusion_pytorch_model.safetensors); train one with python -m tinydit train")
-    return TextDiT.from_pretrained(folder), Objective.from_config(read_train_config(folder))
+    return TextDiT.from_pretrained(folder), parametrisation(read_train_config(folder))
+
+
+def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=None, vae=None) -> TextToImagePipeline:
+    """Chapter 12's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
+    its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
+    the evaluator sample through it, so what is graded is what `generate` draws."""
+    sampling = SamplingConfig(**asdict(parametrisation(cfg if cfg is not None else TrainConfig())))
+    return TextToImagePipeline(text_encoder if text_encoder is not None else load_book_text_encoder(), model,
+                               vae if vae is not None else load_book_vae(), sampling.validate())
 
 
 def distributed() -> tuple[int, int]:
@@ -645,7 +521,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.device = _check_device(device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.objective = Objective.from_config(config)
+        self.objective = parametrisation(config)
         if data is None:
             dataset = ShapesDataset(config.n_train, seed=config.data_seed, split="train")
             data = encode_dataset(dataset, disable=disable or self.rank > 0) if config.cache else StreamingData(dataset)
@@ -687,7 +563,8 @@ class Trainer:
 
     def loss(self, step: int) -> torch.Tensor:
         x0, noise, u, normal, tokens, mask = self.batch(step)
-        x_t, t, target, weight = self.objective.noised(x0, noise, u, normal)
+        x_t, t, target = self.objective.noised(x0, noise, u, normal)
+        weight = loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
         with self.autocast():
             pred = self.net(x_t, t, context=tokens, context_mask=mask)  # (b, 4, 8, 8)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
@@ -793,97 +670,6 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         self.step, self.losses, self.last_checkpoint = int(state["step"]), state["losses"].tolist(), path
         return self
-
-
-class GuidedDenoiser(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022) in its plainest form, one batched forward:
-    D = D_uncond + scale (D_cond - D_uncond). Chapter 10 builds the full version and its cures."""
-
-    def __init__(self, denoiser: nn.Module, scale: float):
-        super().__init__()
-        self.denoiser, self.scale = denoiser, check_float("guidance_scale", scale, minimum=0)
-
-    def forward(self, x, sigma, context, context_mask, uncond_context, uncond_mask):
-        if self.scale == 1:
-            return self.denoiser(x, sigma, context=context, context_mask=context_mask)
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(len(x))  # (B,)
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), context=torch.cat([context, uncond_context]),
-                            context_mask=torch.cat([context_mask, uncond_mask]))  # (2B, C, H, W)
-        cond, uncond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
-
-
-DEFAULT_SAMPLER = "dpmpp_2m"  # chapter 08's second-order multistep solver: one model call per step
-DEFAULT_STEPS = 20  # NFE of the issue's targets
-DEFAULT_GUIDANCE = 2.0  # section 10's sweep: best adherence with 2.5 (within noise) and the lowest FD
-
-
-def _check_generate_inputs(model, objective, captions, seeds) -> list[int]:
-    """The book model, its Objective, a list of captions; returns one seed (0 .. 2^63 - 1) per caption."""
-    if not isinstance(model, TextDiT):
-        raise TypeError(f"model: expected the book model, a TextDiT (load_book_model), got {type(model).__name__}")
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective: expected an Objective (load_book_model's), got {type(objective).__name__}")
-    if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
-        raise TypeError(f"captions: expected a list of caption strings, got {type(captions).__name__}"
-                        + (" (wrap a single caption in a list)" if isinstance(captions, str) else ""))
-    if seeds is None:
-        return list(range(len(captions)))
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
-        raise TypeError(f"seeds: expected a list of integers, one per caption, got {type(seeds).__name__}")
-    seeds = [check_int(f"seeds[{i}]", s, minimum=0, maximum=2**63 - 1) for i, s in enumerate(seeds)]
-    if len(seeds) != len(captions):
-        raise ValueError(f"seeds: one per caption expected ({len(captions)}), got {len(seeds)}")
-    return seeds
-
-
-def _check_generate_hooks(guide, cond_args, callback) -> None:
-    """Chapter 10's hooks into `generate`: two callables (or None) and a dict of conditioning (or None)."""
-    for name, hook in (("guide", guide), ("callback", callback)):
-        if hook is not None and not callable(hook):
-            raise TypeError(f"{name}: expected a function or None, got {type(hook).__name__}")
-    if cond_args is not None and not isinstance(cond_args, Mapping):
-        raise TypeError(f"cond_args: expected a dict of the sampler's extra_args (context, context_mask, ...), "
-                        f"got {type(cond_args).__name__}")
-
-
-def _empty_prompt_args(text_encoder, captions: list[str], device) -> dict:
-    """GuidedDenoiser's extra_args: the captions' tokens and the empty prompt's, padded to one length."""
-    emb = text_encoder(list(captions)).to(device)
-    empty = text_encoder([""] * len(captions)).to(device)
-    T = max(emb.tokens.shape[1], empty.tokens.shape[1])
-    (ctx, mask), (u_ctx, u_mask) = _pad_tokens(emb, T), _pad_tokens(empty, T)
-    return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
-
-
-@torch.no_grad()
-def generate(model: TextDiT, objective: Objective, captions: list[str], seeds: list[int] | None = None,
-             steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, vae=None,
-             text_encoder=None, disable: bool | None = True, return_latents: bool = False, guide=None, cond_args=None,
-             callback=None) -> torch.Tensor:
-    """Images (B, 3, 32, 32) in [-1, 1] for a list of captions: noise from `seeds` (one per caption,
-    drawn on the CPU), `steps` model evaluations of chapter 08's `sampler`, CFG at `guidance_scale`;
-    `return_latents`: the sampled latents, not decoded. Chapter 10's hooks: `guide(denoiser, sigmas)`
-    builds the denoiser to sample instead of GuidedDenoiser (guidance_scale then unused), `cond_args`
-    are its extra_args instead of the captions against "", `callback` goes to the sampler."""
-    seeds = _check_generate_inputs(model, objective, captions, seeds)
-    _check_generate_hooks(guide, cond_args, callback)
-    device, cfg = next(model.parameters()).device, model.config
-    if cond_args is None:
-        text_encoder = text_encoder if text_encoder is not None else load_book_text_encoder()
-        cond_args = _empty_prompt_args(text_encoder, captions, device)
-    denoiser = objective.denoiser(model.eval())
-    sigmas = objective.sigmas(denoiser, steps)
-    guided = GuidedDenoiser(denoiser, guidance_scale) if guide is None else guide(denoiser, sigmas)
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    x = (noise * sigmas[0]).to(device)  # (B, 4, 8, 8) at the first noise level
-    latents = get_sampler(sampler)(guided, x, sigmas.to(device), extra_args={k: v.to(device) for k, v in cond_args.items()},
-                                   callback=callback, disable=disable)
-    if return_latents:
-        return latents
-    vae = vae if vae is not None else load_book_vae()
-    return vae.from_latent(latents.float().cpu()).clamp(-1, 1)  # (B, 3, 32, 32)
 
 
 def _check_run_folder(out_dir: Path, resume: bool) -> None:

@@ -12,7 +12,6 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tinydit.checkpoint import (
+    BOOK_VAE_DIR,
     WeightsMismatchError,
     load_model,
     load_state_dict,
@@ -544,7 +544,7 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
 
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
-    return Path(str(resources.files("tinydit") / "assets" / "book_vae"))
+    return BOOK_VAE_DIR
 
 
 def load_book_vae(dtype=None) -> AutoencoderKL:
