@@ -386,6 +386,9 @@ class Parametrisation:
         check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
         check_float("shift", self.shift, minimum=0, min_inclusive=False)
         check_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("zero_terminal_snr", "quantize"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
         self.__dict__.pop("alphas_cumprod", None)  # re-validated after a field changed: recompute the table
 
@@ -477,7 +480,8 @@ class Oracle(torch.nn.Module):  # a "network" that returns the training target i
 
 x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
 for p in TARGETS:
-    par = Parametrisation(prediction=p)
+    kind = "FlowMatchEulerDiscreteScheduler" if p == "flow" else "DPMSolverMultistepScheduler"  # the class a config names
+    par = Parametrisation(prediction=p, scheduler=kind)
     assert Parametrisation.from_scheduler_config(par.scheduler_config()) == par, p  # files, both ways
     x_t, t, target = par.noised(x0, noise, u=torch.tensor([0.3, 0.9]), normal=torch.tensor([-1.0, 1.0]))  # training
     if p == "flow":

@@ -287,7 +287,7 @@ def parametrisation(cfg: TrainConfig) -> Parametrisation:
 
 def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """(B,) per-sample loss weights at model times `t`: 1, or min-SNR-gamma (Hang et al. 2023) on DDPM targets."""
-    if min_snr_gamma <= 0 or param.prediction == "flow":
+    if check_float("min_snr_gamma", min_snr_gamma, minimum=0) == 0 or param.prediction == "flow":
         return torch.ones(len(t), device=t.device)
     ab = param.alphas_cumprod[t.cpu()].float().to(t.device)  # (B,)
     snr = (ab / (1 - ab)).clamp(min=1e-10)  # clamp: zero-terminal-SNR's last step has SNR 0
@@ -684,6 +684,8 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
     """Chapter 12's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
     its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
     the evaluator sample through it, so what is graded is what `generate` draws."""
+    if not isinstance(model, TextDiT):
+        raise TypeError(f"model: expected the book model, a TextDiT (load_book_model, build_model), got {type(model).__name__}")
     sampling = SamplingConfig(**asdict(parametrisation(cfg if cfg is not None else TrainConfig())))
     return TextToImagePipeline(text_encoder if text_encoder is not None else load_book_text_encoder(), model,
                                vae if vae is not None else load_book_vae(), sampling.validate())
@@ -1577,9 +1579,13 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
         raise TypeError(f"pipe: expected a TextToImagePipeline, got {type(pipe).__name__}")
 
     def draw(captions: list[str], seeds: list[int]) -> torch.Tensor:
+        for name, value in (("captions", captions), ("seeds", seeds)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, range)):
+                raise TypeError(f"{name}: expected a list, one entry per image, got {type(value).__name__}")
         out = pipe(list(captions), seed=list(seeds), disable=True, **options)
         return torch.stack([pil_to_tensor(im) for im in out.images])  # (B, 3, 32, 32) in [-1, 1]
 
+    draw.pipe = pipe
     return draw
 
 
@@ -1595,7 +1601,8 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """`evaluate` a pipeline (default: the shipped book model's) at one sampler setting; None takes the
     pipeline's defaults, as `python -m tinydit generate` does."""
-    pipe = TextToImagePipeline.from_pretrained() if pipe is None else pipe
+    draw = pipeline_generator(TextToImagePipeline.from_pretrained() if pipe is None else pipe)  # checks `pipe`
+    pipe = draw.pipe
     options = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale),
                                  ("sampler", sampler)) if v is not None}
     pipe.check_inputs(["a red circle"], **options)  # a bad setting fails here, not after the first batch

@@ -759,22 +759,28 @@ class LayerwiseCasting:
 # CPU time of a forward at batch 16, and the adherence of the images (chapter 09's reader).
 
 # %%
-from tinydit import evaluate, train  # noqa: E402
+from tinydit import evaluate  # noqa: E402
+from tinydit.checkpoint import BOOK_MODEL_DIR  # noqa: E402
 from tinydit.precision import LayerwiseCasting  # noqa: E402
 from tinydit.text import load_book_text_encoder  # noqa: E402
 from tinydit.textdit import TextDiT  # noqa: E402
+from tinydit.train import book_pipeline  # noqa: E402
 from tinydit.vae import load_book_vae  # noqa: E402
 
 torch.set_num_threads(1)  # a 4 M-parameter model: one thread beats two contending
 vae, encoder = load_book_vae(), load_book_text_encoder()
-_, objective = train.load_book_model()
 N_EVAL = 8 if FAST else 100  # prompts per group
+
+
+def draw_with(model):
+    """evaluate's generate(captions, seeds) for `model`: chapter 12's pipeline, the book encoder and VAE."""
+    return evaluate.pipeline_generator(book_pipeline(model, text_encoder=encoder, vae=vae))
 
 
 def book_model(precision: str):
     """The shipped book model in `precision` ("fp32", "bf16", "fp16" or "fp8": e4m3 storage, bf16 compute)."""
     dtype = "bf16" if precision == "fp8" else precision
-    model = TextDiT.from_pretrained(train.BOOK_MODEL_DIR, dtype=dtype).eval()
+    model = TextDiT.from_pretrained(BOOK_MODEL_DIR, dtype=dtype).eval()
     if precision == "fp8":
         LayerwiseCasting(model, "fp8_e4m3", compute_dtype="bf16")
     return model
@@ -793,8 +799,7 @@ for precision in ["fp32", "bf16", "fp16", "fp8"]:
         for _ in range(3):
             model(x16, t16, context=emb.tokens, context_mask=emb.mask)
         seconds = (time.perf_counter() - start) / 3
-    report = evaluate.evaluate(lambda c, s, m=model: train.generate(m, objective, c, s, vae=vae, text_encoder=encoder),
-                               n=N_EVAL, disable=True)
+    report = evaluate.evaluate(draw_with(model), n=N_EVAL, disable=True)
     precision_rows[precision] = dict(mb=weight_bytes(model) / 1e6, error=((out - reference).norm() / reference.norm()).item(),
                                      ms=1e3 * seconds, pair=report.accuracy["held_out"]["pair"],
                                      both=report.accuracy["two"]["both"])
@@ -986,10 +991,11 @@ thresholds = [0.0, 0.05, 0.1, 0.2, 0.3] if FAST else [0.0, 0.02, 0.05, 0.1, 0.15
 cache_curve = []
 for threshold in thresholds:
     model = book_model("fp32")
+    draw = draw_with(model)
     with StepCache(model, threshold) as cache:
-        def generate(captions, seeds, model=model, cache=cache):
+        def generate(captions, seeds, draw=draw, cache=cache):
             cache.reset()  # a new batch of images: nothing to reuse
-            return train.generate(model, objective, captions, seeds, vae=vae, text_encoder=encoder)
+            return draw(captions, seeds)
 
         start = time.perf_counter()
         report = evaluate.evaluate(generate, n=N_EVAL, disable=True)
@@ -1113,12 +1119,12 @@ assert explanation.graph_break_count == 0
 # %%
 captions = ["a red circle above a blue square"] * 8
 eager_model, compiled_model = book_model("fp32"), book_model("fp32")
-compiled_model.compile()  # in place: still a TextDiT, so chapter 09's generate accepts it
+compiled_model.compile()  # in place: still a TextDiT, so the pipeline takes it
 times = {}
 for name, m in [("eager", eager_model), ("compiled (first call)", compiled_model), ("eager", eager_model),
                 ("compiled", compiled_model)]:
     start = time.perf_counter()
-    images = train.generate(m, objective, captions, list(range(8)), vae=vae, text_encoder=encoder)
+    images = draw_with(m)(captions, list(range(8)))
     times[name] = time.perf_counter() - start
     if name == "eager":
         eager_images = images

@@ -769,6 +769,7 @@ def show_attention(pipe, prompt, seed=0, **options):
     return out, attn, words
 
 
+pipe = TextToImagePipeline.from_pretrained()  # the package's class, which the demo module above imported
 out, attn, words = show_attention(pipe, "a red circle above a blue square")
 torch.testing.assert_close(attn.sum(0), torch.ones(4, 4), atol=1e-5, rtol=0)  # each image token's weights sum to 1
 share = attn.mean((1, 2))  # (T,) how much of the attention each token receives

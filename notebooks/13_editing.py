@@ -60,7 +60,7 @@ def lesson_img2img(pipe, prompt, image, strength, seed=0, steps=20):
     sigmas = pipe.sampling.sigmas(denoiser, steps)[steps - int(steps * strength):]  # the last steps only
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
     x = z + noise * sigmas[0]  # the source, noised to sigma_start
-    cond = pipe._conditioning([prompt], [""])
+    cond = pipe.encode_prompt([prompt], [""])  # the pipeline's public step: tokens and the empty prompt's
     z = sample_dpmpp_2m(CFGDenoiser(denoiser, pipe.sampling.guidance_scale), x, sigmas, extra_args=cond, disable=True)
     return pipe.vae.from_latent(z).clamp(-1, 1)[0]  # (3, 32, 32)
 

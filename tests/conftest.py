@@ -15,3 +15,17 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def executed_cache(tmp_path_factory):
+    """Where the notebooks' executed copies go: test_notebooks fills it, the book build reuses it."""
+    return tmp_path_factory.getbasetemp() / "executed-notebooks"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The book build last: by then every notebook has run once and sits in the shared cache."""
+    items.sort(key=lambda item: item.path.name == "test_book.py")

@@ -30,13 +30,30 @@ def test_toc_lists_every_notebook_in_order():
 
 
 @pytest.fixture(scope="module")
-def html(tmp_path_factory):
+def book_build(tmp_path_factory, executed_cache):
+    """(html folder, the build's log, how many chapters the shared cache held before the build)."""
     out = tmp_path_factory.mktemp("book")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_book.py"), "--out", str(out)],
+    cached_before = len(list(executed_cache.glob("*.ipynb"))) if executed_cache.is_dir() else 0
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_book.py"), "--out", str(out),
+                           "--cache", str(executed_cache)],  # the notebooks' runs of test_notebooks.py, reused
                           capture_output=True, text=True, timeout=3600)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out / "_build" / "html"
+    return out / "_build" / "html", proc.stdout, cached_before
+
+
+@pytest.fixture(scope="module")
+def html(book_build):
+    return book_build[0]
+
+
+def test_book_build_executes_only_what_the_notebook_tests_did_not(book_build):
+    """After test_notebooks (conftest puts the book last) the build executes no chapter a second time."""
+    _, log, cached_before = book_build
+    executed = [line.strip() for line in log.splitlines() if "executed in" in line]
+    assert len(executed) == len(NOTEBOOKS) - cached_before, (cached_before, executed)
+    if cached_before == len(NOTEBOOKS):
+        assert not executed  # the whole suite: every notebook ran once, in test_notebooks.py
 
 
 def test_book_builds_offline_with_every_chapter(html):

@@ -657,7 +657,7 @@ def test_callback_and_extra_args():
 @pytest.mark.parametrize("sigmas, pattern", [
     ([3.0, 1.0, 2.0, 0.0], r"^sigmas: expected strictly decreasing values, got sigmas\[1\] = 1.0 <= sigmas\[2\] = 2.0"),
     ([1.0, 1.0, 0.0], r"^sigmas: expected strictly decreasing values, got sigmas\[0\] = 1.0 <= sigmas\[1\]"),
-    ([2.0, 1.0], r"^sigmas: expected the last value to be 0"),
+    ([2.0, 1.0, -1.0], r"^sigmas: expected noise levels >= 0, got a last value of -1.0"),
     ([0.0], r"^sigmas: expected n\+1 >= 2 noise levels"),
     ([float("nan"), 1.0, 0.0], r"^sigmas: expected finite values"),
     ([[1.0, 0.0]], r"^sigmas: expected a 1-D tensor"),

@@ -206,6 +206,9 @@ class Parametrisation:
         check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
         check_float("shift", self.shift, minimum=0, min_inclusive=False)
         check_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("zero_terminal_snr", "quantize"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
         self.__dict__.pop("alphas_cumprod", None)  # re-validated after a field changed: recompute the table
 

@@ -449,9 +449,13 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
         raise TypeError(f"pipe: expected a TextToImagePipeline, got {type(pipe).__name__}")
 
     def draw(captions: list[str], seeds: list[int]) -> torch.Tensor:
+        for name, value in (("captions", captions), ("seeds", seeds)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, range)):
+                raise TypeError(f"{name}: expected a list, one entry per image, got {type(value).__name__}")
         out = pipe(list(captions), seed=list(seeds), disable=True, **options)
         return torch.stack([pil_to_tensor(im) for im in out.images])  # (B, 3, 32, 32) in [-1, 1]
 
+    draw.pipe = pipe
     return draw
 
 
@@ -467,7 +471,8 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """`evaluate` a pipeline (default: the shipped book model's) at one sampler setting; None takes the
     pipeline's defaults, as `python -m tinydit generate` does."""
-    pipe = TextToImagePipeline.from_pretrained() if pipe is None else pipe
+    draw = pipeline_generator(TextToImagePipeline.from_pretrained() if pipe is None else pipe)  # checks `pipe`
+    pipe = draw.pipe
     options = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale),
                                  ("sampler", sampler)) if v is not None}
     pipe.check_inputs(["a red circle"], **options)  # a bad setting fails here, not after the first batch

@@ -154,7 +154,7 @@ def parametrisation(cfg: TrainConfig) -> Parametrisation:
 
 def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """(B,) per-sample loss weights at model times `t`: 1, or min-SNR-gamma (Hang et al. 2023) on DDPM targets."""
-    if min_snr_gamma <= 0 or param.prediction == "flow":
+    if check_float("min_snr_gamma", min_snr_gamma, minimum=0) == 0 or param.prediction == "flow":
         return torch.ones(len(t), device=t.device)
     ab = param.alphas_cumprod[t.cpu()].float().to(t.device)  # (B,)
     snr = (ab / (1 - ab)).clamp(min=1e-10)  # clamp: zero-terminal-SNR's last step has SNR 0
@@ -442,6 +442,8 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
     """Chapter 12's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
     its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
     the evaluator sample through it, so what is graded is what `generate` draws."""
+    if not isinstance(model, TextDiT):
+        raise TypeError(f"model: expected the book model, a TextDiT (load_book_model, build_model), got {type(model).__name__}")
     sampling = SamplingConfig(**asdict(parametrisation(cfg if cfg is not None else TrainConfig())))
     return TextToImagePipeline(text_encoder if text_encoder is not None else load_book_text_encoder(), model,
                                vae if vae is not None else load_book_vae(), sampling.validate())

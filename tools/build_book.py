@@ -103,7 +103,25 @@ def execute(ipynb: Path, cache: Path, key: str, full: bool, timeout: int) -> Pat
     return cached
 
 
-def stage(out: Path, run: bool, full: bool, timeout: int | None = None) -> Path:
+def execute_chapter(nb: Path, staged: Path, cache: Path, full: bool = False, timeout: int | None = None) -> Path:
+    """Stage the percent notebook `nb` as `staged` (.ipynb, plumbing tagged away) and execute it, or reuse
+    the cached run with the same key (the notebook, the package, the settings); returns the executed file.
+    The test suite calls this once per chapter and the book build finds every chapter in the same cache,
+    so each notebook executes once per test run. A failing cell raises nbclient's CellExecutionError."""
+    import jupytext
+
+    notebook = jupytext.read(nb, fmt="py:percent")
+    notebook.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    tag_plumbing(notebook)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    jupytext.write(notebook, staged)
+    cache.mkdir(parents=True, exist_ok=True)
+    timeout = (3600 if full else 600) if timeout is None else timeout  # per cell: book-size training takes long
+    key = hashlib.sha256((nb.read_text() + package_digest() + str(full)).encode()).hexdigest()
+    return execute(staged, cache, key, full, timeout)
+
+
+def stage(out: Path, run: bool, full: bool, timeout: int | None = None, cache: Path | None = None) -> Path:
     import jupytext
 
     src = out / "_src"
@@ -114,31 +132,26 @@ def stage(out: Path, run: bool, full: bool, timeout: int | None = None) -> Path:
         if item.name.startswith("_build"):
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, src / item.name)
-    cache = out / ".executed"
-    cache.mkdir(parents=True, exist_ok=True)
-    if timeout is None:  # per cell: fast cells take seconds, book-size training cells up to an hour
-        timeout = 3600 if full else 600
-    digest = package_digest()
+    cache = out / ".executed" if cache is None else cache
     for nb in notebooks():
-        notebook = jupytext.read(nb, fmt="py:percent")
-        notebook.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
-        tag_plumbing(notebook)
         staged = src / "notebooks" / f"{nb.stem}.ipynb"
-        jupytext.write(notebook, staged)
         if run:
-            key = hashlib.sha256((nb.read_text() + digest + str(full)).encode()).hexdigest()
-            shutil.copy2(execute(staged, cache, key, full, timeout), staged)
+            shutil.copy2(execute_chapter(nb, staged, cache, full, timeout), staged)
+        else:
+            notebook = jupytext.read(nb, fmt="py:percent")
+            tag_plumbing(notebook)
+            jupytext.write(notebook, staged)
     return src
 
 
-def build(out: Path = ROOT / "book" / "_build", run: bool = True, full: bool = False) -> Path:
+def build(out: Path = ROOT / "book" / "_build", run: bool = True, full: bool = False, cache: Path | None = None) -> Path:
     """Stage, execute (cached) and build; returns the folder holding index.html."""
     try:
         import jupyter_book  # noqa: F401
     except ImportError:
         raise SystemExit("jupyter-book is not installed: pip install -e '.[dev]'") from None
     out = Path(out).resolve()
-    src = stage(out, run, full)
+    src = stage(out, run, full, cache=cache)
     # the `jupyter-book` console script, run with this interpreter (no PATH assumptions)
     cli = "from jupyter_book.cli.main import main; main()"
     subprocess.run([sys.executable, "-c", cli, "build", str(src), "--path-output", str(out)], check=True)
@@ -165,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-execute", action="store_true", help="build without outputs (no figures)")
     ap.add_argument("--full", action="store_true", help="execute at book size instead of TINYDIT_FAST=1")
     ap.add_argument("--out", type=Path, default=ROOT / "book" / "_build", help="output folder")
+    ap.add_argument("--cache", type=Path, default=None, help="executed-notebook cache (default: OUT/.executed)")
     args = ap.parse_args(argv)
-    html = build(args.out, run=not args.no_execute, full=args.full)
+    html = build(args.out, run=not args.no_execute, full=args.full, cache=args.cache)
     print(f"book built: {html / 'index.html'}")
     return 0
 
