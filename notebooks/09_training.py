@@ -116,6 +116,10 @@ assert sum(toy_losses[-10:]) / 10 < 0.8 * toy_losses[0]  # measured 0.97 -> 0.65
 
 # %%
 # | export
+"""Training the book model (chapter 09): the TrainConfig recipe, chapter 08's Parametrisation as the
+objective, data encoded once, EMA, atomic checkpoints and bit-exact resume, torchrun (DDP), and the
+diffusers layout the pipeline loads. Stands on the pipeline (`book_pipeline`); inference never imports it."""
+
 from __future__ import annotations
 
 import copy
@@ -266,9 +270,10 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every",
 # behaved at high noise, where ε says almost nothing about $x_0$, and is the only one of the two that
 # survives a **zero-terminal-SNR** schedule (Lin et al. 2023: the last step pure noise, so training
 # and sampling start from the same place). **Flow** (rectified flow, SD3/Flux) mixes
-# $x_t = (1-t)\,x_0 + t\,\varepsilon$ and predicts $\varepsilon - x_0$. `Objective` draws the
-# training pair and hands chapter 08's matching denoiser wrapper to the samplers, so one can never
-# disagree with the other. The check: a network that outputs the exact target makes the denoiser
+# $x_t = (1-t)\,x_0 + t\,\varepsilon$ and predicts $\varepsilon - x_0$. Chapter 08's
+# `Parametrisation` is that choice as one object: it draws the training pair (`noised`), hands the
+# samplers the matching denoiser and writes the scheduler config a saved folder carries, so none of
+# the three can disagree with another; `parametrisation(cfg)` builds it from a `TrainConfig`. The check: a network that outputs the exact target makes the denoiser
 # return exactly $x_0$, for each objective.
 #
 # The book model uses **v on PixArt's linear DDPM schedule** because diffusers' `PixArtAlphaPipeline`
@@ -1125,6 +1130,10 @@ def read_one(image):  # image (3, 32, 32) in [-1, 1], one object -> (colour, sha
 
 # %%
 # | export evaluate
+"""Grading prompt adherence (chapter 09): a pixel reader for the shapes world, scoring of test prompts
+by group, a Fréchet distance on the book image tower, and `evaluate_model`, which grades a pipeline's
+own pictures (`pipeline_generator`). Stands on the pipeline; inference never imports it."""
+
 from __future__ import annotations
 
 import re

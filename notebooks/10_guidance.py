@@ -954,7 +954,7 @@ expect_error(lambda: guide(x_T, sig8[0], context=ctx, uncond_context=uctx, uncon
 # * **`CFGDenoiser`** (`tinydit.guidance`): classifier-free guidance as a denoiser wrapper, one batched
 #   forward for both branches, the conditional branch alone at scale 1 or outside the guidance
 #   interval, negative prompts through `uncond_context` (`guidance_args` encodes them), and every
-#   chapter-08 sampler unchanged (checked on six, against chapter 09's minimal `GuidedDenoiser`).
+#   chapter-08 sampler unchanged (checked on six, against the formula written out with two forwards).
 # * **Cures**, small classes: `Rescale` (Lin et al. 2023; = diffusers' `rescale_noise_cfg`, also on the
 #   book model's raw v, to 1e-13), `Threshold` (Imagen; = `DDPMScheduler._threshold_sample`), `Mimic`
 #   (sd-dynamic-thresholding; the output has the mimic's spread), `APG` (Sadat et al. 2024; = diffusers'

@@ -1129,7 +1129,7 @@ for name, m in [("eager", eager_model), ("compiled (first call)", compiled_model
     if name == "eager":
         eager_images = images
 print("  ".join(f"{k}: {v:.2f} s" for k, v in times.items()), f"-> compiled / eager = {times['compiled'] / times['eager']:.2f}")
-torch.testing.assert_close(images, eager_images, atol=1e-4, rtol=0)  # measured 2e-6: the same images
+torch.testing.assert_close(images, eager_images, atol=1 / 127.5 + 1e-6, rtol=0)  # 8-bit pictures: ~2e-6 apart before rounding, at most one level after
 
 # %% [markdown]
 # On this 2-core CPU the compiled sampling loop of the book model takes about two thirds of the eager

@@ -64,6 +64,11 @@ def test_export_writes_modules_with_header(tmp_path):
     assert "def double" in toy and "CONSTANT = double(21)" in toy
     assert "demo cell" not in toy and "# | export" not in toy and "HELPER" not in toy
     assert toy.index("def double") < toy.index("CONSTANT")  # notebook order
+    notebook = (root / "notebooks" / "07_toy.py").read_text().splitlines()
+    for source in [line for line in toy.splitlines() if line.startswith("# notebooks/07_toy.py:")]:
+        number = int(source.rsplit(":", 1)[1])  # each chunk names the line its code starts on
+        following = toy.splitlines()[toy.splitlines().index(source) + 1]
+        assert notebook[number - 1] == following, (source, following)
     assert "HELPER = 1" in (root / "tinydit" / "helpers.py").read_text()
     ns = {}
     exec(compile(toy, "toy.py", "exec"), ns)

@@ -12,7 +12,8 @@ and marks the code cells that belong to the package with a first line::
     # | export attention  (goes to tinydit/attention.py instead)
 
 Exported cells are written, in notebook order, to `tinydit/<module>.py` under a header that names
-the source notebook and says not to edit the file. A notebook may feed several modules (chapter 05
+the source notebook and says not to edit the file; each chunk opens with a comment naming the line
+it came from (`# notebooks/05_dit.py:120`). A notebook may feed several modules (chapter 05
 writes `dit` and `attention`), but a module is fed by exactly one notebook: a later chapter that
 needs more code writes its own module and imports the earlier one, so every module reads as one
 lesson. Two notebooks exporting to one module is an error.
@@ -46,20 +47,25 @@ def split_cells(text: str) -> list[tuple[str, list[str]]]:
 
     Lines before the first `# %%` marker (the jupytext YAML header) are dropped.
     """
-    cells: list[tuple[str, list[str]]] = []
+    return [(kind, lines) for kind, lines, _ in split_cells_at(text)]
+
+
+def split_cells_at(text: str) -> list[tuple[str, list[str], int]]:
+    """`split_cells`, with each cell's first line number in the file (1-based, after its marker)."""
+    cells: list[tuple[str, list[str], int]] = []
     current: list[str] | None = None
-    kind = "code"
-    for line in text.splitlines():
+    kind, start = "code", 0
+    for number, line in enumerate(text.splitlines(), 1):
         m = _CELL_RE.match(line)
         if m:
             if current is not None:
-                cells.append((kind, current))
+                cells.append((kind, current, start))
             kind = "markdown" if "[markdown]" in m.group(1) or "[md]" in m.group(1) else "code"
-            current = []
+            current, start = [], number + 1
         elif current is not None:
             current.append(line)
     if current is not None:
-        cells.append((kind, current))
+        cells.append((kind, current, start))
     return cells
 
 
@@ -76,9 +82,10 @@ def notebook_exports(path: Path) -> dict[str, list[str]]:
     """Map module name -> list of exported cell sources (in order) for one notebook."""
     default: str | None = None
     exports: list[tuple[str | None, str]] = []
-    for kind, lines in split_cells(path.read_text(encoding="utf-8")):
+    for kind, lines, start in split_cells_at(path.read_text(encoding="utf-8")):
         if kind != "code":
             continue
+        lead = next((i for i, line in enumerate(lines) if line.strip()), 0)  # blank lines before the cell's code
         body = _strip_blank_edges(lines)
         if not body:
             continue
@@ -95,7 +102,8 @@ def notebook_exports(path: Path) -> dict[str, list[str]]:
                 raise ExportError(f"{path.name}: bad module name in {body[0]!r}")
             code = _strip_blank_edges(body[1:])
             if code:
-                exports.append((target, "\n".join(code)))
+                first = start + lead + 1 + next(i for i, line in enumerate(body[1:]) if line.strip())
+                exports.append((target, f"# notebooks/{path.name}:{first}\n" + "\n".join(code)))
     result: dict[str, list[str]] = {}
     for target, code in exports:
         module = target or default
