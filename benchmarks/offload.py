@@ -1,4 +1,4 @@
-"""Offloading (chapter 11): peak device memory and seconds per new prompt for a T5 encoder with no
+"""Offloading (chapter 12): peak device memory and seconds per new prompt for a T5 encoder with no
 offload, model offload (pageable and pinned) and block offload (pinned, side-stream prefetch).
 
 On CUDA the encoder defaults to T5-XXL's shape (4.76 B parameters, 9.5 GB in bf16, random weights

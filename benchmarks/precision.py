@@ -1,4 +1,4 @@
-"""Precision and compilation (chapter 11): tinydit vs diffusers on the same weights, in one run.
+"""Precision and compilation (chapter 12): tinydit vs diffusers on the same weights, in one run.
 
 For each setting: milliseconds per forward for both libraries and the ratio tinydit / diffusers,
 with bf16 / fp16 weights, fp8 storage with layerwise casting (tinydit's `LayerwiseCasting`,

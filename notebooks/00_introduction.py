@@ -49,11 +49,12 @@
 # | 07 | text-conditioned DiT | `tinydit.textdit` | cross-attention, adaLN-single, PixArt-α/Σ loading |
 # | 08 | samplers | `tinydit.samplers` | denoiser wrappers; Euler, Euler ancestral, Heun, DPM++ 2M / SDE, DDIM |
 # | 09 | training | `tinydit.train` | objectives, CFG dropout, EMA, the book model |
-# | 10 | guidance | `tinydit.guidance` | classifier-free guidance, rescale, dynamic thresholding, APG |
-# | 11 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 / fp8 weights, caching |
-# | 12 | pipeline | `tinydit.pipeline` | text-to-image end to end, CLI, widget demo |
-# | 13 | img2img & inpainting | `tinydit.pipeline` | SDEdit strength, masked latent blending |
-# | 14 | safety | `tinydit.safety` | a safety checker on generated images |
+# | 10 | evaluation | `tinydit.evaluate` | a pixel reader that grades the pipeline's pictures: adherence, Fréchet distance |
+# | 11 | guidance | `tinydit.guidance`, `tinydit.guidance_study` | classifier-free guidance, rescale, dynamic thresholding, APG |
+# | 12 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 / fp8 weights, caching |
+# | 13 | pipeline | `tinydit.pipeline`, `tinydit.formats`, `tinydit.demo` | text-to-image end to end through public steps, CLI, widget demo |
+# | 14 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
+# | 15 | safety | `tinydit.safety` | a safety checker on generated images |
 #
 # Each module comes from exactly one notebook (a notebook may write two small modules), so every
 # module reads as one lesson; `tools/export.py --check` enforces it.

@@ -912,7 +912,7 @@ assert scores.mean() >= 38.69  # measured 39.19 dB; 0.5 dB margin for platform (
 
 # %% [markdown]
 # Every loader in the book takes `dtype=` ("bf16", "fp16" or a torch dtype): the weights are converted
-# as they are read and the model is built directly in that precision (appendix; chapter 11 explains
+# as they are read and the model is built directly in that precision (appendix; chapter 12 explains
 # the formats). With bfloat16 weights the book VAE loses about a tenth of a dB:
 
 # %%

@@ -369,7 +369,7 @@ assert torch.equal(unpatchify(out_tokens, 2, 4, 4), lat)
 # The timestep goes through chapter 03's `TimestepEmbedder` (sinusoid → MLP); class labels go
 # through a table with one extra row, the **null class** (index `num_classes`). In training each
 # label becomes the null class with probability `class_dropout_prob` (10 % in DiT), so the same
-# network also learns the *unconditional* model that classifier-free guidance needs (chapter 10).
+# network also learns the *unconditional* model that classifier-free guidance needs (chapter 11).
 # The conditioning vector is $c = e_t + e_y$.
 
 # %%
@@ -1298,7 +1298,7 @@ if diffusers is not None:
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         ours = DiT.from_pretrained(tmp)
-        ours_bf16 = DiT.from_pretrained(tmp, dtype="bf16")  # converted while reading (chapters 02, 11)
+        ours_bf16 = DiT.from_pretrained(tmp, dtype="bf16")  # converted while reading (chapters 02, 12)
     xp, tp, yp = torch.randn(2, 4, 32, 32), torch.tensor([10.0, 700.0]), torch.tensor([3, 1000])
     with torch.no_grad():
         shipped = ref(xp, timestep=tp, class_labels=yp).sample

@@ -810,7 +810,7 @@ widgets.interact(show_maps, index=widgets.IntSlider(0, 0, 15), caption=widgets.T
 # %% [markdown]
 # ### The null caption
 #
-# Classifier-free guidance (chapter 10) needs an unconditional prediction. PixArt learns one: the
+# Classifier-free guidance (chapter 11) needs an unconditional prediction. PixArt learns one: the
 # `y_embedding` table (120 rows for α, 300 for Σ) replaces the T5 tokens of a dropped caption during
 # training, and `model(x, t)` with no context uses it. (PixArt's inference scripts pass the prompt's
 # own mask along with it.) The book model has no such table; its null caption is the encoding of an
@@ -1044,8 +1044,8 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
 # %% [markdown]
 # Writing is the inverse: our names back to diffusers' (the fused `qkv` / `kv` cut back into `to_q`,
 # `to_k`, `to_v`) and our config back to a `PixArtTransformer2DModel` config.json. Chapter 09 saves the
-# book model this way and chapter 12 writes whole pipeline folders with it; the round trip is checked
-# in chapter 12 and, against diffusers itself, in the tests.
+# book model this way and chapter 13 writes whole pipeline folders with it; the round trip is checked
+# in chapter 13 and, against diffusers itself, in the tests.
 
 # %%
 # | export

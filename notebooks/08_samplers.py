@@ -314,7 +314,7 @@ plt.show()
 # (the target and the noised input), how a sampler *asks* it ($D(x, \sigma)$), and how the files on
 # disk *describe* it (diffusers' `scheduler_config.json`). k-diffusion keeps the first two in one
 # wrapper; we keep all three in one dataclass, `Parametrisation`, so that training (chapter 09),
-# the pipeline (chapter 12) and a saved folder can never disagree. Its methods are the three views:
+# the pipeline (chapter 13) and a saved folder can never disagree. Its methods are the three views:
 # `noised` (training), `denoiser` + `sigmas` (sampling), `from_scheduler_config` / `scheduler_config`
 # (files). Which of diffusers' scheduler classes a folder names also says which sampler to run.
 
@@ -1149,7 +1149,7 @@ def get_sampler(name: str):
 
 
 DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
-DEFAULT_STEPS = 20  # model evaluations per image (chapter 12's benchmark: Euler needs 6 for the same adherence)
+DEFAULT_STEPS = 20  # model evaluations per image (chapter 13's benchmark: Euler needs 6 for the same adherence)
 
 # %% [markdown]
 # ## 4. Parity with diffusers' schedulers

@@ -1,4 +1,4 @@
-"""`python -m tinydit generate`: text to image from the command line (chapter 12's pipeline).
+"""`python -m tinydit generate`: text to image from the command line (chapter 13's pipeline).
 
 Real subprocesses where the process matters (the files a user gets, torchrun); `cli.main` in this
 process for the refused flags, which stop before a model is loaded. --steps 4 wherever the picture's

@@ -1,7 +1,7 @@
-"""Chapter 12's widget demo in a real browser (issue 18, part 4): `python -m tinydit demo` serves it with
+"""Chapter 13's widget demo in a real browser (issue 18, part 4): `python -m tinydit demo` serves it with
 Voila, Selenium drives the system's headless Chromium through it (Debian's `chromium` and
 `chromium-driver`, which `.ci/run` installs; nothing is downloaded at run time): type a prompt, press
-Generate, read the picture that appears back from the page's pixels with chapter 09's reader. About 20 s
+Generate, read the picture that appears back from the page's pixels with chapter 10's reader. About 20 s
 on 2 cores (printed). Without a browser: the demo command's one-line errors, and `GenerateDemo` itself
 (the samplers it offers, one map per kept token, any failure of a click shown in the page)."""
 

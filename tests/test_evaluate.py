@@ -1,4 +1,4 @@
-"""Chapter 09: the pixel reader, the GenEval-style scores, the Fréchet distance and `evaluate`."""
+"""Chapter 10: the pixel reader, the GenEval-style scores, the Fréchet distance and `evaluate`."""
 
 import dataclasses
 import json

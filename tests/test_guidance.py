@@ -1,4 +1,4 @@
-"""Guidance (chapter 10): parity of the cures with diffusers (`rescale_noise_cfg`,
+"""Guidance (chapter 11): parity of the cures with diffusers (`rescale_noise_cfg`,
 `DDPMScheduler._threshold_sample`, `normalized_guidance` with its `MomentumBuffer`), the mimic scale
 against an independent loop transcription of sd-dynamic-thresholding's rule and its defining property,
 the batched wrapper with every sampler, negative prompts, padding, the interval, the saturation
@@ -314,7 +314,7 @@ def test_generate_guided_is_the_pipeline_with_its_raw_decode(book_pipe):
 
 
 def _guided_by_hand(pipe, captions, seeds, scale, cure, interval, negative_prompt, steps, sampler):
-    """generate_guided written out from chapter 08 and 10's parts: the reference it keeps, bit for bit."""
+    """generate_guided written out from chapter 08 and 11's parts: the reference it keeps, bit for bit."""
     denoiser = pipe.sampling.denoiser(pipe.transformer)
     sigmas = pipe.sampling.sigmas(denoiser, steps)
     guided = CFGDenoiser(denoiser, scale, cure, interval, sigmas)

@@ -848,7 +848,7 @@ def tiny_book_pipe(objective: str = "v_prediction") -> pipeline.TextToImagePipel
 
 
 def generate_tiny(captions=None, seeds=None, objective: str = "v_prediction", **options):
-    """`evaluate.pipeline_generator` (what chapter 09's evaluator draws with) on `tiny_book_pipe`,
+    """`evaluate.pipeline_generator` (what chapter 10's evaluator draws with) on `tiny_book_pipe`,
     2 steps; image i from seeds[i] (default i); `options` go to the pipeline call."""
     captions = ["a red circle", "a blue square"] if captions is None else captions
     seeds = list(range(len(captions))) if seeds is None else seeds
@@ -1000,7 +1000,7 @@ def dit_x0_3d():
     return denoisers.Parametrisation().noised(x0, x0, torch.rand(4), torch.zeros(4))
 
 
-# ---- chapter 11: offloading, fp8 storage, the step cache; chapter 12: the pipeline ------------
+# ---- chapter 12: offloading, fp8 storage, the step cache; chapter 13: the pipeline ------------
 # Every model that a case changes (offloaded, cast, cached) is built fresh: the cached tiny models
 # above are shared by other cases and must stay untouched.
 
@@ -1204,7 +1204,7 @@ def _stepcache_then_cross_attention_maps():
     assert len(maps.calls) == len(m.blocks), f"{len(maps.calls)} maps recorded for {len(m.blocks)} blocks"
 
 
-# ---- chapter 12: the pipeline (the shipped book model; a saved copy for folder edits) --------
+# ---- chapter 13: the pipeline (the shipped book model; a saved copy for folder edits) --------
 
 
 @functools.cache
@@ -1970,7 +1970,7 @@ CASES = [
     ("cli.evaluate.run_missing", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", work() / "no_run"), CliRefused, one_line("--run")),
     ("cli.evaluate.run_and_model", lambda: cli_main_no_work("evaluate", "--n", "1", "--run", tiny_run(), "--model", book_model_folder()), CliRefused, one_line("--model")),
     ("cli.evaluate.json_is_a_folder", lambda: cli_main_no_work("evaluate", "--n", "1", "--json", work()), CliRefused, one_line("--json")),
-    # ---- tinydit.offload (chapter 11) ---------------------------------------------------------
+    # ---- tinydit.offload (chapter 12) ---------------------------------------------------------
     ("offload.ModelOffload.models_none", lambda: offload.ModelOffload(None, device="cpu"), TE, r"^models: "),
     ("offload.ModelOffload.models_one_module", lambda: offload.ModelOffload(off_toy(), device="cpu"), TE, r"^models: .*dict or list"),
     ("offload.ModelOffload.models_empty", lambda: offload.ModelOffload({}, device="cpu"), VE, r"^models: "),
@@ -2004,7 +2004,7 @@ CASES = [
     ("offload.Offloader.parameter_replaced", _offload_parameter_replaced, VE, r"^model: .*replaced"),
     ("offload.Offloader.close_twice_then_again", _offload_close_twice_and_offload_again, None, None),
     ("offload.Offloader.load_state_dict_while_offloaded", _offload_load_state_dict_while_offloaded, None, None),
-    # ---- tinydit.precision (chapter 11) -------------------------------------------------------
+    # ---- tinydit.precision (chapter 12) -------------------------------------------------------
     ("precision.LayerwiseCasting.storage_float8", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype="float8"), VE, r"^storage_dtype: .*'float8'"),
     ("precision.LayerwiseCasting.storage_torch_dtype", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype=torch.float8_e4m3fn), VE, r"^storage_dtype: "),
     ("precision.LayerwiseCasting.storage_list", lambda: precision.LayerwiseCasting(off_toy(), storage_dtype=["fp8_e4m3"]), (TE, VE), r"^storage_dtype: "),
@@ -2028,7 +2028,7 @@ CASES = [
     ("precision.pin_sdpa.none", lambda: _pin_sdpa(None), VE, r"^backend: "),
     ("precision.sdpa_backends.q_list", lambda: precision.sdpa_backends([[1.0]], *qkv()[1:]), (VE, TE), r"^q: "),
     ("precision.sdpa_backends.head_dims_differ", lambda: precision.sdpa_backends(qkv()[0], qkv(d=16)[1], qkv()[2]), VE, r"^q, k, v: shapes do not fit"),
-    # ---- tinydit.stepcache (chapter 11) -------------------------------------------------------
+    # ---- tinydit.stepcache (chapter 12) -------------------------------------------------------
     ("stepcache.StepCache.threshold_str", lambda: stepcache.StepCache(off_toy(), threshold="0.1"), TE, r"^threshold: "),
     ("stepcache.StepCache.threshold_nan", lambda: stepcache.StepCache(off_toy(), threshold=NAN), VE, r"^threshold: "),
     ("stepcache.StepCache.threshold_inf", lambda: stepcache.StepCache(off_toy(), threshold=INF), VE, r"^threshold: "),
@@ -2044,7 +2044,7 @@ CASES = [
     ("stepcache.StepCache.threshold_zero_exact_close_twice", _stepcache_threshold_zero_exact_and_close_twice, None, None),
     ("stepcache.StepCache.then_block_offload", _stepcache_then_block_offload, None, None),
     ("stepcache.StepCache.then_cross_attention_maps", _stepcache_then_cross_attention_maps, None, None),
-    # ---- tinydit.pipeline (chapter 12): a call --------------------------------------------------
+    # ---- tinydit.pipeline (chapter 13): a call --------------------------------------------------
     ("pipeline.call.width_only", _pipe_width_only, None, None),
     ("pipeline.call.height_not_multiple", lambda: pipe_call(height=33), VE, r"^height: .*multiple of 8.*33"),
     ("pipeline.call.height_zero", lambda: pipe_call(height=0), VE, r"^height: "),
@@ -2083,7 +2083,7 @@ CASES = [
     ("pipeline.call.prompt_empty_list", lambda: pipe_call([]), VE, r"^prompt: "),
     ("pipeline.call.prompt_none", lambda: pipe_call(None), (TE, VE), r"^prompt: "),
     ("pipeline.call.prompt_int", lambda: pipe_call(5), (TE, VE), r"^prompt: "),
-    # ---- tinydit.pipeline (chapter 12): loading, saving, offloading -----------------------------
+    # ---- tinydit.pipeline (chapter 13): loading, saving, offloading -----------------------------
     ("pipeline.from_pretrained.a_file", lambda: pipeline.TextToImagePipeline.from_pretrained(a_regular_file()), FileNotFoundError, r"^path_or_id: expected a folder"),
     ("pipeline.from_pretrained.path_int", lambda: pipeline.TextToImagePipeline.from_pretrained(123), TE, r"^path_or_id: "),
     ("pipeline.from_pretrained.no_folder", lambda: pipeline.TextToImagePipeline.from_pretrained(work() / "pipe12" / "none"), FileNotFoundError, r"^path_or_id: "),

@@ -421,4 +421,4 @@ def get_sampler(name: str):
 
 
 DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
-DEFAULT_STEPS = 20  # model evaluations per image (chapter 12's benchmark: Euler needs 6 for the same adherence)
+DEFAULT_STEPS = 20  # model evaluations per image (chapter 13's benchmark: Euler needs 6 for the same adherence)

@@ -737,7 +737,7 @@ class DualTextEncoder(TextEncoder):
 
     `offload`: None (the secondary stays on `device`), "cpu" or "disk" (see `Offloader`; in
     `offload_dir` or a temporary folder), or a callable `offload(module, device=...)` that returns an
-    offloader of your own (a context manager with `close()` and a `device` attribute: chapter 11's
+    offloader of your own (a context manager with `close()` and a `device` attribute: chapter 12's
     `tinydit.offload.BlockOffload` streams the secondary in block by block). The secondary you pass is offloaded *in place*: your own
     reference to it has its weights on the CPU or `meta` between encodes too, and still encodes (it
     brings itself in). `close()` or the end of a `with` block gives it back with its weights where
@@ -768,7 +768,7 @@ class DualTextEncoder(TextEncoder):
         self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)
         self.events: list[tuple[str, str]] = []
         if secondary is not None:
-            if callable(offload):  # an offloader factory (chapter 11), e.g. tinydit.offload.BlockOffload
+            if callable(offload):  # an offloader factory (chapter 12), e.g. tinydit.offload.BlockOffload
                 secondary.offloader = offload(secondary, device=self.compute_device)
             elif offload:
                 secondary.offloader = Offloader(secondary, offload, self.compute_device, offload_dir,

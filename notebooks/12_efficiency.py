@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 11 · Efficiency: models that do not fit, fewer bits, fewer blocks, one graph
 #
-# Chapters 05–10 built an engine that runs the book model in seconds on a laptop. The real models it
+# Chapters 05–11 built an engine that runs the book model in seconds on a laptop. The real models it
 # loads do not fit that easily: T5-XXL alone is 4.8 B parameters (9.5 GB in bf16), PixArt-Σ's DiT
 # 0.6 B, Flux's 12 B. This chapter makes them fit and run faster, and **measures what each trick
 # costs and saves**:
@@ -102,7 +102,7 @@ assert moves == [f"{w} {i}" for i in range(4) for w in ("in", "out")]
 
 # %%
 # | export
-"""Offloading any `nn.Module` with forward hooks, its code untouched (chapter 11): model offload
+"""Offloading any `nn.Module` with forward hooks, its code untouched (chapter 12): model offload
 (one component on the device at a time), block offload (groups of blocks streamed in, the next
 prefetched on a side CUDA stream from pinned memory) and leaf offload (every layer on its own)."""
 
@@ -180,7 +180,7 @@ def _check_offloadable(name: str, module) -> None:
     if any(getattr(m, "_tinydit_offload", None) is not None for m in module.modules()):
         raise ValueError(f"{name}: already offloaded (all or part of it); call close() on its offloader first")
     if isinstance(getattr(module, "blocks", None), nn.ModuleList) and hasattr(module.blocks, "cache"):
-        raise ValueError(f"{name}: a step cache is on (chapter 11's StepCache); close() it before offloading")
+        raise ValueError(f"{name}: a step cache is on (chapter 12's StepCache); close() it before offloading")
 
 
 def _check_flag(name: str, value) -> bool | None:
@@ -263,7 +263,7 @@ class Ledger:
 # modules where each group must be present, keeps a `Ledger`, and `close()` puts the weights back
 # where they were. It is also a context manager (`with offloader:` brings the always-needed group in
 # and sends everything out after), which is exactly the interface chapter 06's `DualTextEncoder`
-# uses for its secondary encoder — so chapter 11's offloaders plug in there unchanged.
+# uses for its secondary encoder — so chapter 12's offloaders plug in there unchanged.
 
 # %%
 # | export
@@ -572,7 +572,7 @@ assert peaks["leaf {}"] == max(nbytes(tensors_of([m], recurse=False)) for m in T
 # Block offload keeps one block of six (plus the embeddings) on the device; leaf offload one layer;
 # model offload everything, once per call. The price is the copies: `ledger.loads` per forward. For a
 # DiT called 20 times per image, block offload copies the whole model 20 times, model offload once —
-# which is why the pipeline of chapter 12 uses model offload for the DiT and block offload only for
+# which is why the pipeline of chapter 13 uses model offload for the DiT and block offload only for
 # the encoder that does not fit (T5-XXL: 9.5 GB in bf16, run once per new prompt). On a GPU,
 # `benchmarks/offload.py` measures both (peak memory, seconds per prompt, GB/s pinned vs pageable).
 
@@ -584,7 +584,7 @@ assert peaks["leaf {}"] == max(nbytes(tensors_of([m], recurse=False)) for m in T
 
 # %%
 # | export precision
-"""Weights in fewer bits (chapter 11): dtype names, fp8 storage with a per-layer upcast at forward
+"""Weights in fewer bits (chapter 12): dtype names, fp8 storage with a per-layer upcast at forward
 time (diffusers' layerwise casting), which modules stay in the compute dtype per model, and which
 attention kernel runs for which inputs."""
 
@@ -756,7 +756,7 @@ class LayerwiseCasting:
 # The same EMA weights, loaded in fp32, bf16 and fp16 (every loader takes `dtype=` and converts
 # tensor by tensor while reading, so a large model never has an fp32 copy in memory), and stored in
 # fp8 with layerwise casting. For each: the weight bytes, the error of one forward against fp32, the
-# CPU time of a forward at batch 16, and the adherence of the images (chapter 09's reader).
+# CPU time of a forward at batch 16, and the adherence of the images (chapter 10's reader).
 
 # %%
 from tinydit import evaluate  # noqa: E402
@@ -773,7 +773,7 @@ N_EVAL = 8 if FAST else 100  # prompts per group
 
 
 def draw_with(model):
-    """evaluate's generate(captions, seeds) for `model`: chapter 12's pipeline, the book encoder and VAE."""
+    """evaluate's generate(captions, seeds) for `model`: chapter 13's pipeline, the book encoder and VAE."""
     return evaluate.pipeline_generator(book_pipeline(model, text_encoder=encoder, vae=vae))
 
 
@@ -867,7 +867,7 @@ torch.testing.assert_close(near, full, atol=1e-3, rtol=0)
 
 # %%
 # | export stepcache
-"""Step caching for DiTs (chapter 11): the first-block cache. When the first block's residual moved
+"""Step caching for DiTs (chapter 12): the first-block cache. When the first block's residual moved
 less than `threshold` (relative L1) since the last fully computed step, the other blocks are skipped
 and their last residual reused (ParaAttention's FBCache; the TeaCache rule, Liu et al. 2024)."""
 
@@ -984,7 +984,7 @@ assert isinstance(model.blocks, nn.ModuleList) and not hasattr(model.blocks, "ca
 #
 # The book model with DPM++ 2M at 20 steps and guidance 2, for thresholds from 0 (never skip) up.
 # "Saved" counts block evaluations (a skipped step still runs 1 of the 6 blocks, the embeddings and the
-# final layer); adherence is chapter 09's reader on HELD_OUT pairs and two-object scenes.
+# final layer); adherence is chapter 10's reader on HELD_OUT pairs and two-object scenes.
 
 # %%
 thresholds = [0.0, 0.05, 0.1, 0.2, 0.3] if FAST else [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
@@ -1027,7 +1027,7 @@ assert cache_curve[-1]["saved"] > 0.2  # measured: a large threshold skips a thi
 # %% [markdown]
 # Skipping is nearly free here: the book model's adherence does not move until most deep-block
 # evaluations are skipped, because a 20-step DPM++ 2M trajectory changes slowly in its middle. The
-# default of `StepCache` (0.1) is conservative; chapter 12's pipeline leaves the cache off unless asked.
+# default of `StepCache` (0.1) is conservative; chapter 13's pipeline leaves the cache off unless asked.
 #
 # ## 4. Attention kernels and compilation
 #

@@ -17,7 +17,7 @@
 # A text-to-image model starts from noise. Start it from a *noised image* instead and it keeps the
 # image's layout and repaints the details (**img2img**, SDEdit: Meng et al. 2021). Keep part of the image
 # fixed at every step and it fills in only the rest (**inpainting**) — no special 9-channel inpainting
-# model needed. This chapter builds both on chapter 12's pipeline, sharing its weights, and measures
+# model needed. This chapter builds both on chapter 13's pipeline, sharing its weights, and measures
 # on the book world what they preserve and what they change. It exports `tinydit.edit`.
 
 # %%
@@ -87,7 +87,7 @@ assert (edits[0] - source).abs().mean() < (edits[-1] - source).abs().mean()  # l
 
 # %%
 # | export
-"""Editing with an ordinary text-to-image model (chapter 13): img2img (SDEdit, Meng et al. 2021) and
+"""Editing with an ordinary text-to-image model (chapter 14): img2img (SDEdit, Meng et al. 2021) and
 inpainting by latent blending, with soft masks (differential diffusion), RePaint resampling and
 cropping to the mask; both share a TextToImagePipeline's components."""
 
@@ -350,7 +350,7 @@ assert torch.equal(a, b)  # strength 1 is text-to-image, bit for bit
 # The test: two-object scenes of the test split. One object is replaced by a prompted colour–shape pair
 # (a third of them HELD_OUT pairs, never seen in training); the mask is the half of the image that holds
 # that object (left / right / top / bottom, from the relation). The prompt describes the new scene. We
-# read the result back with chapter 09's reader and check (1) the new object is there, in the masked
+# read the result back with chapter 10's reader and check (1) the new object is there, in the masked
 # half, with the prompted colour and shape, (2) the kept object is still there, and (3) how close the
 # kept half is to the source before compositing (PSNR of the decoded image) and after (exact).
 

@@ -15,7 +15,7 @@
 # # 12 · The pipeline: text to image, end to end
 #
 # Every part exists: the text encoder (chapter 06), the text-conditioned DiT (07) trained into the
-# book model (09), the samplers (08), guidance (10), offloading and precision (11), the VAE (02). This
+# book model (09) and graded (10), the samplers (08), guidance (11), offloading and precision (12), the VAE (02). This
 # chapter puts them behind one object, `TextToImagePipeline`, that a user calls with a prompt, that the
 # command line wraps (`python -m tinydit generate "..."`), and that speaks diffusers' on-disk layout
 # both ways: our folders load in diffusers' `PixArtAlphaPipeline`, and diffusers' PixArt folders load
@@ -92,7 +92,7 @@ print(reading)
 
 # %%
 # | export
-"""Text to image end to end (chapter 12): `TextToImagePipeline` (text encoder -> DiT + sampler +
+"""Text to image end to end (chapter 13): `TextToImagePipeline` (text encoder -> DiT + sampler +
 guidance -> VAE) with diffusers' public steps (`check_inputs`, `encode_prompt`, `prepare_latents`,
 `denoise`, `decode`), which img2img, inpainting, the evaluator and the chapters reuse, defaults stored
 beside the weights, a prompt-embedding cache, offloading and dtype. Folder layouts: `tinydit.formats`."""
@@ -130,7 +130,7 @@ class SamplingConfig(Parametrisation):
 
     sampler: str = DEFAULT_SAMPLER  # chapter 08's name
     steps: int = DEFAULT_STEPS  # model evaluations per image
-    guidance_scale: float = DEFAULT_SCALE  # chapter 10's default for the book model
+    guidance_scale: float = DEFAULT_SCALE  # chapter 11's default for the book model
     sample_size: int = 32  # image side in pixels when a call gives no height / width
 
     @classmethod
@@ -165,7 +165,7 @@ assert SamplingConfig.from_scheduler_config(book_sampling.scheduler_config()) ==
 # arguments (named helpers, below the class), encodes the prompts once (repeated prompts come from
 # an LRU cache), draws each image's noise from its own seed on the CPU — so image *i* is the same
 # whether it is generated alone, in a batch, or on another process — and runs the sampler with
-# chapter 10's `CFGDenoiser` around chapter 08's denoiser.
+# chapter 11's `CFGDenoiser` around chapter 08's denoiser.
 
 # %%
 # | export
@@ -177,7 +177,7 @@ class PipelineOutput:
     latents: torch.Tensor
     prompts: list[str]
     seeds: list[int | None]
-    nsfw: list[bool] | None = None  # per image: replaced by the safety checker (chapter 14); None: no check ran
+    nsfw: list[bool] | None = None  # per image: replaced by the safety checker (chapter 15); None: no check ran
     reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
 
@@ -209,7 +209,7 @@ class PipelineParts:
     def __init__(self, text_encoder, transformer: TextDiT, vae: AutoencoderKL, sampling: SamplingConfig | None = None,
                  safety_checker=None, cache_size: int = 64):
         self.text_encoder, self.transformer, self.vae = text_encoder, transformer.eval(), vae.eval()
-        # chapter 14: any callable (images, prompts) -> (images, flags, reasons); checks every call unless safety=False
+        # chapter 15: any callable (images, prompts) -> (images, flags, reasons); checks every call unless safety=False
         self.safety_checker, self._safety_off_logged = safety_checker, False
         self.sampling = sampling or SamplingConfig()
         self.cache = PromptCache(cache_size)
@@ -219,7 +219,7 @@ class PipelineParts:
 
     @property
     def components(self) -> dict:
-        """The parts, to build another pipeline on the same weights (chapter 13: `Img2ImgPipeline(**pipe.components)`)."""
+        """The parts, to build another pipeline on the same weights (chapter 14: `Img2ImgPipeline(**pipe.components)`)."""
         return dict(text_encoder=self.text_encoder, transformer=self.transformer, vae=self.vae, sampling=self.sampling,
                     safety_checker=self.safety_checker)
 
@@ -233,7 +233,7 @@ class PipelineParts:
         return self
 
     def enable_model_offload(self, device="cuda") -> ModelOffload:
-        """Keep one component on `device` at a time (chapter 11's ModelOffload); the rest waits on the CPU."""
+        """Keep one component on `device` at a time (chapter 12's ModelOffload); the rest waits on the CPU."""
         if self.offloader is not None:
             raise ValueError("enable_model_offload: model offload is already on; call pipe.disable_model_offload() "
                              "first to change it")
@@ -301,7 +301,7 @@ class PipelineSampling(PipelineSteps):
     def denoise(self, x: torch.Tensor, cond: dict, sigmas: torch.Tensor, guidance_scale: float | None = None,
                 sampler=None, cure=DEFAULT_CURE, interval=None, span: torch.Tensor | None = None, wrap=None,
                 generator=None, callback=None, disable: bool | None = None) -> torch.Tensor:
-        """Sample from `x` (B, C, h, w), at sigmas[0], down `sigmas` with CFG (chapter 10: `cure`, `interval`);
+        """Sample from `x` (B, C, h, w), at sigmas[0], down `sigmas` with CFG (chapter 11: `cure`, `interval`);
         `sampler`: a name or any function with k-diffusion's signature; `span`: the whole run's schedule
         (for scheduled cures; default `sigmas`); `wrap(guided) -> denoiser` (inpainting's latent blend)."""
         s = self.sampling
@@ -331,7 +331,7 @@ class PipelineSampling(PipelineSteps):
         if safety is not None and not isinstance(safety, bool):
             raise TypeError(f"safety: expected True, False or None (on when a checker is configured), got {safety!r}")
         if safety and self.safety_checker is None:
-            raise ValueError("safety: True, but this pipeline has no safety checker (pass safety_checker=..., chapter 14)")
+            raise ValueError("safety: True, but this pipeline has no safety checker (pass safety_checker=..., chapter 15)")
         if safety is False and self.safety_checker is not None and not self._safety_off_logged:
             logging.getLogger("tinydit").warning("safety checker turned off for this pipeline (safety=False)")
             self._safety_off_logged = True
@@ -499,7 +499,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 # %%
 # | export formats
-"""Pipeline folders on disk (chapter 12): diffusers' layout read and written (model_index.json and one
+"""Pipeline folders on disk (chapter 13): diffusers' layout read and written (model_index.json and one
 subfolder per component, PixArt-α / Σ), and chapter 09's book-model folder read. The pipeline builds
 itself from what `load_parts` returns; `save_pipeline` writes any pipeline's components."""
 
@@ -675,7 +675,7 @@ assert torch.equal(a, b) and back.sampling == pipe.sampling
 
 # %%
 # | export demo
-"""What the model looks at, and a widget to play with it (chapter 12): cross-attention maps recorded
+"""What the model looks at, and a widget to play with it (chapter 13): cross-attention maps recorded
 with forward hooks while the pipeline samples, their plot, and `GenerateDemo` (ipywidgets; served by
 `python -m tinydit demo`). matplotlib, ipywidgets and IPython are imported only where they are used."""
 
@@ -788,7 +788,7 @@ assert words[int(share.argmax())] not in ("<pad>",)  # the model reads real toke
 # ## 6. A gallery of pairs the model never saw
 #
 # `data.HELD_OUT` colour–shape pairs (a red triangle, a blue circle, a yellow square) never appear in
-# the training captions (chapter 01). The pipeline draws them; chapter 09's reader grades each.
+# the training captions (chapter 01). The pipeline draws them; chapter 10's reader grades each.
 
 # %%
 held_out = evaluate.eval_scenes("held_out", 8 if FAST else 32, seed=3)
@@ -806,7 +806,7 @@ for ax in axes.flat:
 plt.tight_layout()
 plt.show()
 print(f"HELD_OUT pairs drawn correctly: {sum(hits)} / {len(hits)}")
-assert sum(hits) >= 0.6 * len(hits)  # chapter 09 measured 88 % on 300 prompts; a small sample, a wide margin
+assert sum(hits) >= 0.6 * len(hits)  # chapter 10 measured 88 % on 300 prompts; a small sample, a wide margin
 
 # %% [markdown]
 # ## 7. Try it
@@ -945,7 +945,7 @@ assert any("token" in str(w.message) for w in caught)
 # ## Summary
 #
 # - `TextToImagePipeline` (`tinydit.pipeline`) joins the book's parts: prompts → the text encoder
-#   (cached per prompt) → chapter 08's sampler around chapter 10's `CFGDenoiser` around the DiT → the
+#   (cached per prompt) → chapter 08's sampler around chapter 11's `CFGDenoiser` around the DiT → the
 #   VAE. Each image's noise comes from its own seed on the CPU, so an image does not depend on its batch
 #   or process; the same seed gives the same image.
 # - `SamplingConfig` reads diffusers scheduler configs as our samplers and sigma schedules — including
@@ -962,7 +962,7 @@ assert any("token" in str(w.message) for w in caught)
 # 1. Time the pipeline with `enable_model_offload("cpu")` against without: what do the hooks cost per
 #    image on a CPU, where the copies are free?
 # 2. Give `__call__` a `sigmas=` argument that overrides the schedule, and compare Karras against
-#    "trailing" spacing at 8 steps with chapter 09's reader.
+#    "trailing" spacing at 8 steps with chapter 10's reader.
 # 3. Load a PixArt-style model with a bidirectional text encoder (a tiny T5, as in the tests) and compare
 #    its cross-attention maps with the book model's: which is more spatial, and why?
 # 4. Per-image seeds make batches reproducible for deterministic samplers. Make the ancestral samplers'

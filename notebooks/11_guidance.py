@@ -106,7 +106,7 @@ D_uncond + scale (D_cond - D_uncond) (Ho & Salimans 2022), both branches in one 
 every sampler of `tinydit.samplers` runs it unchanged; the conditioning travels in `extra_args`
 (`guidance_args` builds it from prompts). Cures: `Rescale` (Lin et al. 2023), `Threshold` (Imagen,
 Saharia et al. 2022), `Mimic` (sd-dynamic-thresholding), `APG` (Sadat et al. 2024), and the guidance
-`interval` (Kynkäänniemi et al. 2024). The pipeline (chapter 12) runs them all; the measurements of
+`interval` (Kynkäänniemi et al. 2024). The pipeline (chapter 13) runs them all; the measurements of
 this chapter stand on it, in `tinydit.guidance_study`.
 """
 
@@ -285,7 +285,7 @@ torch.testing.assert_close(CFGDenoiser(toy_D, 4.5)(x_toy, sig_toy, context=c_toy
 # %% [markdown]
 # **Every sampler runs it.** On the book model, for six samplers (deterministic, ancestral, second
 # order): at $w = 1$ the wrapper is the bare conditional denoiser; at $w = 3$ it matches the formula
-# written out with two separate calls. The book model comes from chapter 12's pipeline, which holds it
+# written out with two separate calls. The book model comes from chapter 13's pipeline, which holds it
 # with its parametrisation (chapter 08), text encoder and VAE.
 
 # %%
@@ -316,16 +316,16 @@ for name in ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "un
 # %% [markdown]
 # ## 2. What the scale does
 #
-# `generate_guided` runs the pipeline's public steps (chapter 12) with a cure and an interval, and keeps
+# `generate_guided` runs the pipeline's public steps (chapter 13) with a cure and an interval, and keeps
 # what section 4's saturation measures read: the decoded images *before* the clamp to $[-1, 1]$
 # (`decode(z, clamp=False)`), and the last step's $\hat x_0$ (the sampler's `callback` sees every step).
 # It lives in `tinydit.guidance_study`: measurements stand on the pipeline, the pipeline never on them.
 
 # %%
 # | export guidance_study
-"""Chapter 10's measurements of guidance on the book model: `generate_guided` (the pipeline's steps with
+"""Chapter 11's measurements of guidance on the book model: `generate_guided` (the pipeline's steps with
 a cure, keeping the raw decode and the last x0), saturation measures, and `measure` (adherence through
-chapter 09's evaluator, and saturation, of one setting). Inference never imports this module."""
+chapter 10's evaluator, and saturation, of one setting). Inference never imports this module."""
 
 from __future__ import annotations
 
@@ -740,7 +740,7 @@ assert calls == [6, 3]  # outside the interval: the conditional branch alone
 # %% [markdown]
 # ## 4. Measured on the book model
 #
-# **Adherence** is chapter 09's evaluator: test prompts of seen colour–shape pairs, HELD_OUT pairs
+# **Adherence** is chapter 10's evaluator: test prompts of seen colour–shape pairs, HELD_OUT pairs
 # and two-object relations, read back by the pixel reader (plus the Fréchet distance of the images to
 # real renders). **Saturation**, three ways, per image:
 #
@@ -775,7 +775,7 @@ def saturation(out: Guided) -> dict[str, torch.Tensor]:
 
 def measure(pipe, scale: float, n: int = 300, seed: int = 0, steps: int | None = None, sampler: str | None = None,
             **options) -> dict:
-    """Adherence (chapter 09's `evaluate`, n prompts per group) and mean saturation of one setting:
+    """Adherence (chapter 10's `evaluate`, n prompts per group) and mean saturation of one setting:
     `generate_guided` at `scale` with `options` (cure=..., interval=..., negative_prompt=...)."""
     stats = []
 
@@ -899,7 +899,7 @@ print(f"best mean adherence {top:.1%}; pick: {pick['cure']} at scale {pick['scal
 # lowest of all 42 settings; Fréchet distance 1.07): at the best scale nothing burns yet, so the best
 # cure is none (rescale, thresholding and the mimic at 2 tie, being nearly plain CFG there; APG at 6
 # reaches 83.3 %). The cures are for higher scales, and there `APG` is the one to choose. The
-# pipeline (chapter 12) samples with the default:
+# pipeline (chapter 13) samples with the default:
 
 # %%
 # | export

@@ -82,7 +82,7 @@ assert flagged.tolist() == [True, False] and scores[0].argmax() == 4  # the firs
 
 # %%
 # | export
-"""Safety (chapter 14): Stable Diffusion's CLIP-concept safety checker, ported (diffusers parity); the
+"""Safety (chapter 15): Stable Diffusion's CLIP-concept safety checker, ported (diffusers parity); the
 same mechanism on the book's CLIP with concepts declared as text and calibrated thresholds; a prompt
 blocklist; and `SafetyChecker`, the callable the pipeline runs (flagged images replaced, reasons kept)."""
 
@@ -265,7 +265,7 @@ class Concept:
         return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in scene.objects)
 
     def read(self, reading) -> bool:
-        """Whether chapter 09's reader saw this concept in an image."""
+        """Whether chapter 10's reader saw this concept in an image."""
         return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in reading.objects)
 
 
@@ -389,7 +389,7 @@ class BookConceptChecker:
 #
 # A blocklist on the prompt is crude but instant and explains itself: words and phrases, matched
 # case- and punctuation-insensitively on word boundaries. `SafetyChecker` runs the prompt filter and any
-# image checkers (the ported SD checker, the book-world one, chapter 14's optional ONNX detector), and
+# image checkers (the ported SD checker, the book-world one, chapter 15's optional ONNX detector), and
 # replaces each flagged image by black — or blurs it — with its reasons. The pipeline calls it.
 
 # %%
@@ -466,7 +466,7 @@ class SafetyChecker:
 #   position: an object is *somewhere*. It is fitted by logistic regression on labelled renders (the book
 #   world draws its own ground truth).
 #
-# Then the pipeline generates test-split prompts and chapter 09's reader says what each image really
+# Then the pipeline generates test-split prompts and chapter 10's reader says what each image really
 # shows: the ground truth for precision and recall. Renders of new scenes, where the truth is exact and
 # positives are plenty, give the second table.
 
@@ -509,7 +509,7 @@ def report(what: str, images, truth) -> tuple[dict, dict, torch.Tensor]:
 
 
 truth = torch.tensor([[c.read(r) for c in book_checker.concepts] for r in readings])  # what the reader sees
-stats0, stats, scores = report(f"{N_GEN} generated images, chapter 09's reader as the truth:", generated, truth)
+stats0, stats, scores = report(f"{N_GEN} generated images, chapter 10's reader as the truth:", generated, truth)
 held = [data.sample_scene(21, "test", i) for i in range(N_CAL)]  # renders: the truth is exact and plentiful
 r_stats0, r_stats, _ = report(f"{N_CAL} renders of new test scenes:", [data.render_scene(s, 32) for s in held],
                               torch.tensor([[c.present(s) for c in book_checker.concepts] for s in held]))
@@ -549,7 +549,7 @@ assert r_stats[pair]["recall"] > r_stats0[pair]["recall"] + 0.2  # renders: plen
 # ## 6. In the pipeline
 #
 # The pipeline takes any callable `(images, prompts) -> (images, flags, reasons)` as its `safety_checker`
-# (chapter 12). With one configured, every call checks (`safety=None` means on); `safety=False` turns it
+# (chapter 13). With one configured, every call checks (`safety=None` means on); `safety=False` turns it
 # off for a call and says so once.
 
 # %%
