@@ -52,9 +52,10 @@
 # | 10 | evaluation | `tinydit.evaluate` | a pixel reader that grades the pipeline's pictures: adherence, Fréchet distance |
 # | 11 | guidance | `tinydit.guidance`, `tinydit.guidance_study` | classifier-free guidance, rescale, dynamic thresholding, APG |
 # | 12 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 / fp8 weights, caching |
-# | 13 | pipeline | `tinydit.pipeline`, `tinydit.formats`, `tinydit.demo` | text-to-image end to end through public steps, CLI, widget demo |
-# | 14 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
-# | 15 | safety | `tinydit.safety` | a safety checker on generated images |
+# | 13 | pipeline | `tinydit.pipeline` | text-to-image end to end through public steps, the CLI |
+# | 14 | folders & demo | `tinydit.formats`, `tinydit.demo` | diffusers' layout both ways, attention maps, widget demo |
+# | 15 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
+# | 16 | safety | `tinydit.safety` | a safety checker on generated images |
 #
 # Each module comes from exactly one notebook (a notebook may write two small modules), so every
 # module reads as one lesson; `tools/export.py --check` enforces it.

@@ -1044,8 +1044,8 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
 # %% [markdown]
 # Writing is the inverse: our names back to diffusers' (the fused `qkv` / `kv` cut back into `to_q`,
 # `to_k`, `to_v`) and our config back to a `PixArtTransformer2DModel` config.json. Chapter 09 saves the
-# book model this way and chapter 13 writes whole pipeline folders with it; the round trip is checked
-# in chapter 13 and, against diffusers itself, in the tests.
+# book model this way and chapter 14 writes whole pipeline folders with it; the round trip is checked
+# in chapter 14 and, against diffusers itself, in the tests.
 
 # %%
 # | export

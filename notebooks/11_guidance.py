@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 10 · Guidance: sharper adherence, burnt images, and the cures
+# # 11 · Guidance: sharper adherence, burnt images, and the cures
 #
 # The book model of chapter 09 learnt to draw from a caption *and*, one time in ten, from the empty
 # prompt. **Classifier-free guidance** (Ho & Salimans 2022) asks it both at every step and moves the

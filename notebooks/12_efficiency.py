@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 11 · Efficiency: models that do not fit, fewer bits, fewer blocks, one graph
+# # 12 · Efficiency: models that do not fit, fewer bits, fewer blocks, one graph
 #
 # Chapters 05–11 built an engine that runs the book model in seconds on a laptop. The real models it
 # loads do not fit that easily: T5-XXL alone is 4.8 B parameters (9.5 GB in bf16), PixArt-Σ's DiT

@@ -1,4 +1,4 @@
-"""`python -m tinydit img2img` and `inpaint`: chapter 14's editing pipelines from the command line.
+"""`python -m tinydit img2img` and `inpaint`: chapter 15's editing pipelines from the command line.
 
 One real subprocess (the files and the output line a user gets); `cli.main` in this process for the rest,
 most of which stop before a model is loaded. --steps 4 everywhere: the pictures' content does not matter

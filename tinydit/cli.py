@@ -456,7 +456,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- img2img and inpaint (chapter 14)
+# ---------------------------------------------------------------- img2img and inpaint (chapter 15)
 
 def _strength(text: str) -> float:
     """An argparse type: --strength, a number in (0, 1]."""
@@ -528,7 +528,7 @@ def _check_source_sides(pipe, args, source) -> None:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    """img2img and inpaint: chapter 14's pipelines on the components of chapter 13's."""
+    """img2img and inpaint: chapter 15's pipelines on the components of chapter 13's."""
     import warnings
 
     source, mask = _check_edit_flags(args)
@@ -555,7 +555,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _demo_notebook(model: str | None, prompt: str) -> dict:
-    """The one-cell notebook Voilà serves: chapter 13's GenerateDemo on `model`."""
+    """The one-cell notebook Voilà serves: chapter 14's GenerateDemo on `model`."""
     import nbformat
 
     source = ("from tinydit.demo import GenerateDemo\nfrom tinydit.pipeline import TextToImagePipeline\n"
@@ -593,7 +593,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "voila", str(notebook), f"--port={args.port}", f"--Voila.ip={args.ip}",
                    "--Voila.port_retries=0", "--no-browser"]
         host = "127.0.0.1" if args.ip in ("0.0.0.0", "::") else f"[{args.ip}]" if ":" in args.ip else args.ip
-        print(f"serving chapter 13's demo at http://{host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+        print(f"serving chapter 14's demo at http://{host}:{args.port}/ (Ctrl-C stops it)", flush=True)
         try:
             return subprocess.call(command)
         except KeyboardInterrupt:  # the server got the same Ctrl-C and is stopping
@@ -734,8 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(
         sub, "img2img",
-        help="redraw a picture toward a text prompt (chapter 14, SDEdit)",
-        description="Image to image with chapter 14's Img2ImgPipeline on a text-to-image model's weights "
+        help="redraw a picture toward a text prompt (chapter 15, SDEdit)",
+        description="Image to image with chapter 15's Img2ImgPipeline on a text-to-image model's weights "
         "(default: the shipped book model): SRC is noised part of the way (--strength) and denoised toward "
         "the prompt, so a low strength keeps its layout and colours and 1 ignores it. SRC's sides must be "
         "multiples of the model's factor (8 for the book model, whose pictures are 32x32); the output has "
@@ -746,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(
         sub, "inpaint",
-        help="repaint the white part of a mask from a text prompt, keep the rest (chapter 14)",
-        description="Inpainting with chapter 14's InpaintPipeline on a text-to-image model's weights "
+        help="repaint the white part of a mask from a text prompt, keep the rest (chapter 15)",
+        description="Inpainting with chapter 15's InpaintPipeline on a text-to-image model's weights "
         "(default: the shipped book model): where MASK is white the prompt is drawn, where it is black "
         "SRC's pixels are kept exactly. A MASK of another size is resized to SRC's (with a warning). "
         "SRC's sides must be multiples of the model's factor (8 for the book model), unless --crop-padding "
@@ -768,8 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(
         sub, "demo",
-        help="serve chapter 13's widget demo as a web app (Voila)",
-        description="Serve chapter 13's GenerateDemo -- prompt, sampler, steps, guidance, seed -> the image and "
+        help="serve chapter 14's widget demo as a web app (Voila)",
+        description="Serve chapter 14's GenerateDemo -- prompt, sampler, steps, guidance, seed -> the image and "
         "its cross-attention maps -- as a web page, with Voila, until Ctrl-C. Open the printed address in a "
         "browser. Needs the notebooks extra (pip install 'tinydit[notebooks]').",
     )

@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 13 · Editing: img2img and inpainting with the ordinary model
+# # 14 · Editing: img2img and inpainting with the ordinary model
 #
 # A text-to-image model starts from noise. Start it from a *noised image* instead and it keeps the
 # image's layout and repaints the details (**img2img**, SDEdit: Meng et al. 2021). Keep part of the image
@@ -87,7 +87,7 @@ assert (edits[0] - source).abs().mean() < (edits[-1] - source).abs().mean()  # l
 
 # %%
 # | export
-"""Editing with an ordinary text-to-image model (chapter 14): img2img (SDEdit, Meng et al. 2021) and
+"""Editing with an ordinary text-to-image model (chapter 15): img2img (SDEdit, Meng et al. 2021) and
 inpainting by latent blending, with soft masks (differential diffusion), RePaint resampling and
 cropping to the mask; both share a TextToImagePipeline's components."""
 

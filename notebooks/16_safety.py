@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 14 · Safety: check what the model drew before anyone sees it
+# # 15 · Safety: check what the model drew before anyone sees it
 #
 # A text-to-image engine that anyone can prompt needs a last step: look at each generated image and
 # replace what must not be shown — and say so, never silently. The checker users know is Stable
@@ -82,7 +82,7 @@ assert flagged.tolist() == [True, False] and scores[0].argmax() == 4  # the firs
 
 # %%
 # | export
-"""Safety (chapter 15): Stable Diffusion's CLIP-concept safety checker, ported (diffusers parity); the
+"""Safety (chapter 16): Stable Diffusion's CLIP-concept safety checker, ported (diffusers parity); the
 same mechanism on the book's CLIP with concepts declared as text and calibrated thresholds; a prompt
 blocklist; and `SafetyChecker`, the callable the pipeline runs (flagged images replaced, reasons kept)."""
 
@@ -389,7 +389,7 @@ class BookConceptChecker:
 #
 # A blocklist on the prompt is crude but instant and explains itself: words and phrases, matched
 # case- and punctuation-insensitively on word boundaries. `SafetyChecker` runs the prompt filter and any
-# image checkers (the ported SD checker, the book-world one, chapter 15's optional ONNX detector), and
+# image checkers (the ported SD checker, the book-world one, chapter 16's optional ONNX detector), and
 # replaces each flagged image by black — or blurs it — with its reasons. The pipeline calls it.
 
 # %%
