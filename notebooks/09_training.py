@@ -143,7 +143,7 @@ from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.schedules import SCHEDULE_ALIASES, SCHEDULES, min_snr_weights
 from tinydit.text import TextEmbeddings, load_book_text_encoder
-from tinydit.textdit import TextDiT, config_from_diffusers_pixart, pixart_to_diffusers
+from tinydit.textdit import TextDiT, TextDiTConfig, pixart_config, pixart_to_diffusers
 from tinydit.vae import load_book_vae
 from tinydit.validation import (
     check_bool,
@@ -567,31 +567,27 @@ assert sorted(epoch.tolist()) == list(range(1000))  # every scene once per epoch
 # ## 5. The book model, in a layout diffusers reads
 #
 # The network is chapter 07's `TextDiT` with PixArt's adaLN-single modulation and cross-attention
-# to the book text encoder's tokens (96 wide). `book_model_config` writes the diffusers
-# `PixArtTransformer2DModel` config that describes it, and `build_model` builds our model *from that
-# config* through chapter 07's reader, so the two cannot drift. Saving renames our keys to
-# diffusers' (and splits the fused q/k/v): the inverse of chapter 07's converter.
+# to the book text encoder's tokens (96 wide). `book_model_config` gives its `TextDiTConfig`; saving
+# writes chapter 07's `pixart_config` of it (the diffusers `PixArtTransformer2DModel` config.json) and
+# renames our keys to diffusers' with chapter 07's `pixart_to_diffusers` (the inverse of its reader),
+# so the book's folder is written by the same code as any PixArt folder.
 
 # %%
 # | export
-def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> dict:
-    """The diffusers `PixArtTransformer2DModel` config.json of the book model."""
+def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
+    """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
+    book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
     _check_train_config("cfg", cfg)
-    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
-            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-            "in_channels": 4, "out_channels": 4, "num_layers": cfg.depth, "sample_size": 8,
-            "patch_size": cfg.patch_size, "cross_attention_dim": cfg.hidden_size, "caption_channels": context_dim,
-            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
-            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
-            "interpolation_scale": 1, "use_additional_conditions": False, "attention_type": "default",
-            "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
+    return TextDiTConfig(input_size=8, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
+                         depth=cfg.depth, num_heads=cfg.num_heads, learn_sigma=False, context_dim=context_dim,
+                         modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
 
 
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
-    """A fresh book model: the TextDiT that the diffusers config above describes (seeded by cfg.seed)."""
+    """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
     _check_train_config("cfg", cfg)
     torch.manual_seed(cfg.seed)
-    return TextDiT(config_from_diffusers_pixart(book_model_config(cfg, context_dim)))
+    return TextDiT(book_model_config(cfg, context_dim))
 
 # %%
 # | export
@@ -636,7 +632,7 @@ def _check_book_model(model, cfg) -> None:
     """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
     if not isinstance(model, TextDiT):
         raise TypeError(f"model: expected the book model, a TextDiT (build_model), got {type(model).__name__}")
-    want = config_from_diffusers_pixart(book_model_config(cfg, model.config.context_dim))
+    want = book_model_config(cfg, model.config.context_dim)
     diff = [f"{f.name}: cfg {getattr(want, f.name)!r}, model {getattr(model.config, f.name)!r}"
             for f in fields(want) if getattr(want, f.name) != getattr(model.config, f.name)]
     if diff:
@@ -650,7 +646,7 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     folder.mkdir(parents=True, exist_ok=True)
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
-    files = {"config.json": book_model_config(cfg, model.config.context_dim),
+    files = {"config.json": pixart_config(model.config),
              "scheduler_config.json": parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
              "training.json": {"config": asdict(cfg), **(info or {})}}
     for name, content in files.items():

@@ -33,7 +33,7 @@ from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.schedules import SCHEDULE_ALIASES, SCHEDULES, min_snr_weights
 from tinydit.text import TextEmbeddings, load_book_text_encoder
-from tinydit.textdit import TextDiT, config_from_diffusers_pixart, pixart_to_diffusers
+from tinydit.textdit import TextDiT, TextDiTConfig, pixart_config, pixart_to_diffusers
 from tinydit.vae import load_book_vae
 from tinydit.validation import (
     check_bool,
@@ -342,27 +342,23 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 # notebooks/09_training.py:577
-def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> dict:
-    """The diffusers `PixArtTransformer2DModel` config.json of the book model."""
+def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
+    """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
+    book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
     _check_train_config("cfg", cfg)
-    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
-            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-            "in_channels": 4, "out_channels": 4, "num_layers": cfg.depth, "sample_size": 8,
-            "patch_size": cfg.patch_size, "cross_attention_dim": cfg.hidden_size, "caption_channels": context_dim,
-            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
-            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
-            "interpolation_scale": 1, "use_additional_conditions": False, "attention_type": "default",
-            "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
+    return TextDiTConfig(input_size=8, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
+                         depth=cfg.depth, num_heads=cfg.num_heads, learn_sigma=False, context_dim=context_dim,
+                         modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
 
 
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
-    """A fresh book model: the TextDiT that the diffusers config above describes (seeded by cfg.seed)."""
+    """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
     _check_train_config("cfg", cfg)
     torch.manual_seed(cfg.seed)
-    return TextDiT(config_from_diffusers_pixart(book_model_config(cfg, context_dim)))
+    return TextDiT(book_model_config(cfg, context_dim))
 
 
-# notebooks/09_training.py:598
+# notebooks/09_training.py:594
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (no-op where directories cannot be opened)."""
     try:
@@ -404,7 +400,7 @@ def _check_book_model(model, cfg) -> None:
     """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
     if not isinstance(model, TextDiT):
         raise TypeError(f"model: expected the book model, a TextDiT (build_model), got {type(model).__name__}")
-    want = config_from_diffusers_pixart(book_model_config(cfg, model.config.context_dim))
+    want = book_model_config(cfg, model.config.context_dim)
     diff = [f"{f.name}: cfg {getattr(want, f.name)!r}, model {getattr(model.config, f.name)!r}"
             for f in fields(want) if getattr(want, f.name) != getattr(model.config, f.name)]
     if diff:
@@ -418,7 +414,7 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     folder.mkdir(parents=True, exist_ok=True)
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
-    files = {"config.json": book_model_config(cfg, model.config.context_dim),
+    files = {"config.json": pixart_config(model.config),
              "scheduler_config.json": parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
              "training.json": {"config": asdict(cfg), **(info or {})}}
     for name, content in files.items():
@@ -460,7 +456,7 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
                                vae if vae is not None else load_book_vae(), sampling.validate())
 
 
-# notebooks/09_training.py:738
+# notebooks/09_training.py:734
 def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun (WORLD_SIZE > 1):
     gloo on CPU, NCCL on CUDA. Several nodes: the same command with torchrun --nnodes."""
@@ -519,7 +515,7 @@ def _check_device(device) -> torch.device:
     return device
 
 
-# notebooks/09_training.py:797
+# notebooks/09_training.py:793
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -687,7 +683,7 @@ class Trainer:
         return self
 
 
-# notebooks/09_training.py:1047
+# notebooks/09_training.py:1043
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
     try:
