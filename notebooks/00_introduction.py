@@ -56,6 +56,7 @@
 # | 14 | folders & demo | `tinydit.formats`, `tinydit.demo` | diffusers' layout both ways, attention maps, widget demo |
 # | 15 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
 # | 16 | safety | `tinydit.safety` | a safety checker on generated images |
+# | 17 | appendix: loading | `tinydit.loading` | key maps and converters for real checkpoints |
 #
 # Each module comes from exactly one notebook (a notebook may write two small modules), so every
 # module reads as one lesson; `tools/export.py --check` enforces it.

@@ -182,7 +182,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -201,7 +200,6 @@ from tinydit.checkpoint import (
     read_config,
     resolve_dtype,
     resolve_pretrained,
-    strip_prefix,
 )
 from tinydit.data import ShapesDataset
 from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
@@ -667,8 +665,13 @@ class AutoencoderKL(nn.Module):
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
+        from tinydit.loading import (  # the key maps: chapter 17
+            ldm_to_diffusers,
+            single_file_vae_weights,
+        )
+
         dtype = resolve_dtype(dtype)
-        sd = single_file_vae_weights(load_state_dict(path, dtype))  # key maps: defined after the class
+        sd = single_file_vae_weights(load_state_dict(path, dtype))
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
         try:
             return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
@@ -1058,7 +1061,7 @@ display(W.interactive(compare, index=W.IntSlider(0, 0, len(test_x) - 1, descript
 #   Gaussian (sample + closed-form KL), checked against `torch.distributions` and then against the
 #   exported `tinydit.vae.AutoencoderKL` (same layers, same outputs); presets for SD 1.x, SDXL,
 #   SD3, Flux and the book; `train_book_vae` with latent calibration; `load_book_vae()`; loaders
-#   for the diffusers folder and original single-file layouts (appendix), matching diffusers to
+#   for the diffusers folder and original single-file layouts (the key maps: chapter 17), matching diffusers to
 #   $10^{-5}$.
 # - **Measured:** the shipped book VAE reconstructs 256 held-out test images at 39.19 dB mean PSNR
 #   through $3\times32\times32 \to 4\times8\times8 \to 3\times32\times32$; its calibrated latents
@@ -1377,165 +1380,5 @@ with tempfile.TemporaryDirectory() as tmp:
             raise AssertionError(f"no error raised; expected {pattern!r}")
 
 # %% [markdown]
-# ### The original LDM / SGM single-file layout
-#
-# Stability AI and Black Forest Labs publish VAEs as single `.safetensors` / `.ckpt` files (and the
-# full SD 1.x / SDXL checkpoints nest the VAE under `first_stage_model.`). Same tensors, other names:
-#
-# | LDM / SGM | diffusers (ours) |
-# |---|---|
-# | `encoder.down.{i}.block.{j}.nin_shortcut` | `encoder.down_blocks.{i}.resnets.{j}.conv_shortcut` |
-# | `encoder.down.{i}.downsample.conv` | `encoder.down_blocks.{i}.downsamplers.0.conv` |
-# | `{en,de}coder.mid.block_1`, `block_2` | `mid_block.resnets.0`, `.1` |
-# | `{en,de}coder.mid.attn_1.{norm,q,k,v,proj_out}` ($1\times1$ convs) | `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (linear) |
-# | `decoder.up.{L-1-i}.block.{j}`, `.upsample.conv` | `decoder.up_blocks.{i}.resnets.{j}`, `.upsamplers.0.conv` |
-# | `{en,de}coder.norm_out` | `{en,de}coder.conv_norm_out` |
-#
-# LDM numbers the decoder levels by resolution (0 = full size), diffusers in the order they run.
-# The file carries no config, so the caller names the family with `preset=`.
-
-# %%
-# | export
-SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
-IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
-_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
-
-
-def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torch.Tensor]:
-    """Apply every (pattern, replacement) rule to every key, then `reshape(new_key, tensor)`."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = reshape(k, v)
-    return out
-
-
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
-    def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
-        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets."),
-        (r"^decoder\.up\.(\d+)\.upsample\.conv\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.conv."),
-        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-        (r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-        ("nin_shortcut", "conv_shortcut"),
-    ]
-
-    def conv_to_linear(k, v):  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        return v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
-
-    return _rename(sd, rules, conv_to_linear)
-
-
-def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
-    def flip(m):
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{flip(m)}.upsample.conv."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        ("conv_shortcut", "nin_shortcut"),
-    ]
-
-    def linear_to_conv(k, v):  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        return v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
-
-    return _rename(sd, rules, linear_to_conv)
-
-
-def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
-    prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
-    sd = strip_prefix(sd, prefix) if prefix else sd
-    return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
-
-# %% [markdown]
-# **Parity with diffusers.** Build a small *random* AutoencoderKL with diffusers, save it in its
-# real on-disk format, load it with our code and compare numbers, for both families (4 channels
-# with quant convs; 16 without). Then write the same weights in the LDM layout nested under
-# `first_stage_model.`, load that too, and check that diffusers' own single-file converter maps our
-# LDM names back to exactly the diffusers state dict. (`tests/test_vae.py` does more.)
-
-# %%
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from safetensors.torch import save_file
-
-families = {
-    "SD/SDXL-like": dict(latent_channels=4, scaling_factor=0.13025),
-    "SD3/Flux-like": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                          scaling_factor=0.3611, shift_factor=0.1159),
-}
-x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (2, 3, 32, 32)
-for family, kw in families.items():
-    torch.manual_seed(0)
-    ref = DiffusersAutoencoderKL(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
-                                 down_block_types=("DownEncoderBlock2D",) * 3,
-                                 up_block_types=("UpDecoderBlock2D",) * 3, **kw).eval()
-    ldm = {"first_stage_model." + k: v.contiguous() for k, v in diffusers_to_ldm(ref.state_dict(), 3).items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp)
-        ours = AutoencoderKL.from_pretrained(tmp)
-        save_file(ldm, f"{tmp}/sd_checkpoint.safetensors")
-        ours_ldm = AutoencoderKL.from_single_file(f"{tmp}/sd_checkpoint.safetensors", config=ours.config)
-    converted = convert_ldm_vae_checkpoint(ldm, dict(ref.config))
-    same_mapping = converted.keys() == ref.state_dict().keys() and all(
-        torch.equal(converted[k], v) for k, v in ref.state_dict().items())
-    with torch.no_grad():
-        rp, shift = ref.encode(x).latent_dist, ref.config.shift_factor or 0.0
-        errs = {"encode mean": (ours.encode(x).mean - rp.mean).abs().max().item(),
-                "decode": (ours.decode(rp.mean) - ref.decode(rp.mean).sample).abs().max().item(),
-                "to_latent": (ours.to_latent(x) - (rp.mean - shift) * ref.config.scaling_factor).abs().max().item(),
-                "single-file decode": (ours_ldm.decode(rp.mean) - ref.decode(rp.mean).sample).abs().max().item()}
-    print(f"{family:14s}", "  ".join(f"{k}: {v:.1e}" for k, v in errs.items()), f"  converter agrees: {same_mapping}")
-    assert max(errs.values()) <= 1e-5 and same_mapping  # float32 reordering noise is ~1e-7
-
-# %% [markdown]
-# ### A real VAE on a real photo (when you have the weights)
-#
-# Set `TINYDIT_VAE_PATH` to a diffusers VAE folder (e.g. `hf download stabilityai/sdxl-vae
-# --local-dir sdxl-vae`) or to a single-file checkpoint (set `TINYDIT_VAE_PRESET` to `sd1`, `sdxl`,
-# `sd3` or `flux`; default `sdxl`). The cell encodes the astronaut photo from `skimage.data` at
-# 512×512, decodes it and shows both with the PSNR. Without the variable it says so and moves on:
-# we never pretend to have weights we do not have.
-
-# %%
-from PIL import Image
-
-from tinydit.data import pil_to_tensor
-
-vae_path = os.environ.get("TINYDIT_VAE_PATH")
-if not vae_path:
-    print("TINYDIT_VAE_PATH is not set: with real weights this cell would encode skimage.data.astronaut() "
-          "at 512x512 to a 4x64x64 (or 16x64x64) latent, decode it and show both with the PSNR. Skipping.")
-else:
-    import skimage.data  # the notebooks extra installs scikit-image; needed only with real weights
-
-    real = (AutoencoderKL.from_pretrained(vae_path) if Path(vae_path).is_dir()
-            else AutoencoderKL.from_single_file(vae_path, preset=os.environ.get("TINYDIT_VAE_PRESET", "sdxl")))
-    photo = pil_to_tensor(Image.fromarray(skimage.data.astronaut()).resize((512, 512)))[None]  # (1, 3, 512, 512)
-    with torch.no_grad():
-        z_real = real.to_latent(photo)  # (1, C, 64, 64)
-        photo_rec = real.from_latent(z_real)  # (1, 3, 512, 512)
-    p_real = psnr(photo_rec, photo).item()
-    print(f"{vae_path}: latent {tuple(z_real.shape)}, std {z_real.std():.3f}, PSNR {p_real:.2f} dB")
-    display(image_grid(torch.cat([photo, photo_rec]), ["original", f"reconstruction, {p_real:.1f} dB"],
-                       cols=2, scale=1))
-    # not measured here (no weights in this sandbox); 20 dB is far below any working SD-family VAE
-    # on a photo and only catches wrong weights or a wrong preset
-    assert z_real.shape[-1] == 64 and p_real > 20
+# The original LDM / SGM single-file layout that `from_single_file` reads, its key map both ways and
+# its parity with diffusers' own converter are in chapter 17, the loading appendix.

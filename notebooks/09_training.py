@@ -139,11 +139,12 @@ from tqdm.auto import tqdm
 from tinydit.checkpoint import BOOK_MODEL_DIR, _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import Parametrisation
+from tinydit.loading import pixart_config, pixart_to_diffusers
 from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.schedules import SCHEDULE_ALIASES, SCHEDULES, min_snr_weights
 from tinydit.text import TextEmbeddings, load_book_text_encoder
-from tinydit.textdit import TextDiT, TextDiTConfig, pixart_config, pixart_to_diffusers
+from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.vae import load_book_vae
 from tinydit.validation import (
     check_bool,

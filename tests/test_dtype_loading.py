@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tinydit import text, vae
+from tinydit import loading, text, vae
 from tinydit.checkpoint import (
     WeightsMismatchError,
     empty_model,
@@ -22,7 +22,8 @@ from tinydit.checkpoint import (
     resolve_dtype,
 )
 from tinydit.dit import DiT, DiTConfig
-from tinydit.textdit import TextDiT, load_transformer
+from tinydit.loading import load_transformer
+from tinydit.textdit import TextDiT
 
 diffusers = pytest.importorskip("diffusers")  # a dev dependency: the reference, never a run-time one
 
@@ -190,7 +191,7 @@ def test_pixart_stored_position_table_check_allows_low_precision_rounding(folder
 
 def test_single_file_vae_with_dtype(folders, tmp_path):
     ref = vae.AutoencoderKL.from_pretrained(folders / "vae")
-    ldm = {"first_stage_model." + k: v.contiguous() for k, v in vae.diffusers_to_ldm(ref.state_dict(), 3).items()}
+    ldm = {"first_stage_model." + k: v.contiguous() for k, v in loading.diffusers_to_ldm(ref.state_dict(), 3).items()}
     save_file({**ldm, "model.diffusion_model.step": torch.tensor([7])}, tmp_path / "sd.safetensors")
     low = vae.AutoencoderKL.from_single_file(tmp_path / "sd.safetensors", config=ref.config, dtype="fp16")
     assert low.dtype == torch.float16

@@ -6,9 +6,10 @@ import diffusers
 import pytest
 import torch
 
-from tinydit import dit, text, textdit
+from tinydit import dit, loading, text
 from tinydit.dit import DiT
-from tinydit.textdit import TextDiT, TextDiTConfig, load_transformer
+from tinydit.loading import load_transformer
+from tinydit.textdit import TextDiT, TextDiTConfig
 
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # width 48: divisible by 3 for the micro-condition embedders
 
@@ -204,20 +205,20 @@ def test_diffusers_state_dict_with_unknown_keys_is_refused(tmp_path):
     ref = make_pixart(tmp_path, micro=False, layers=1)
     sd = {**ref.state_dict(), "transformer_blocks.0.attn1.norm_q.weight": torch.ones(HEAD_DIM)}
     with pytest.raises(ValueError, match="does not know how to map"):
-        textdit.convert_diffusers_pixart(sd)
+        loading.convert_diffusers_pixart(sd)
     with pytest.raises(ValueError, match="not a diffusers PixArtTransformer2DModel"):
-        textdit.convert_diffusers_pixart({"pos_embed.proj.weight": torch.zeros(1)})
+        loading.convert_diffusers_pixart({"pos_embed.proj.weight": torch.zeros(1)})
 
 
 def test_missing_interpolation_scale_follows_the_original_rule():
     base = dict(_class_name="PixArtTransformer2DModel", num_attention_heads=16, attention_head_dim=72,
                 caption_channels=4096, cross_attention_dim=1152, out_channels=8)
-    scales = {s: textdit.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
+    scales = {s: loading.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
               for s in (32, 64, 128)}
     assert scales == {32: 0.5, 64: 1.0, 128: 2.0}  # 256, 512, 1024 px (diffusers' default would give 1 at 256)
-    assert textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
+    assert loading.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
     with pytest.raises(ValueError, match="PixArt options"):
-        textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
+        loading.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
 
 
 def test_legacy_transformer2dmodel_configs_load(tmp_path):

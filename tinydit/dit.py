@@ -8,8 +8,6 @@ presets, and loaders for the original facebookresearch DiT and diffusers checkpo
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from tinydit.attention import BACKENDS, Attention
 from tinydit.checkpoint import (
     load_model,
     load_state_dict,
-    read_config,
     resolve_dtype,
     resolve_pretrained,
     unwrap_state_dict,
@@ -56,7 +53,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor
     return x.reshape(B, c, h * p, w * p)  # (B, C, H, W)
 
 
-# notebooks/05_dit.py:377
+# notebooks/05_dit.py:374
 class LabelEmbedder(nn.Module):
     """Class labels -> (B, D) vectors; row `num_classes` is the null class, used for label dropout
     during training and for the unconditional branch of classifier-free guidance (Ho & Salimans)."""
@@ -73,7 +70,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)  # (B, D)
 
 
-# notebooks/05_dit.py:440
+# notebooks/05_dit.py:437
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, T, D) scaled by (1 + scale) and shifted by shift, both (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -124,7 +121,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
 
 
-# notebooks/05_dit.py:515
+# notebooks/05_dit.py:512
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 
 
@@ -177,7 +174,7 @@ class TransformerConfig:
         return cls(**d)
 
 
-# notebooks/05_dit.py:568
+# notebooks/05_dit.py:565
 @dataclass
 class DiTConfig(TransformerConfig):
     """Architecture of a class-conditional DiT. Presets: `DiTConfig.preset("DiT-XL/2")`, `"book"`."""
@@ -209,7 +206,7 @@ class DiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/05_dit.py:621
+# notebooks/05_dit.py:618
 def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bool = True) -> torch.Tensor:
     """Validate latents x (B, C, H, W) and timesteps (shapes only: free, no device sync); returns
     t as a (B,) tensor on x's device. `fixed_table=False`: the model rebuilds its position table
@@ -240,7 +237,7 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
     return t
 
 
-# notebooks/05_dit.py:652
+# notebooks/05_dit.py:649
 class LatentTransformer(nn.Module):
     """What DiT and chapter 07's TextDiT share: a fixed position table, the DiT initialisation of
     linears and patch embedding, parameter counting, and tinydit's own save format."""
@@ -287,7 +284,7 @@ class LatentTransformer(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
 
 
-# notebooks/05_dit.py:699
+# notebooks/05_dit.py:696
 class DiT(LatentTransformer):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class label.
 
@@ -370,10 +367,12 @@ class DiT(LatentTransformer):
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
         `.safetensors`); the config is read from the weights (see the appendix). `dtype` ("bf16",
         "fp16", a torch dtype; None = float32) converts the weights while reading."""
+        from tinydit.loading import infer_config_from_original  # the key maps: chapter 17
+
         sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" in sd:
             raise ValueError(f"path: {Path(path).name} holds a PixArt (text-conditioned) checkpoint; load it with "
-                             "tinydit.textdit.TextDiT.from_original, or tinydit.textdit.load_transformer")
+                             "tinydit.textdit.TextDiT.from_original, or tinydit.loading.load_transformer")
         cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
@@ -381,6 +380,14 @@ class DiT(LatentTransformer):
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
         """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
         `dtype` as in `from_original`."""
+        from tinydit.loading import (
+            config_from_diffusers,
+            convert_diffusers_dit,
+            diffusers_weights_file,
+            read_config_json,  # the key maps: chapter 17
+            transformer_kind,
+        )
+
         dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
@@ -393,12 +400,12 @@ class DiT(LatentTransformer):
             sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
-                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
+                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.loading.load_transformer "
                              "(which reads any transformer folder)")
         return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
 
-# notebooks/05_dit.py:847
+# notebooks/05_dit.py:854
 def dit_macs(config: DiTConfig, input_size: int | None = None) -> int:
     """Multiply-accumulates of one forward pass for one sample (the DiT paper's 'GFLOPs' x 1e9)."""
     c = config
@@ -410,7 +417,7 @@ def dit_macs(config: DiTConfig, input_size: int | None = None) -> int:
     return c.depth * block + embed + final
 
 
-# notebooks/05_dit.py:938
+# notebooks/05_dit.py:945
 def overfit_single_batch(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
                          steps: int = 600, lr: float = 1e-3, seed: int = 0,
                          disable: bool | None = None) -> list[float]:
@@ -464,147 +471,3 @@ def wiring_report(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, alphas_cu
     poked[:, :, :p, :p] += 1.0  # change the top-left patch only
     moved = (model(poked, t, y) - model(x_t, t, y))[:, :, p:, p:]  # outputs far from that patch
     return {"loss": loss, "timestep_gain": timestep_gain, "token_mixing": moved.abs().mean().item()}
-
-
-# notebooks/05_dit.py:1130
-# Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
-KNOWN_HEADS = {(depth, width): heads for depth, width, heads in _SIZES.values()}
-
-
-def read_config_json(folder: Path) -> dict:
-    """`folder/config.json` as a dict, with errors that name the file."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"path_or_id: no config.json in {folder}")
-    return read_config(path)
-
-
-def transformer_kind(config: dict) -> str | None:
-    """Which model a transformer config.json describes: tinydit's `_class` ("DiT", "TextDiT") or the
-    diffusers class. Hub repos converted before diffusers split its classes (facebook/DiT-XL-2-256,
-    the PixArt repos) still say "Transformer2DModel"; diffusers then picks by `norm_type`, as we do."""
-    if "_class" in config:
-        return config["_class"]
-    name = config.get("_class_name")
-    if name == "Transformer2DModel":
-        return {"ada_norm_zero": "DiTTransformer2DModel",
-                "ada_norm_single": "PixArtTransformer2DModel"}.get(config.get("norm_type"), name)
-    return name
-
-
-def diffusers_weights_file(folder: Path) -> Path:
-    """The weights file of a diffusers model folder."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
-
-
-def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
-    """The head count: the caller's, else the paper's for a released (depth, width); never a guess."""
-    if num_heads is not None:
-        heads = check_int("num_heads", num_heads, minimum=1)
-        if hidden % heads:
-            raise ValueError(f"num_heads: must divide the checkpoint's width {hidden}, got {heads}")
-        return heads
-    if (depth, hidden) in KNOWN_HEADS:
-        return KNOWN_HEADS[(depth, hidden)]
-    raise ValueError(f"num_heads: the checkpoint does not store its number of attention heads and depth {depth}, "
-                     f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
-
-
-# notebooks/05_dit.py:1177
-def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                               **overrides) -> DiTConfig:
-    """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
-    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
-              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight", "pos_embed")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"checkpoint: not a DiT checkpoint in the original layout; missing {missing} "
-                         f"(first keys found: {sorted(sd)[:5]})")
-    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels; "
-                         "expected the same or twice as many")
-    cfg = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, in_channels=in_ch,
-               hidden_size=hidden, depth=depth, num_heads=heads_for(depth, hidden, num_heads),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-               num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, learn_sigma=out_ch == 2 * in_ch,
-               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
-               qk_norm="blocks.0.attn.q_norm.weight" in sd)
-    return DiTConfig(**{**cfg, **overrides})
-
-
-def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
-    """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
-    if transformer_kind(d) not in (None, "DiTTransformer2DModel"):
-        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r} "
-                         f"(norm_type={d.get('norm_type')!r})")
-    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_zero"), ("norm_elementwise_affine", False),
-                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"))
-                   if d.get(k, ok) != ok}
-    if unsupported:
-        raise ValueError(f"config: DiT options tinydit does not implement: {unsupported}")
-    missing = [k for k in ("num_attention_heads", "attention_head_dim") if k not in d]
-    if missing:
-        raise ValueError(f"config: the diffusers DiT config.json lacks {missing}; cannot tell the width")
-    heads = check_int("config.num_attention_heads", d["num_attention_heads"], minimum=1)
-    head_dim = check_int("config.attention_head_dim", d["attention_head_dim"], minimum=1)
-    in_ch = d.get("in_channels", 4)
-    out_ch = d.get("out_channels") or in_ch
-    cfg = dict(input_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 2), in_channels=in_ch,
-               hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
-               num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch)
-    return DiTConfig(**{**cfg, **overrides})
-
-
-# notebooks/05_dit.py:1225
-def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
-    if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
-        raise ValueError("checkpoint: not a diffusers DiTTransformer2DModel state dict (no "
-                         "'pos_embed.proj.weight' / 'transformer_blocks.0.attn1.to_q.weight')")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    emb = "transformer_blocks.{}.norm1.emb."
-    shared = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
-              "class_embedder.embedding_table": "y_embedder.embedding_table"}
-    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"]}
-    for src, dst in shared.items():
-        for suffix in ("weight", "bias"):
-            key0 = emb.format(0) + f"{src}.{suffix}"
-            if key0 not in sd:
-                continue
-            for n in range(1, depth):
-                other = sd[emb.format(n) + f"{src}.{suffix}"]
-                if not torch.equal(other, sd[key0]):
-                    diff = (other.float() - sd[key0].float()).abs().max().item()
-                    raise ValueError(
-                        f"checkpoint: block {n}'s copy of the shared embedder '{src}.{suffix}' differs from "
-                        f"block 0's (max abs diff {diff:.3g}); tinydit's DiT has one shared timestep/label "
-                        "embedder, as the original DiT, so it cannot represent this model exactly")
-            out[f"{dst}.{suffix}"] = sd[key0]
-    for n in range(depth):
-        b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([sd[b + f"attn1.to_{x}.{suffix}"] for x in "qkv"])
-            out[o + f"attn.proj.{suffix}"] = sd[b + f"attn1.to_out.0.{suffix}"]
-            out[o + f"mlp.fc1.{suffix}"] = sd[b + f"ff.net.0.proj.{suffix}"]
-            out[o + f"mlp.fc2.{suffix}"] = sd[b + f"ff.net.2.{suffix}"]
-            out[o + f"adaLN_modulation.1.{suffix}"] = sd[b + f"norm1.linear.{suffix}"]
-        for x in "qk":
-            if b + f"attn1.norm_{x}.weight" in sd:
-                out[o + f"attn.{x}_norm.weight"] = sd[b + f"attn1.norm_{x}.weight"]
-    for suffix in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{suffix}"] = sd[f"proj_out_1.{suffix}"]
-        out[f"final_layer.linear.{suffix}"] = sd[f"proj_out_2.{suffix}"]
-    known = re.compile(r"pos_embed\.(proj\.(weight|bias)|pos_embed)|proj_out_[12]\.(weight|bias)|"
-                       r"transformer_blocks\.\d+\.(norm1\.(emb\..*|linear\..*)|attn1\.(to_[qkv]|to_out\.0|norm_[qk])\..*|"
-                       r"ff\.net\.(0\.proj|2)\..*)")
-    unknown = sorted(k for k in sd if not known.fullmatch(k))
-    if unknown:  # weights we would silently drop: refuse rather than load a different model
-        raise ValueError(f"checkpoint: diffusers DiT keys tinydit does not use: {unknown[:10]}"
-                         + (f" ... and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    return out

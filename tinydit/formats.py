@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from tinydit.checkpoint import read_config, resolve_pretrained
+from tinydit.loading import pixart_config, pixart_to_diffusers
 from tinydit.text import CLIPTextEncoder, T5TextEncoder, _quiet_transformers, load_book_text_encoder
-from tinydit.textdit import TextDiT, pixart_config, pixart_to_diffusers
+from tinydit.textdit import TextDiT
 from tinydit.vae import AutoencoderKL, load_book_vae
 
 MODEL_INDEX = "model_index.json"

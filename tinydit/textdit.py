@@ -4,12 +4,10 @@
 # notebooks/07_text_dit.py:94
 """The text-conditioned Diffusion Transformer: cross-attention to text tokens, adaLN-Zero or
 adaLN-single modulation, PixArt-α/Σ (Chen et al. 2023/2024) and the book model, with loaders for
-diffusers' and the original PixArt layouts, and `load_transformer`, which reads any DiT / PixArt."""
+diffusers' and the original PixArt layouts (their key maps: `tinydit.loading`, chapter 17)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,19 +23,13 @@ from tinydit.checkpoint import (
     unwrap_state_dict,
 )
 from tinydit.dit import (
-    DiT,
     FinalLayer,
     LatentTransformer,
     Mlp,
     PatchEmbed,
     TransformerConfig,
     check_latents,
-    diffusers_weights_file,
-    heads_for,
-    infer_config_from_original,
     modulate,
-    read_config_json,
-    transformer_kind,
     unpatchify,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
@@ -87,7 +79,7 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
-# notebooks/07_text_dit.py:241
+# notebooks/07_text_dit.py:233
 class ProjMlp(nn.Module):
     """Linear -> activation -> Linear with its own output width: PixArt's caption projection
     `y_proj` (GELU-tanh) and SD3's pooled-text embedder (SiLU). Names `fc1`, `fc2` (timm's Mlp)."""
@@ -177,7 +169,7 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
-# notebooks/07_text_dit.py:353
+# notebooks/07_text_dit.py:345
 @dataclass
 class TextDiTConfig(TransformerConfig):
     """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
@@ -228,7 +220,7 @@ class TextDiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/07_text_dit.py:404
+# notebooks/07_text_dit.py:396
 class TextDiT(LatentTransformer):
     """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
     model). A sibling of chapter 05's `DiT`: the same patchify, blocks' parts and position table.
@@ -365,6 +357,14 @@ class TextDiT(LatentTransformer):
                         **overrides) -> TextDiT:
         """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
         folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
+        from tinydit.loading import (
+            config_from_diffusers_pixart,
+            convert_diffusers_pixart,
+            diffusers_weights_file,
+            read_config_json,  # the key maps: chapter 17
+            transformer_kind,
+        )
+
         dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
@@ -377,13 +377,15 @@ class TextDiT(LatentTransformer):
             sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
-                             "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
+                             "tinydit.dit.DiT.from_pretrained, or tinydit.loading.load_transformer (which reads any transformer folder)")
         return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
 
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
         """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
         `dtype` as in `from_pretrained`."""
+        from tinydit.loading import pixart_from_state_dict  # the key maps: chapter 17
+
         sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" not in sd:
             raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
@@ -391,7 +393,7 @@ class TextDiT(LatentTransformer):
         return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 
-# notebooks/07_text_dit.py:567
+# notebooks/07_text_dit.py:569
 def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
     """Shape, dtype and presence checks of a TextDiT call (metadata only: no device sync); returns
     (t, context, context_mask, pooled, resolution, aspect_ratio) ready for the forward pass."""
@@ -454,235 +456,3 @@ def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: an integer mask must hold only 0 and 1, got values {mask.unique().tolist()[:5]}")
     return mask.bool()
-
-
-# notebooks/07_text_dit.py:891
-def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
-    if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
-        raise ValueError("checkpoint: not a diffusers PixArtTransformer2DModel state dict (no "
-                         "'adaln_single.linear.weight' / 'transformer_blocks.0.attn2.to_q.weight')")
-    sd = dict(sd)
-    out: dict[str, torch.Tensor] = {}
-
-    def take(src: str, dst: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{src}.{suffix}" in sd:
-                out[f"{dst}.{suffix}"] = sd.pop(f"{src}.{suffix}")
-
-    take("pos_embed.proj", "x_embedder.proj")
-    take("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
-    take("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
-    take("adaln_single.emb.resolution_embedder.linear_1", "csize_embedder.mlp.0")
-    take("adaln_single.emb.resolution_embedder.linear_2", "csize_embedder.mlp.2")
-    take("adaln_single.emb.aspect_ratio_embedder.linear_1", "ar_embedder.mlp.0")
-    take("adaln_single.emb.aspect_ratio_embedder.linear_2", "ar_embedder.mlp.2")
-    take("adaln_single.linear", "t_block.1")
-    take("caption_projection.linear_1", "y_embedder.y_proj.fc1")
-    take("caption_projection.linear_2", "y_embedder.y_proj.fc2")
-    take("proj_out", "final_layer.linear")
-    out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    for n in range(depth):
-        b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
-        out[o + "scale_shift_table"] = sd.pop(b + "scale_shift_table")
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([sd.pop(b + f"attn1.to_{x}.{suffix}") for x in "qkv"])
-            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([sd.pop(b + f"attn2.to_{x}.{suffix}") for x in "kv"])
-        take(b + "attn1.to_out.0", o + "attn.proj")
-        take(b + "attn2.to_q", o + "cross_attn.q_linear")
-        take(b + "attn2.to_out.0", o + "cross_attn.proj")
-        take(b + "ff.net.0.proj", o + "mlp.fc1")
-        take(b + "ff.net.2", o + "mlp.fc2")
-    if sd:
-        raise ValueError(f"checkpoint: {len(sd)} diffusers PixArt keys that tinydit does not know how to map: "
-                         f"{sorted(sd)[:10]}")
-    return out
-
-
-def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
-    """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
-    if transformer_kind(d) != "PixArtTransformer2DModel":
-        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
-                         f"(norm_type={d.get('norm_type')!r})")
-    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    hidden = heads * head_dim
-    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
-                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"),
-                                            ("attention_type", "default")) if d.get(k, ok) != ok}
-    if d.get("caption_channels") is None:
-        unsupported["caption_channels"] = None
-    if d.get("cross_attention_dim", hidden) != hidden:
-        unsupported["cross_attention_dim"] = d["cross_attention_dim"]
-    if unsupported:
-        raise ValueError(f"config: PixArt options tinydit does not implement: {unsupported}")
-    in_ch = d.get("in_channels", 4)
-    out_ch = d.get("out_channels") or in_ch
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"config: out_channels={out_ch} for in_channels={in_ch}; expected the same or twice as many")
-    sample, patch = d.get("sample_size", 128), d.get("patch_size", 2)
-    micro = d.get("use_additional_conditions")
-    cfg = dict(input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=d.get("num_layers", 28),
-               num_heads=heads, learn_sigma=out_ch == 2 * in_ch, norm_eps=d.get("norm_eps", 1e-6),
-               context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
-               micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
-               pos_base_size=sample // patch,
-               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
-               # default, max(sample_size // 64, 1), gives 1 at 256 px
-               interpolation_scale=d.get("interpolation_scale") or sample / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                                      **overrides) -> TextDiTConfig:
-    """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
-    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight",
-              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"checkpoint: not a PixArt checkpoint in the original layout; missing {missing}")
-    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    if "pos_embed" in sd:
-        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
-    elif "input_size" in overrides:
-        input_size = overrides["input_size"]
-    else:
-        raise ValueError("checkpoint: no 'pos_embed' to read the training resolution from; pass input_size= "
-                         "(latent side: 32, 64, 128 for 256, 512, 1024 px)")
-    y_emb = sd.get("y_embedder.y_embedding")
-    cfg = dict(input_size=input_size, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-               num_heads=heads_for(depth, hidden, num_heads),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out_ch == 2 * in_ch,
-               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
-               qk_norm="blocks.0.attn.q_norm.weight" in sd, context_dim=sd["y_embedder.y_proj.fc1.weight"].shape[1],
-               modulation="adaln_single", caption_tokens=0 if y_emb is None else y_emb.shape[0],
-               micro_conditions="csize_embedder.mlp.0.weight" in sd, pos_base_size=input_size // p,
-               interpolation_scale=input_size / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
-                           dtype=None, **overrides) -> TextDiT:
-    """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
-    position table against the one the config implies (`dtype`: the model's, None = float32)."""
-    cfg = infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides)
-    table, stored = cls.position_table(cfg), sd.get("pos_embed")  # (1, T, D) each
-    if stored is not None and stored.abs().sum() > 0 and stored.shape == table.shape:
-        diff = (stored.float() - table).abs().max().item()
-        if diff > max(1e-4, torch.finfo(stored.dtype).eps):  # a bf16 / fp16 copy is off by its rounding
-            raise ValueError(f"interpolation_scale: the checkpoint's stored position table differs from the one for "
-                             f"interpolation_scale={cfg.interpolation_scale} by {diff:.3g}; pass the "
-                             "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
-    return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
-
-
-def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
-                     dtype=None, **overrides) -> DiT | TextDiT:
-    """Load any transformer this book knows, dispatching on the files' contents.
-
-    A file (`.pt`, `.pth`, `.safetensors`) is read in the original layout: PixArt-α/Σ when it has
-    `t_block` weights, else facebookresearch DiT. A folder (or hub id) is read by its config.json:
-    a diffusers `DiTTransformer2DModel` / `PixArtTransformer2DModel`, or a tinydit DiT / TextDiT.
-    `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading.
-    """
-    path, dtype = Path(path_or_id), resolve_dtype(dtype)
-    if path.is_file():
-        if subfolder is not None:
-            raise ValueError(f"subfolder: {path} is a file; subfolder only applies to folders and hub ids")
-        sd = unwrap_state_dict(load_state_dict(path, dtype))
-        if "t_block.1.weight" in sd:
-            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, dtype=dtype, **overrides)
-        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
-        return DiT.from_weights(cfg, sd, f"DiT checkpoint {path.name}", dtype)
-    if num_heads is not None:
-        raise ValueError("num_heads: a model folder's config.json states its heads; pass num_heads only with a "
-                         "single checkpoint file")
-    folder = resolve_pretrained(path_or_id, subfolder)
-    kind = transformer_kind(read_config_json(folder))
-    if kind in ("TextDiT", "PixArtTransformer2DModel"):
-        return TextDiT.from_pretrained(folder, dtype=dtype, **overrides)
-    if kind in ("DiT", "DiTTransformer2DModel"):
-        return DiT.from_pretrained(folder, dtype=dtype, **overrides)
-    raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
-                     "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")
-
-
-# notebooks/07_text_dit.py:1052
-def pixart_config(cfg: TextDiTConfig) -> dict:
-    """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
-    if cfg.modulation != "adaln_single" or cfg.pooled_dim:
-        raise ValueError("transformer: only PixArt-style TextDiTs (adaln_single, no pooled text) have a diffusers "
-                         f"layout; got modulation={cfg.modulation!r}, pooled_dim={cfg.pooled_dim}")
-    return {"_class_name": "PixArtTransformer2DModel", "_diffusers_version": "0.30.0",
-            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels * (2 if cfg.learn_sigma else 1),
-            "num_layers": cfg.depth, "sample_size": cfg.input_size, "patch_size": cfg.patch_size,
-            "cross_attention_dim": cfg.hidden_size, "caption_channels": cfg.context_dim,
-            "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
-            "attention_bias": True, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000,
-            "interpolation_scale": cfg.interpolation_scale, "use_additional_conditions": cfg.micro_conditions,
-            "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
-
-
-PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
-                  "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-                  "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-                  "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-                  "y_embedder.y_proj.fc2": "caption_projection.linear_2", "final_layer.linear": "proj_out",
-                  "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
-                  "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
-
-
-def _is_pixart_key(key: str) -> bool:
-    """Does pixart_to_diffusers know where `key` of a TextDiT (adaLN-single) state dict goes?"""
-    if key in ("pos_embed", "final_layer.scale_shift_table"):
-        return True
-    parts = key.split(".", 2)
-    if parts[0] == "blocks" and len(parts) == 3:
-        rest = parts[2]
-        part = rest.rsplit(".", 1)[0]  # "mlp.fc1" of "mlp.fc1.weight"
-        split = ("attn.qkv", "cross_attn.kv_linear")  # fused weights, cut in three / two
-        return rest == "scale_shift_table" or (part != rest and (part in PIXART_RENAMES or part in split))
-    return key.rsplit(".", 1)[0] in PIXART_RENAMES
-
-
-def _check_pixart_state_dict(sd) -> None:
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
-    unknown = [k for k in sd if not _is_pixart_key(k)]
-    if unknown:
-        listed = ", ".join(repr(k) for k in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
-        raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
-
-
-def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
-    chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""
-    _check_pixart_state_dict(sd)
-    sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # diffusers recomputes the fixed table
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        stem, suffix = key.rsplit(".", 1)
-        if key == "final_layer.scale_shift_table":
-            out["scale_shift_table"] = value
-        elif key.startswith("blocks."):
-            _, n, rest = key.split(".", 2)
-            b = f"transformer_blocks.{n}."
-            part = rest.rsplit(".", 1)[0]
-            if rest == "scale_shift_table":
-                out[b + rest] = value
-            elif part == "attn.qkv":
-                for name, chunk in zip("qkv", value.chunk(3)):
-                    out[f"{b}attn1.to_{name}.{suffix}"] = chunk
-            elif part == "cross_attn.kv_linear":
-                for name, chunk in zip("kv", value.chunk(2)):
-                    out[f"{b}attn2.to_{name}.{suffix}"] = chunk
-            else:
-                out[f"{b}{PIXART_RENAMES[part]}.{suffix}"] = value
-        else:
-            out[f"{PIXART_RENAMES[stem]}.{suffix}"] = value
-    return {k: v.contiguous() for k, v in out.items()}

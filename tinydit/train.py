@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from tinydit.checkpoint import BOOK_MODEL_DIR, _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import Parametrisation
+from tinydit.loading import pixart_config, pixart_to_diffusers
 from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.schedules import SCHEDULE_ALIASES, SCHEDULES, min_snr_weights
 from tinydit.text import TextEmbeddings, load_book_text_encoder
-from tinydit.textdit import TextDiT, TextDiTConfig, pixart_config, pixart_to_diffusers
+from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.vae import load_book_vae
 from tinydit.validation import (
     check_bool,
@@ -49,7 +50,7 @@ BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
 MAX_SEED = 2**32 - 1  # seeds of a run (the CLI's --seed range); a step's generator is seeded seed * 1e6 + step
 
 
-# notebooks/09_training.py:163
+# notebooks/09_training.py:164
 def _check_objective_settings(kind: str, zero_terminal_snr: bool, min_snr_gamma: float) -> None:
     """Refuse, by name, a setting the objective cannot learn with or would silently ignore."""
     check_bool("zero_terminal_snr", zero_terminal_snr)
@@ -150,7 +151,7 @@ def _check_train_config(name: str, cfg) -> TrainConfig:
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every", "compile", "mixed_precision")
 
 
-# notebooks/09_training.py:281
+# notebooks/09_training.py:282
 def parametrisation(cfg: TrainConfig) -> Parametrisation:
     """The training objective of a config as chapter 08's Parametrisation: the same object draws the
     training pairs (`noised`), hands the samplers their denoiser, and writes the scheduler config."""
@@ -168,7 +169,7 @@ def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 
     return min_snr_weights(snr, min_snr_gamma, param.prediction)
 
 
-# notebooks/09_training.py:356
+# notebooks/09_training.py:357
 @dataclass
 class EncodedData:
     """The training set after the frozen encoders: what a step reads."""
@@ -278,7 +279,7 @@ def _check_encoded_data(data) -> None:
     check_finite("data: latents", data.latents)
 
 
-# notebooks/09_training.py:475
+# notebooks/09_training.py:476
 def _check_step_args(step: int, seed: int | None = None, **counts: int) -> None:
     """step >= 0, seed in [0, MAX_SEED], every other count >= 1."""
     check_int("step", step, minimum=0)
@@ -341,7 +342,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
         e.lerp_(p.detach(), 1 - d)
 
 
-# notebooks/09_training.py:577
+# notebooks/09_training.py:578
 def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
     """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
     book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
@@ -358,7 +359,7 @@ def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     return TextDiT(book_model_config(cfg, context_dim))
 
 
-# notebooks/09_training.py:594
+# notebooks/09_training.py:595
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (no-op where directories cannot be opened)."""
     try:
@@ -456,7 +457,7 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
                                vae if vae is not None else load_book_vae(), sampling.validate())
 
 
-# notebooks/09_training.py:734
+# notebooks/09_training.py:735
 def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun (WORLD_SIZE > 1):
     gloo on CPU, NCCL on CUDA. Several nodes: the same command with torchrun --nnodes."""
@@ -515,7 +516,7 @@ def _check_device(device) -> torch.device:
     return device
 
 
-# notebooks/09_training.py:793
+# notebooks/09_training.py:794
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -683,7 +684,7 @@ class Trainer:
         return self
 
 
-# notebooks/09_training.py:1043
+# notebooks/09_training.py:1044
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +28,6 @@ from tinydit.checkpoint import (
     read_config,
     resolve_dtype,
     resolve_pretrained,
-    strip_prefix,
 )
 from tinydit.data import ShapesDataset
 from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
@@ -38,7 +36,7 @@ from tinydit.validation import check_choice, check_finite, check_float, check_in
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
 
 
-# notebooks/02_vae.py:214
+# notebooks/02_vae.py:212
 @dataclass
 class VAEConfig:
     """Hyper-parameters of an AutoencoderKL; field names follow diffusers' `config.json`."""
@@ -119,7 +117,7 @@ VAE_PRESETS: dict[str, dict] = {
 }
 
 
-# notebooks/02_vae.py:301
+# notebooks/02_vae.py:299
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, plus a skip (1x1 conv when the width changes). LDM's ResnetBlock."""
 
@@ -194,7 +192,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)  # (B, C, h, w)
 
 
-# notebooks/02_vae.py:376
+# notebooks/02_vae.py:374
 class DownBlock(nn.Module):
     """One encoder level: ResNet blocks, then a Downsample unless it is the last level."""
 
@@ -268,7 +266,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)
 
 
-# notebooks/02_vae.py:482
+# notebooks/02_vae.py:480
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(std^2)) from the encoder's moments (Kingma & Welling 2014, LDM)."""
 
@@ -296,7 +294,7 @@ class DiagonalGaussian:
         return f"DiagonalGaussian(shape={tuple(self.mean.shape)})"
 
 
-# notebooks/02_vae.py:531
+# notebooks/02_vae.py:529
 def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
     """`t` is a (B >= 1, channels, ., .) tensor of a floating dtype with finite values."""
     check_tensor(name, t)
@@ -348,7 +346,7 @@ def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     return read_config(folder / "config.json"), weights
 
 
-# notebooks/02_vae.py:583
+# notebooks/02_vae.py:581
 class AutoencoderKL(nn.Module):
     """The LDM autoencoder (Rombach et al. 2022) with a diagonal-Gaussian posterior (Kingma & Welling).
 
@@ -436,8 +434,13 @@ class AutoencoderKL(nn.Module):
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
+        from tinydit.loading import (  # the key maps: chapter 17
+            ldm_to_diffusers,
+            single_file_vae_weights,
+        )
+
         dtype = resolve_dtype(dtype)
-        sd = single_file_vae_weights(load_state_dict(path, dtype))  # key maps: defined after the class
+        sd = single_file_vae_weights(load_state_dict(path, dtype))
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
         try:
             return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
@@ -456,7 +459,7 @@ class AutoencoderKL(nn.Module):
         return folder
 
 
-# notebooks/02_vae.py:697
+# notebooks/02_vae.py:700
 def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Older diffusers VAE folders (some SD 1.x repos) name the mid-block attention
     `query/key/value/proj_attn`; diffusers renames them on load, and so do we."""
@@ -470,7 +473,7 @@ def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-# notebooks/02_vae.py:765
+# notebooks/02_vae.py:768
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of two (B, C, H, W) batches in [-1, 1], measured on the [0, 1] scale."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)  # (B,)
@@ -496,7 +499,7 @@ def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: in
 LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
 
 
-# notebooks/02_vae.py:791
+# notebooks/02_vae.py:794
 def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
                    n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
                    out_dir: str | os.PathLike | None = None, disable: bool | None = None,
@@ -566,73 +569,3 @@ def load_book_vae(dtype=None) -> AutoencoderKL:
         raise FileNotFoundError(f"the book VAE is missing from the package ({folder}); regenerate it with "
                                 "tinydit.vae.train_book_vae(out_dir=...)")
     return AutoencoderKL.from_pretrained(folder, dtype=dtype)
-
-
-# notebooks/02_vae.py:1399
-SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
-IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
-_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
-
-
-def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torch.Tensor]:
-    """Apply every (pattern, replacement) rule to every key, then `reshape(new_key, tensor)`."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = reshape(k, v)
-    return out
-
-
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
-    def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
-        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets."),
-        (r"^decoder\.up\.(\d+)\.upsample\.conv\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.conv."),
-        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-        (r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-        ("nin_shortcut", "conv_shortcut"),
-    ]
-
-    def conv_to_linear(k, v):  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        return v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
-
-    return _rename(sd, rules, conv_to_linear)
-
-
-def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
-    def flip(m):
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{flip(m)}.upsample.conv."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        ("conv_shortcut", "nin_shortcut"),
-    ]
-
-    def linear_to_conv(k, v):  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        return v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
-
-    return _rename(sd, rules, linear_to_conv)
-
-
-def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
-    prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
-    sd = strip_prefix(sd, prefix) if prefix else sd
-    return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
