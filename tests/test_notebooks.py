@@ -1,7 +1,7 @@
 """Every notebook runs top to bottom at fast settings (TINYDIT_FAST=1), once per test run.
 
 Each percent-format notebook is staged as .ipynb (jupytext) and executed by nbclient, the engine
-under both nbval and Jupyter Book, through `tools/build_book.py`'s `execute_chapter`: a failing cell
+under both nbval and Jupyter Book (nbval itself cannot keep a run's outputs for the book), through `tools/build_book.py`'s `execute_chapter`: a failing cell
 (an assertion that checks the chapter's claims) fails this test with the cell's traceback, as
 `--nbval-lax` would. The executed notebooks go to a cache shared with `tests/test_book.py`, whose
 build then finds every chapter already run (conftest orders the book after the notebooks), so the
