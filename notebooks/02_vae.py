@@ -202,6 +202,7 @@ from tinydit.checkpoint import (
     resolve_pretrained,
 )
 from tinydit.data import ShapesDataset
+from tinydit.loading import ldm_to_diffusers, single_file_vae_weights
 from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
 
 # Weight files `from_pretrained` looks for in a diffusers folder, in this order.
@@ -665,11 +666,6 @@ class AutoencoderKL(nn.Module):
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
-        from tinydit.loading import (  # the key maps: chapter 17
-            ldm_to_diffusers,
-            single_file_vae_weights,
-        )
-
         dtype = resolve_dtype(dtype)
         sd = single_file_vae_weights(load_state_dict(path, dtype))
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))

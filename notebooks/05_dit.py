@@ -305,6 +305,7 @@ presets, and loaders for the original facebookresearch DiT and diffusers checkpo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -323,6 +324,12 @@ from tinydit.checkpoint import (
     unwrap_state_dict,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
+from tinydit.loading import (
+    convert_diffusers_dit,
+    diffusers_weights_file,
+    read_config_json,
+    transformer_kind,
+)
 from tinydit.schedules import add_noise
 from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
@@ -775,12 +782,10 @@ class DiT(LatentTransformer):
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
         `.safetensors`); the config is read from the weights (see the appendix). `dtype` ("bf16",
         "fp16", a torch dtype; None = float32) converts the weights while reading."""
-        from tinydit.loading import infer_config_from_original  # the key maps: chapter 17
-
         sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" in sd:
             raise ValueError(f"path: {Path(path).name} holds a PixArt (text-conditioned) checkpoint; load it with "
-                             "tinydit.textdit.TextDiT.from_original, or tinydit.loading.load_transformer")
+                             "tinydit.textdit.TextDiT.from_original, or tinydit.textdit.load_transformer")
         cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
@@ -788,14 +793,6 @@ class DiT(LatentTransformer):
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
         """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
         `dtype` as in `from_original`."""
-        from tinydit.loading import (
-            config_from_diffusers,
-            convert_diffusers_dit,
-            diffusers_weights_file,
-            read_config_json,  # the key maps: chapter 17
-            transformer_kind,
-        )
-
         dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
@@ -808,7 +805,7 @@ class DiT(LatentTransformer):
             sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
-                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.loading.load_transformer "
+                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
                              "(which reads any transformer folder)")
         return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
@@ -1109,6 +1106,74 @@ display(W.interactive(show_attention, query=W.IntSlider(5, 0, 15, description="q
 # ## Appendix: loading real checkpoints
 #
 # `DiT.from_original` reads facebookresearch's `DiT-XL-2-256x256.pt` and `DiT.from_pretrained`
-# diffusers' `DiTTransformer2DModel` folders; their key maps, the config read from the weights, and
-# the parity with diffusers (including the `downscale_freq_shift` the port changed) are in chapter
-# 17, the loading appendix.
+# diffusers' `DiTTransformer2DModel` folders. Their configs are read here: from the weights (width,
+# patch, depth, channels, classes; the head count only for the paper's presets, never guessed) or from
+# diffusers' config.json. The key maps and the parity with diffusers (including the
+# `downscale_freq_shift` its port changed) are in chapter 17, the loading appendix.
+
+# %%
+# | export
+# Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
+KNOWN_HEADS = {(depth, width): heads for depth, width, heads in _SIZES.values()}
+
+
+
+def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
+    """The head count: the caller's, else the paper's for a released (depth, width); never a guess."""
+    if num_heads is not None:
+        heads = check_int("num_heads", num_heads, minimum=1)
+        if hidden % heads:
+            raise ValueError(f"num_heads: must divide the checkpoint's width {hidden}, got {heads}")
+        return heads
+    if (depth, hidden) in KNOWN_HEADS:
+        return KNOWN_HEADS[(depth, hidden)]
+    raise ValueError(f"num_heads: the checkpoint does not store its number of attention heads and depth {depth}, "
+                     f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
+
+# %%
+# | export
+def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
+                               **overrides) -> DiTConfig:
+    """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
+    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
+              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight", "pos_embed")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"checkpoint: not a DiT checkpoint in the original layout; missing {missing} "
+                         f"(first keys found: {sorted(sd)[:5]})")
+    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels; "
+                         "expected the same or twice as many")
+    cfg = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, in_channels=in_ch,
+               hidden_size=hidden, depth=depth, num_heads=heads_for(depth, hidden, num_heads),
+               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+               num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, learn_sigma=out_ch == 2 * in_ch,
+               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
+               qk_norm="blocks.0.attn.q_norm.weight" in sd)
+    return DiTConfig(**{**cfg, **overrides})
+
+
+def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
+    """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
+    if transformer_kind(d) not in (None, "DiTTransformer2DModel"):
+        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
+    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_zero"), ("norm_elementwise_affine", False),
+                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"))
+                   if d.get(k, ok) != ok}
+    if unsupported:
+        raise ValueError(f"config: DiT options tinydit does not implement: {unsupported}")
+    missing = [k for k in ("num_attention_heads", "attention_head_dim") if k not in d]
+    if missing:
+        raise ValueError(f"config: the diffusers DiT config.json lacks {missing}; cannot tell the width")
+    heads = check_int("config.num_attention_heads", d["num_attention_heads"], minimum=1)
+    head_dim = check_int("config.attention_head_dim", d["attention_head_dim"], minimum=1)
+    in_ch = d.get("in_channels", 4)
+    out_ch = d.get("out_channels") or in_ch
+    cfg = dict(input_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 2), in_channels=in_ch,
+               hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
+               num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch)
+    return DiTConfig(**{**cfg, **overrides})

@@ -18,10 +18,11 @@
 # ones. This appendix holds every translation between them, so that a first reading of chapters 02,
 # 05 and 07 can skip it: (1) the original LDM / SGM single-file VAEs (SD 1.x, SDXL, SD3, Flux);
 # (2) facebookresearch's DiT files and diffusers' `DiTTransformer2DModel` folders; (3) the original
-# PixArt-α/Σ checkpoints and diffusers' `PixArtTransformer2DModel` folders, both ways, and
-# `load_transformer`, which reads any of them by looking at the files. The models' `from_single_file`,
-# `from_original` and `from_pretrained` call into this module; each layout is checked here against
-# the reference library on tiny random weights (the tests go further). It exports `tinydit.loading`.
+# PixArt-α/Σ checkpoints and diffusers' `PixArtTransformer2DModel` folders, both ways. These are
+# pure functions on state dicts and folders: the models import them (their `from_single_file`,
+# `from_original` and `from_pretrained`; chapter 07's `load_transformer`), and this module imports no
+# model, so the floor plan keeps one direction. Each layout is checked here against the reference
+# library on tiny random weights (the tests go further). It exports `tinydit.loading`.
 
 # %%
 # | default_exp loading
@@ -39,39 +40,28 @@ import torch
 from IPython.display import display
 
 from tinydit.data import image_grid
-from tinydit.dit import DiT, DiTConfig
-from tinydit.textdit import TextDiT, TextDiTConfig
+from tinydit.dit import DiT
+from tinydit.textdit import TextDiT, load_transformer
 from tinydit.vae import AutoencoderKL, psnr
 
 torch.set_num_threads(1)  # tiny random models: one thread beats two contending
 
 # %%
 # | export
-"""Real checkpoints (appendix, chapter 17): the key maps and converters between tinydit's layouts and
-the original LDM/SGM VAE, facebookresearch DiT and PixArt files and diffusers' folders, the config
-readers and writers, and `load_transformer`, which dispatches on a file's contents. The models'
-`from_single_file`, `from_original` and `from_pretrained` call into this module."""
+"""Real checkpoints (appendix, chapter 17): the key maps between tinydit's layouts and the original
+LDM/SGM VAE files, diffusers' DiT and PixArt folders and back, and the small readers of a model folder
+(its config.json, its kind, its weights file). Pure functions on dicts and paths: the models import
+them (their `from_single_file`, `from_original`, `from_pretrained`), this module imports no model."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from tinydit.checkpoint import (
-    load_state_dict,
-    read_config,
-    resolve_dtype,
-    resolve_pretrained,
-    strip_prefix,
-    unwrap_state_dict,
-)
-from tinydit.dit import _SIZES, DiT, DiTConfig
-from tinydit.textdit import TextDiT, TextDiTConfig
-from tinydit.validation import check_int
+from tinydit.checkpoint import read_config, strip_prefix
 
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
@@ -265,10 +255,6 @@ else:
 
 # %%
 # | export
-# Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
-KNOWN_HEADS = {(depth, width): heads for depth, width, heads in _SIZES.values()}
-
-
 def read_config_json(folder: Path) -> dict:
     """`folder/config.json` as a dict, with errors that name the file."""
     path = Path(folder) / "config.json"
@@ -297,66 +283,6 @@ def diffusers_weights_file(folder: Path) -> Path:
             return folder / name
     raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
 
-
-def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
-    """The head count: the caller's, else the paper's for a released (depth, width); never a guess."""
-    if num_heads is not None:
-        heads = check_int("num_heads", num_heads, minimum=1)
-        if hidden % heads:
-            raise ValueError(f"num_heads: must divide the checkpoint's width {hidden}, got {heads}")
-        return heads
-    if (depth, hidden) in KNOWN_HEADS:
-        return KNOWN_HEADS[(depth, hidden)]
-    raise ValueError(f"num_heads: the checkpoint does not store its number of attention heads and depth {depth}, "
-                     f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
-
-# %%
-# | export
-def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                               **overrides) -> DiTConfig:
-    """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
-    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
-              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight", "pos_embed")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"checkpoint: not a DiT checkpoint in the original layout; missing {missing} "
-                         f"(first keys found: {sorted(sd)[:5]})")
-    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels; "
-                         "expected the same or twice as many")
-    cfg = dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, in_channels=in_ch,
-               hidden_size=hidden, depth=depth, num_heads=heads_for(depth, hidden, num_heads),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-               num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, learn_sigma=out_ch == 2 * in_ch,
-               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
-               qk_norm="blocks.0.attn.q_norm.weight" in sd)
-    return DiTConfig(**{**cfg, **overrides})
-
-
-def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
-    """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
-    if transformer_kind(d) not in (None, "DiTTransformer2DModel"):
-        raise ValueError(f"config: expected a DiTTransformer2DModel config, got {d.get('_class_name')!r} "
-                         f"(norm_type={d.get('norm_type')!r})")
-    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_zero"), ("norm_elementwise_affine", False),
-                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"))
-                   if d.get(k, ok) != ok}
-    if unsupported:
-        raise ValueError(f"config: DiT options tinydit does not implement: {unsupported}")
-    missing = [k for k in ("num_attention_heads", "attention_head_dim") if k not in d]
-    if missing:
-        raise ValueError(f"config: the diffusers DiT config.json lacks {missing}; cannot tell the width")
-    heads = check_int("config.num_attention_heads", d["num_attention_heads"], minimum=1)
-    head_dim = check_int("config.attention_head_dim", d["attention_head_dim"], minimum=1)
-    in_ch = d.get("in_channels", 4)
-    out_ch = d.get("out_channels") or in_ch
-    cfg = dict(input_size=d.get("sample_size", 32), patch_size=d.get("patch_size", 2), in_channels=in_ch,
-               hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
-               num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch)
-    return DiTConfig(**{**cfg, **overrides})
 
 # %%
 # | export
@@ -527,116 +453,6 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
-    """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
-    if transformer_kind(d) != "PixArtTransformer2DModel":
-        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
-                         f"(norm_type={d.get('norm_type')!r})")
-    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    hidden = heads * head_dim
-    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
-                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"),
-                                            ("attention_type", "default")) if d.get(k, ok) != ok}
-    if d.get("caption_channels") is None:
-        unsupported["caption_channels"] = None
-    if d.get("cross_attention_dim", hidden) != hidden:
-        unsupported["cross_attention_dim"] = d["cross_attention_dim"]
-    if unsupported:
-        raise ValueError(f"config: PixArt options tinydit does not implement: {unsupported}")
-    in_ch = d.get("in_channels", 4)
-    out_ch = d.get("out_channels") or in_ch
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"config: out_channels={out_ch} for in_channels={in_ch}; expected the same or twice as many")
-    sample, patch = d.get("sample_size", 128), d.get("patch_size", 2)
-    micro = d.get("use_additional_conditions")
-    cfg = dict(input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=d.get("num_layers", 28),
-               num_heads=heads, learn_sigma=out_ch == 2 * in_ch, norm_eps=d.get("norm_eps", 1e-6),
-               context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
-               micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
-               pos_base_size=sample // patch,
-               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
-               # default, max(sample_size // 64, 1), gives 1 at 256 px
-               interpolation_scale=d.get("interpolation_scale") or sample / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
-                                      **overrides) -> TextDiTConfig:
-    """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
-    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight",
-              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"checkpoint: not a PixArt checkpoint in the original layout; missing {missing}")
-    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    if "pos_embed" in sd:
-        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
-    elif "input_size" in overrides:
-        input_size = overrides["input_size"]
-    else:
-        raise ValueError("checkpoint: no 'pos_embed' to read the training resolution from; pass input_size= "
-                         "(latent side: 32, 64, 128 for 256, 512, 1024 px)")
-    y_emb = sd.get("y_embedder.y_embedding")
-    cfg = dict(input_size=input_size, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-               num_heads=heads_for(depth, hidden, num_heads),
-               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out_ch == 2 * in_ch,
-               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
-               qk_norm="blocks.0.attn.q_norm.weight" in sd, context_dim=sd["y_embedder.y_proj.fc1.weight"].shape[1],
-               modulation="adaln_single", caption_tokens=0 if y_emb is None else y_emb.shape[0],
-               micro_conditions="csize_embedder.mlp.0.weight" in sd, pos_base_size=input_size // p,
-               interpolation_scale=input_size / 64)
-    return TextDiTConfig(**{**cfg, **overrides})
-
-
-def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
-                           dtype=None, **overrides) -> TextDiT:
-    """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
-    position table against the one the config implies (`dtype`: the model's, None = float32)."""
-    cfg = infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides)
-    table, stored = cls.position_table(cfg), sd.get("pos_embed")  # (1, T, D) each
-    if stored is not None and stored.abs().sum() > 0 and stored.shape == table.shape:
-        diff = (stored.float() - table).abs().max().item()
-        if diff > max(1e-4, torch.finfo(stored.dtype).eps):  # a bf16 / fp16 copy is off by its rounding
-            raise ValueError(f"interpolation_scale: the checkpoint's stored position table differs from the one for "
-                             f"interpolation_scale={cfg.interpolation_scale} by {diff:.3g}; pass the "
-                             "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
-    return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
-
-
-def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
-                     dtype=None, **overrides) -> DiT | TextDiT:
-    """Load any transformer this book knows, dispatching on the files' contents.
-
-    A file (`.pt`, `.pth`, `.safetensors`) is read in the original layout: PixArt-α/Σ when it has
-    `t_block` weights, else facebookresearch DiT. A folder (or hub id) is read by its config.json:
-    a diffusers `DiTTransformer2DModel` / `PixArtTransformer2DModel`, or a tinydit DiT / TextDiT.
-    `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading.
-    """
-    path, dtype = Path(path_or_id), resolve_dtype(dtype)
-    if path.is_file():
-        if subfolder is not None:
-            raise ValueError(f"subfolder: {path} is a file; subfolder only applies to folders and hub ids")
-        sd = unwrap_state_dict(load_state_dict(path, dtype))
-        if "t_block.1.weight" in sd:
-            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, dtype=dtype, **overrides)
-        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
-        return DiT.from_weights(cfg, sd, f"DiT checkpoint {path.name}", dtype)
-    if num_heads is not None:
-        raise ValueError("num_heads: a model folder's config.json states its heads; pass num_heads only with a "
-                         "single checkpoint file")
-    folder = resolve_pretrained(path_or_id, subfolder)
-    kind = transformer_kind(read_config_json(folder))
-    if kind in ("TextDiT", "PixArtTransformer2DModel"):
-        return TextDiT.from_pretrained(folder, dtype=dtype, **overrides)
-    if kind in ("DiT", "DiTTransformer2DModel"):
-        return DiT.from_pretrained(folder, dtype=dtype, **overrides)
-    raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
-                     "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")
-
 # %% [markdown]
 # Writing is the inverse: our names back to diffusers' (the fused `qkv` / `kv` cut back into `to_q`,
 # `to_k`, `to_v`) and our config back to a `PixArtTransformer2DModel` config.json. Chapter 09 saves the
@@ -645,7 +461,7 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
 
 # %%
 # | export
-def pixart_config(cfg: TextDiTConfig) -> dict:
+def pixart_config(cfg) -> dict:
     """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
     if cfg.modulation != "adaln_single" or cfg.pooled_dim:
         raise ValueError("transformer: only PixArt-style TextDiTs (adaln_single, no pooled text) have a diffusers "
@@ -768,10 +584,11 @@ assert max(worst.values()) <= 1e-5
 # ## Summary
 #
 # - `tinydit.loading` holds every key map and converter the book's models need for real checkpoints:
-#   LDM/SGM VAE files both ways (`ldm_to_diffusers`, `diffusers_to_ldm`), facebookresearch DiT files and
-#   diffusers DiT folders (configs inferred from the weights; the head count never guessed), PixArt-α/Σ
-#   files and folders both ways (`convert_diffusers_pixart`, `pixart_to_diffusers`, `pixart_config`).
-# - `load_transformer(path_or_id)` reads any of them, dispatching on the files' contents.
+#   LDM/SGM VAE files both ways (`ldm_to_diffusers`, `diffusers_to_ldm`), diffusers DiT folders
+#   (`convert_diffusers_dit`), PixArt-α/Σ folders both ways (`convert_diffusers_pixart`,
+#   `pixart_to_diffusers`, `pixart_config`), and the folder readers (`read_config_json`,
+#   `transformer_kind`, `diffusers_weights_file`). The configs read from weights stay with their models
+#   (chapters 05 and 07), as does `load_transformer`, which reads any of these layouts.
 # - Each layout matches its reference here on tiny random weights: diffusers' own single-file converter
 #   maps our LDM names back exactly; diffusers' DiT and PixArt models give our outputs (DiT after
 #   diffusers' `downscale_freq_shift` is set to the original's 0).

@@ -5,9 +5,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tinydit.dit import DiT, DiTConfig, dit_macs
+from tinydit.dit import DiT, DiTConfig, dit_macs, infer_config_from_original
 from tinydit.embeddings import sincos_pos_embed_2d
-from tinydit.loading import infer_config_from_original
 
 diffusers = pytest.importorskip("diffusers")  # a dev dependency: installed by the test command
 

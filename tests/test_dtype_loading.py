@@ -22,8 +22,7 @@ from tinydit.checkpoint import (
     resolve_dtype,
 )
 from tinydit.dit import DiT, DiTConfig
-from tinydit.loading import load_transformer
-from tinydit.textdit import TextDiT
+from tinydit.textdit import TextDiT, load_transformer
 
 diffusers = pytest.importorskip("diffusers")  # a dev dependency: the reference, never a run-time one
 

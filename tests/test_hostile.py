@@ -360,8 +360,8 @@ def _dit_from_pretrained_behaves():
 
 
 def _load_transformer_behaves():
-    _assert_loaded_dit_behaves(loading.load_transformer(dit_original_file(), num_heads=2), tiny_dit())
-    _assert_loaded_dit_behaves(loading.load_transformer(dit_folder()), tiny_dit())
+    _assert_loaded_dit_behaves(textdit.load_transformer(dit_original_file(), num_heads=2), tiny_dit())
+    _assert_loaded_dit_behaves(textdit.load_transformer(dit_folder()), tiny_dit())
 
 
 def _dit_float64_input():
@@ -464,7 +464,7 @@ def pixart_weights_file(name: str, transform) -> Path:
 
 
 def _textdit_loaders_behave():
-    for model in (textdit.TextDiT.from_pretrained(textdit_folder()), loading.load_transformer(textdit_folder()),
+    for model in (textdit.TextDiT.from_pretrained(textdit_folder()), textdit.load_transformer(textdit_folder()),
                   textdit.TextDiT.from_original(pixart_original_file(), num_heads=2)):
         assert not any(m.training for m in model.modules()), "a TextDiT loader returned training mode"
         with torch.no_grad():
@@ -1611,20 +1611,20 @@ CASES = [
     ("textdit.from_original.nan", lambda: textdit.TextDiT.from_original(pixart_weights_file("nan.safetensors", lambda v: torch.full_like(v, NAN)), num_heads=2), VE, r"NaN or infinite"),
     ("textdit.from_original.int32", lambda: textdit.TextDiT.from_original(pixart_weights_file("int32.safetensors", lambda v: v.to(torch.int32)), num_heads=2), VE, r"expected floating-point weights"),
     ("textdit.from_original.dit_file", lambda: textdit.TextDiT.from_original(dit_original_file(), num_heads=2), VE, r"^path: "),
-    ("loading.load_transformer.heads_not_stored", lambda: loading.load_transformer(pixart_original_file()), VE, r"^num_heads: "),
-    ("loading.load_transformer.dit_heads_not_stored", lambda: loading.load_transformer(dit_original_file()), VE, r"^num_heads: "),
-    ("loading.load_transformer.behaves", _load_transformer_behaves, None, None),
-    ("loading.load_transformer.garbage_pt", lambda: loading.load_transformer(corrupt("garbage", ".pt")), VE, r"^path: .*damaged"),
-    ("loading.load_transformer.empty_ckpt", lambda: loading.load_transformer(corrupt("empty", ".ckpt")), VE, r"^path: .*damaged"),
-    ("loading.load_transformer.truncated_safetensors", lambda: loading.load_transformer(corrupt("truncated", ".safetensors")), VE, r"^path: .*corrupt"),
-    ("loading.load_transformer.code_pickle", lambda: loading.load_transformer(code_pickle()), VE, r"^path: .*refused"),
-    ("loading.load_transformer.txt_file", lambda: loading.load_transformer(_file("junk.txt", b"junk")), VE, r"^path: "),
-    ("loading.load_transformer.vae_file", lambda: loading.load_transformer(ldm_file("ok.safetensors"), num_heads=2), VE, r"^(path|checkpoint): .*not a DiT"),
-    ("loading.load_transformer.missing", lambda: loading.load_transformer(work() / "no_such_model"), FileNotFoundError, r"^path_or_id: "),
-    ("loading.load_transformer.config_junk", lambda: loading.load_transformer(dit_config_folder("junk_json", "junk")), VE, r"^path_or_id: .*config\.json"),
-    ("loading.load_transformer.config_unet", lambda: loading.load_transformer(dit_config_folder("unet_json", {"_class_name": "UNet2DConditionModel"})), VE, r"^path_or_id: "),
-    ("loading.load_transformer.file_with_subfolder", lambda: loading.load_transformer(dit_original_file(), subfolder="transformer"), VE, r"^subfolder: "),
-    ("loading.load_transformer.folder_with_heads", lambda: loading.load_transformer(dit_folder(), num_heads=2), VE, r"^num_heads: "),
+    ("textdit.load_transformer.heads_not_stored", lambda: textdit.load_transformer(pixart_original_file()), VE, r"^num_heads: "),
+    ("textdit.load_transformer.dit_heads_not_stored", lambda: textdit.load_transformer(dit_original_file()), VE, r"^num_heads: "),
+    ("textdit.load_transformer.behaves", _load_transformer_behaves, None, None),
+    ("textdit.load_transformer.garbage_pt", lambda: textdit.load_transformer(corrupt("garbage", ".pt")), VE, r"^path: .*damaged"),
+    ("textdit.load_transformer.empty_ckpt", lambda: textdit.load_transformer(corrupt("empty", ".ckpt")), VE, r"^path: .*damaged"),
+    ("textdit.load_transformer.truncated_safetensors", lambda: textdit.load_transformer(corrupt("truncated", ".safetensors")), VE, r"^path: .*corrupt"),
+    ("textdit.load_transformer.code_pickle", lambda: textdit.load_transformer(code_pickle()), VE, r"^path: .*refused"),
+    ("textdit.load_transformer.txt_file", lambda: textdit.load_transformer(_file("junk.txt", b"junk")), VE, r"^path: "),
+    ("textdit.load_transformer.vae_file", lambda: textdit.load_transformer(ldm_file("ok.safetensors"), num_heads=2), VE, r"^(path|checkpoint): .*not a DiT"),
+    ("textdit.load_transformer.missing", lambda: textdit.load_transformer(work() / "no_such_model"), FileNotFoundError, r"^path_or_id: "),
+    ("textdit.load_transformer.config_junk", lambda: textdit.load_transformer(dit_config_folder("junk_json", "junk")), VE, r"^path_or_id: .*config\.json"),
+    ("textdit.load_transformer.config_unet", lambda: textdit.load_transformer(dit_config_folder("unet_json", {"_class_name": "UNet2DConditionModel"})), VE, r"^path_or_id: "),
+    ("textdit.load_transformer.file_with_subfolder", lambda: textdit.load_transformer(dit_original_file(), subfolder="transformer"), VE, r"^subfolder: "),
+    ("textdit.load_transformer.folder_with_heads", lambda: textdit.load_transformer(dit_folder(), num_heads=2), VE, r"^num_heads: "),
 
     # ---- tinydit.text -----------------------------------------------------------------------
     ("text.TextEmbeddings.additive_float_mask", lambda: text.TextEmbeddings(torch.zeros(2, 4, 8), ADDITIVE), TE, r"^mask: "),

@@ -6,10 +6,9 @@ import diffusers
 import pytest
 import torch
 
-from tinydit import dit, loading, text
+from tinydit import dit, loading, text, textdit
 from tinydit.dit import DiT
-from tinydit.loading import load_transformer
-from tinydit.textdit import TextDiT, TextDiTConfig
+from tinydit.textdit import TextDiT, TextDiTConfig, load_transformer
 
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # width 48: divisible by 3 for the micro-condition embedders
 
@@ -213,12 +212,12 @@ def test_diffusers_state_dict_with_unknown_keys_is_refused(tmp_path):
 def test_missing_interpolation_scale_follows_the_original_rule():
     base = dict(_class_name="PixArtTransformer2DModel", num_attention_heads=16, attention_head_dim=72,
                 caption_channels=4096, cross_attention_dim=1152, out_channels=8)
-    scales = {s: loading.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
+    scales = {s: textdit.config_from_diffusers_pixart({**base, "sample_size": s, "interpolation_scale": None}).interpolation_scale
               for s in (32, 64, 128)}
     assert scales == {32: 0.5, 64: 1.0, 128: 2.0}  # 256, 512, 1024 px (diffusers' default would give 1 at 256)
-    assert loading.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
+    assert textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "interpolation_scale": 1}).interpolation_scale == 1
     with pytest.raises(ValueError, match="PixArt options"):
-        loading.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
+        textdit.config_from_diffusers_pixart({**base, "sample_size": 32, "norm_elementwise_affine": True})
 
 
 def test_legacy_transformer2dmodel_configs_load(tmp_path):

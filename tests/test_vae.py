@@ -329,9 +329,7 @@ def test_loaders_are_methods_of_the_class_body():
     for module in (vae, checkpoint):
         lines = Path(module.__file__).read_text().splitlines()
         assert not any("= classmethod(" in line for line in lines), module.__name__
-        # the one call-time import: the loading appendix, which stands on the models (it imports dit, textdit)
-        imports = [i for i, line in enumerate(lines) if re.match(r"\s*(import \w|from \S+ import )", line)
-                   and "from tinydit.loading import" not in line]
+        imports = [i for i, line in enumerate(lines) if re.match(r"\s*(import \w|from \S+ import )", line)]
         first_def = min(i for i, line in enumerate(lines) if re.match(r"(def |class |@)", line))
         assert max(imports) < first_def, f"{module.__name__}: an import after the first definition"
 

@@ -4,10 +4,12 @@
 # notebooks/07_text_dit.py:94
 """The text-conditioned Diffusion Transformer: cross-attention to text tokens, adaLN-Zero or
 adaLN-single modulation, PixArt-α/Σ (Chen et al. 2023/2024) and the book model, with loaders for
-diffusers' and the original PixArt layouts (their key maps: `tinydit.loading`, chapter 17)."""
+diffusers' and the original PixArt layouts (their key maps: `tinydit.loading`, chapter 17), and
+`load_transformer`, which reads any DiT / PixArt."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,16 +25,25 @@ from tinydit.checkpoint import (
     unwrap_state_dict,
 )
 from tinydit.dit import (
+    DiT,
     FinalLayer,
     LatentTransformer,
     Mlp,
     PatchEmbed,
     TransformerConfig,
     check_latents,
+    heads_for,
+    infer_config_from_original,
     modulate,
     unpatchify,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
+from tinydit.loading import (
+    convert_diffusers_pixart,
+    diffusers_weights_file,
+    read_config_json,
+    transformer_kind,
+)
 from tinydit.text import TextEmbeddings
 from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
@@ -79,7 +90,7 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
-# notebooks/07_text_dit.py:233
+# notebooks/07_text_dit.py:244
 class ProjMlp(nn.Module):
     """Linear -> activation -> Linear with its own output width: PixArt's caption projection
     `y_proj` (GELU-tanh) and SD3's pooled-text embedder (SiLU). Names `fc1`, `fc2` (timm's Mlp)."""
@@ -169,7 +180,7 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
-# notebooks/07_text_dit.py:345
+# notebooks/07_text_dit.py:356
 @dataclass
 class TextDiTConfig(TransformerConfig):
     """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
@@ -220,7 +231,7 @@ class TextDiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/07_text_dit.py:396
+# notebooks/07_text_dit.py:407
 class TextDiT(LatentTransformer):
     """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
     model). A sibling of chapter 05's `DiT`: the same patchify, blocks' parts and position table.
@@ -357,14 +368,6 @@ class TextDiT(LatentTransformer):
                         **overrides) -> TextDiT:
         """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
         folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
-        from tinydit.loading import (
-            config_from_diffusers_pixart,
-            convert_diffusers_pixart,
-            diffusers_weights_file,
-            read_config_json,  # the key maps: chapter 17
-            transformer_kind,
-        )
-
         dtype = resolve_dtype(dtype)
         folder = resolve_pretrained(path_or_id, subfolder)
         config = read_config_json(folder)
@@ -377,15 +380,13 @@ class TextDiT(LatentTransformer):
             sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
         else:
             raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
-                             "tinydit.dit.DiT.from_pretrained, or tinydit.loading.load_transformer (which reads any transformer folder)")
+                             "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
         return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
 
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
         """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
         `dtype` as in `from_pretrained`."""
-        from tinydit.loading import pixart_from_state_dict  # the key maps: chapter 17
-
         sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
         if "t_block.1.weight" not in sd:
             raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
@@ -393,7 +394,7 @@ class TextDiT(LatentTransformer):
         return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 
-# notebooks/07_text_dit.py:569
+# notebooks/07_text_dit.py:570
 def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
     """Shape, dtype and presence checks of a TextDiT call (metadata only: no device sync); returns
     (t, context, context_mask, pooled, resolution, aspect_ratio) ready for the forward pass."""
@@ -456,3 +457,115 @@ def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: an integer mask must hold only 0 and 1, got values {mask.unique().tolist()[:5]}")
     return mask.bool()
+
+
+# notebooks/07_text_dit.py:871
+def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
+    """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
+    if transformer_kind(d) != "PixArtTransformer2DModel":
+        raise ValueError(f"config: expected a PixArtTransformer2DModel config, got {d.get('_class_name')!r} "
+                         f"(norm_type={d.get('norm_type')!r})")
+    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
+    hidden = heads * head_dim
+    unsupported = {k: d.get(k) for k, ok in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False),
+                                            ("attention_bias", True), ("activation_fn", "gelu-approximate"),
+                                            ("attention_type", "default")) if d.get(k, ok) != ok}
+    if d.get("caption_channels") is None:
+        unsupported["caption_channels"] = None
+    if d.get("cross_attention_dim", hidden) != hidden:
+        unsupported["cross_attention_dim"] = d["cross_attention_dim"]
+    if unsupported:
+        raise ValueError(f"config: PixArt options tinydit does not implement: {unsupported}")
+    in_ch = d.get("in_channels", 4)
+    out_ch = d.get("out_channels") or in_ch
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"config: out_channels={out_ch} for in_channels={in_ch}; expected the same or twice as many")
+    sample, patch = d.get("sample_size", 128), d.get("patch_size", 2)
+    micro = d.get("use_additional_conditions")
+    cfg = dict(input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=d.get("num_layers", 28),
+               num_heads=heads, learn_sigma=out_ch == 2 * in_ch, norm_eps=d.get("norm_eps", 1e-6),
+               context_dim=d["caption_channels"], modulation="adaln_single", caption_tokens=0,
+               micro_conditions=(sample == 128) if micro is None else bool(micro),  # diffusers' default rule
+               pos_base_size=sample // patch,
+               # not stored: the original code's rule (latent side / 64: 0.5 at 256 px), where diffusers'
+               # default, max(sample_size // 64, 1), gives 1 at 256 px
+               interpolation_scale=d.get("interpolation_scale") or sample / 64)
+    return TextDiTConfig(**{**cfg, **overrides})
+
+
+def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
+                                      **overrides) -> TextDiTConfig:
+    """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
+    needed = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight",
+              "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"checkpoint: not a PixArt checkpoint in the original layout; missing {missing}")
+    hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"checkpoint: final layer gives {out_ch} channels for {in_ch} input channels")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if "pos_embed" in sd:
+        input_size = math.isqrt(sd["pos_embed"].shape[1]) * p
+    elif "input_size" in overrides:
+        input_size = overrides["input_size"]
+    else:
+        raise ValueError("checkpoint: no 'pos_embed' to read the training resolution from; pass input_size= "
+                         "(latent side: 32, 64, 128 for 256, 512, 1024 px)")
+    y_emb = sd.get("y_embedder.y_embedding")
+    cfg = dict(input_size=input_size, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
+               num_heads=heads_for(depth, hidden, num_heads),
+               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out_ch == 2 * in_ch,
+               frequency_embedding_size=sd["t_embedder.mlp.0.weight"].shape[1],
+               qk_norm="blocks.0.attn.q_norm.weight" in sd, context_dim=sd["y_embedder.y_proj.fc1.weight"].shape[1],
+               modulation="adaln_single", caption_tokens=0 if y_emb is None else y_emb.shape[0],
+               micro_conditions="csize_embedder.mlp.0.weight" in sd, pos_base_size=input_size // p,
+               interpolation_scale=input_size / 64)
+    return TextDiTConfig(**{**cfg, **overrides})
+
+
+def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
+                           dtype=None, **overrides) -> TextDiT:
+    """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
+    position table against the one the config implies (`dtype`: the model's, None = float32)."""
+    cfg = infer_pixart_config_from_original(sd, num_heads=num_heads, **overrides)
+    table, stored = cls.position_table(cfg), sd.get("pos_embed")  # (1, T, D) each
+    if stored is not None and stored.abs().sum() > 0 and stored.shape == table.shape:
+        diff = (stored.float() - table).abs().max().item()
+        if diff > max(1e-4, torch.finfo(stored.dtype).eps):  # a bf16 / fp16 copy is off by its rounding
+            raise ValueError(f"interpolation_scale: the checkpoint's stored position table differs from the one for "
+                             f"interpolation_scale={cfg.interpolation_scale} by {diff:.3g}; pass the "
+                             "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
+    return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
+
+
+def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
+                     dtype=None, **overrides) -> DiT | TextDiT:
+    """Load any transformer this book knows, dispatching on the files' contents.
+
+    A file (`.pt`, `.pth`, `.safetensors`) is read in the original layout: PixArt-α/Σ when it has
+    `t_block` weights, else facebookresearch DiT. A folder (or hub id) is read by its config.json:
+    a diffusers `DiTTransformer2DModel` / `PixArtTransformer2DModel`, or a tinydit DiT / TextDiT.
+    `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading.
+    """
+    path, dtype = Path(path_or_id), resolve_dtype(dtype)
+    if path.is_file():
+        if subfolder is not None:
+            raise ValueError(f"subfolder: {path} is a file; subfolder only applies to folders and hub ids")
+        sd = unwrap_state_dict(load_state_dict(path, dtype))
+        if "t_block.1.weight" in sd:
+            return pixart_from_state_dict(TextDiT, sd, path.name, num_heads=num_heads, dtype=dtype, **overrides)
+        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
+        return DiT.from_weights(cfg, sd, f"DiT checkpoint {path.name}", dtype)
+    if num_heads is not None:
+        raise ValueError("num_heads: a model folder's config.json states its heads; pass num_heads only with a "
+                         "single checkpoint file")
+    folder = resolve_pretrained(path_or_id, subfolder)
+    kind = transformer_kind(read_config_json(folder))
+    if kind in ("TextDiT", "PixArtTransformer2DModel"):
+        return TextDiT.from_pretrained(folder, dtype=dtype, **overrides)
+    if kind in ("DiT", "DiTTransformer2DModel"):
+        return DiT.from_pretrained(folder, dtype=dtype, **overrides)
+    raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
+                     "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")

@@ -30,13 +30,14 @@ from tinydit.checkpoint import (
     resolve_pretrained,
 )
 from tinydit.data import ShapesDataset
+from tinydit.loading import ldm_to_diffusers, single_file_vae_weights
 from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
 
 # Weight files `from_pretrained` looks for in a diffusers folder, in this order.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
 
 
-# notebooks/02_vae.py:212
+# notebooks/02_vae.py:213
 @dataclass
 class VAEConfig:
     """Hyper-parameters of an AutoencoderKL; field names follow diffusers' `config.json`."""
@@ -117,7 +118,7 @@ VAE_PRESETS: dict[str, dict] = {
 }
 
 
-# notebooks/02_vae.py:299
+# notebooks/02_vae.py:300
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, plus a skip (1x1 conv when the width changes). LDM's ResnetBlock."""
 
@@ -192,7 +193,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)  # (B, C, h, w)
 
 
-# notebooks/02_vae.py:374
+# notebooks/02_vae.py:375
 class DownBlock(nn.Module):
     """One encoder level: ResNet blocks, then a Downsample unless it is the last level."""
 
@@ -266,7 +267,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)
 
 
-# notebooks/02_vae.py:480
+# notebooks/02_vae.py:481
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(std^2)) from the encoder's moments (Kingma & Welling 2014, LDM)."""
 
@@ -294,7 +295,7 @@ class DiagonalGaussian:
         return f"DiagonalGaussian(shape={tuple(self.mean.shape)})"
 
 
-# notebooks/02_vae.py:529
+# notebooks/02_vae.py:530
 def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
     """`t` is a (B >= 1, channels, ., .) tensor of a floating dtype with finite values."""
     check_tensor(name, t)
@@ -346,7 +347,7 @@ def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     return read_config(folder / "config.json"), weights
 
 
-# notebooks/02_vae.py:581
+# notebooks/02_vae.py:582
 class AutoencoderKL(nn.Module):
     """The LDM autoencoder (Rombach et al. 2022) with a diagonal-Gaussian posterior (Kingma & Welling).
 
@@ -434,11 +435,6 @@ class AutoencoderKL(nn.Module):
         """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
         The file holds no config: `preset` names the family; pass `config=` for anything else."""
         cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
-        from tinydit.loading import (  # the key maps: chapter 17
-            ldm_to_diffusers,
-            single_file_vae_weights,
-        )
-
         dtype = resolve_dtype(dtype)
         sd = single_file_vae_weights(load_state_dict(path, dtype))
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
@@ -459,7 +455,7 @@ class AutoencoderKL(nn.Module):
         return folder
 
 
-# notebooks/02_vae.py:700
+# notebooks/02_vae.py:696
 def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Older diffusers VAE folders (some SD 1.x repos) name the mid-block attention
     `query/key/value/proj_attn`; diffusers renames them on load, and so do we."""
@@ -473,7 +469,7 @@ def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-# notebooks/02_vae.py:768
+# notebooks/02_vae.py:764
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of two (B, C, H, W) batches in [-1, 1], measured on the [0, 1] scale."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)  # (B,)
@@ -499,7 +495,7 @@ def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: in
 LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
 
 
-# notebooks/02_vae.py:794
+# notebooks/02_vae.py:790
 def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
                    n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
                    out_dir: str | os.PathLike | None = None, disable: bool | None = None,
