@@ -33,9 +33,11 @@ import os
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
+import math
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
 
@@ -376,6 +378,27 @@ if diffusers is not None:
     print(f"tinydit with bf16 weights: max error {rel_bf16:.1e} of the output's scale")
     assert (fixed - mine).abs().max() < 1e-5 < (shipped - mine).abs().max()
     assert rel_bf16 < 0.05  # measured 8.0e-3 (2 blocks, FAST) and 1.6e-2 (12 blocks); ~3x margin
+
+# %% [markdown]
+# What the one-character difference does: the timestep sinusoid's frequencies
+# $\omega_i = 10000^{-i/(F/2 - s)}$ for the original's $s = 0$ and diffusers' $s = 1$, at DiT's
+# $F = 256$. The curves differ most at the high end, where the fastest frequencies decide how finely
+# the network tells neighbouring timesteps apart.
+
+# %%
+half = 128  # F / 2: DiT's frequency_embedding_size is 256
+idx = torch.arange(half, dtype=torch.float64)
+freqs = {s: torch.exp(-math.log(10000) * idx / (half - s)) for s in (0, 1)}  # (128,) each
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 2.8))
+for s, label in [(0, "original DiT, s = 0 (trained the weights)"), (1, "diffusers' port, s = 1")]:
+    ax1.plot(idx, freqs[s], label=label)
+ax1.set(yscale="log", xlabel="index i", ylabel=r"$\omega_i$", title="timestep frequencies")
+ax1.legend(fontsize=8)
+ax2.plot(idx, freqs[1] / freqs[0] - 1)
+ax2.set(xlabel="index i", ylabel="relative difference", title="diffusers / original - 1")
+plt.tight_layout()
+plt.show()
+assert float(freqs[1][-1] / freqs[0][-1]) < 0.95  # the last frequency is 7 % lower in the port
 
 # %% [markdown]
 # ## 3. PixArt: the original checkpoints and diffusers' folder
