@@ -131,6 +131,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from tinydit.samplers import SAMPLERS
 from tinydit.schedules import (
     DEFAULT_BETA_RANGES,
     SCHEDULE_ALIASES,
@@ -438,7 +439,8 @@ class Parametrisation:
         """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
         name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
         if name.startswith("FlowMatch"):
-            return cls(prediction="flow", shift=float(d.get("shift", 1.0)), num_train_timesteps=T, scheduler=name)
+            return cls(prediction="flow", shift=check_float("shift", d.get("shift", 1.0)), num_train_timesteps=T,
+                       scheduler=name)
         if d.get("prediction_type", "epsilon") not in PREDICTIONS:
             raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
         betas = d.get("beta_schedule", "linear")
@@ -456,6 +458,7 @@ class Parametrisation:
         T = self.num_train_timesteps
         if self.prediction == "flow":
             return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
+        check_choice("sampler", sampler, tuple(SAMPLERS))  # one without a diffusers class keeps the one read
         name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
         d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
              "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them

@@ -552,7 +552,6 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
         out = pipe(list(captions), seed=list(seeds), disable=True, **options)
         return torch.stack([pil_to_tensor(im) for im in out.images])  # (B, 3, 32, 32) in [-1, 1]
 
-    draw.pipe = pipe
     return draw
 
 
@@ -568,12 +567,12 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """`evaluate` a pipeline (default: the shipped book model's) at one sampler setting; None takes the
     pipeline's defaults, as `python -m tinydit generate` does."""
-    draw = pipeline_generator(TextToImagePipeline.from_pretrained() if pipe is None else pipe)  # checks `pipe`
-    pipe = draw.pipe
+    pipe = TextToImagePipeline.from_pretrained() if pipe is None else pipe
     options = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale),
                                  ("sampler", sampler)) if v is not None}
+    draw = pipeline_generator(pipe, **options)  # checks `pipe`
     pipe.check_inputs(["a red circle"], **options)  # a bad setting fails here, not after the first batch
-    return evaluate(pipeline_generator(pipe, **options), n=n, seed=seed, batch_size=batch_size, disable=disable)
+    return evaluate(draw, n=n, seed=seed, batch_size=batch_size, disable=disable)
 
 
 def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None, **settings) -> list[dict]:

@@ -117,7 +117,7 @@ from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampl
 from tinydit.text import PromptCache, TextEmbeddings
 from tinydit.textdit import TextDiT
 from tinydit.vae import AutoencoderKL
-from tinydit.validation import check_float, check_int, check_memory, check_tensor
+from tinydit.validation import check_bool, check_float, check_int, check_memory, check_tensor
 
 
 # %%
@@ -279,13 +279,14 @@ class PipelineSteps(PipelineParts):
 
     def encode_prompt(self, prompts: list[str], negatives: list[str]) -> dict:
         """The sampler's extra_args: prompt and negative-prompt tokens with masks, on the DiT's device."""
+        prompts, negatives = _check_prompts(prompts, negatives, 1)  # a bare string is one prompt, not its letters
         args = guidance_args(self.encode, prompts, negatives)
         return {k: v.to(self.device) for k, v in args.items()}
 
     def prepare_latents(self, shape, seed=None, generator=None, latents=None) -> InitialNoise:
         """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seed[i]), from one
         `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
-        noise, seeds = _initial_noise(shape, seed, generator, latents)
+        noise, seeds = _initial_noise(_check_shape(shape), seed, generator, latents)
         return InitialNoise(noise, seeds, _sampler_generator(seeds, generator))
 
     def schedule(self, steps: int) -> torch.Tensor:
@@ -304,6 +305,7 @@ class PipelineSampling(PipelineSteps):
         `sampler`: a name or any function with k-diffusion's signature; `span`: the whole run's schedule
         (for scheduled cures; default `sigmas`); `wrap(guided) -> denoiser` (inpainting's latent blend)."""
         s = self.sampling
+        _check_denoise_args(cond, sigmas, wrap)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler))
         guided = CFGDenoiser(s.denoiser(self.transformer), scale, cure, interval, sigmas=sigmas if span is None else span)
@@ -318,6 +320,7 @@ class PipelineSampling(PipelineSteps):
 
     def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) on the CPU, in [-1, 1] (`clamp=False`: as decoded)."""
+        check_bool("clamp", clamp)
         if self.offloader is None:
             images = self.vae.from_latent(z.to(next(self.vae.parameters()).device)).float().cpu()
         else:
@@ -446,6 +449,23 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
         raise ValueError(f"{name}: expected a multiple of {multiple} (VAE factor x patch size), got {value}; "
                          f"the nearest are {value // multiple * multiple} and {(value // multiple + 1) * multiple}")
     return value
+
+
+def _check_shape(shape) -> tuple[int, int, int, int]:
+    """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
+        raise ValueError(f"shape: expected the latents' (B, C, h, w), as check_inputs returns it, got {shape!r}")
+    return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
+
+
+def _check_denoise_args(cond, sigmas, wrap) -> None:
+    """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
+    if not isinstance(cond, dict) or "context" not in cond:
+        raise TypeError("cond: expected the dict encode_prompt returns (context, context_mask, uncond_context, "
+                        f"uncond_mask), got {sorted(cond) if isinstance(cond, dict) else type(cond).__name__}")
+    check_tensor("sigmas", sigmas, ndim=1, floating=True)
+    if wrap is not None and not callable(wrap):
+        raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
 
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:

@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from tinydit.samplers import SAMPLERS
 from tinydit.schedules import (
     DEFAULT_BETA_RANGES,
     SCHEDULE_ALIASES,
@@ -62,7 +63,7 @@ def _check_table(alphas_cumprod) -> torch.Tensor:
     return ac.detach().double().cpu().clamp(min=2.0**-24)
 
 
-# notebooks/08_samplers.py:182
+# notebooks/08_samplers.py:183
 class DiscreteDenoiser(nn.Module):
     """A network trained on a discrete DDPM schedule as a denoiser D(x, sigma, **cond) -> x0.
     `model(x / sqrt(sigma^2 + 1), t(sigma), **cond)` predicts `prediction` ("epsilon", "v_prediction",
@@ -125,7 +126,7 @@ class FlowDenoiser(nn.Module):
         return flow_sigmas(n, shift=shift, num_train_timesteps=num_train_timesteps, mu=mu)
 
 
-# notebooks/08_samplers.py:276
+# notebooks/08_samplers.py:277
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """n noise levels evenly spaced in log sigma from sigma_max to sigma_min, then 0 -> float32 (n+1,)."""
     n = check_int("n", n, minimum=1)
@@ -144,7 +145,7 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return base_shift + slope * (n - base_seq_len)
 
 
-# notebooks/08_samplers.py:323
+# notebooks/08_samplers.py:324
 # diffusers scheduler class <-> our sampler; the parity tests of §4 pair them
 SCHEDULER_SAMPLERS = {
     "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
@@ -182,7 +183,7 @@ def scheduler_sampler(d: dict) -> str:
     return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
 
 
-# notebooks/08_samplers.py:361
+# notebooks/08_samplers.py:362
 @dataclass
 class Parametrisation:
     """What a network predicts from a noised latent and on which noise schedule: the training target,
@@ -263,7 +264,8 @@ class Parametrisation:
         """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
         name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
         if name.startswith("FlowMatch"):
-            return cls(prediction="flow", shift=float(d.get("shift", 1.0)), num_train_timesteps=T, scheduler=name)
+            return cls(prediction="flow", shift=check_float("shift", d.get("shift", 1.0)), num_train_timesteps=T,
+                       scheduler=name)
         if d.get("prediction_type", "epsilon") not in PREDICTIONS:
             raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
         betas = d.get("beta_schedule", "linear")
@@ -281,6 +283,7 @@ class Parametrisation:
         T = self.num_train_timesteps
         if self.prediction == "flow":
             return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
+        check_choice("sampler", sampler, tuple(SAMPLERS))  # one without a diffusers class keeps the one read
         name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
         d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
              "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them
@@ -295,7 +298,7 @@ class Parametrisation:
         return d
 
 
-# notebooks/08_samplers.py:1258
+# notebooks/08_samplers.py:1261
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data x0 ~ N(mean, std^2 I): D = mean + std^2 / (std^2 + sigma^2) (x - mean);
     `ode_solution` solves its probability-flow ODE exactly. A sampler test whose answer is known."""
@@ -312,7 +315,7 @@ class GaussianDenoiser(nn.Module):
         return self.mean + (x_start - self.mean) * math.sqrt((self.std**2 + sigma**2) / (self.std**2 + sigma_start**2))
 
 
-# notebooks/08_samplers.py:1332
+# notebooks/08_samplers.py:1335
 class IdealDenoiser(nn.Module):
     """The exact denoiser of a finite dataset (N, ...): the posterior mean of x = y_i + sigma n with i
     uniform, D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i. Samplers land on the y_i."""

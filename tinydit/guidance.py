@@ -171,7 +171,7 @@ def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[
     return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
 
 
-# notebooks/11_guidance.py:426
+# notebooks/11_guidance.py:427
 def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.7) -> torch.Tensor:
     """CFG rescale (Lin et al. 2023, §3.4; diffusers' rescale_noise_cfg): pred_cfg scaled to pred_cond's
     standard deviation (per sample, over every other dimension), mixed with pred_cfg by phi (0: plain CFG)."""
@@ -215,7 +215,7 @@ class Rescale:
         return from_space(self.space, rescale_cfg(cond, cfg, self.phi), step.x, step.sigma)
 
 
-# notebooks/11_guidance.py:510
+# notebooks/11_guidance.py:511
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3; diffusers' DDPMScheduler._threshold_sample):
     s = the `percentile` of |x0| per sample, clamped to [1, max_value]; x0 clipped to [-s, s], divided by s."""
@@ -245,7 +245,7 @@ class Threshold:
         return self.bound * dynamic_threshold(guided / self.bound, self.percentile, self.max_value)
 
 
-# notebooks/11_guidance.py:576
+# notebooks/11_guidance.py:577
 def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0.0) -> float:
     """A scale that follows `mode` over a run: constant, or linear / cosine decay from scale at
     progress 0 to minimum at progress 1 (sd-dynamic-thresholding's "Linear Down", "Cosine Down")."""
@@ -301,7 +301,7 @@ class Mimic:
         return mimic_cfg(step.cond, step.uncond, scale, mimic, self.percentile, self.phi)
 
 
-# notebooks/11_guidance.py:671
+# notebooks/11_guidance.py:672
 def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, norm_threshold: float = 0.0) -> torch.Tensor:
     """APG's update (Sadat et al. 2024): diff (B, ...) limited to norm `norm_threshold` (0: no limit),
     split into the parts parallel and orthogonal to pred_cond, the parallel part weighted by eta."""
@@ -338,6 +338,6 @@ class APG:
         return step.cond + (step.scale - 1) * apg_update(diff, step.cond, self.eta, self.norm_threshold)
 
 
-# notebooks/11_guidance.py:906
+# notebooks/11_guidance.py:907
 DEFAULT_SCALE = 2.0  # the best adherence in section 4's table (book model, 100 prompts per group)
 DEFAULT_CURE = None  # at scale 2 nothing burns: plain CFG has the lowest colour error there

@@ -15,6 +15,7 @@ import torch
 from tinydit.data import BACKGROUNDS, COLORS
 from tinydit.evaluate import evaluate
 from tinydit.guidance import DEFAULT_CURE
+from tinydit.pipeline import TextToImagePipeline
 
 
 @dataclass
@@ -32,7 +33,7 @@ def generate_guided(pipe, captions: list[str], seeds: list[int] | None = None, s
                     steps: int | None = None, sampler: str | None = None, disable: bool | None = True) -> Guided:
     """A TextToImagePipeline's steps with CFG at `scale` (None: the pipeline's default), `cure` ("default":
     DEFAULT_CURE; None: no cure), `interval`, `negative_prompt`; image i's noise from seeds[i] (default i)."""
-    if not all(hasattr(pipe, step) for step in ("check_inputs", "prepare_latents", "denoise", "decode")):
+    if not isinstance(pipe, TextToImagePipeline):
         raise TypeError(f"pipe: expected a TextToImagePipeline, got {type(pipe).__name__}")
     if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range))):
         raise TypeError(f"seeds: expected a list of integers, one per caption, got {type(seeds).__name__}")
@@ -47,7 +48,7 @@ def generate_guided(pipe, captions: list[str], seeds: list[int] | None = None, s
     return Guided(raw.clamp(-1, 1), raw, last["denoised"].float().cpu())
 
 
-# notebooks/11_guidance.py:755
+# notebooks/11_guidance.py:756
 CLIP_LIMIT = 1.1  # |decoded value| beyond this counts as clipped (real renders, decoded: 0.04 % of pixels)
 
 
