@@ -177,7 +177,8 @@ MAX_SENSIBLE_BYTES = 8 * 2**30
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-
+# %%
+# | export
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as a Python int in [minimum, maximum]; numpy integers accepted, bools refused."""
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
@@ -192,7 +193,8 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
         raise ValueError(f"{name}: expected an integer <= {maximum}, got {value}")
     return value
 
-
+# %%
+# | export
 def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None,
                 min_inclusive: bool = True, max_inclusive: bool = True) -> float:
     """`value` as a finite Python float within the given bounds; ints and numpy numbers accepted."""
@@ -209,14 +211,16 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
         raise ValueError(f"{name}: expected a number {'<=' if max_inclusive else '<'} {maximum}, got {value}")
     return value
 
-
+# %%
+# | export
 def check_bool(name: str, value) -> bool:
     """`value` as a Python bool; numpy booleans accepted. Strings are refused: `"false"` is truthy."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {value!r} ({type(value).__name__})")
     return bool(value)
 
-
+# %%
+# | export
 def check_choice(name: str, value, choices) -> object:
     """`value` if it is one of `choices`, else a ValueError listing them."""
     if value not in choices:
@@ -224,7 +228,8 @@ def check_choice(name: str, value, choices) -> object:
         raise ValueError(f"{name}: expected one of {valid}, got {value!r}")
     return value
 
-
+# %%
+# | export
 def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floating: bool = False,
                  finite: bool = False) -> torch.Tensor:
     """`x` if it is a tensor with `ndim` dimensions (an int or a tuple of allowed counts), a
@@ -242,7 +247,8 @@ def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floati
         check_finite(name, x)
     return x
 
-
+# %%
+# | export
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """`x` if every value is finite; otherwise say how many are NaN or infinite. Tensors on the
     `meta` device (shapes without values) pass."""
@@ -254,7 +260,8 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
                              f"{int(bad.sum()) - n_nan} infinite value(s) in shape {tuple(x.shape)}")
     return x
 
-
+# %%
+# | export
 def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A boolean mask (True = keep / attend). Float masks are refused: an additive mask
     (0 = attend, -inf = ignore) cast with `.bool()` would silently mean the opposite."""
@@ -267,7 +274,8 @@ def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> to
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
     return mask
 
-
+# %%
+# | export
 def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError) -> Exception:
     """Run `call` and require `error` with a message matching the regex `pattern`; print and return
     it. The chapters show every expected error this way, so a check fails when no error comes."""
@@ -279,7 +287,8 @@ def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError
         return e
     raise AssertionError(f"expected {error} matching {pattern!r}, but no error was raised")
 
-
+# %%
+# | export
 def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> None:
     """Refuse, before allocating, a request that would need more than `limit` bytes."""
     if n_bytes > limit:

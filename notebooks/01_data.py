@@ -193,7 +193,8 @@ class ShapeObject:
     def attributes(self) -> dict:
         return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
 
-
+# %%
+# | export
 @dataclass(frozen=True)
 class Scene:
     """Ground truth of one sample: what is drawn, and the caption that describes it."""
@@ -244,11 +245,13 @@ P_MENTION_POSITION = 0.7  # single objects: how often the caption names the posi
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
-
+# %%
+# | export
 def _object_phrase(rng: np.random.Generator, obj: ShapeObject) -> str:
     return f"a {_pick(rng, SIZE_WORDS[obj.size])} {obj.color} {obj.shape}"
 
-
+# %%
+# | export
 def make_caption(rng: np.random.Generator, background: str, objects: Sequence[ShapeObject],
                  relation: str | None = None) -> str:
     """Describe a scene with the grammar above; `rng` chooses among the paraphrases."""
@@ -290,13 +293,15 @@ def _draw_color_shape(rng: np.random.Generator, split: str, exclude_color: str |
             continue
         return color, shape
 
-
+# %%
+# | export
 def _place(rng: np.random.Generator, position: str) -> tuple[float, float]:
     x, y = POSITIONS[position]
     dx, dy = rng.uniform(-JITTER, JITTER, size=2)
     return float(x + dx), float(y + dy)
 
-
+# %%
+# | export
 def sample_scene(seed: int, split: str, index: int) -> Scene:
     """The scene of sample `index`: a pure function of (seed, split, index)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
@@ -345,7 +350,8 @@ def _check_canvas(size, supersample) -> tuple[int, int]:
     check_memory(f"size={size} with supersample={supersample}", 3 * (size * supersample) ** 2)
     return size, supersample
 
-
+# %%
+# | export
 def render_scene(scene: Scene, size: int = 32, supersample: int = SUPERSAMPLE) -> Image.Image:
     """Draw a scene at `size`×`size`, anti-aliased by drawing large and box-filtering down."""
     size, supersample = _check_canvas(size, supersample)
@@ -369,14 +375,16 @@ def render_scene(scene: Scene, size: int = 32, supersample: int = SUPERSAMPLE) -
             raise ValueError(f"shape: unknown shape {obj.shape!r}; expected one of {SHAPES}")
     return img.resize((size, size), Image.Resampling.BOX)
 
-
+# %%
+# | export
 def _check_chw(name: str, x) -> torch.Tensor:
     check_tensor(name, x)
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"{name}: expected a (3, H, W) image tensor, got shape {tuple(x.shape)}")
     return x
 
-
+# %%
+# | export
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
     if not isinstance(img, Image.Image):
@@ -384,7 +392,8 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
-
+# %%
+# | export
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image (values outside are clipped)."""
     _check_chw("x", x)
@@ -445,7 +454,8 @@ def _check_image_size(size) -> int:
     _check_canvas(size, SUPERSAMPLE)
     return size
 
-
+# %%
+# | export
 def _check_index(i, n: int) -> int:
     """`i` as a position in 0..n-1; negative values count from the end, as for a list."""
     i = check_int("index", i)
@@ -565,7 +575,8 @@ def _describe(value) -> str:
         return f"a numpy array of shape {value.shape}; use torch.from_numpy, scaled to [-1, 1]"
     return type(value).__name__
 
-
+# %%
+# | export
 def _grid_tiles(images) -> list[Image.Image]:
     """The tiles of a grid: a (B, 3, H, W) tensor in [-1, 1], or an iterable of PIL images."""
     if isinstance(images, torch.Tensor):
@@ -584,7 +595,8 @@ def _grid_tiles(images) -> list[Image.Image]:
         raise ValueError("images: expected at least one image, got none")
     return [im.convert("RGB") for im in tiles]
 
-
+# %%
+# | export
 def _check_captions(captions, n: int) -> list[str] | None:
     """None, or exactly `n` strings: one per image."""
     if captions is None:
@@ -637,7 +649,8 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
                 draw.text((x0, y0 + th + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
     return grid
 
-
+# %%
+# | export
 def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Image.Image:
     """A captioned grid of the first `n` samples of a dataset that yields (image, caption)."""
     if not isinstance(ds, Dataset) and not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) \
@@ -861,7 +874,8 @@ def find_emoji_font(font_path: str | Path | None = None) -> Path:
         "(Debian/Ubuntu) or pass font_path= to a NotoColorEmoji.ttf."
     )
 
-
+# %%
+# | export
 def _emoji_items() -> list[tuple[str, str]]:
     """(emoji, caption) for every fully qualified emoji without a skin tone, sorted by caption."""
     try:

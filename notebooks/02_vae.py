@@ -315,7 +315,8 @@ class ResnetBlock(nn.Module):
             x = self.conv_shortcut(x)  # (B, out, H, W)
         return x + h
 
-
+# %%
+# | export
 class Downsample(nn.Module):
     """Stride-2 3x3 conv after padding right/bottom by one pixel (LDM's asymmetric padding)."""
 
@@ -326,7 +327,8 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
-
+# %%
+# | export
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv."""
 
@@ -337,7 +339,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
-
+# %%
+# | export
 class SelfAttention(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
@@ -355,7 +358,8 @@ class SelfAttention(nn.Module):
         h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + h
 
-
+# %%
+# | export
 class MidBlock(nn.Module):
     """ResNet -> self-attention -> ResNet at the lowest resolution (attention optional)."""
 
@@ -386,7 +390,8 @@ class DownBlock(nn.Module):
             x = module(x)  # (B, out, H, W), then (B, out, H/2, W/2)
         return x
 
-
+# %%
+# | export
 class UpBlock(nn.Module):
     """One decoder level: ResNet blocks, then an Upsample unless it is the last level."""
 
@@ -401,7 +406,8 @@ class UpBlock(nn.Module):
             x = module(x)  # (B, out, h, w), then (B, out, 2h, 2w)
         return x
 
-
+# %%
+# | export
 class Encoder(nn.Module):
     """Image (B, in, H, W) -> posterior moments (B, 2*latent, H/f, W/f). LDM's Encoder."""
 
@@ -423,7 +429,8 @@ class Encoder(nn.Module):
         h = self.mid_block(h)  # (B, ch[-1], H/f, W/f)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2*latent, H/f, W/f)
 
-
+# %%
+# | export
 class Decoder(nn.Module):
     """Latent (B, latent, h, w) -> image (B, out, h*f, w*f). LDM's Decoder."""
 
@@ -539,7 +546,8 @@ def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}{hint}")
     check_finite(name, t)
 
-
+# %%
+# | export
 def _check_image_batch(x, channels: int, factor: int) -> None:
     """x: (B, channels, H, W) with H, W multiples of `factor` and values in [-1, 1] (some slack)."""
     _check_batch("x", x, channels, "an image batch", "H, W")
@@ -551,11 +559,13 @@ def _check_image_batch(x, channels: int, factor: int) -> None:
         raise ValueError(f"x: expected pixel values in [-1, 1] (image / 127.5 - 1), got range "
                          f"[{lo:.3g}, {hi:.3g}]" + ("; this looks like a 0-255 image" if hi > 2 else ""))
 
-
+# %%
+# | export
 def _check_latent_batch(z, channels: int) -> None:
     _check_batch("z", z, channels, "latents", "h, w")
 
-
+# %%
+# | export
 def _upcast_decoder(model) -> None:
     """An fp16 decoder overflowed (SDXL's VAE does): warn, and move it to float32 for good."""
     warnings.warn("AutoencoderKL.decode: the float16 decoder overflowed (inf/NaN in the image; SDXL's VAE does "
@@ -565,7 +575,8 @@ def _upcast_decoder(model) -> None:
         if part is not None:
             part.float()
 
-
+# %%
+# | export
 def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     """The config dict and the weights file of a diffusers AutoencoderKL folder."""
     if not (folder / "config.json").is_file():
@@ -766,13 +777,15 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)  # (B,)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))  # (B,)
 
-
+# %%
+# | export
 def shapes_images(n: int, seed: int = 0, split: str = "train", size: int = 32) -> torch.Tensor:
     """The first `n` images of `ShapesDataset(n, size, seed, split)` as one (n, 3, size, size) tensor."""
     ds = ShapesDataset(n, size=size, seed=seed, split=split)
     return torch.stack([ds[i][0] for i in range(n)])  # (n, 3, size, size)
 
-
+# %%
+# | export
 @torch.no_grad()
 def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> dict:
     """Latent statistics of `images` under `model` (posterior means): global and per channel."""
@@ -782,7 +795,8 @@ def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: in
     return {"mean": z.mean().item(), "std": z.std().item(),
             "channel_mean": per_ch.mean(1).tolist(), "channel_std": per_ch.std(1).tolist()}
 
-
+# %%
+# | export
 LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
 
 # %%
@@ -841,12 +855,14 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
         model.save_pretrained(out_dir, weights_name="model.safetensors")
     return model, hist
 
-
+# %%
+# | export
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
     return BOOK_VAE_DIR
 
-
+# %%
+# | export
 def load_book_vae(dtype=None) -> AutoencoderKL:
     """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode; `dtype` as in
     `AutoencoderKL.from_pretrained` (None = float32)."""
@@ -1144,7 +1160,8 @@ _REFUSED = re.compile(r"unsupported (global|class)|not an allowed global|safe_gl
 class WeightsMismatchError(ValueError):
     """A state dict does not fit the model: lists missing / unexpected keys and shape mismatches."""
 
-
+# %%
+# | export checkpoint
 def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     """Peel training-checkpoint wrappers ({'state_dict': ...}, {'ema': ...}) off a state dict."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -1158,7 +1175,8 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint: expected a dict of tensors, got {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
-
+# %%
+# | export checkpoint
 def _read_pickle(path: Path, mmap: bool = False):
     """torch.load(weights_only=True); a refusal and an unreadable file get different errors.
     `mmap=True` leaves the tensors in the file (zip-format files only) until they are used."""
@@ -1187,7 +1205,8 @@ def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
         return DTYPES[dtype.strip().lower()]
     raise ValueError(f"{name}: expected one of fp32, fp16, bf16 (or a torch dtype), got {dtype!r}")
 
-
+# %%
+# | export checkpoint
 def _converted(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A fresh copy of `t` (never a view into the file) in `dtype`; integer tensors keep theirs."""
     if not t.is_floating_point():
@@ -1198,7 +1217,8 @@ def _converted(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                          "with dtype='bf16' (float32's range) or 'fp32'")
     return out
 
-
+# %%
+# | export checkpoint
 def load_state_dict(path: str | os.PathLike, dtype=None) -> dict[str, torch.Tensor]:
     """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`.
     `dtype` ("bf16", torch.float16, ...): every floating-point tensor is converted while reading,
@@ -1222,12 +1242,14 @@ def load_state_dict(path: str | os.PathLike, dtype=None) -> dict[str, torch.Tens
         return {k: _converted(k, v, dtype) for k, v in sd.items()}
     raise ValueError(f"path: expected a .safetensors file or one of {PICKLE_SUFFIXES}, got {path.name!r}")
 
-
+# %%
+# | export checkpoint
 def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix` (e.g. 'first_stage_model.'), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
-
+# %%
+# | export checkpoint
 def read_config(path: str | os.PathLike, name: str = "path_or_id") -> dict:
     """The JSON object in a `config.json`; a damaged or non-object file names `name` and the path."""
     try:
@@ -1244,7 +1266,8 @@ def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE asks huggingface_hub not to touch the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
-
+# %%
+# | export checkpoint
 def resolve_pretrained(path_or_id: str | os.PathLike, subfolder: str | None = None,
                        filenames: tuple[str, ...] = ("config.json", "*.safetensors", "*.bin")) -> Path:
     """A local folder for `path_or_id`: the folder itself, or a hub snapshot (only `filenames`)."""
@@ -1270,7 +1293,8 @@ def resolve_pretrained(path_or_id: str | os.PathLike, subfolder: str | None = No
                       f"Hugging Face Hub ({type(e).__name__}); {how}") from None
     return root / subfolder if subfolder else root
 
-
+# %%
+# | export checkpoint
 def _listing(title: str, items: list[str]) -> str:
     """A titled list for an error message, one item a line, cut after 20; "" for no items."""
     if not items:
@@ -1278,7 +1302,8 @@ def _listing(title: str, items: list[str]) -> str:
     more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
     return f"\n  {title} ({len(items)}):" + "".join(f"\n    {k}" for k in items[:20]) + more
 
-
+# %%
+# | export checkpoint
 def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str) -> None:
     """Where the model holds floats, the checkpoint must too, and they must be finite."""
     keys = sorted(k for k in sd if own[k].is_floating_point())
@@ -1290,7 +1315,8 @@ def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tenso
         raise ValueError(f"{what}: weights hold NaN or infinite values (a corrupt file or a diverged training run) in"
                          + _listing("tensors", bad))
 
-
+# %%
+# | export checkpoint
 def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
                    assign: bool = False) -> None:
     """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem.
@@ -1335,7 +1361,8 @@ def empty_model(build: Callable[[], nn.Module], dtype) -> nn.Module:
                            f"meta device or uninitialised): {unfilled[:10]}; load it with dtype=None")
     return model
 
-
+# %%
+# | export checkpoint
 def load_model(build: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str = "checkpoint",
                dtype=None) -> nn.Module:
     """`build()` filled from `sd` by the strict `check_and_load`, in eval mode. With `dtype`, an

@@ -133,7 +133,8 @@ def _as_1d_times(t, name: str = "t") -> torch.Tensor:
         return t
     return check_finite(name, t)
 
-
+# %%
+# | export
 def _check_frequencies(dim, downscale_freq_shift, max_period, dim_name: str = "dim") -> int:
     """The embedding width as an int >= 2, and a finite shift below dim // 2 and max_period > 1."""
     dim = check_int(dim_name, dim, minimum=2)
@@ -143,7 +144,8 @@ def _check_frequencies(dim, downscale_freq_shift, max_period, dim_name: str = "d
     check_float("max_period", max_period, minimum=1, min_inclusive=False)
     return dim
 
-
+# %%
+# | export
 def timestep_embedding(
     t: torch.Tensor,
     dim: int,
@@ -353,7 +355,8 @@ def _check_multiple(name: str, value, multiple: int, why: str = "") -> int:
         raise ValueError(f"{name}: expected a positive multiple of {multiple}{why}, got {value}")
     return value
 
-
+# %%
+# | export
 def _grid_sides(grid_size) -> tuple[int, int]:
     """An int side or an (h, w) pair -> two integers >= 1."""
     if isinstance(grid_size, Sequence) and not isinstance(grid_size, str):
@@ -364,7 +367,8 @@ def _grid_sides(grid_size) -> tuple[int, int]:
         h = w = grid_size
     return check_int("grid_size", h, minimum=1), check_int("grid_size", w, minimum=1)
 
-
+# %%
+# | export
 def sincos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """1D sin-cos embedding of positions `pos` (M,) -> (M, embed_dim): `[sin | cos]`, frequencies
     `10000 ** (-2i / embed_dim)` (Vaswani et al. 2017; MAE's `get_1d_sincos_pos_embed_from_grid`)."""
@@ -375,7 +379,8 @@ def sincos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     out = torch.outer(pos.reshape(-1).double(), omega)  # (M, D/2)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()  # (M, D)
 
-
+# %%
+# | export
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int | Sequence[int], base_size: float | None = None,
                         interpolation_scale: float = 1.0) -> torch.Tensor:
     """Fixed 2D sin-cos position table (MAE, DiT; PixArt's resolution scaling) -> (h*w, embed_dim).
@@ -485,7 +490,8 @@ def _check_rope_inputs(x, cos: torch.Tensor, sin: torch.Tensor) -> None:
         raise ValueError(f"x, cos, sin: expected x (..., N, D) with even D and cos, sin (N, D), got "
                          f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
 
-
+# %%
+# | export
 def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for 1D RoPE (Su et al. 2021) at positions `pos` (N,) -> two (N, dim).
 
@@ -502,7 +508,8 @@ def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tup
     sin = angles.sin().repeat_interleave(2, dim=1).float()  # (N, dim)
     return cos, sin
 
-
+# %%
+# | export
 def rope_axial(ids: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial RoPE tables for multi-axis positions `ids` (N, n_axes) -> cos, sin (N, sum(axes_dim)).
 
@@ -516,7 +523,8 @@ def rope_axial(ids: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.
     tables = [rope_frequencies(ids[:, a].double(), d, theta) for a, d in enumerate(axes_dim)]
     return torch.cat([c for c, _ in tables], dim=1), torch.cat([s for _, s in tables], dim=1)  # (N, D) each
 
-
+# %%
+# | export
 def rope_2d(h: int, w: int, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """2D axial RoPE tables for a row-major `h` x `w` grid of tokens -> cos, sin (h*w, dim).
 
@@ -528,7 +536,8 @@ def rope_2d(h: int, w: int, dim: int, theta: float = 10000.0) -> tuple[torch.Ten
     ids = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)  # (h*w, 2)
     return rope_axial(ids, (dim // 2, dim // 2), theta)
 
-
+# %%
+# | export
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys `x` (..., N, D) by RoPE tables `cos`, `sin` (N, D) (Su et al. 2021).
 

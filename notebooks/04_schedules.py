@@ -128,7 +128,8 @@ def _check_betas(betas, minimum_length: int = 1) -> torch.Tensor:
                          f"to {float(betas.max())}")
     return betas
 
-
+# %%
+# | export
 def _beta_range(name: str, beta_start, beta_end) -> tuple[float, float] | None:
     """(beta_start, beta_end) of a linear-type schedule, defaults filled in, 0 < start <= end < 1;
     None for the cosine schedule, which has no range (both must be None)."""
@@ -145,14 +146,16 @@ def _beta_range(name: str, beta_start, beta_end) -> tuple[float, float] | None:
                          f"beta_start={b0!r}, beta_end={b1!r}")
     return b0, b1
 
-
+# %%
+# | export
 def cosine_alpha_bar(u, s: float = COSINE_S):
     """Nichol & Dhariwal (2021), eq. 17: alpha_bar(u) = cos^2((u + s) / (1 + s) * pi / 2), u in [0, 1]."""
     if isinstance(u, torch.Tensor):
         return torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
-
+# %%
+# | export
 def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
                beta_end: float | None = None) -> torch.Tensor:
     """The beta schedule `name` over `num_train_timesteps` steps -> float32 (T,).
@@ -174,7 +177,8 @@ def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | N
         return torch.linspace(b0, b1, T, dtype=torch.float32)  # (T,)
     return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2  # (T,)
 
-
+# %%
+# | export
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s) (Ho et al. 2020, eq. 4) -> (T,)."""
     _check_betas(betas)
@@ -231,7 +235,8 @@ def check_timesteps(t, num_train_timesteps: int) -> torch.Tensor:
         raise ValueError(f"t: expected timesteps in [0, {T}), got values from {int(t.min())} to {int(t.max())}")
     return t.long()
 
-
+# %%
+# | export
 def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     if noise is not None:
         check_tensor("noise", noise, floating=True, finite=True)
@@ -241,7 +246,8 @@ def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.G
     device = generator.device if generator is not None else x0.device
     return torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
 
-
+# %%
+# | export
 def _per_sample(v: torch.Tensor, x0: torch.Tensor, name: str) -> torch.Tensor:
     if v.ndim == 0:
         v = v.expand(x0.shape[0])
@@ -249,7 +255,8 @@ def _per_sample(v: torch.Tensor, x0: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected a scalar or one value per sample ({x0.shape[0]},), got {tuple(v.shape)}")
     return v.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ..., 1)
 
-
+# %%
+# | export
 def add_noise(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) (Ho et al. 2020, eq. 4).
@@ -335,27 +342,32 @@ def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
                          f"to {float(ac.max())}")
     return ac
 
-
+# %%
+# | export
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - alpha_bar) / alpha_bar), the Karras et al. (2022) noise level of x_t / sqrt(alpha_bar)."""
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
-
+# %%
+# | export
 def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     """alpha_bar = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod`."""
     return 1 / (1 + sigmas**2)
 
-
+# %%
+# | export
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021)."""
     return alphas_cumprod / (1 - alphas_cumprod)
 
-
+# %%
+# | export
 def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """log(alpha_bar) - log(1 - alpha_bar) = -2 log sigma."""
     return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
 
-
+# %%
+# | export
 def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma at (possibly fractional) t in [0, T-1], interpolated linearly between integer steps."""
     table = sigmas_from_alphas_cumprod(_check_alphas_cumprod(alphas_cumprod)).double()  # (T,)
@@ -367,7 +379,8 @@ def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     w = t - lo
     return ((1 - w) * table[lo] + w * table[lo + 1]).float()
 
-
+# %%
+# | export
 def sigma_to_t(sigma, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Fractional timestep of noise level `sigma`, interpolating in log sigma (k-diffusion's
     `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`). Clamped to [0, T-1]."""
@@ -442,7 +455,8 @@ def _check_rescalable(betas) -> torch.Tensor:
                          f"alpha_bar_0 = {float(ab[0])} and alpha_bar_(T-1) = {float(ab[-1])}")
     return betas
 
-
+# %%
+# | export
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so that alpha_bar_{T-1} = 0 (zero terminal SNR), keeping alpha_bar_0
     (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
@@ -520,7 +534,8 @@ def _check_steps_offset(steps_offset, n: int, T: int) -> int:
                          f"(the first timestep would be {T - 1 - room + offset} >= {T}), got {offset}")
     return offset
 
-
+# %%
+# | export
 def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
                      steps_offset: int = 0) -> torch.Tensor:
     """The n sampling timesteps (descending, float32) for a spacing of Lin et al. (2024), Table 2:
@@ -539,7 +554,8 @@ def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, 
         ts = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
     return torch.from_numpy(np.ascontiguousarray(ts))  # (n,)
 
-
+# %%
+# | export
 def _check_sigma_range(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
     """Finite 0 < sigma_min < sigma_max and a finite rho > 0."""
     sigma_min = check_float("sigma_min", sigma_min, minimum=0, min_inclusive=False)
@@ -549,7 +565,8 @@ def _check_sigma_range(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
                          f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
     return sigma_min, sigma_max, check_float("rho", rho, minimum=0, min_inclusive=False)
 
-
+# %%
+# | export
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022), eq. 5: n noise levels from sigma_max down to sigma_min, evenly spaced
     in sigma^(1/rho), then a final 0 -> float32 (n+1,)."""
@@ -561,7 +578,8 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho  # (n,)
     return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
 
-
+# %%
+# | export
 def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spacing: str = "linspace",
                     karras: bool = False, steps_offset: int = 0, rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling noise levels of a discrete-time model -> (sigmas (n+1,) ending in 0, timesteps (n,)).
@@ -669,21 +687,24 @@ def _unit_times(t) -> torch.Tensor:
         raise ValueError(f"t: expected flow times in [0, 1], got values from {float(t.min())} to {float(t.max())}")
     return t
 
-
+# %%
+# | export
 def shift_sigmas(t, shift: float) -> torch.Tensor:
     """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift * t / (1 + (shift - 1) * t)."""
     shift = check_float("shift", shift, minimum=0, min_inclusive=False)
     t = _unit_times(t)
     return shift * t / (1 + (shift - 1) * t)
 
-
+# %%
+# | export
 def time_shift_exponential(t, mu: float) -> torch.Tensor:
     """Flux's resolution-dependent shift: t' = e^mu / (e^mu + (1/t - 1)) (shift = e^mu)."""
     mu = check_float("mu", mu)
     t = _unit_times(t)
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
-
+# %%
+# | export
 def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
                 mu: float | None = None) -> torch.Tensor:
     """Sampling times of a rectified-flow model (SD3 / Flux) -> float32 (n+1,), from 1 down to 0.
@@ -703,17 +724,20 @@ def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timestep
     ts = shift_sigmas(torch.from_numpy(ts), shift) if mu is None else time_shift_exponential(torch.from_numpy(ts), mu)
     return torch.cat([ts.float(), torch.zeros(1)])  # (n+1,)
 
-
+# %%
+# | export
 def flow_snr(t: torch.Tensor) -> torch.Tensor:
     """SNR of x_t = (1 - t) x0 + t eps: ((1 - t) / t)^2."""
     return ((1 - t) / t) ** 2
 
-
+# %%
+# | export
 def flow_to_karras_sigma(t: torch.Tensor) -> torch.Tensor:
     """Karras noise level of a flow time: x_t / (1 - t) = x0 + t / (1 - t) eps, so sigma = t / (1 - t)."""
     return t / (1 - t)
 
-
+# %%
+# | export
 def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """n training times t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, section 3.1) -> (n,)."""
@@ -723,7 +747,8 @@ def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
     device = generator.device if generator is not None else "cpu"
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))  # (n,)
 
-
+# %%
+# | export
 def _check_flow_times(t, x0: torch.Tensor) -> torch.Tensor:
     """Finite flow times in [0, 1], as a tensor in x0's dtype and device."""
     t = check_finite("t", torch.as_tensor(t, dtype=x0.dtype, device=x0.device))
@@ -731,7 +756,8 @@ def _check_flow_times(t, x0: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t: expected flow times in [0, 1], got values from {float(t.min())} to {float(t.max())}")
     return t
 
-
+# %%
+# | export
 def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified-flow forward process x_t = (1 - t) x0 + t eps (Esser et al. 2024), t in [0, 1].

@@ -106,7 +106,8 @@ def flash_available(q: torch.Tensor) -> bool:
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] <= 256 and importlib.util.find_spec("flash_attn") is not None)
 
-
+# %%
+# | export attention
 def _check_qkv(q, k, v) -> None:
     """q (B, heads, T_q, d), k (B, heads, T_k, d), v (B, heads, T_k, d_v), or a ValueError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -120,7 +121,8 @@ def _check_qkv(q, k, v) -> None:
                          f"v {tuple(v.shape)} (need equal B and heads, equal T for k and v, equal "
                          "head_dim for q and k)")
 
-
+# %%
+# | export attention
 def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        check_rows: bool = True) -> torch.Tensor:
     """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend. 2-D (B, T_k): key
@@ -166,7 +168,8 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
         scores = scores.masked_fill(~_as_attention_mask(mask, q, k, check_rows), float("-inf"))
     return scores.softmax(dim=-1)  # (B, heads, T_q, T_k)
 
-
+# %%
+# | export attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               backend: str = "auto", scale: float | None = None, check_rows: bool = True) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017) over (B, heads, T, head_dim) tensors.
@@ -241,7 +244,8 @@ class RMSNorm(nn.Module):
         rms = x.float().pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
         return (x.float() * rms).to(x.dtype) * self.weight
 
-
+# %%
+# | export attention
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm / original DiT names).
 
@@ -346,7 +350,8 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the patch grid
 
-
+# %%
+# | export
 def unpatchify(x: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
     """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image; the inverse of patchify's reshaping."""
     B, T, PPC = x.shape
@@ -445,7 +450,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     """adaLN: x (B, T, D) scaled by (1 + scale) and shifted by shift, both (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
-
+# %%
+# | export
 class Mlp(nn.Module):
     """Transformer MLP: Linear -> GELU (tanh approximation, as DiT) -> Linear (timm names)."""
 
@@ -457,7 +463,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
-
+# %%
+# | export
 class DiTBlock(nn.Module):
     """Self-attention + MLP, both modulated and gated by adaLN-Zero (Peebles & Xie 2023, fig. 3)."""
 
@@ -476,7 +483,8 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
         return x
 
-
+# %%
+# | export
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map from each token to a p×p×C_out patch."""
 
@@ -963,7 +971,8 @@ def overfit_single_batch(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, al
     model.eval()
     return losses
 
-
+# %%
+# | export
 # Measured on the chapter's 2-block model after 800 steps: timestep_gain 0.233, token_mixing 0.019.
 # The minimums sit ~5x below (room for other seeds and platforms); the ablations give exactly 0.
 WIRING_MIN = {"timestep_gain": 0.05, "token_mixing": 0.004}
@@ -1155,7 +1164,8 @@ def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | Non
                qk_norm="blocks.0.attn.q_norm.weight" in sd)
     return DiTConfig(**{**cfg, **overrides})
 
-
+# %%
+# | export
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
     if transformer_kind(d) not in (None, "DiTTransformer2DModel"):
@@ -1177,3 +1187,4 @@ def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
                hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
                num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch)
     return DiTConfig(**{**cfg, **overrides})
+

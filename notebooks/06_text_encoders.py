@@ -159,7 +159,8 @@ def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
         mask = mask.bool()
     return check_bool_mask("mask", mask)
 
-
+# %%
+# | export
 @dataclass
 class TextEmbeddings:
     """What every text encoder returns for a batch of B prompts."""
@@ -209,7 +210,8 @@ def check_prompts(prompts) -> list[str]:
             raise ValueError(f"prompts[{i}]: expected a string, got {type(p).__name__} ({p!r:.40})")
     return list(prompts)
 
-
+# %%
+# | export
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
@@ -312,7 +314,8 @@ def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
     except OSError as e:
         raise OSError(f"{what}: {e}") from None
 
-
+# %%
+# | export
 def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: str | None,
                       model_folder: Path, what: str) -> Path:
     """Where the tokenizer lives: given, beside the weights, or the diffusers sibling folder
@@ -325,7 +328,8 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
         return _local_folder(path_or_id, subfolder.replace("text_encoder", "tokenizer"), what)
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
-
+# %%
+# | export
 @contextlib.contextmanager
 def _quiet_transformers(progress_bar: bool = True):
     """Within the block only: no transformers load report (we check the loading info ourselves)
@@ -349,7 +353,8 @@ def _quiet_transformers(progress_bar: bool = True):
             if hub_bars_off:
                 hub_utils.disable_progress_bars()
 
-
+# %%
+# | export
 def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
     (transformers would log a report and leave those weights random). Checkpoint keys starting with
@@ -602,7 +607,8 @@ class BookTextConfig:
     image_channels: tuple[int, ...] = (16, 32, 64)  # conv widths of the image tower, one per 2x downsampling
     image_size: int = 32  # the dataset's image side
 
-
+# %%
+# | export
 def book_text_model(tokenizer, config: BookTextConfig | None = None):
     """A randomly initialised `CLIPTextModelWithProjection` sized by `config` for `tokenizer`."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -615,7 +621,8 @@ def book_text_model(tokenizer, config: BookTextConfig | None = None):
                         eos_token_id=tokenizer.eos_token_id)
     return CLIPTextModelWithProjection(hf)
 
-
+# %%
+# | export
 class ImageEncoder(nn.Module):
     """A small CNN for 32x32 images -> (B, embed_dim): stride-2 convolutions with GroupNorm, then a
     linear map of the *flattened* last feature map, so that positions survive (captions name them)."""
@@ -633,7 +640,8 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(x).flatten(1))  # (B, embed_dim)
 
-
+# %%
+# | export
 def clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive (InfoNCE) loss of Radford et al. 2021 for B matching pairs (B, d) each."""
     t = F.normalize(text_emb, dim=-1)  # (B, d)
@@ -664,7 +672,8 @@ class BookEncoders:
     losses: list[float] = field(default_factory=list)  # contrastive loss of every step
     info: dict = field(default_factory=dict)  # settings, timing, evaluation numbers
 
-
+# %%
+# | export
 def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500, batch_size: int = 128,
                             n_train: int = 20_000, lr: float = 1e-3, seed: int = 0,
                             config: BookTextConfig | None = None, disable: bool | None = None) -> BookEncoders:
@@ -740,7 +749,8 @@ def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     info = {**result.info, "logit_scale": result.logit_scale, "losses": [round(x, 4) for x in result.losses]}
     (out / "training.json").write_text(json.dumps(info, indent=1))
 
-
+# %%
+# | export
 def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
                            dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
@@ -757,7 +767,8 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
     with _quiet_transformers(progress_bar=False):  # a 1.4 MB model: no "Loading weights" bar
         return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
-
+# %%
+# | export
 def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
     """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
     `load_book_text_encoder`."""
@@ -834,7 +845,8 @@ def scene_matches(query, other, caption: str) -> bool:
     named = any(p in caption for p in POSITION_PHRASES[a.position])
     return not named or a.position == b.position
 
-
+# %%
+# | export
 def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     """The 18 (colour, shape) classes and, for each, its ensemble of prompts (sizes x backgrounds)."""
     from tinydit.data import COLORS, SHAPES
@@ -843,7 +855,8 @@ def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     bgs = ("", " on a gray background", " on a black background")
     return classes, [[f"a {size} {c} {s}{bg}" for size in ("small", "large") for bg in bgs] for c, s in classes]
 
-
+# %%
+# | export
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length pooled embeddings (N, d) of many prompts, in batches."""
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
@@ -1028,7 +1041,8 @@ def where(module: nn.Module) -> str:
     devices = sorted({str(p.device) for p in module.parameters()})
     return "+".join(devices) if devices else "no parameters"
 
-
+# %%
+# | export
 def _swap_tensors(module: nn.Module, make) -> None:
     """Replace every unique parameter and buffer by `make(name, tensor)`, in place, so that tied
     weights stay tied (each Python object keeps its identity; only its storage changes)."""
@@ -1130,7 +1144,8 @@ def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> Tex
     mask = torch.cat([p.mask.to(device) for p in parts], dim=1)  # (B, T1 + T2 + ...)
     return TextEmbeddings(torch.cat(tokens, dim=1), mask, parts[0].pooled)  # tokens (B, T1 + T2 + ..., width)
 
-
+# %%
+# | export
 class PromptCache(OrderedDict):
     """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
 

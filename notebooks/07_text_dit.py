@@ -258,7 +258,8 @@ class ProjMlp(nn.Module):
         h = F.gelu(h, approximate="tanh") if self.act == "gelu_tanh" else F.silu(h)
         return self.fc2(h)
 
-
+# %%
+# | export
 class CaptionEmbedder(nn.Module):
     """Text tokens (B, T, D_ctx) -> (B, T, D) with PixArt's `y_proj` MLP; `y_embedding` (T_null,
     D_ctx) is the learned **null caption** for classifier-free guidance (PixArt-α), or absent."""
@@ -274,7 +275,8 @@ class CaptionEmbedder(nn.Module):
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         return self.y_proj(context)  # (B, T, D)
 
-
+# %%
+# | export
 class TextDiTBlock(nn.Module):
     """Self-attention -> cross-attention -> MLP. `modulation="adaln_single"`: a per-block
     `scale_shift_table` (6, D) added to the shared modulation (PixArt-α, Chen et al. 2023), no norm
@@ -314,7 +316,8 @@ class TextDiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
-
+# %%
+# | export
 class T2IFinalLayer(nn.Module):
     """PixArt's final layer: LayerNorm modulated by a learned `scale_shift_table` (2, D) plus the
     embedded timestep, then a linear map to p x p x C_out patches."""
@@ -613,7 +616,8 @@ def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolut
         raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
     return t, context, context_mask, pooled, resolution, aspect_ratio
 
-
+# %%
+# | export
 def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
     """A (B, T) key-padding mask as booleans (True = real token). Integer 0/1 masks (the
     transformers convention) are accepted; float masks are refused: an additive mask (0 = attend,
@@ -900,7 +904,8 @@ def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
                interpolation_scale=d.get("interpolation_scale") or sample / 64)
     return TextDiTConfig(**{**cfg, **overrides})
 
-
+# %%
+# | export
 def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                       **overrides) -> TextDiTConfig:
     """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
@@ -932,7 +937,8 @@ def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: in
                interpolation_scale=input_size / 64)
     return TextDiTConfig(**{**cfg, **overrides})
 
-
+# %%
+# | export
 def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
                            dtype=None, **overrides) -> TextDiT:
     """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
@@ -947,7 +953,8 @@ def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_head
                              "training resolution's interpolation_scale= (0.5, 1 or 2 at 256, 512, 1024 px)")
     return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
 
-
+# %%
+# | export
 def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
                      dtype=None, **overrides) -> DiT | TextDiT:
     """Load any transformer this book knows, dispatching on the files' contents.
@@ -977,3 +984,4 @@ def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_h
         return DiT.from_pretrained(folder, dtype=dtype, **overrides)
     raise ValueError(f"path_or_id: {folder}/config.json describes a {kind!r} model; expected a DiT or PixArt "
                      "transformer (diffusers DiTTransformer2DModel / PixArtTransformer2DModel, or tinydit's own)")
+

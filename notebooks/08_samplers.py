@@ -155,14 +155,16 @@ def _column(sigma, x: torch.Tensor) -> torch.Tensor:
     """sigma, a scalar or (B,), as (B, 1, ..., 1) in x's dtype and device."""
     return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
 
-
+# %%
+# | export denoisers
 def _learn_sigma(model, learn_sigma: bool | None) -> bool:
     """learn_sigma as given, or read from the model's config (DiT, PixArt); False if it has none."""
     if learn_sigma is None:
         return bool(getattr(getattr(model, "config", None), "learn_sigma", False))
     return bool(learn_sigma)
 
-
+# %%
+# | export denoisers
 def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.Tensor:
     """The prediction channels of a network output; learn_sigma models append as many variance channels."""
     if learn_sigma and out.shape[1] != 2 * x.shape[1]:
@@ -170,7 +172,8 @@ def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.
                          f"variance), got {out.shape[1]}")
     return out[:, : x.shape[1]] if learn_sigma else out
 
-
+# %%
+# | export denoisers
 def _check_table(alphas_cumprod) -> torch.Tensor:
     """A (T,) alpha_bar table in [0, 1] -> float64, CPU; zero terminal SNR's 0 becomes 2^-24 (diffusers)."""
     ac = check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
@@ -220,7 +223,8 @@ class DiscreteDenoiser(nn.Module):
             return exponential_sigmas(n, self.sigma_min, self.sigma_max)
         return discrete_sigmas(self.alphas_cumprod.float(), n, spacing=schedule, steps_offset=steps_offset)[0]
 
-
+# %%
+# | export denoisers
 class FlowDenoiser(nn.Module):
     """A rectified-flow model (SD3, Flux) as a denoiser: x = (1 - sigma) x0 + sigma noise, sigma = t;
     `model(x, time_scale * sigma, **cond)` predicts v = noise - x0, so D = x - sigma v."""
@@ -282,7 +286,8 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     sigmas = torch.linspace(math.log(hi), math.log(lo), n, dtype=torch.float64).exp()  # (n,)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n+1,)
 
-
+# %%
+# | export denoisers
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flux's shift mu for an image of `image_seq_len` tokens, linear from base_shift at base_seq_len
@@ -348,7 +353,8 @@ def _check_noised_inputs(x0, noise, u, normal) -> None:
     if not bool(((u >= 0) & (u <= 1)).all()):
         raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
 
-
+# %%
+# | export denoisers
 def scheduler_sampler(d: dict) -> str:
     """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
     name = d.get("_class_name") if isinstance(d, dict) else None
@@ -557,7 +563,8 @@ def _check_sigmas(sigmas) -> list[float]:
                              f"sigmas[{i + 1}] = {s[i + 1]}")
     return s
 
-
+# %%
+# | export
 def _check_start(x, generator, extra_args) -> None:
     check_tensor("x", x, floating=True, finite=True)
     if x.ndim < 2 or x.shape[0] == 0:
@@ -570,12 +577,14 @@ def _check_start(x, generator, extra_args) -> None:
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args: expected a dict of keyword arguments for the model, got {type(extra_args).__name__}")
 
-
+# %%
+# | export
 def _check_noise(eta, s_noise, max_eta: float | None = None) -> None:
     check_float("eta", eta, minimum=0, maximum=max_eta)
     check_float("s_noise", s_noise, minimum=0)
 
-
+# %%
+# | export
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> None:
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         check_float(name, value, minimum=0)
@@ -682,7 +691,8 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                            generator=None):
@@ -697,13 +707,15 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
             x = x + run.noise(x) * s_noise * up
     return x
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0, generator=None):
     """DDIM (Song et al. 2021) in sigma space: its eta-step is `sample_euler_ancestral`'s (chapter 08)."""
     return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta, s_noise, generator)
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_euler_ancestral_rf(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                               generator=None):
@@ -814,7 +826,8 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             x = x + (d + d_2) / 2 * (sigma_next - sigma_hat)
     return x
 
-
+# %%
+# | export
 def _dpm2_step(run: _Run, x, denoised, sigma: float, target: float, i: int) -> torch.Tensor:
     """x from sigma to target with the slope at the log-midpoint sqrt(sigma * target) (DPM-Solver-2)."""
     d = (x - denoised) / sigma
@@ -824,7 +837,8 @@ def _dpm2_step(run: _Run, x, denoised, sigma: float, target: float, i: int) -> t
     x_2 = x + d * (mid - sigma)
     return x + (x_2 - run.denoise(x_2, mid, i)) / mid * (target - sigma)
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0, generator=None):
@@ -836,7 +850,8 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x = _dpm2_step(run, x, run.denoise(x, sigma_hat, i, report=True), sigma_hat, sigma_next, i)
     return x
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                            generator=None):
@@ -901,7 +916,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             x = x + run.noise(x) * s_noise * up
     return x
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None):
     """DPM-Solver++(2M) (Lu et al. 2022): D extrapolated linearly in lambda from the last step."""
@@ -917,7 +933,6 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         x = sigma_next / sigma * x - math.expm1(-h) * d
         old, h_last = denoised, h
     return x
-
 
 # %%
 # | export
@@ -945,7 +960,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         old, h_last = denoised, h
     return x
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         generator=None, kdiffusion_compat=False):
@@ -1048,7 +1064,8 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
         weights.append(float(basis(sigmas[i + 1]) - basis(sigmas[i])))
     return weights
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, generator=None):
     """Linear multistep in sigma (k-diffusion's LMS); the order ramps up over the first steps."""
@@ -1075,7 +1092,8 @@ def _unipc_rhos(rks: list[float], h: float, corrector: bool) -> list[float]:
     R = np.array([[r**k for r in rks] for k in range(len(rks))])
     return np.linalg.solve(R, b).tolist() if corrector else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
 
-
+# %%
+# | export
 def _unipc_step(x, sigma: float, sigma_next: float, hist: list, new=None) -> torch.Tensor:
     """UniP (new=None) or UniC (new = the denoised sample at sigma_next) from sigma to sigma_next;
     hist: [(lambda, denoised)], oldest first, the last at sigma."""
@@ -1088,7 +1106,8 @@ def _unipc_step(x, sigma: float, sigma_next: float, hist: list, new=None) -> tor
     rhos = _unipc_rhos(rks, h, corrector=new is not None) if diffs else []
     return sigma_next / sigma * x - math.expm1(-h) * (m0 + sum(r * d for r, d in zip(rhos, diffs)))
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2, generator=None):
     """UniPC (Zhao et al. 2023), bh2, data prediction: predictor UniP-p, then corrector UniC-p with the
@@ -1130,14 +1149,16 @@ class UnknownSamplerError(KeyError, ValueError):
     def __str__(self) -> str:
         return str(self.args[0])
 
-
+# %%
+# | export
 class SamplerRegistry(dict):
     """name -> sampler function."""
 
     def __missing__(self, name):
         raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
 
-
+# %%
+# | export
 SAMPLERS = SamplerRegistry(
     euler=sample_euler, euler_ancestral=sample_euler_ancestral, heun=sample_heun, dpm_2=sample_dpm_2,
     dpm_2_ancestral=sample_dpm_2_ancestral, dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral, dpmpp_2m=sample_dpmpp_2m,
@@ -1150,7 +1171,8 @@ def get_sampler(name: str):
     """The sampler function called `name` (see `SAMPLERS`)."""
     return SAMPLERS[name]
 
-
+# %%
+# | export
 DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
 DEFAULT_STEPS = 20  # model evaluations per image (chapter 13's benchmark: Euler needs 6 for the same adherence)
 

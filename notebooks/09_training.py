@@ -173,13 +173,15 @@ def _check_objective_settings(kind: str, zero_terminal_snr: bool, min_snr_gamma:
         raise ValueError(f"{name}: only the DDPM objectives (epsilon, v_prediction) use it; objective='flow' "
                          f"would ignore it, got {name}={value}")
 
-
+# %%
+# | export
 def _training_bytes(cfg) -> int:
     """About what the run holds per parameter: weights, gradients, EMA, AdamW's two moments (fp32)."""
     n_params = (16 * cfg.depth + 8) * cfg.hidden_size**2  # 16 h^2 per block (attention, cross, MLP)
     return 5 * 4 * n_params
 
-
+# %%
+# | export
 @dataclass
 class TrainConfig:
     """Everything that defines a training run of the book model (saved in every checkpoint)."""
@@ -250,14 +252,16 @@ class TrainConfig:
                      snapshot_every=10, hidden_size=64, depth=2, num_heads=2)
         return cls(**{**small, **overrides})
 
-
+# %%
+# | export
 def _check_train_config(name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"{name}: expected a TrainConfig, got {type(cfg).__name__}"
                         + (" (build one: TrainConfig(**settings))" if isinstance(cfg, dict) else ""))
     return cfg
 
-
+# %%
+# | export
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every", "compile", "mixed_precision")
 
 # %% [markdown]
@@ -286,7 +290,8 @@ def parametrisation(cfg: TrainConfig) -> Parametrisation:
     return Parametrisation(prediction=cfg.objective, beta_schedule=cfg.beta_schedule,
                            zero_terminal_snr=cfg.zero_terminal_snr)
 
-
+# %%
+# | export
 def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """(B,) per-sample loss weights at model times `t`: 1, or min-SNR-gamma (Hang et al. 2023) on DDPM targets."""
     if check_float("min_snr_gamma", min_snr_gamma, minimum=0) == 0 or param.prediction == "flow":
@@ -370,13 +375,15 @@ class EncodedData:
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.latents[idx], self.tokens[idx], self.mask[idx]  # (B, 4, 8, 8), (B, T, 96), (B, T)
 
-
+# %%
+# | export
 def _pad_tokens(emb: TextEmbeddings, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, D = emb.tokens.shape
     tokens = torch.cat([emb.tokens, emb.tokens.new_zeros(B, length - T, D)], 1)  # (B, length, D)
     return tokens, torch.cat([emb.mask, emb.mask.new_zeros(B, length - T)], 1)  # (B, length)
 
-
+# %%
+# | export
 def _check_dataset(dataset) -> None:
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise TypeError(f"dataset: expected a sequence of (image, caption) pairs such as ShapesDataset, "
@@ -384,7 +391,8 @@ def _check_dataset(dataset) -> None:
     if len(dataset) == 0:
         raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
 
-
+# %%
+# | export
 def _pairs(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     """Images (B, 3, 32, 32) and captions of dataset[i] for i in indices, each item checked."""
     images, captions = [], []
@@ -399,7 +407,8 @@ def _pairs(dataset, indices) -> tuple[torch.Tensor, list[str]]:
         captions.append(item[1])
     return torch.stack(images), captions
 
-
+# %%
+# | export
 @torch.no_grad()
 def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, length: int | None = None):
     """Latents (B, 4, 8, 8) and padded text tokens / mask for a batch of images in [-1, 1] and captions."""
@@ -407,7 +416,8 @@ def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, l
     tokens, mask = _pad_tokens(emb, length or text_encoder.max_length)
     return vae.to_latent(images), tokens, mask
 
-
+# %%
+# | export
 @torch.no_grad()
 def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, disable: bool | None = None) -> EncodedData:
     """Run the frozen VAE and text encoder over a dataset of (image, caption) pairs once."""
@@ -424,7 +434,8 @@ def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, 
     empty_tokens, empty_mask = encode_batch(torch.zeros(1, 3, 32, 32), [""], vae, text_encoder, length=T)[1:]
     return EncodedData(latents, tokens[:, :T].contiguous(), mask[:, :T].contiguous(), empty_tokens[0], empty_mask[0])
 
-
+# %%
+# | export
 class StreamingData:
     """The uncached alternative (`TrainConfig(cache=False)`): render and encode each batch when it is
     drawn. Same interface as `EncodedData`; costs encoder time every step, no memory."""
@@ -445,7 +456,8 @@ class StreamingData:
         images, captions = _pairs(self.dataset, [int(i) for i in idx])
         return encode_batch(images, captions, self.vae, self.text_encoder)
 
-
+# %%
+# | export
 def _check_encoded_data(data) -> None:
     """What a Trainer reads: EncodedData of consistent shapes, finite latents, at least one sample."""
     if isinstance(data, StreamingData):
@@ -481,7 +493,8 @@ def _check_step_args(step: int, seed: int | None = None, **counts: int) -> None:
     for name, value in counts.items():
         check_int(name, value, minimum=1)
 
-
+# %%
+# | export
 def _check_ema_args(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """Two copies of one network (same parameter names and shapes), decay in [0, 1], step >= 0."""
     for name, m in (("ema", ema), ("model", model)):
@@ -495,7 +508,8 @@ def _check_ema_args(ema: nn.Module, model: nn.Module, decay: float, step: int) -
     check_float("decay", decay, minimum=0, maximum=1)
     check_int("step", step, minimum=0)
 
-
+# %%
+# | export
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the global batch of `step`: epochs of seeded permutations, read in order, so the
     data position is a pure function of the step (resume needs nothing else)."""
@@ -508,13 +522,15 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
         out.extend(perm[offset: offset + batch_size - len(out)].tolist())
     return torch.tensor(out)
 
-
+# %%
+# | export
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's noise, timesteps and caption dropout (so a resumed run draws the same)."""
     _check_step_args(step, seed)
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
-
+# %%
+# | export
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up, then cosine decay from 1 to `min_ratio` at the last step."""
     _check_step_args(step, total=total)
@@ -525,7 +541,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
+# %%
+# | export
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- decay * ema + (1 - decay) * model, with decay warmed up as (1 + step) / (10 + step)."""
@@ -583,7 +600,8 @@ def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
                          depth=cfg.depth, num_heads=cfg.num_heads, learn_sigma=False, context_dim=context_dim,
                          modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
 
-
+# %%
+# | export
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
     _check_train_config("cfg", cfg)
@@ -605,7 +623,8 @@ def _fsync_dir(folder: Path) -> None:
     finally:
         os.close(fd)
 
-
+# %%
+# | export
 def atomic_write(path: str | Path, write) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`: a reader (or a crash at
     any instant) sees the old file or the new one, never half of one."""
@@ -628,7 +647,8 @@ def atomic_write(path: str | Path, write) -> Path:
     _fsync_dir(path.parent)
     return path
 
-
+# %%
+# | export
 def _check_book_model(model, cfg) -> None:
     """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
     if not isinstance(model, TextDiT):
@@ -639,7 +659,8 @@ def _check_book_model(model, cfg) -> None:
     if diff:
         raise ValueError(f"cfg: does not describe the model ({'; '.join(diff)}); pass the one it was built with")
 
-
+# %%
+# | export
 def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: dict | None = None) -> Path:
     """Write `model` in diffusers' PixArtTransformer2DModel layout (+ scheduler and training notes)."""
     _check_book_model(model, cfg)
@@ -654,7 +675,8 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
         atomic_write(folder / name, lambda p, c=content: p.write_text(json.dumps(c, indent=1)))
     return folder
 
-
+# %%
+# | export
 def read_train_config(folder: str | Path) -> TrainConfig:
     """The TrainConfig a saved book model was trained with."""
     path = Path(folder) / "training.json"
@@ -668,7 +690,8 @@ def read_train_config(folder: str | Path) -> TrainConfig:
         raise ValueError(f"folder: {str(path)!r} has settings TrainConfig does not know: {', '.join(unknown)}")
     return TrainConfig(**config)
 
-
+# %%
+# | export
 def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametrisation]:
     """The shipped book model (EMA weights) or one saved by `save_book_model`, and its parametrisation."""
     folder = Path(folder) if folder is not None else BOOK_MODEL_DIR
@@ -677,7 +700,8 @@ def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametr
                                 "diffusion_pytorch_model.safetensors); train one with python -m tinydit train")
     return TextDiT.from_pretrained(folder), parametrisation(read_train_config(folder))
 
-
+# %%
+# | export
 def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=None, vae=None) -> TextToImagePipeline:
     """Chapter 13's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
     its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
@@ -741,7 +765,8 @@ def distributed() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
+# %%
+# | export
 CHECKPOINT_GLOB = "step-*.pt"
 
 
@@ -751,7 +776,8 @@ def checkpoints(folder: str | Path) -> list[Path]:
         raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
     return sorted(Path(folder).glob(CHECKPOINT_GLOB))
 
-
+# %%
+# | export
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """A checkpoint continues only the run that wrote it: name every setting that differs."""
     diff = {f.name: (saved.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
@@ -761,7 +787,8 @@ def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
         raise ValueError(f"resume: {path} was written by a different run ({listed}); start a new --out "
                          "folder or train with the checkpoint's settings")
 
-
+# %%
+# | export
 TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng_torch", "losses")
 
 
@@ -779,7 +806,8 @@ def _load_training_state(path: Path) -> dict:
         raise ValueError(f"resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
     return state
 
-
+# %%
+# | export
 def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -1056,7 +1084,8 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
         raise ValueError(f"out_dir: {str(out_dir)!r} already holds checkpoints of a run (up to {found[-1].name}); "
                          "continue it with resume=True, or choose an empty folder")
 
-
+# %%
+# | export
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
@@ -1080,7 +1109,6 @@ def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "r
     if trainer.rank == 0:
         save_book_model(trainer.ema, folder, cfg, info)
     return folder
-
 
 # %% [markdown]
 # ## 9. Bad input gets a clear error

@@ -148,7 +148,8 @@ class ObjectReading:
     fill: float  # area / bounding-box area, sub-pixel: square ~1, circle ~pi/4, triangle ~1/2
     skew: float  # skewness of its rows: triangles ~ -0.57 (bottom-heavy), circles and squares ~0
 
-
+# %%
+# | export
 @dataclass
 class Reading:
     """Everything the pixel reader saw in one image."""
@@ -164,7 +165,8 @@ def max3x3(a: np.ndarray) -> np.ndarray:
     p = np.pad(a, 1)  # (H + 2, W + 2)
     return np.max([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)  # (H, W)
 
-
+# %%
+# | export
 def label_components(mask: np.ndarray) -> np.ndarray:
     """8-connected components of a boolean mask: (H, W) ints, 0 outside, 1..K inside."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)  # (H, W) unique ids
@@ -177,7 +179,8 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     out[mask] = np.searchsorted(np.unique(labels[mask]), labels[mask]) + 1  # ids -> 1..K
     return out  # (H, W)
 
-
+# %%
+# | export
 def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     """The border's median colour (3,) and the named background within BACKGROUND_MATCH of it."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (2H + 2W - 4, 3)
@@ -186,7 +189,8 @@ def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     dist = np.linalg.norm(np.array([data.BACKGROUNDS[b] for b in names]) - median, axis=1)  # (3,)
     return median, (names[int(dist.argmin())] if dist.min() < BACKGROUND_MATCH else None)
 
-
+# %%
+# | export
 def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Palette index per pixel (-1: background or no colour) and each colour's coverage of it."""
     # Each pixel is modelled as a blend of the background and one palette colour: anti-aliased and
@@ -200,7 +204,8 @@ def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.nda
     on = (best_cover > MIN_COVER) & (residual.min(-1) < MAX_RESIDUAL)  # (H, W)
     return np.where(on, best, -1), cover.clip(0, 1)  # (H, W), (H, W, K)
 
-
+# %%
+# | export
 def split_components(colour: np.ndarray, min_area: int) -> list[np.ndarray]:
     """One boolean (H, W) mask per object: the connected groups of coloured pixels."""
     # Two objects that touch make one group; a group with sizeable pieces of two or more colours is
@@ -231,7 +236,8 @@ def shape_from_profile(fill: float, skew: float) -> str:
         return "triangle"
     return "square" if fill > SQUARE_FILL else "circle"
 
-
+# %%
+# | export
 def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> ObjectReading:
     """Colour, shape, centroid and area of one object mask (H, W)."""
     k = int(np.bincount(colour[comp]).argmax())  # majority palette colour
@@ -249,7 +255,8 @@ def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> 
     return ObjectReading(PALETTE_NAMES[k], shape_from_profile(fill, skew), float(cx / w), float(cy / h),
                          int(comp.sum()), fill, skew)
 
-
+# %%
+# | export
 def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     """A finite floating (3, H, W) image (ndim=3) or (B, 3, H, W) batch (ndim=4), sides >= MIN_SIDE."""
     want = "(3, H, W)" if ndim == 3 else "(B, 3, H, W)"
@@ -264,7 +271,8 @@ def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
                          "use x / 127.5 - 1)")
     return image
 
-
+# %%
+# | export
 def read_image(image: torch.Tensor) -> Reading:
     """Read one (3, H, W) image in [-1, 1]: its background and its objects, largest first."""
     x = _check_image("image", image).detach().to("cpu", torch.float64).clamp(-1, 1)
@@ -275,7 +283,8 @@ def read_image(image: torch.Tensor) -> Reading:
     objects = [describe_object(m, colour, cover) for m in split_components(colour, min_area)]
     return Reading(background, sorted(objects, key=lambda o: -o.area))
 
-
+# %%
+# | export
 def read_images(images: torch.Tensor) -> list[Reading]:
     """`read_image` on each of (B, 3, H, W) images."""
     return [read_image(x) for x in _check_image("images", images, ndim=4)]
@@ -289,7 +298,8 @@ def scene_group(scene: Scene) -> str:
     o = scene.objects[0]
     return "held_out" if (o.color, o.shape) in data.HELD_OUT else "seen"
 
-
+# %%
+# | export
 def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
     """The first `n` test-split indices whose scene falls in `group`."""
     group = check_choice("group", group, GROUPS)
@@ -303,32 +313,38 @@ def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
     raise RuntimeError(f"n: asked for {n} {group!r} scenes, found only {len(found)} among the first "
                        f"{MAX_SCAN * n} test-split scenes of seed={seed}; ask for fewer")
 
-
+# %%
+# | export
 def eval_scenes(group: str, n: int, seed: int = 0) -> list[Scene]:
     """`n` deterministic test-split prompts (with their ground truth) of one group."""
     return [data.sample_scene(seed, "test", i) for i in eval_indices(group, n, seed)]
 
-
+# %%
+# | export
 def names_position(scene: Scene) -> bool:
     """Does the caption of a one-object scene say where the object is?"""
     return any(p in scene.caption for p in data.POSITION_PHRASES[scene.objects[0].position])
 
-
+# %%
+# | export
 def nearest_position(cx: float, cy: float) -> str:
     """The named region (data.POSITIONS) whose centre is closest to (cx, cy)."""
     return min(data.POSITIONS, key=lambda p: (data.POSITIONS[p][0] - cx) ** 2 + (data.POSITIONS[p][1] - cy) ** 2)
 
-
+# %%
+# | export
 def relation_of(scene: Scene) -> str:
     """The relation a two-object scene was drawn with (its positions determine it)."""
     where = (scene.objects[0].position, scene.objects[1].position)
     return next(r for r, pos in data.RELATIONS.items() if pos == where)
 
-
+# %%
+# | export
 def _find(reading: Reading, color: str, shape: str) -> ObjectReading | None:
     return next((o for o in reading.objects if (o.color, o.shape) == (color, shape)), None)
 
-
+# %%
+# | export
 # Decisions, as in GenEval: a one-object prompt is judged on the largest object read (colour,
 # shape, position); any extra object makes `pair` wrong (the prompt asked for one). `position` is the
 # named region nearest the centroid, scored only when the caption names one. `both` needs both
@@ -355,18 +371,21 @@ def score_scene(scene: Scene, reading: Reading) -> dict[str, bool]:
     relation = both and sign * (getattr(second, axis) - getattr(first, axis)) > RELATION_MARGIN
     return {"both": both, "relation": relation, "background": background}
 
-
+# %%
+# | export
 def summarise(scores: list[dict[str, bool]]) -> tuple[dict[str, float], dict[str, int]]:
     """Per check: the fraction of scenes that pass, and how many scenes were scored on it."""
     counts = {k: sum(k in s for s in scores) for s in scores for k in s}
     return {k: sum(s.get(k, False) for s in scores) / c for k, c in counts.items()}, counts
 
-
+# %%
+# | export
 def render_scenes(scenes: list[Scene]) -> torch.Tensor:
     """Real renders of scenes at the book's size: (N, 3, 32, 32) in [-1, 1]."""
     return torch.stack([data.pil_to_tensor(data.render_scene(s, IMAGE_SIZE)) for s in scenes])  # (N, 3, 32, 32)
 
-
+# %%
+# | export
 def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
     """corrupt(images), which must keep one image per scene: (n, 3, H, W)."""
     out = corrupt(images)
@@ -375,7 +394,8 @@ def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(out.shape)}")
     return out
 
-
+# %%
+# | export
 def reader_accuracy(n: int = 100, seed: int = 0,
                     corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per group and check, how often the reader scores real renders right (optionally `corrupt`ed)."""
@@ -405,7 +425,8 @@ def _check_encoder(encoder) -> nn.Module:
                         f"{type(encoder).__name__}, which has none")
     return encoder
 
-
+# %%
+# | export
 @torch.no_grad()
 def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of images (N, 3, H, W); by default the book's CLIP image tower (32x32, D = 64)."""
@@ -426,7 +447,8 @@ def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch
         encoder.train(training)
     return torch.cat(feats)  # (N, D)
 
-
+# %%
+# | export
 def _as_features(name: str, feats) -> np.ndarray:
     """(N, D) features with N >= 2 (a covariance needs two samples) as float64 numpy."""
     if isinstance(feats, np.ndarray):
@@ -439,13 +461,15 @@ def _as_features(name: str, feats) -> np.ndarray:
                          f"1 feature, got shape {tuple(feats.shape)}")
     return feats.detach().cpu().double().numpy()  # (N, D)
 
-
+# %%
+# | export
 def sqrtm_psd(s: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (D, D) by eigendecomposition."""
     w, v = np.linalg.eigh(s)
     return (v * np.sqrt(w.clip(0, None))) @ v.T  # (D, D); tiny negative eigenvalues are round-off
 
-
+# %%
+# | export
 def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to feature sets (N, D) and (M, D), in float64."""
     # |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2). S_a S_b is not symmetric, but
@@ -500,7 +524,8 @@ class EvalReport:
         """Plain dicts and numbers, ready for json.dumps."""
         return {**asdict(self), "background": self.background()}
 
-
+# %%
+# | export
 def _check_generated(images, count: int) -> torch.Tensor:
     """`count` finite float (3, 32, 32) images from `generate`, on the CPU, clipped to [-1, 1]."""
     want = f"a ({count}, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) float tensor in [-1, 1] (one image per caption)"
@@ -511,7 +536,8 @@ def _check_generated(images, count: int) -> torch.Tensor:
     _check_image("generate", images, ndim=4)
     return images.detach().cpu().float().clamp(-1, 1)  # (count, 3, 32, 32)
 
-
+# %%
+# | export
 def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 300, seed: int = 0,
              batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """Generate, read and score `n` test prompts per group; Fréchet distance to their real renders."""
@@ -554,14 +580,16 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
 
     return draw
 
-
+# %%
+# | export
 def _snapshot_step(snap: Path) -> int:
     match = re.fullmatch(r"step-(\d+)", snap.name)
     if match is None or not snap.is_dir():
         raise ValueError(f"run_dir: {str(snap)!r} is not a snapshot folder step-NNNNNNN (as Trainer writes them)")
     return int(match.group(1))
 
-
+# %%
+# | export
 def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps: int | None = None,
                    guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
@@ -574,7 +602,8 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
     pipe.check_inputs(["a red circle"], **options)  # a bad setting fails here, not after the first batch
     return evaluate(draw, n=n, seed=seed, batch_size=batch_size, disable=disable)
 
-
+# %%
+# | export
 def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None, **settings) -> list[dict]:
     """The adherence-vs-training curve: `evaluate_model` on every EMA snapshot of a training run
     (`<run_dir>/snapshots/step-*`), oldest first -> [{"step": ..., **report.as_dict()}, ...]."""

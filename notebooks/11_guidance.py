@@ -131,7 +131,8 @@ def check_percentile(name: str, value) -> float:
         raise ValueError(f"{name}: expected a fraction in (0, 1] (0.995 = the 99.5th percentile), got {value}")
     return value
 
-
+# %%
+# | export
 def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...], width: tuple[int | None, str]):
     """Text tokens (B, T, D) with B one of `batches` and D == width = (D, where it comes from), and their
     (B, T) boolean mask (None: every token real)."""
@@ -148,7 +149,8 @@ def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...]
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
     return tokens, check_bool_mask(mask_name, mask, tokens.shape[:2])
 
-
+# %%
+# | export
 def _pad(tokens: torch.Tensor, mask: torch.Tensor, batch: int, length: int):
     """Tokens (B', T, D) and mask (B', T) -> (batch, length, D), (batch, length): masked zeros appended,
     a single row repeated for the whole batch."""
@@ -174,7 +176,8 @@ class GuidanceStep:
     progress: float  # 0 at the schedule's first noise level, 1 at its last (log sigma); NaN if unknown
     state: dict  # the wrapper's memory for this sampling run (APG's momentum)
 
-
+# %%
+# | export
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser: D_uncond + scale (D_cond - D_uncond),
     both branches in one batched forward (B -> 2B), then `cure` (Rescale, Threshold, Mimic, APG, or a
@@ -239,7 +242,8 @@ def _check_cures(cure) -> tuple:
             raise TypeError(f"cure: expected Rescale, Threshold, Mimic, APG (or a tuple of them), got {c!r}")
     return cures
 
-
+# %%
+# | export
 def _check_interval(interval) -> tuple[float, float]:
     if interval is None:
         return 0.0, math.inf
@@ -249,7 +253,8 @@ def _check_interval(interval) -> tuple[float, float]:
     hi = interval[1] if interval[1] == math.inf else check_float("interval", interval[1], minimum=lo)
     return lo, hi
 
-
+# %%
+# | export
 def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     """The run's first and last positive noise level: from `sigmas`, else the denoiser's range."""
     if sigmas is not None:
@@ -259,7 +264,8 @@ def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     first, last = getattr(denoiser, "sigma_max", None), getattr(denoiser, "sigma_min", None)
     return (first, last) if first is not None and last is not None and first > last > 0 else None
 
-
+# %%
+# | export
 def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[str] = "") -> dict:
     """A sampler's `extra_args` for a CFGDenoiser: the prompts' tokens and masks, and the negative
     prompt's ("" = the unconditional model; one string for all, or one per prompt), padded to one length."""
@@ -347,7 +353,8 @@ class Guided:
     raw: torch.Tensor  # (B, 3, H, W) decoded, before the clamp (what the clipped share reads)
     x0: torch.Tensor  # (B, C, h, w) the denoiser's x0 prediction at the last step (latent)
 
-
+# %%
+# | export guidance_study
 @torch.no_grad()
 def generate_guided(pipe, captions: list[str], seeds: list[int] | None = None, scale: float | None = None,
                     cure="default", interval=None, negative_prompt: str | list[str] | None = None,
@@ -432,7 +439,8 @@ def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.
     rescaled = pred_cfg * (pred_cond.std(dim=dims, keepdim=True) / pred_cfg.std(dim=dims, keepdim=True))
     return phi * rescaled + (1 - phi) * pred_cfg
 
-
+# %%
+# | export
 def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """An x0 prediction at (x, sigma) as the `space` prediction: "v" (DDPM v, chapter 08), "eps", "x0"."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -440,7 +448,8 @@ def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor)
         return (x / (s**2 + 1) - x0) * (s**2 + 1) ** 0.5 / s
     return (x - x0) / s if space == "eps" else x0
 
-
+# %%
+# | export
 def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_space`: a `space` prediction back to x0."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -448,7 +457,8 @@ def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Ten
         return x / (s**2 + 1) - s / (s**2 + 1) ** 0.5 * pred
     return x - s * pred if space == "eps" else pred
 
-
+# %%
+# | export
 @dataclass(frozen=True)
 class Rescale:
     """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
@@ -517,7 +527,8 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: fl
     s = torch.quantile(flat.abs(), percentile, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
 
-
+# %%
+# | export
 @dataclass(frozen=True)
 class Threshold:
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep
@@ -584,7 +595,8 @@ def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0
     f = 1 - progress if mode == "linear" else math.cos(progress * math.pi / 2)
     return minimum + (scale - minimum) * f
 
-
+# %%
+# | export
 def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scale: float,
               percentile: float = 1.0, phi: float = 1.0) -> torch.Tensor:
     """sd-dynamic-thresholding's CFG fix: the CFG result at `scale`, per sample and channel centred on its
@@ -599,7 +611,8 @@ def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scal
     out = (cfg - mean).clamp(-ref, ref) / ref * ref_mim + mean  # (B, C, N)
     return (phi * out + (1 - phi) * cfg).reshape(cond.shape)
 
-
+# %%
+# | export
 @dataclass(frozen=True)
 class Mimic:
     """The "mimic scale" dynamic thresholding of sd-dynamic-thresholding (mcmonkey 2023, "Dynamic
@@ -679,7 +692,8 @@ def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, no
     parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
     return (v0 - parallel).to(diff.dtype) + eta * parallel.to(diff.dtype)
 
-
+# %%
+# | export
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
@@ -766,14 +780,16 @@ def palette_error(images: torch.Tensor) -> torch.Tensor:
     objects = (which < len(COLORS)).float()
     return (nearest * objects).sum(1) / objects.sum(1)
 
-
+# %%
+# | export guidance_study
 def saturation(out: Guided) -> dict[str, torch.Tensor]:
     """Per image (B,): mean |x0| at the last step, share of clipped pixels, colour error (palette_error)."""
     return {"mean_abs_x0": out.x0.abs().flatten(1).mean(1),
             "clipped": (out.raw.abs() > CLIP_LIMIT).flatten(1).float().mean(1),
             "palette_error": palette_error(out.images)}
 
-
+# %%
+# | export guidance_study
 def measure(pipe, scale: float, n: int = 300, seed: int = 0, steps: int | None = None, sampler: str | None = None,
             **options) -> dict:
     """Adherence (chapter 10's `evaluate`, n prompts per group) and mean saturation of one setting:

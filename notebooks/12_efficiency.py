@@ -131,7 +131,8 @@ def as_device(name: str, device) -> torch.device:
         raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
     return device
 
-
+# %%
+# | export
 def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Tensor]:
     """The unique parameters and buffers of `modules` (tied weights once)."""
     seen, out = set(), []
@@ -142,12 +143,14 @@ def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Ten
                 out.append(t)
     return out
 
-
+# %%
+# | export
 def nbytes(tensors) -> int:
     """Bytes the tensors take (their dtype times their size; meta tensors count too)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
-
+# %%
+# | export
 def move_inputs(obj, device: torch.device):
     """`obj` with every tensor in it (also inside tuples, lists and dicts) on `device`."""
     if isinstance(obj, torch.Tensor):
@@ -158,7 +161,8 @@ def move_inputs(obj, device: torch.device):
         return {k: move_inputs(v, device) for k, v in obj.items()}
     return obj
 
-
+# %%
+# | export
 def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
     """Point `t` (a parameter or buffer, kept by identity) at `new`'s data. `t.data = new` between CPU
     and CUDA; the meta device (used to count bytes without storage) needs a full `swap_tensors`."""
@@ -168,7 +172,8 @@ def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
         fresh = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new.detach()  # a new object
         torch.utils.swap_tensors(t, fresh)  # (swapping `new` itself would overwrite the caller's tensor)
 
-
+# %%
+# | export
 def _check_offloadable(name: str, module) -> None:
     """An nn.Module with real (not meta) weights, no part of which another offloader holds."""
     if not isinstance(module, nn.Module):
@@ -182,13 +187,13 @@ def _check_offloadable(name: str, module) -> None:
     if isinstance(getattr(module, "blocks", None), nn.ModuleList) and hasattr(module.blocks, "cache"):
         raise ValueError(f"{name}: a step cache is on (chapter 12's StepCache); close() it before offloading")
 
-
+# %%
+# | export
 def _check_flag(name: str, value) -> bool | None:
     """None (the default rule) or a real bool: the string "no" must not read as True."""
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name}: expected True, False or None, got {value!r}")
     return value
-
 
 # %%
 # | export
@@ -238,7 +243,8 @@ class Group:
                 set_data(t, m)
             self.on_device, self.ready = False, None
 
-
+# %%
+# | export
 @dataclass
 class Ledger:
     """What is on the device: bytes now, the peak, and the moves (for plots and tests)."""
@@ -256,7 +262,6 @@ class Ledger:
             self.resident -= group.bytes
         self.peak = max(self.peak, self.resident)
         self.events.append((what, group.name, self.resident))
-
 
 # %% [markdown]
 # Every offloader below shares one skeleton: it splits a model's tensors into `Group`s, hooks the
@@ -349,7 +354,8 @@ def _check_disjoint(models: dict) -> None:
                                  "separate (not the same module twice, not one inside another)")
             owner[id(t)] = name
 
-
+# %%
+# | export
 class ModelOffload(Offloader):
     """One component on `device` at a time: calling one (its forward) brings it in and sends out the
     one before. `models`: a dict name -> module (or a list). Peak = the largest component."""
@@ -396,7 +402,6 @@ class ModelOffload(Offloader):
         self._switch_to(group)(None, (), {})
         yield self.device
 
-
 # %% [markdown]
 # **Block offload** (diffusers' group offloading): a transformer is mostly a list of identical blocks.
 # Split it into groups of `group_size` blocks; a group comes in when its first block starts and goes
@@ -415,7 +420,8 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
                          "explicitly, or use LeafOffload / ModelOffload")
     return max(lists, key=lambda ml: nbytes(tensors_of([ml])))
 
-
+# %%
+# | export
 def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
     """`blocks`: a non-empty nn.ModuleList inside `model`."""
     if not isinstance(blocks, nn.ModuleList):
@@ -426,13 +432,15 @@ def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
         raise ValueError("blocks: not a part of model (pass the model's own block list, e.g. model.blocks)")
     return blocks
 
-
+# %%
+# | export
 def owners(model: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Module]:
     """The modules that directly own (not through a child) any of `tensors`."""
     ids = {id(t) for t in tensors}
     return [m for m in model.modules() if any(id(t) in ids for t in tensors_of([m], recurse=False))]
 
-
+# %%
+# | export
 class BlockOffload(Offloader):
     """Groups of `group_size` blocks on `device` only while they run; the rest of the model while the
     model runs. `stream` (CUDA only; default: on for CUDA) prefetches the next group on a side
@@ -483,7 +491,6 @@ class BlockOffload(Offloader):
         self.onload(self.rest)
         return self
 
-
 # %% [markdown]
 # **Leaf offload** (diffusers' sequential offload): every module that owns weights is its own group,
 # in for its forward and out after it. The smallest peak (about the largest layer), the most copies,
@@ -506,7 +513,8 @@ class LeafOffload(Offloader):
                 self._pre(m, group, [m])
                 self._post(m, group)
 
-
+# %%
+# | export
 OFFLOAD_MODES = {"model": ModelOffload, "block": BlockOffload, "leaf": LeafOffload}
 
 
@@ -516,7 +524,6 @@ def offload(model, mode: str = "block", device="cuda", **options) -> Offloader:
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"mode: expected one of {sorted(OFFLOAD_MODES)}, got {mode!r}")
     return OFFLOAD_MODES[mode](model, device=device, **options)
-
 
 # %% [markdown]
 # ### Checking it: exact outputs, and the bytes on the device
@@ -613,17 +620,18 @@ def fp8_dtype(name: str) -> torch.dtype:
                            "torch >= 2.1")
     return getattr(torch, FP8[name])
 
-
+# %%
+# | export precision
 def _check_model(model) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     return model
 
-
+# %%
+# | export precision
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers as stored (fp8 layers count 1 byte a value)."""
     return nbytes(tensors_of([_check_model(model)]))
-
 
 # %%
 from tinydit.precision import FP8, fp8_dtype, weight_bytes  # noqa: E402
@@ -669,7 +677,8 @@ def skip_patterns(model: nn.Module) -> tuple[str, ...]:
     """The SKIP_LAYERWISE entry of the model's class (or the default)."""
     return SKIP_LAYERWISE.get(type(model).__name__, SKIP_LAYERWISE["default"])
 
-
+# %%
+# | export precision
 def _check_skip(skip) -> tuple[str, ...]:
     """One pattern or a sequence of regular expressions (strings)."""
     skip = (skip,) if isinstance(skip, str) else skip
@@ -682,7 +691,8 @@ def _check_skip(skip) -> tuple[str, ...]:
             raise ValueError(f"skip: invalid regular expression {pattern!r} ({e})") from None
     return tuple(skip)
 
-
+# %%
+# | export precision
 def _castable_layers(model: nn.Module, skip: tuple[str, ...], storage: torch.dtype) -> list[tuple[str, nn.Module]]:
     """The Linear / Conv layers to store in fp8: not skipped, and with weights inside its range."""
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, CASTABLE)]
@@ -702,7 +712,8 @@ def _castable_layers(model: nn.Module, skip: tuple[str, ...], storage: torch.dty
                              "skip it (skip=...) or store in fp8_e5m2")
     return layers
 
-
+# %%
+# | export precision
 class LayerwiseCasting:
     """Store the weights of every Linear / Conv layer in `storage_dtype` (fp8) and upcast each layer to
     `compute_dtype` right before its forward, dropping the upcast copy after it. Layers whose name
@@ -748,7 +759,6 @@ class LayerwiseCasting:
                 for t in tensors_of([m], recurse=False):
                     set_data(t, t.data.to(self.compute))
         self.model._tinydit_casting, self.hooks, self.layers = None, [], []
-
 
 # %% [markdown]
 # ### The book model in four precisions
@@ -886,7 +896,8 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean |new - old| / mean |old| (one device sync per step)."""
     return ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
 
-
+# %%
+# | export stepcache
 class CachedBlocks(nn.ModuleList):
     """The model's blocks, the same modules under the same keys; iterating yields cached calls."""
 
@@ -900,7 +911,8 @@ class CachedBlocks(nn.ModuleList):
         for i, block in enumerate(blocks[1:], start=1):
             yield partial(self.cache.deep, block, i == len(blocks) - 1)
 
-
+# %%
+# | export stepcache
 class StepCache:
     """A first-block cache on `model.blocks` (or `blocks=`, an nn.ModuleList inside it). `threshold`: the
     largest relative change of the first block's residual that still reuses the deep blocks (0: never);
@@ -960,7 +972,6 @@ class StepCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
 
 # %%
 from tinydit.stepcache import StepCache  # noqa: E402
@@ -1048,7 +1059,8 @@ def _sdp_backend(name: str):
     return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
 
-
+# %%
+# | export precision
 def sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, bool]:
     """Which SDPA kernels accept these inputs (each tried alone), and "auto": the one torch picks."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1066,7 +1078,8 @@ def sdpa_backends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     auto = next((n for n in SDPA_BACKENDS if _sdp_backend(n) == choice), "math")
     return {**accepts, "auto": auto}
 
-
+# %%
+# | export precision
 @contextmanager
 def pin_sdpa(backend: str):
     """Run the block with one SDPA kernel only (an error where it refuses the inputs, never a silent fallback)."""
@@ -1074,7 +1087,6 @@ def pin_sdpa(backend: str):
 
     with sdpa_kernel([_sdp_backend(backend)]):
         yield
-
 
 # %%
 from tinydit.precision import pin_sdpa, sdpa_backends  # noqa: E402

@@ -179,7 +179,8 @@ class PipelineOutput:
     nsfw: list[bool] | None = None  # per image: replaced by the safety checker (chapter 16); None: no check ran
     reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
-
+# %%
+# | export
 @dataclass
 class Request:
     """A call's arguments after `check_inputs`: what the other steps read."""
@@ -191,7 +192,8 @@ class Request:
     sampler: str
     shape: tuple[int, int, int, int]  # (B, C, h, w) of the latents
 
-
+# %%
+# | export
 class InitialNoise(NamedTuple):
     """`prepare_latents`: unit-variance noise (B, C, h, w) on the CPU, each image's seed, and the
     generator of the stochastic samplers' fresh noise."""
@@ -408,7 +410,8 @@ def _check_call_options(callback, output_type) -> None:
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type: expected 'pil' (PIL images) or 'latent' (latents only), got {output_type!r}")
 
-
+# %%
+# | export
 def _check_request(shape, cfg, side: str) -> None:
     """Refuse a request far beyond memory before drawing its noise: latents plus one attention map."""
     B, C, h, w = shape
@@ -417,7 +420,8 @@ def _check_request(shape, cfg, side: str) -> None:
     check_memory(side, per_image)
     check_memory("num_images_per_prompt", B * per_image)
 
-
+# %%
+# | export
 def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
     """Prompts and negatives as equal-length lists, each prompt repeated `per_prompt` times."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -436,13 +440,15 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
                          f"got {negative_prompt!r}")
     return [p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)]
 
-
+# %%
+# | export
 def _check_sampler(name) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
     return name
 
-
+# %%
+# | export
 def _check_side(name: str, value, default: int, multiple: int) -> int:
     value = check_int(name, default if value is None else value, minimum=multiple)
     if value % multiple:
@@ -450,14 +456,16 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
                          f"the nearest are {value // multiple * multiple} and {(value // multiple + 1) * multiple}")
     return value
 
-
+# %%
+# | export
 def _check_shape(shape) -> tuple[int, int, int, int]:
     """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
         raise ValueError(f"shape: expected the latents' (B, C, h, w), as check_inputs returns it, got {shape!r}")
     return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
 
-
+# %%
+# | export
 def _check_denoise_args(cond, sigmas, wrap) -> None:
     """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
     if not isinstance(cond, dict) or "context" not in cond:
@@ -467,7 +475,8 @@ def _check_denoise_args(cond, sigmas, wrap) -> None:
     if wrap is not None and not callable(wrap):
         raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
-
+# %%
+# | export
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
@@ -492,19 +501,20 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
         raise ValueError(f"seed: expected one seed, or one per image ({B}), got {len(seeds)}")
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
-
+# %%
+# | export
 def _sampler_generator(seeds, generator):
     """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
     if generator is not None:
         return generator
     return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
 
-
+# %%
+# | export
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     return [Image.fromarray(p) for p in pixels]
-
 
 # %% [markdown]
 # ## 4. A gallery of pairs the model never saw

@@ -89,19 +89,22 @@ def resolve_pipeline_folder(path_or_id) -> Path:
         raise TypeError(f"path_or_id: expected a folder path or a hub id, got {type(path_or_id).__name__}")
     return resolve_pretrained(path_or_id, filenames=PIPELINE_FILES)
 
-
+# %%
+# | export
 def _require(folder: Path, names, what: str) -> None:
     missing = [n for n in names if not (folder / n).exists()]
     if missing:
         raise FileNotFoundError(f"path_or_id: {str(folder)!r} is {what} but lacks {', '.join(missing)}")
 
-
+# %%
+# | export
 def load_parts(folder: Path, dtype=None) -> dict:
     """A pipeline folder or a book-model folder -> text_encoder, transformer, vae, the scheduler config
     (a dict) and the defaults the folder stores (a dict of SamplingConfig fields)."""
     return load_pipeline_parts(folder, dtype) if (folder / MODEL_INDEX).is_file() else load_book_parts(folder, dtype)
 
-
+# %%
+# | export
 def load_book_parts(folder: Path, dtype=None) -> dict:
     """A book-model folder (chapter 09): its PixArt transformer and scheduler, the book encoder and VAE."""
     if not (folder / "config.json").is_file():
@@ -112,7 +115,8 @@ def load_book_parts(folder: Path, dtype=None) -> dict:
     return dict(text_encoder=load_book_text_encoder(dtype=dtype), transformer=TextDiT.from_pretrained(folder, dtype=dtype),
                 vae=load_book_vae(dtype=dtype), scheduler=scheduler, defaults={})
 
-
+# %%
+# | export
 def load_text_encoder(folder: Path, index: dict, dtype=None):
     """The text encoder + tokenizer a model_index.json names (transformers' CLIP or T5 classes)."""
     kind = (index.get("text_encoder") or [None, None])[1] or ""
@@ -127,7 +131,8 @@ def load_text_encoder(folder: Path, index: dict, dtype=None):
             return CLIPTextEncoder.from_pretrained(folder, "text_encoder", "tokenizer", dtype=dtype, **options)
     raise ValueError(f"path_or_id: text_encoder class {kind!r} in {MODEL_INDEX}; expected a CLIP or T5 text model")
 
-
+# %%
+# | export
 def _check_index(index: dict) -> dict:
     """model_index.json's entries: [library, class] pairs, and our "_tinydit" object."""
     for part in PIPELINE_PARTS:
@@ -140,7 +145,8 @@ def _check_index(index: dict) -> dict:
                          f"'text_encoder' objects, got {extra!r}")
     return index
 
-
+# %%
+# | export
 def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     """Every component of a pipeline folder, its scheduler config and its stored defaults."""
     index = _check_index(read_config(folder / MODEL_INDEX, "path_or_id"))
@@ -155,7 +161,8 @@ def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     return dict(text_encoder=load_text_encoder(folder, index, dtype), transformer=transformer, vae=vae,
                 scheduler=scheduler, defaults=defaults)
 
-
+# %%
+# | export
 def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """The VAE to save in a PixArt folder. diffusers' PixArt pipelines decode `z / scaling_factor` and
     never add `shift_factor`, so a shifted VAE (the book's: -0.2582) is saved with the shift folded into
@@ -175,7 +182,8 @@ def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
     folded.config = dataclasses.replace(folded.config, shift_factor=0.0)
     return folded
 
-
+# %%
+# | export
 def save_pipeline(pipe, folder: Path, sampling: dict, scheduler: dict) -> Path:
     """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout, with `scheduler` (a diffusers
     scheduler config) and tinydit's `sampling` defaults under model_index.json's "_tinydit" key."""
@@ -202,7 +210,6 @@ def save_pipeline(pipe, folder: Path, sampling: dict, scheduler: dict) -> Path:
              "_tinydit": {"sampling": sampling, "text_encoder": text}}
     (folder / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return folder
-
 
 # %% [markdown]
 
@@ -297,7 +304,8 @@ def attention_maps(pipe: TextToImagePipeline, prompt: str, seed: int = 0, **opti
     ids = pipe.text_encoder.tokenizer([prompt], truncation=True, max_length=attn.shape[0])["input_ids"][0]
     return out, attn, pipe.text_encoder.tokenizer.convert_ids_to_tokens(ids)  # the tokens the encoder kept
 
-
+# %%
+# | export demo
 def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | None = None):
     """One panel per caption token (and the image first, if given); returns the matplotlib figure."""
     import matplotlib.pyplot as plt  # optional: the notebooks extra
@@ -315,7 +323,6 @@ def plot_attention(attn: torch.Tensor, words: list[str], image: Image.Image | No
     for ax in fig.axes:
         ax.axis("off")
     return fig
-
 
 # %%
 def show_attention(pipe, prompt, seed=0, **options):

@@ -122,7 +122,8 @@ def load_rgb(name: str, image) -> Image.Image:
         raise TypeError(f"{name}: expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
     return image.convert("RGB")  # RGBA, L, P, CMYK ... -> RGB (transparent pixels take their colour)
 
-
+# %%
+# | export
 def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     """(1, H, W) in [0, 1], white = repaint; a mask of another size than the image is resized to it
     (bilinear), with a warning."""
@@ -145,11 +146,11 @@ def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
         mask = F.interpolate(mask[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
     return mask
 
-
+# %%
+# | export
 def start_index(steps: int, strength: float) -> int:
     """Where img2img enters a `steps`-step schedule: the last int(steps * strength) steps run (diffusers)."""
     return steps - min(int(steps * strength), steps)
-
 
 # %% [markdown]
 # ## 2. Inpainting by latent blending
@@ -192,7 +193,8 @@ class LatentBlend:
         x = keep * (self.source + s * self.noise) + (1 - keep) * x  # kept cells: the source at this noise level
         return keep * self.source + (1 - keep) * self.denoiser(x, sigma, **cond)  # (B, C, h, w)
 
-
+# %%
+# | export
 @torch.no_grad()
 def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=None, jump: int = 2, n_sample: int = 2,
                    generator=None):
@@ -214,7 +216,6 @@ def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=Non
         i = end
     return x
 
-
 # %%
 # | export
 def _check_strength(strength) -> float:
@@ -223,7 +224,8 @@ def _check_strength(strength) -> float:
         raise ValueError(f"strength: expected a number in (0, 1] (0 would return the source unchanged), got {strength}")
     return strength
 
-
+# %%
+# | export
 def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the mask's non-zero pixels, grown by `padding`, squared and rounded
     out to `multiple`, inside the image."""
@@ -237,7 +239,8 @@ def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int
     left = min(max(0, (left + right - side) // 2), W - side)
     return top, left, top + side, left + side
 
-
+# %%
+# | export
 class EditPipeline(TextToImagePipeline):
     """The shared core of img2img and inpainting (built from a TextToImagePipeline's components)."""
 
@@ -280,7 +283,8 @@ class EditPipeline(TextToImagePipeline):
             images = composite(images, source, mask, blur)
         return self.finish(to_pil(images), z, prompts, seeds, safety)
 
-
+# %%
+# | export
 def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
     """Pixels where the mask is 0 come from the source exactly; `blur` (pixels) feathers the edge inward only."""
     m = mask
@@ -289,14 +293,16 @@ def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, bl
         m = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255)[None] * (mask > 0)  # never outside the mask
     return m * images + (1 - m) * source  # (B, 3, H, W)
 
-
+# %%
+# | export
 class Img2ImgPipeline(EditPipeline):
     """SDEdit: `strength` in (0, 1] picks the starting noise level (1 = text-to-image from pure noise)."""
 
     def __call__(self, prompt, image, strength: float = 0.6, **options) -> PipelineOutput:
         return self.edit(prompt, image, None, strength, **options)
 
-
+# %%
+# | export
 class InpaintPipeline(EditPipeline):
     """Repaint where `mask_image` is white, keep the rest: latent blending at every step, then the decoded
     image composited onto the source (`blur` feathers the edge). `soft=True`: grey = change a little
@@ -333,7 +339,6 @@ class InpaintPipeline(EditPipeline):
             canvas[:, top:bottom, left:right] = m * patch + (1 - m) * full[:, top:bottom, left:right]
             images.append(canvas)
         return self.finish(to_pil(torch.stack(images)), out.latents, out.prompts, out.seeds, safety)
-
 
 # %%
 from tinydit.edit import Img2ImgPipeline, InpaintPipeline  # noqa: E402

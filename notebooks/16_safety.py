@@ -141,7 +141,8 @@ class ClipPreprocess:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
-
+# %%
+# | export
 def _check_images(images) -> list:
     if isinstance(images, Image.Image):
         images = [images]
@@ -150,7 +151,8 @@ def _check_images(images) -> list:
         raise TypeError(f"images: expected a PIL image or a non-empty list of them, got {got}")
     return list(images)
 
-
+# %%
+# | export
 def concept_scores(image_embeds: torch.Tensor, concepts: torch.Tensor, thresholds: torch.Tensor,
                    special: torch.Tensor, special_thresholds: torch.Tensor) -> list[dict]:
     """Stable Diffusion's scoring per image: cosine - threshold (+ 0.01 after a special-care hit, which
@@ -173,7 +175,8 @@ def concept_scores(image_embeds: torch.Tensor, concepts: torch.Tensor, threshold
         results.append(out)
     return results
 
-
+# %%
+# | export
 class StableDiffusionChecker(nn.Module):
     """Stable Diffusion's safety checker (CompVis; diffusers' StableDiffusionSafetyChecker): a CLIP vision
     tower and projection, 17 concept and 3 special-care embeddings, one threshold each. Loads the
@@ -226,7 +229,6 @@ class StableDiffusionChecker(nn.Module):
         reasons = [[f"sd-checker: concept {j} ({s['concept_scores'][j]:+.3f})" for j in s["bad_concepts"]] for s in scores]
         return [bool(r) for r in reasons], reasons, scores
 
-
 # %% [markdown]
 # In the tests, a tiny random checker saved by diffusers' own `save_pretrained` (with a
 # `CLIPImageProcessor` beside it) loads here; our preprocessing equals `CLIPImageProcessor`'s output
@@ -268,7 +270,8 @@ class Concept:
         """Whether chapter 10's reader saw this concept in an image."""
         return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in reading.objects)
 
-
+# %%
+# | export
 def parse_concept(text: str) -> Concept:
     """'a red triangle', 'anything purple', 'squares' -> Concept; words outside the book world are refused."""
     from tinydit.data import COLORS, SHAPES
@@ -283,7 +286,8 @@ def parse_concept(text: str) -> Concept:
                          f"({', '.join(SHAPES)}) of the book world")
     return Concept(text, color, shape)
 
-
+# %%
+# | export
 class BookConceptChecker:
     """Flags book-world images that show a declared concept. Zero-shot: the cosine of the book image
     tower's embedding with each concept's text embedding. After `fit`: a linear probe on each position of
@@ -383,7 +387,6 @@ class BookConceptChecker:
                     for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
         return [bool(r) for r in reasons], reasons
 
-
 # %% [markdown]
 # ## 4. Prompts, and one checker for the pipeline
 #
@@ -398,7 +401,8 @@ def normalize_text(text: str) -> str:
     """Lower case, punctuation to spaces, single spaces: 'A RED-triangle!' -> 'a red triangle'."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
 
-
+# %%
+# | export
 class PromptFilter:
     """Refuses prompts containing a blocked word or phrase (case- and punctuation-insensitive, whole words)."""
 
@@ -417,7 +421,8 @@ class PromptFilter:
             out.append([f"prompt: contains {phrase!r}" for phrase in self.phrases if f" {phrase} " in text])
         return out
 
-
+# %%
+# | export
 @dataclass
 class SafetyChecker:
     """What the pipeline runs after decoding: `prompt_filter` and `image_checkers` (objects with
@@ -450,7 +455,6 @@ class SafetyChecker:
         if self.replace == "black":
             return Image.new("RGB", image.size)
         return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
-
 
 # %% [markdown]
 # ## 5. Measured: the book-world checker on generated images
@@ -626,7 +630,8 @@ def _find_spec(name: str):
     except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
         return None
 
-
+# %%
+# | export
 def _default_model_path() -> Path | None:
     """Where the `nudenet` package keeps 320n.onnx, found without importing it (it imports cv2)."""
     spec = _find_spec("nudenet")
@@ -634,7 +639,8 @@ def _default_model_path() -> Path | None:
         return None
     return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
 
-
+# %%
+# | export
 def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray, ...]:
     """OpenCV's INTER_LINEAR taps: output pixel d samples the input at (d + 0.5) * n_in / n_out - 0.5
     (computed in float32) between pixels i0 and i1 with integer weights w0 + w1 = 2048. At the edges
@@ -648,7 +654,8 @@ def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray
     w0 = np.rint((1 - frac) * np.float32(2048)).astype(np.int64)
     return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, 2048 - w0
 
-
+# %%
+# | export
 def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     """cv2.resize(square, (n, n), interpolation=cv2.INTER_LINEAR) for a uint8 (S, S, 3) image,
     bit for bit: bilinear (no anti-aliasing, unlike PIL's when it shrinks) in 11-bit fixed point."""
@@ -662,7 +669,8 @@ def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     out = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
     return np.clip((out + 2) >> 2, 0, 255)
 
-
+# %%
+# | export
 class OnnxNsfwDetector:
     """Body-part detector on NudeNet's 320n.onnx. `detect` returns what NudeNet's `NudeDetector`
     returns (same preprocessing, decoding and NMS); `check` flags an image when one of `labels`
@@ -759,7 +767,6 @@ class OnnxNsfwDetector:
                     if label in self.labels and score >= self.threshold]
                    for dets in self.detect(pil_images)]
         return [bool(r) for r in reasons], reasons
-
 
 # %%
 if OnnxNsfwDetector.available():

@@ -99,7 +99,8 @@ def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torc
         out[k] = reshape(k, v)
     return out
 
-
+# %%
+# | export
 def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
     """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
     def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
@@ -122,7 +123,8 @@ def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
 
     return _rename(sd, rules, conv_to_linear)
 
-
+# %%
+# | export
 def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
     """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
     def flip(m):
@@ -145,7 +147,8 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
 
     return _rename(sd, rules, linear_to_conv)
 
-
+# %%
+# | export
 def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
     prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
@@ -264,7 +267,8 @@ def read_config_json(folder: Path) -> dict:
         raise FileNotFoundError(f"path_or_id: no config.json in {folder}")
     return read_config(path)
 
-
+# %%
+# | export
 def transformer_kind(config: dict) -> str | None:
     """Which model a transformer config.json describes: tinydit's `_class` ("DiT", "TextDiT") or the
     diffusers class. Hub repos converted before diffusers split its classes (facebook/DiT-XL-2-256,
@@ -277,14 +281,14 @@ def transformer_kind(config: dict) -> str | None:
                 "ada_norm_single": "PixArtTransformer2DModel"}.get(config.get("norm_type"), name)
     return name
 
-
+# %%
+# | export
 def diffusers_weights_file(folder: Path) -> Path:
     """The weights file of a diffusers model folder."""
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
-
 
 # %%
 # | export
@@ -499,7 +503,8 @@ def pixart_config(cfg) -> dict:
             "interpolation_scale": cfg.interpolation_scale, "use_additional_conditions": cfg.micro_conditions,
             "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
 
-
+# %%
+# | export
 PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
                   "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
                   "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
@@ -521,7 +526,8 @@ def _is_pixart_key(key: str) -> bool:
         return rest == "scale_shift_table" or (part != rest and (part in PIXART_RENAMES or part in split))
     return key.rsplit(".", 1)[0] in PIXART_RENAMES
 
-
+# %%
+# | export
 def _check_pixart_state_dict(sd) -> None:
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
@@ -530,7 +536,8 @@ def _check_pixart_state_dict(sd) -> None:
         listed = ", ".join(repr(k) for k in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
         raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
 
-
+# %%
+# | export
 def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
     chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""

@@ -24,6 +24,7 @@ def flash_available(q: torch.Tensor) -> bool:
             and q.shape[-1] <= 256 and importlib.util.find_spec("flash_attn") is not None)
 
 
+# notebooks/05_dit.py:111
 def _check_qkv(q, k, v) -> None:
     """q (B, heads, T_q, d), k (B, heads, T_k, d), v (B, heads, T_k, d_v), or a ValueError."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -38,6 +39,7 @@ def _check_qkv(q, k, v) -> None:
                          "head_dim for q and k)")
 
 
+# notebooks/05_dit.py:126
 def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        check_rows: bool = True) -> torch.Tensor:
     """A boolean mask broadcastable to (B, heads, T_q, T_k); True = may attend. 2-D (B, T_k): key
@@ -73,7 +75,7 @@ def _as_attention_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return full
 
 
-# notebooks/05_dit.py:160
+# notebooks/05_dit.py:162
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                       scale: float | None = None, check_rows: bool = True) -> torch.Tensor:
     """softmax(q kᵀ · scale + M): the (B, heads, T_q, T_k) attention map, written out."""
@@ -84,6 +86,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     return scores.softmax(dim=-1)  # (B, heads, T_q, T_k)
 
 
+# notebooks/05_dit.py:173
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               backend: str = "auto", scale: float | None = None, check_rows: bool = True) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017) over (B, heads, T, head_dim) tensors.
@@ -112,7 +115,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return attention_weights(q, k, mask, scale, check_rows) @ v  # (B, heads, T_q, head_dim)
 
 
-# notebooks/05_dit.py:232
+# notebooks/05_dit.py:235
 class RMSNorm(nn.Module):
     """Root-mean-square LayerNorm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean, no bias."""
 
@@ -126,6 +129,7 @@ class RMSNorm(nn.Module):
         return (x.float() * rms).to(x.dtype) * self.weight
 
 
+# notebooks/05_dit.py:249
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm / original DiT names).
 

@@ -73,6 +73,7 @@ class ShapeObject:
         return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
 
 
+# notebooks/01_data.py:198
 @dataclass(frozen=True)
 class Scene:
     """Ground truth of one sample: what is drawn, and the caption that describes it."""
@@ -82,7 +83,7 @@ class Scene:
     caption: str
 
 
-# notebooks/01_data.py:225
+# notebooks/01_data.py:226
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 POSITION_PHRASES = {
     "left": ("on the left", "at the left"),
@@ -106,10 +107,12 @@ def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
 
+# notebooks/01_data.py:250
 def _object_phrase(rng: np.random.Generator, obj: ShapeObject) -> str:
     return f"a {_pick(rng, SIZE_WORDS[obj.size])} {obj.color} {obj.shape}"
 
 
+# notebooks/01_data.py:255
 def make_caption(rng: np.random.Generator, background: str, objects: Sequence[ShapeObject],
                  relation: str | None = None) -> str:
     """Describe a scene with the grammar above; `rng` chooses among the paraphrases."""
@@ -124,7 +127,7 @@ def make_caption(rng: np.random.Generator, background: str, objects: Sequence[Sh
     return _pick(rng, PREFIXES) + body
 
 
-# notebooks/01_data.py:283
+# notebooks/01_data.py:286
 def _draw_color_shape(rng: np.random.Generator, split: str, exclude_color: str | None = None):
     while True:
         color = _pick(rng, tuple(COLORS))
@@ -136,12 +139,14 @@ def _draw_color_shape(rng: np.random.Generator, split: str, exclude_color: str |
         return color, shape
 
 
+# notebooks/01_data.py:298
 def _place(rng: np.random.Generator, position: str) -> tuple[float, float]:
     x, y = POSITIONS[position]
     dx, dy = rng.uniform(-JITTER, JITTER, size=2)
     return float(x + dx), float(y + dy)
 
 
+# notebooks/01_data.py:305
 def sample_scene(seed: int, split: str, index: int) -> Scene:
     """The scene of sample `index`: a pure function of (seed, split, index)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
@@ -164,7 +169,7 @@ def sample_scene(seed: int, split: str, index: int) -> Scene:
     return Scene(background, objects, make_caption(rng, background, objects, relation))
 
 
-# notebooks/01_data.py:339
+# notebooks/01_data.py:344
 SUPERSAMPLE = 4  # render_scene draws this many times larger, then box-filters down
 
 
@@ -175,6 +180,7 @@ def _check_canvas(size, supersample) -> tuple[int, int]:
     return size, supersample
 
 
+# notebooks/01_data.py:355
 def render_scene(scene: Scene, size: int = 32, supersample: int = SUPERSAMPLE) -> Image.Image:
     """Draw a scene at `size`×`size`, anti-aliased by drawing large and box-filtering down."""
     size, supersample = _check_canvas(size, supersample)
@@ -199,6 +205,7 @@ def render_scene(scene: Scene, size: int = 32, supersample: int = SUPERSAMPLE) -
     return img.resize((size, size), Image.Resampling.BOX)
 
 
+# notebooks/01_data.py:380
 def _check_chw(name: str, x) -> torch.Tensor:
     check_tensor(name, x)
     if x.ndim != 3 or x.shape[0] != 3:
@@ -206,6 +213,7 @@ def _check_chw(name: str, x) -> torch.Tensor:
     return x
 
 
+# notebooks/01_data.py:388
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
     if not isinstance(img, Image.Image):
@@ -214,6 +222,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
 
+# notebooks/01_data.py:397
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image (values outside are clipped)."""
     _check_chw("x", x)
@@ -222,7 +231,7 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())  # (H, W, 3)
 
 
-# notebooks/01_data.py:439
+# notebooks/01_data.py:448
 MAX_SAMPLES = sys.maxsize  # len() of a Dataset must fit in a C ssize_t
 
 
@@ -233,6 +242,7 @@ def _check_image_size(size) -> int:
     return size
 
 
+# notebooks/01_data.py:459
 def _check_index(i, n: int) -> int:
     """`i` as a position in 0..n-1; negative values count from the end, as for a list."""
     i = check_int("index", i)
@@ -242,7 +252,7 @@ def _check_index(i, n: int) -> int:
     return i % n
 
 
-# notebooks/01_data.py:459
+# notebooks/01_data.py:469
 class ShapesDataset(Dataset):
     """Procedural coloured shapes with captions.
 
@@ -276,7 +286,7 @@ class ShapesDataset(Dataset):
         return f"ShapesDataset(n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r})"
 
 
-# notebooks/01_data.py:560
+# notebooks/01_data.py:570
 def _describe(value) -> str:
     """A wrong `images` value in words, with the fix when there is an obvious one."""
     if isinstance(value, (str, os.PathLike)):
@@ -286,6 +296,7 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+# notebooks/01_data.py:580
 def _grid_tiles(images) -> list[Image.Image]:
     """The tiles of a grid: a (B, 3, H, W) tensor in [-1, 1], or an iterable of PIL images."""
     if isinstance(images, torch.Tensor):
@@ -305,6 +316,7 @@ def _grid_tiles(images) -> list[Image.Image]:
     return [im.convert("RGB") for im in tiles]
 
 
+# notebooks/01_data.py:600
 def _check_captions(captions, n: int) -> list[str] | None:
     """None, or exactly `n` strings: one per image."""
     if captions is None:
@@ -320,7 +332,7 @@ def _check_captions(captions, n: int) -> list[str] | None:
     return list(captions)
 
 
-# notebooks/01_data.py:604
+# notebooks/01_data.py:616
 def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, scale: int = 4,
                font_px: int = 11) -> Image.Image:
     """Tile images (a (B, 3, H, W) tensor in [-1, 1] or a list of PIL images) into one picture.
@@ -358,6 +370,7 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
     return grid
 
 
+# notebooks/01_data.py:654
 def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Image.Image:
     """A captioned grid of the first `n` samples of a dataset that yields (image, caption)."""
     if not isinstance(ds, Dataset) and not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) \
@@ -368,7 +381,7 @@ def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Ima
     return image_grid(torch.stack(images), list(captions), cols=cols, scale=scale)
 
 
-# notebooks/01_data.py:843
+# notebooks/01_data.py:856
 EMOJI_FONT_PATHS = (
     "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
     "/usr/share/fonts/noto/NotoColorEmoji.ttf",
@@ -391,6 +404,7 @@ def find_emoji_font(font_path: str | Path | None = None) -> Path:
     )
 
 
+# notebooks/01_data.py:879
 def _emoji_items() -> list[tuple[str, str]]:
     """(emoji, caption) for every fully qualified emoji without a skin tone, sorted by caption."""
     try:
@@ -408,7 +422,7 @@ def _emoji_items() -> list[tuple[str, str]]:
     return sorted(items, key=lambda t: t[1])
 
 
-# notebooks/01_data.py:883
+# notebooks/01_data.py:897
 class EmojiDataset(Dataset):
     """Colour emoji rendered from Noto Color Emoji, captioned with their CLDR names.
 

@@ -40,6 +40,7 @@ def _column(sigma, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
 
 
+# notebooks/08_samplers.py:160
 def _learn_sigma(model, learn_sigma: bool | None) -> bool:
     """learn_sigma as given, or read from the model's config (DiT, PixArt); False if it has none."""
     if learn_sigma is None:
@@ -47,6 +48,7 @@ def _learn_sigma(model, learn_sigma: bool | None) -> bool:
     return bool(learn_sigma)
 
 
+# notebooks/08_samplers.py:168
 def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.Tensor:
     """The prediction channels of a network output; learn_sigma models append as many variance channels."""
     if learn_sigma and out.shape[1] != 2 * x.shape[1]:
@@ -55,6 +57,7 @@ def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.
     return out[:, : x.shape[1]] if learn_sigma else out
 
 
+# notebooks/08_samplers.py:177
 def _check_table(alphas_cumprod) -> torch.Tensor:
     """A (T,) alpha_bar table in [0, 1] -> float64, CPU; zero terminal SNR's 0 becomes 2^-24 (diffusers)."""
     ac = check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
@@ -63,7 +66,7 @@ def _check_table(alphas_cumprod) -> torch.Tensor:
     return ac.detach().double().cpu().clamp(min=2.0**-24)
 
 
-# notebooks/08_samplers.py:183
+# notebooks/08_samplers.py:186
 class DiscreteDenoiser(nn.Module):
     """A network trained on a discrete DDPM schedule as a denoiser D(x, sigma, **cond) -> x0.
     `model(x / sqrt(sigma^2 + 1), t(sigma), **cond)` predicts `prediction` ("epsilon", "v_prediction",
@@ -105,6 +108,7 @@ class DiscreteDenoiser(nn.Module):
         return discrete_sigmas(self.alphas_cumprod.float(), n, spacing=schedule, steps_offset=steps_offset)[0]
 
 
+# notebooks/08_samplers.py:228
 class FlowDenoiser(nn.Module):
     """A rectified-flow model (SD3, Flux) as a denoiser: x = (1 - sigma) x0 + sigma noise, sigma = t;
     `model(x, time_scale * sigma, **cond)` predicts v = noise - x0, so D = x - sigma v."""
@@ -126,7 +130,7 @@ class FlowDenoiser(nn.Module):
         return flow_sigmas(n, shift=shift, num_train_timesteps=num_train_timesteps, mu=mu)
 
 
-# notebooks/08_samplers.py:277
+# notebooks/08_samplers.py:281
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """n noise levels evenly spaced in log sigma from sigma_max to sigma_min, then 0 -> float32 (n+1,)."""
     n = check_int("n", n, minimum=1)
@@ -136,6 +140,7 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n+1,)
 
 
+# notebooks/08_samplers.py:291
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flux's shift mu for an image of `image_seq_len` tokens, linear from base_shift at base_seq_len
@@ -145,7 +150,7 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return base_shift + slope * (n - base_seq_len)
 
 
-# notebooks/08_samplers.py:324
+# notebooks/08_samplers.py:329
 # diffusers scheduler class <-> our sampler; the parity tests of §4 pair them
 SCHEDULER_SAMPLERS = {
     "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
@@ -174,6 +179,7 @@ def _check_noised_inputs(x0, noise, u, normal) -> None:
         raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
 
 
+# notebooks/08_samplers.py:358
 def scheduler_sampler(d: dict) -> str:
     """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
     name = d.get("_class_name") if isinstance(d, dict) else None
@@ -183,7 +189,7 @@ def scheduler_sampler(d: dict) -> str:
     return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
 
 
-# notebooks/08_samplers.py:362
+# notebooks/08_samplers.py:368
 @dataclass
 class Parametrisation:
     """What a network predicts from a noised latent and on which noise schedule: the training target,
@@ -298,7 +304,7 @@ class Parametrisation:
         return d
 
 
-# notebooks/08_samplers.py:1261
+# notebooks/08_samplers.py:1283
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data x0 ~ N(mean, std^2 I): D = mean + std^2 / (std^2 + sigma^2) (x - mean);
     `ode_solution` solves its probability-flow ODE exactly. A sampler test whose answer is known."""
@@ -315,7 +321,7 @@ class GaussianDenoiser(nn.Module):
         return self.mean + (x_start - self.mean) * math.sqrt((self.std**2 + sigma**2) / (self.std**2 + sigma_start**2))
 
 
-# notebooks/08_samplers.py:1335
+# notebooks/08_samplers.py:1357
 class IdealDenoiser(nn.Module):
     """The exact denoiser of a finite dataset (N, ...): the posterior mean of x = y_i + sigma n with i
     uniform, D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i. Samplers land on the y_i."""

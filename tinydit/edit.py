@@ -38,6 +38,7 @@ def load_rgb(name: str, image) -> Image.Image:
     return image.convert("RGB")  # RGBA, L, P, CMYK ... -> RGB (transparent pixels take their colour)
 
 
+# notebooks/15_editing.py:127
 def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     """(1, H, W) in [0, 1], white = repaint; a mask of another size than the image is resized to it
     (bilinear), with a warning."""
@@ -61,12 +62,13 @@ def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
+# notebooks/15_editing.py:151
 def start_index(steps: int, strength: float) -> int:
     """Where img2img enters a `steps`-step schedule: the last int(steps * strength) steps run (diffusers)."""
     return steps - min(int(steps * strength), steps)
 
 
-# notebooks/15_editing.py:171
+# notebooks/15_editing.py:172
 class LatentBlend:
     """A denoiser for inpainting with an ordinary model: where `keep` (B, 1, h, w) is 1 the input is the
     source noised to sigma with `noise`, and the output is the source; elsewhere the wrapped denoiser.
@@ -92,6 +94,7 @@ class LatentBlend:
         return keep * self.source + (1 - keep) * self.denoiser(x, sigma, **cond)  # (B, C, h, w)
 
 
+# notebooks/15_editing.py:198
 @torch.no_grad()
 def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=None, jump: int = 2, n_sample: int = 2,
                    generator=None):
@@ -114,7 +117,7 @@ def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
-# notebooks/15_editing.py:220
+# notebooks/15_editing.py:221
 def _check_strength(strength) -> float:
     strength = check_float("strength", strength)
     if not 0 < strength <= 1:
@@ -122,6 +125,7 @@ def _check_strength(strength) -> float:
     return strength
 
 
+# notebooks/15_editing.py:229
 def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the mask's non-zero pixels, grown by `padding`, squared and rounded
     out to `multiple`, inside the image."""
@@ -136,6 +140,7 @@ def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int
     return top, left, top + side, left + side
 
 
+# notebooks/15_editing.py:244
 class EditPipeline(TextToImagePipeline):
     """The shared core of img2img and inpainting (built from a TextToImagePipeline's components)."""
 
@@ -179,6 +184,7 @@ class EditPipeline(TextToImagePipeline):
         return self.finish(to_pil(images), z, prompts, seeds, safety)
 
 
+# notebooks/15_editing.py:288
 def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
     """Pixels where the mask is 0 come from the source exactly; `blur` (pixels) feathers the edge inward only."""
     m = mask
@@ -188,6 +194,7 @@ def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, bl
     return m * images + (1 - m) * source  # (B, 3, H, W)
 
 
+# notebooks/15_editing.py:298
 class Img2ImgPipeline(EditPipeline):
     """SDEdit: `strength` in (0, 1] picks the starting noise level (1 = text-to-image from pure noise)."""
 
@@ -195,6 +202,7 @@ class Img2ImgPipeline(EditPipeline):
         return self.edit(prompt, image, None, strength, **options)
 
 
+# notebooks/15_editing.py:306
 class InpaintPipeline(EditPipeline):
     """Repaint where `mask_image` is white, keep the rest: latent blending at every step, then the decoded
     image composited onto the source (`blur` feathers the edge). `soft=True`: grey = change a little

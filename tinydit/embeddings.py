@@ -39,6 +39,7 @@ def _as_1d_times(t, name: str = "t") -> torch.Tensor:
     return check_finite(name, t)
 
 
+# notebooks/03_embeddings.py:138
 def _check_frequencies(dim, downscale_freq_shift, max_period, dim_name: str = "dim") -> int:
     """The embedding width as an int >= 2, and a finite shift below dim // 2 and max_period > 1."""
     dim = check_int(dim_name, dim, minimum=2)
@@ -49,6 +50,7 @@ def _check_frequencies(dim, downscale_freq_shift, max_period, dim_name: str = "d
     return dim
 
 
+# notebooks/03_embeddings.py:149
 def timestep_embedding(
     t: torch.Tensor,
     dim: int,
@@ -80,7 +82,7 @@ def timestep_embedding(
     return emb
 
 
-# notebooks/03_embeddings.py:259
+# notebooks/03_embeddings.py:261
 class TimestepEmbedder(nn.Module):
     """Sinusoidal timestep embedding followed by an MLP (Peebles & Xie 2023, DiT; PixArt's `t_embedder`).
 
@@ -115,7 +117,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, hidden)
 
 
-# notebooks/03_embeddings.py:349
+# notebooks/03_embeddings.py:351
 def _check_multiple(name: str, value, multiple: int, why: str = "") -> int:
     """`value` as a positive integer multiple of `multiple` (an even width, two halves, ...)."""
     value = check_int(name, value, minimum=1)
@@ -124,6 +126,7 @@ def _check_multiple(name: str, value, multiple: int, why: str = "") -> int:
     return value
 
 
+# notebooks/03_embeddings.py:360
 def _grid_sides(grid_size) -> tuple[int, int]:
     """An int side or an (h, w) pair -> two integers >= 1."""
     if isinstance(grid_size, Sequence) and not isinstance(grid_size, str):
@@ -135,6 +138,7 @@ def _grid_sides(grid_size) -> tuple[int, int]:
     return check_int("grid_size", h, minimum=1), check_int("grid_size", w, minimum=1)
 
 
+# notebooks/03_embeddings.py:372
 def sincos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """1D sin-cos embedding of positions `pos` (M,) -> (M, embed_dim): `[sin | cos]`, frequencies
     `10000 ** (-2i / embed_dim)` (Vaswani et al. 2017; MAE's `get_1d_sincos_pos_embed_from_grid`)."""
@@ -146,6 +150,7 @@ def sincos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()  # (M, D)
 
 
+# notebooks/03_embeddings.py:384
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int | Sequence[int], base_size: float | None = None,
                         interpolation_scale: float = 1.0) -> torch.Tensor:
     """Fixed 2D sin-cos position table (MAE, DiT; PixArt's resolution scaling) -> (h*w, embed_dim).
@@ -168,7 +173,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int | Sequence[int], base_siz
     return torch.cat([sincos_embed_1d(embed_dim // 2, cc), sincos_embed_1d(embed_dim // 2, rr)], dim=1)  # (h*w, D)
 
 
-# notebooks/03_embeddings.py:481
+# notebooks/03_embeddings.py:486
 def _check_rope_inputs(x, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """x (..., N, D) with even D, and cos, sin tables of shape (N, D)."""
     check_tensor("x", x, floating=True)
@@ -177,6 +182,7 @@ def _check_rope_inputs(x, cos: torch.Tensor, sin: torch.Tensor) -> None:
                          f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
 
 
+# notebooks/03_embeddings.py:495
 def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for 1D RoPE (Su et al. 2021) at positions `pos` (N,) -> two (N, dim).
 
@@ -194,6 +200,7 @@ def rope_frequencies(pos: torch.Tensor, dim: int, theta: float = 10000.0) -> tup
     return cos, sin
 
 
+# notebooks/03_embeddings.py:513
 def rope_axial(ids: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial RoPE tables for multi-axis positions `ids` (N, n_axes) -> cos, sin (N, sum(axes_dim)).
 
@@ -208,6 +215,7 @@ def rope_axial(ids: torch.Tensor, axes_dim: Sequence[int], theta: float = 10000.
     return torch.cat([c for c, _ in tables], dim=1), torch.cat([s for _, s in tables], dim=1)  # (N, D) each
 
 
+# notebooks/03_embeddings.py:528
 def rope_2d(h: int, w: int, dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """2D axial RoPE tables for a row-major `h` x `w` grid of tokens -> cos, sin (h*w, dim).
 
@@ -220,6 +228,7 @@ def rope_2d(h: int, w: int, dim: int, theta: float = 10000.0) -> tuple[torch.Ten
     return rope_axial(ids, (dim // 2, dim // 2), theta)
 
 
+# notebooks/03_embeddings.py:541
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys `x` (..., N, D) by RoPE tables `cos`, `sin` (N, D) (Su et al. 2021).
 

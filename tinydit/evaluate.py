@@ -63,6 +63,7 @@ class ObjectReading:
     skew: float  # skewness of its rows: triangles ~ -0.57 (bottom-heavy), circles and squares ~0
 
 
+# notebooks/10_evaluation.py:153
 @dataclass
 class Reading:
     """Everything the pixel reader saw in one image."""
@@ -71,7 +72,7 @@ class Reading:
     objects: list[ObjectReading]  # largest first: a single-object prompt is judged on objects[0]
 
 
-# notebooks/10_evaluation.py:161
+# notebooks/10_evaluation.py:162
 def max3x3(a: np.ndarray) -> np.ndarray:
     """Maximum over each pixel's 3x3 neighbourhood (zero-padded): dilates a mask or spreads labels."""
     h, w = a.shape
@@ -79,6 +80,7 @@ def max3x3(a: np.ndarray) -> np.ndarray:
     return np.max([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)  # (H, W)
 
 
+# notebooks/10_evaluation.py:170
 def label_components(mask: np.ndarray) -> np.ndarray:
     """8-connected components of a boolean mask: (H, W) ints, 0 outside, 1..K inside."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)  # (H, W) unique ids
@@ -92,6 +94,7 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     return out  # (H, W)
 
 
+# notebooks/10_evaluation.py:184
 def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     """The border's median colour (3,) and the named background within BACKGROUND_MATCH of it."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (2H + 2W - 4, 3)
@@ -101,6 +104,7 @@ def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     return median, (names[int(dist.argmin())] if dist.min() < BACKGROUND_MATCH else None)
 
 
+# notebooks/10_evaluation.py:194
 def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Palette index per pixel (-1: background or no colour) and each colour's coverage of it."""
     # Each pixel is modelled as a blend of the background and one palette colour: anti-aliased and
@@ -115,6 +119,7 @@ def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(on, best, -1), cover.clip(0, 1)  # (H, W), (H, W, K)
 
 
+# notebooks/10_evaluation.py:209
 def split_components(colour: np.ndarray, min_area: int) -> list[np.ndarray]:
     """One boolean (H, W) mask per object: the connected groups of coloured pixels."""
     # Two objects that touch make one group; a group with sizeable pieces of two or more colours is
@@ -136,7 +141,7 @@ def split_components(colour: np.ndarray, min_area: int) -> list[np.ndarray]:
     return objects
 
 
-# notebooks/10_evaluation.py:226
+# notebooks/10_evaluation.py:231
 def shape_from_profile(fill: float, skew: float) -> str:
     """Name a shape by how much of its box it fills and how bottom-heavy it is."""
     # Fill alone is not enough: a 2x blur lifts a small triangle's fill to ~0.86, among the circles.
@@ -146,6 +151,7 @@ def shape_from_profile(fill: float, skew: float) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
+# notebooks/10_evaluation.py:241
 def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> ObjectReading:
     """Colour, shape, centroid and area of one object mask (H, W)."""
     k = int(np.bincount(colour[comp]).argmax())  # majority palette colour
@@ -164,6 +170,7 @@ def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> 
                          int(comp.sum()), fill, skew)
 
 
+# notebooks/10_evaluation.py:260
 def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     """A finite floating (3, H, W) image (ndim=3) or (B, 3, H, W) batch (ndim=4), sides >= MIN_SIDE."""
     want = "(3, H, W)" if ndim == 3 else "(B, 3, H, W)"
@@ -179,6 +186,7 @@ def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     return image
 
 
+# notebooks/10_evaluation.py:276
 def read_image(image: torch.Tensor) -> Reading:
     """Read one (3, H, W) image in [-1, 1]: its background and its objects, largest first."""
     x = _check_image("image", image).detach().to("cpu", torch.float64).clamp(-1, 1)
@@ -190,12 +198,13 @@ def read_image(image: torch.Tensor) -> Reading:
     return Reading(background, sorted(objects, key=lambda o: -o.area))
 
 
+# notebooks/10_evaluation.py:288
 def read_images(images: torch.Tensor) -> list[Reading]:
     """`read_image` on each of (B, 3, H, W) images."""
     return [read_image(x) for x in _check_image("images", images, ndim=4)]
 
 
-# notebooks/10_evaluation.py:285
+# notebooks/10_evaluation.py:294
 def scene_group(scene: Scene) -> str:
     """Which evaluation group a scene belongs to: "seen", "held_out" or "two"."""
     if len(scene.objects) == 2:
@@ -204,6 +213,7 @@ def scene_group(scene: Scene) -> str:
     return "held_out" if (o.color, o.shape) in data.HELD_OUT else "seen"
 
 
+# notebooks/10_evaluation.py:303
 def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
     """The first `n` test-split indices whose scene falls in `group`."""
     group = check_choice("group", group, GROUPS)
@@ -218,31 +228,37 @@ def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
                        f"{MAX_SCAN * n} test-split scenes of seed={seed}; ask for fewer")
 
 
+# notebooks/10_evaluation.py:318
 def eval_scenes(group: str, n: int, seed: int = 0) -> list[Scene]:
     """`n` deterministic test-split prompts (with their ground truth) of one group."""
     return [data.sample_scene(seed, "test", i) for i in eval_indices(group, n, seed)]
 
 
+# notebooks/10_evaluation.py:324
 def names_position(scene: Scene) -> bool:
     """Does the caption of a one-object scene say where the object is?"""
     return any(p in scene.caption for p in data.POSITION_PHRASES[scene.objects[0].position])
 
 
+# notebooks/10_evaluation.py:330
 def nearest_position(cx: float, cy: float) -> str:
     """The named region (data.POSITIONS) whose centre is closest to (cx, cy)."""
     return min(data.POSITIONS, key=lambda p: (data.POSITIONS[p][0] - cx) ** 2 + (data.POSITIONS[p][1] - cy) ** 2)
 
 
+# notebooks/10_evaluation.py:336
 def relation_of(scene: Scene) -> str:
     """The relation a two-object scene was drawn with (its positions determine it)."""
     where = (scene.objects[0].position, scene.objects[1].position)
     return next(r for r, pos in data.RELATIONS.items() if pos == where)
 
 
+# notebooks/10_evaluation.py:343
 def _find(reading: Reading, color: str, shape: str) -> ObjectReading | None:
     return next((o for o in reading.objects if (o.color, o.shape) == (color, shape)), None)
 
 
+# notebooks/10_evaluation.py:348
 # Decisions, as in GenEval: a one-object prompt is judged on the largest object read (colour,
 # shape, position); any extra object makes `pair` wrong (the prompt asked for one). `position` is the
 # named region nearest the centroid, scored only when the caption names one. `both` needs both
@@ -270,17 +286,20 @@ def score_scene(scene: Scene, reading: Reading) -> dict[str, bool]:
     return {"both": both, "relation": relation, "background": background}
 
 
+# notebooks/10_evaluation.py:376
 def summarise(scores: list[dict[str, bool]]) -> tuple[dict[str, float], dict[str, int]]:
     """Per check: the fraction of scenes that pass, and how many scenes were scored on it."""
     counts = {k: sum(k in s for s in scores) for s in scores for k in s}
     return {k: sum(s.get(k, False) for s in scores) / c for k, c in counts.items()}, counts
 
 
+# notebooks/10_evaluation.py:383
 def render_scenes(scenes: list[Scene]) -> torch.Tensor:
     """Real renders of scenes at the book's size: (N, 3, 32, 32) in [-1, 1]."""
     return torch.stack([data.pil_to_tensor(data.render_scene(s, IMAGE_SIZE)) for s in scenes])  # (N, 3, 32, 32)
 
 
+# notebooks/10_evaluation.py:389
 def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
     """corrupt(images), which must keep one image per scene: (n, 3, H, W)."""
     out = corrupt(images)
@@ -290,6 +309,7 @@ def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# notebooks/10_evaluation.py:399
 def reader_accuracy(n: int = 100, seed: int = 0,
                     corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per group and check, how often the reader scores real renders right (optionally `corrupt`ed)."""
@@ -307,7 +327,7 @@ def reader_accuracy(n: int = 100, seed: int = 0,
     return out
 
 
-# notebooks/10_evaluation.py:397
+# notebooks/10_evaluation.py:417
 def _check_encoder(encoder) -> nn.Module:
     if encoder is None:
         return load_book_image_encoder()
@@ -320,6 +340,7 @@ def _check_encoder(encoder) -> nn.Module:
     return encoder
 
 
+# notebooks/10_evaluation.py:430
 @torch.no_grad()
 def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of images (N, 3, H, W); by default the book's CLIP image tower (32x32, D = 64)."""
@@ -341,6 +362,7 @@ def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch
     return torch.cat(feats)  # (N, D)
 
 
+# notebooks/10_evaluation.py:452
 def _as_features(name: str, feats) -> np.ndarray:
     """(N, D) features with N >= 2 (a covariance needs two samples) as float64 numpy."""
     if isinstance(feats, np.ndarray):
@@ -354,12 +376,14 @@ def _as_features(name: str, feats) -> np.ndarray:
     return feats.detach().cpu().double().numpy()  # (N, D)
 
 
+# notebooks/10_evaluation.py:466
 def sqrtm_psd(s: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (D, D) by eigendecomposition."""
     w, v = np.linalg.eigh(s)
     return (v * np.sqrt(w.clip(0, None))) @ v.T  # (D, D); tiny negative eigenvalues are round-off
 
 
+# notebooks/10_evaluation.py:473
 def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to feature sets (N, D) and (M, D), in float64."""
     # |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2). S_a S_b is not symmetric, but
@@ -375,7 +399,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     return float(max(dist, 0.0))  # a squared distance: clamp round-off below zero
 
 
-# notebooks/10_evaluation.py:465
+# notebooks/10_evaluation.py:489
 TABLE_ROWS = (  # (group, row label, checks in column order)
     ("seen", "seen pairs", ("color", "shape", "pair", "position")),
     ("held_out", "HELD_OUT pairs", ("color", "shape", "pair", "position")),
@@ -415,6 +439,7 @@ class EvalReport:
         return {**asdict(self), "background": self.background()}
 
 
+# notebooks/10_evaluation.py:529
 def _check_generated(images, count: int) -> torch.Tensor:
     """`count` finite float (3, 32, 32) images from `generate`, on the CPU, clipped to [-1, 1]."""
     want = f"a ({count}, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) float tensor in [-1, 1] (one image per caption)"
@@ -426,6 +451,7 @@ def _check_generated(images, count: int) -> torch.Tensor:
     return images.detach().cpu().float().clamp(-1, 1)  # (count, 3, 32, 32)
 
 
+# notebooks/10_evaluation.py:541
 def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 300, seed: int = 0,
              batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """Generate, read and score `n` test prompts per group; Fréchet distance to their real renders."""
@@ -452,7 +478,7 @@ def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 
     return EvalReport(accuracy, counts, fd, n, seed)
 
 
-# notebooks/10_evaluation.py:542
+# notebooks/10_evaluation.py:568
 def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[str], list[int]], torch.Tensor]:
     """`evaluate`'s generate(captions, seeds): the pipeline's own pictures (its PNG pixels, read back),
     image j from seed seeds[j]; `options` go to every call (num_inference_steps, guidance_scale, sampler)."""
@@ -469,6 +495,7 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
     return draw
 
 
+# notebooks/10_evaluation.py:585
 def _snapshot_step(snap: Path) -> int:
     match = re.fullmatch(r"step-(\d+)", snap.name)
     if match is None or not snap.is_dir():
@@ -476,6 +503,7 @@ def _snapshot_step(snap: Path) -> int:
     return int(match.group(1))
 
 
+# notebooks/10_evaluation.py:593
 def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps: int | None = None,
                    guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
@@ -489,6 +517,7 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
     return evaluate(draw, n=n, seed=seed, batch_size=batch_size, disable=disable)
 
 
+# notebooks/10_evaluation.py:607
 def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None, **settings) -> list[dict]:
     """The adherence-vs-training curve: `evaluate_model` on every EMA snapshot of a training run
     (`<run_dir>/snapshots/step-*`), oldest first -> [{"step": ..., **report.as_dict()}, ...]."""

@@ -37,18 +37,21 @@ def resolve_pipeline_folder(path_or_id) -> Path:
     return resolve_pretrained(path_or_id, filenames=PIPELINE_FILES)
 
 
+# notebooks/14_formats.py:94
 def _require(folder: Path, names, what: str) -> None:
     missing = [n for n in names if not (folder / n).exists()]
     if missing:
         raise FileNotFoundError(f"path_or_id: {str(folder)!r} is {what} but lacks {', '.join(missing)}")
 
 
+# notebooks/14_formats.py:101
 def load_parts(folder: Path, dtype=None) -> dict:
     """A pipeline folder or a book-model folder -> text_encoder, transformer, vae, the scheduler config
     (a dict) and the defaults the folder stores (a dict of SamplingConfig fields)."""
     return load_pipeline_parts(folder, dtype) if (folder / MODEL_INDEX).is_file() else load_book_parts(folder, dtype)
 
 
+# notebooks/14_formats.py:108
 def load_book_parts(folder: Path, dtype=None) -> dict:
     """A book-model folder (chapter 09): its PixArt transformer and scheduler, the book encoder and VAE."""
     if not (folder / "config.json").is_file():
@@ -60,6 +63,7 @@ def load_book_parts(folder: Path, dtype=None) -> dict:
                 vae=load_book_vae(dtype=dtype), scheduler=scheduler, defaults={})
 
 
+# notebooks/14_formats.py:120
 def load_text_encoder(folder: Path, index: dict, dtype=None):
     """The text encoder + tokenizer a model_index.json names (transformers' CLIP or T5 classes)."""
     kind = (index.get("text_encoder") or [None, None])[1] or ""
@@ -75,6 +79,7 @@ def load_text_encoder(folder: Path, index: dict, dtype=None):
     raise ValueError(f"path_or_id: text_encoder class {kind!r} in {MODEL_INDEX}; expected a CLIP or T5 text model")
 
 
+# notebooks/14_formats.py:136
 def _check_index(index: dict) -> dict:
     """model_index.json's entries: [library, class] pairs, and our "_tinydit" object."""
     for part in PIPELINE_PARTS:
@@ -88,6 +93,7 @@ def _check_index(index: dict) -> dict:
     return index
 
 
+# notebooks/14_formats.py:150
 def load_pipeline_parts(folder: Path, dtype=None) -> dict:
     """Every component of a pipeline folder, its scheduler config and its stored defaults."""
     index = _check_index(read_config(folder / MODEL_INDEX, "path_or_id"))
@@ -103,6 +109,7 @@ def load_pipeline_parts(folder: Path, dtype=None) -> dict:
                 scheduler=scheduler, defaults=defaults)
 
 
+# notebooks/14_formats.py:166
 def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """The VAE to save in a PixArt folder. diffusers' PixArt pipelines decode `z / scaling_factor` and
     never add `shift_factor`, so a shifted VAE (the book's: -0.2582) is saved with the shift folded into
@@ -123,6 +130,7 @@ def pixart_vae(vae: AutoencoderKL) -> AutoencoderKL:
     return folded
 
 
+# notebooks/14_formats.py:187
 def save_pipeline(pipe, folder: Path, sampling: dict, scheduler: dict) -> Path:
     """`TextToImagePipeline.save_pretrained`: diffusers' pipeline layout, with `scheduler` (a diffusers
     scheduler config) and tinydit's `sampling` defaults under model_index.json's "_tinydit" key."""

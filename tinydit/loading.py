@@ -34,6 +34,7 @@ def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torc
     return out
 
 
+# notebooks/17_loading.py:104
 def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
     """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
     def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
@@ -57,6 +58,7 @@ def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
     return _rename(sd, rules, conv_to_linear)
 
 
+# notebooks/17_loading.py:128
 def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
     """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
     def flip(m):
@@ -80,6 +82,7 @@ def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, 
     return _rename(sd, rules, linear_to_conv)
 
 
+# notebooks/17_loading.py:152
 def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
     prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
@@ -87,7 +90,7 @@ def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
-# notebooks/17_loading.py:260
+# notebooks/17_loading.py:263
 def read_config_json(folder: Path) -> dict:
     """`folder/config.json` as a dict, with errors that name the file."""
     path = Path(folder) / "config.json"
@@ -96,6 +99,7 @@ def read_config_json(folder: Path) -> dict:
     return read_config(path)
 
 
+# notebooks/17_loading.py:272
 def transformer_kind(config: dict) -> str | None:
     """Which model a transformer config.json describes: tinydit's `_class` ("DiT", "TextDiT") or the
     diffusers class. Hub repos converted before diffusers split its classes (facebook/DiT-XL-2-256,
@@ -109,6 +113,7 @@ def transformer_kind(config: dict) -> str | None:
     return name
 
 
+# notebooks/17_loading.py:286
 def diffusers_weights_file(folder: Path) -> Path:
     """The weights file of a diffusers model folder."""
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
@@ -117,7 +122,7 @@ def diffusers_weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
 
 
-# notebooks/17_loading.py:291
+# notebooks/17_loading.py:295
 def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
     if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
@@ -166,7 +171,7 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-# notebooks/17_loading.py:436
+# notebooks/17_loading.py:440
 def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
     if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
@@ -210,7 +215,7 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-# notebooks/17_loading.py:487
+# notebooks/17_loading.py:491
 def pixart_config(cfg) -> dict:
     """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
     if cfg.modulation != "adaln_single" or cfg.pooled_dim:
@@ -227,6 +232,7 @@ def pixart_config(cfg) -> dict:
             "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
 
 
+# notebooks/17_loading.py:508
 PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
                   "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
                   "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
@@ -249,6 +255,7 @@ def _is_pixart_key(key: str) -> bool:
     return key.rsplit(".", 1)[0] in PIXART_RENAMES
 
 
+# notebooks/17_loading.py:531
 def _check_pixart_state_dict(sd) -> None:
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
@@ -258,6 +265,7 @@ def _check_pixart_state_dict(sd) -> None:
         raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
 
 
+# notebooks/17_loading.py:541
 def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
     chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""

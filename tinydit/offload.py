@@ -32,6 +32,7 @@ def as_device(name: str, device) -> torch.device:
     return device
 
 
+# notebooks/12_efficiency.py:136
 def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Tensor]:
     """The unique parameters and buffers of `modules` (tied weights once)."""
     seen, out = set(), []
@@ -43,11 +44,13 @@ def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Ten
     return out
 
 
+# notebooks/12_efficiency.py:148
 def nbytes(tensors) -> int:
     """Bytes the tensors take (their dtype times their size; meta tensors count too)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# notebooks/12_efficiency.py:154
 def move_inputs(obj, device: torch.device):
     """`obj` with every tensor in it (also inside tuples, lists and dicts) on `device`."""
     if isinstance(obj, torch.Tensor):
@@ -59,6 +62,7 @@ def move_inputs(obj, device: torch.device):
     return obj
 
 
+# notebooks/12_efficiency.py:166
 def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
     """Point `t` (a parameter or buffer, kept by identity) at `new`'s data. `t.data = new` between CPU
     and CUDA; the meta device (used to count bytes without storage) needs a full `swap_tensors`."""
@@ -69,6 +73,7 @@ def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
         torch.utils.swap_tensors(t, fresh)  # (swapping `new` itself would overwrite the caller's tensor)
 
 
+# notebooks/12_efficiency.py:177
 def _check_offloadable(name: str, module) -> None:
     """An nn.Module with real (not meta) weights, no part of which another offloader holds."""
     if not isinstance(module, nn.Module):
@@ -83,6 +88,7 @@ def _check_offloadable(name: str, module) -> None:
         raise ValueError(f"{name}: a step cache is on (chapter 12's StepCache); close() it before offloading")
 
 
+# notebooks/12_efficiency.py:192
 def _check_flag(name: str, value) -> bool | None:
     """None (the default rule) or a real bool: the string "no" must not read as True."""
     if value is not None and not isinstance(value, bool):
@@ -90,7 +96,7 @@ def _check_flag(name: str, value) -> bool | None:
     return value
 
 
-# notebooks/12_efficiency.py:195
+# notebooks/12_efficiency.py:200
 class Group:
     """Tensors that travel together. Each keeps a CPU *master* (pinned when the device is CUDA); the
     device copy is made by `onload` and dropped by `offload` (the weights never change in inference,
@@ -138,6 +144,7 @@ class Group:
             self.on_device, self.ready = False, None
 
 
+# notebooks/12_efficiency.py:248
 @dataclass
 class Ledger:
     """What is on the device: bytes now, the peak, and the moves (for plots and tests)."""
@@ -157,7 +164,7 @@ class Ledger:
         self.events.append((what, group.name, self.resident))
 
 
-# notebooks/12_efficiency.py:270
+# notebooks/12_efficiency.py:275
 class Offloader:
     """The skeleton of every offload mode: groups, hooks, a ledger, `close()`."""
 
@@ -223,7 +230,7 @@ class Offloader:
         self.hooks, self.groups, self.modules = [], [], []
 
 
-# notebooks/12_efficiency.py:342
+# notebooks/12_efficiency.py:347
 def _check_disjoint(models: dict) -> None:
     """No tensor in two components (a module twice, or one inside another)."""
     owner = {}
@@ -235,6 +242,7 @@ def _check_disjoint(models: dict) -> None:
             owner[id(t)] = name
 
 
+# notebooks/12_efficiency.py:359
 class ModelOffload(Offloader):
     """One component on `device` at a time: calling one (its forward) brings it in and sends out the
     one before. `models`: a dict name -> module (or a list). Peak = the largest component."""
@@ -282,7 +290,7 @@ class ModelOffload(Offloader):
         yield self.device
 
 
-# notebooks/12_efficiency.py:410
+# notebooks/12_efficiency.py:415
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's largest `nn.ModuleList` by parameter count (DiT's `blocks`, T5's `encoder.block`)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -292,6 +300,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda ml: nbytes(tensors_of([ml])))
 
 
+# notebooks/12_efficiency.py:425
 def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
     """`blocks`: a non-empty nn.ModuleList inside `model`."""
     if not isinstance(blocks, nn.ModuleList):
@@ -303,12 +312,14 @@ def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
     return blocks
 
 
+# notebooks/12_efficiency.py:437
 def owners(model: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Module]:
     """The modules that directly own (not through a child) any of `tensors`."""
     ids = {id(t) for t in tensors}
     return [m for m in model.modules() if any(id(t) in ids for t in tensors_of([m], recurse=False))]
 
 
+# notebooks/12_efficiency.py:444
 class BlockOffload(Offloader):
     """Groups of `group_size` blocks on `device` only while they run; the rest of the model while the
     model runs. `stream` (CUDA only; default: on for CUDA) prefetches the next group on a side
@@ -360,7 +371,7 @@ class BlockOffload(Offloader):
         return self
 
 
-# notebooks/12_efficiency.py:494
+# notebooks/12_efficiency.py:501
 class LeafOffload(Offloader):
     """Every module that directly owns weights is on `device` only during its own forward."""
 
@@ -377,6 +388,7 @@ class LeafOffload(Offloader):
                 self._post(m, group)
 
 
+# notebooks/12_efficiency.py:518
 OFFLOAD_MODES = {"model": ModelOffload, "block": BlockOffload, "leaf": LeafOffload}
 
 

@@ -75,6 +75,7 @@ class PipelineOutput:
     reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
 
+# notebooks/13_pipeline.py:184
 @dataclass
 class Request:
     """A call's arguments after `check_inputs`: what the other steps read."""
@@ -87,6 +88,7 @@ class Request:
     shape: tuple[int, int, int, int]  # (B, C, h, w) of the latents
 
 
+# notebooks/13_pipeline.py:197
 class InitialNoise(NamedTuple):
     """`prepare_latents`: unit-variance noise (B, C, h, w) on the CPU, each image's seed, and the
     generator of the stochastic samplers' fresh noise."""
@@ -96,7 +98,7 @@ class InitialNoise(NamedTuple):
     generator: torch.Generator | None
 
 
-# notebooks/13_pipeline.py:205
+# notebooks/13_pipeline.py:207
 class PipelineParts:
     """The components of a pipeline and where they live (the device, model offload, the prompt cache)."""
 
@@ -152,7 +154,7 @@ class PipelineParts:
             return self.cache.encode(self.text_encoder, prompts)
 
 
-# notebooks/13_pipeline.py:261
+# notebooks/13_pipeline.py:263
 class PipelineSteps(PipelineParts):
     """The public steps of a call, in diffusers' order; img2img, inpainting, the evaluator and the
     chapters' studies compose them instead of writing a second sampling loop."""
@@ -189,7 +191,7 @@ class PipelineSteps(PipelineParts):
         return self.sampling.sigmas(self.sampling.denoiser(self.transformer), steps)
 
 
-# notebooks/13_pipeline.py:298
+# notebooks/13_pipeline.py:300
 class PipelineSampling(PipelineSteps):
     """The remaining steps: the guided sampling loop, decoding, and the safety check."""
 
@@ -242,7 +244,7 @@ class PipelineSampling(PipelineSteps):
         return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
 
-# notebooks/13_pipeline.py:351
+# notebooks/13_pipeline.py:353
 class TextToImagePipeline(PipelineSampling):
     """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
     folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
@@ -296,7 +298,7 @@ class TextToImagePipeline(PipelineSampling):
         return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
 
 
-# notebooks/13_pipeline.py:405
+# notebooks/13_pipeline.py:407
 def _check_call_options(callback, output_type) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
@@ -304,6 +306,7 @@ def _check_call_options(callback, output_type) -> None:
         raise ValueError(f"output_type: expected 'pil' (PIL images) or 'latent' (latents only), got {output_type!r}")
 
 
+# notebooks/13_pipeline.py:415
 def _check_request(shape, cfg, side: str) -> None:
     """Refuse a request far beyond memory before drawing its noise: latents plus one attention map."""
     B, C, h, w = shape
@@ -313,6 +316,7 @@ def _check_request(shape, cfg, side: str) -> None:
     check_memory("num_images_per_prompt", B * per_image)
 
 
+# notebooks/13_pipeline.py:425
 def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
     """Prompts and negatives as equal-length lists, each prompt repeated `per_prompt` times."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -332,12 +336,14 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
     return [p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)]
 
 
+# notebooks/13_pipeline.py:445
 def _check_sampler(name) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
     return name
 
 
+# notebooks/13_pipeline.py:452
 def _check_side(name: str, value, default: int, multiple: int) -> int:
     value = check_int(name, default if value is None else value, minimum=multiple)
     if value % multiple:
@@ -346,6 +352,7 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
     return value
 
 
+# notebooks/13_pipeline.py:461
 def _check_shape(shape) -> tuple[int, int, int, int]:
     """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
@@ -353,6 +360,7 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
 
 
+# notebooks/13_pipeline.py:469
 def _check_denoise_args(cond, sigmas, wrap) -> None:
     """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
     if not isinstance(cond, dict) or "context" not in cond:
@@ -363,6 +371,7 @@ def _check_denoise_args(cond, sigmas, wrap) -> None:
         raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
 
+# notebooks/13_pipeline.py:480
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
@@ -388,6 +397,7 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
 
+# notebooks/13_pipeline.py:506
 def _sampler_generator(seeds, generator):
     """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
     if generator is not None:
@@ -395,6 +405,7 @@ def _sampler_generator(seeds, generator):
     return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
 
 
+# notebooks/13_pipeline.py:514
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

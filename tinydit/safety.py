@@ -62,6 +62,7 @@ class ClipPreprocess:
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
 
+# notebooks/16_safety.py:146
 def _check_images(images) -> list:
     if isinstance(images, Image.Image):
         images = [images]
@@ -71,6 +72,7 @@ def _check_images(images) -> list:
     return list(images)
 
 
+# notebooks/16_safety.py:156
 def concept_scores(image_embeds: torch.Tensor, concepts: torch.Tensor, thresholds: torch.Tensor,
                    special: torch.Tensor, special_thresholds: torch.Tensor) -> list[dict]:
     """Stable Diffusion's scoring per image: cosine - threshold (+ 0.01 after a special-care hit, which
@@ -94,6 +96,7 @@ def concept_scores(image_embeds: torch.Tensor, concepts: torch.Tensor, threshold
     return results
 
 
+# notebooks/16_safety.py:180
 class StableDiffusionChecker(nn.Module):
     """Stable Diffusion's safety checker (CompVis; diffusers' StableDiffusionSafetyChecker): a CLIP vision
     tower and projection, 17 concept and 3 special-care embeddings, one threshold each. Loads the
@@ -147,7 +150,7 @@ class StableDiffusionChecker(nn.Module):
         return [bool(r) for r in reasons], reasons, scores
 
 
-# notebooks/16_safety.py:247
+# notebooks/16_safety.py:249
 @dataclass
 class Concept:
     """A blocked concept of the book world: a colour, a shape, or both ("anything purple", "a red triangle")."""
@@ -173,6 +176,7 @@ class Concept:
         return any((self.color in (None, o.color)) and (self.shape in (None, o.shape)) for o in reading.objects)
 
 
+# notebooks/16_safety.py:275
 def parse_concept(text: str) -> Concept:
     """'a red triangle', 'anything purple', 'squares' -> Concept; words outside the book world are refused."""
     from tinydit.data import COLORS, SHAPES
@@ -188,6 +192,7 @@ def parse_concept(text: str) -> Concept:
     return Concept(text, color, shape)
 
 
+# notebooks/16_safety.py:291
 class BookConceptChecker:
     """Flags book-world images that show a declared concept. Zero-shot: the cosine of the book image
     tower's embedding with each concept's text embedding. After `fit`: a linear probe on each position of
@@ -288,12 +293,13 @@ class BookConceptChecker:
         return [bool(r) for r in reasons], reasons
 
 
-# notebooks/16_safety.py:397
+# notebooks/16_safety.py:400
 def normalize_text(text: str) -> str:
     """Lower case, punctuation to spaces, single spaces: 'A RED-triangle!' -> 'a red triangle'."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
 
 
+# notebooks/16_safety.py:406
 class PromptFilter:
     """Refuses prompts containing a blocked word or phrase (case- and punctuation-insensitive, whole words)."""
 
@@ -313,6 +319,7 @@ class PromptFilter:
         return out
 
 
+# notebooks/16_safety.py:426
 @dataclass
 class SafetyChecker:
     """What the pipeline runs after decoding: `prompt_filter` and `image_checkers` (objects with
@@ -347,7 +354,7 @@ class SafetyChecker:
         return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
 
 
-# notebooks/16_safety.py:605
+# notebooks/16_safety.py:609
 # The model's 18 classes, in output order (also stored in the .onnx metadata under "names").
 NUDENET_LABELS = (
     "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
@@ -373,6 +380,7 @@ def _find_spec(name: str):
         return None
 
 
+# notebooks/16_safety.py:635
 def _default_model_path() -> Path | None:
     """Where the `nudenet` package keeps 320n.onnx, found without importing it (it imports cv2)."""
     spec = _find_spec("nudenet")
@@ -381,6 +389,7 @@ def _default_model_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
 
 
+# notebooks/16_safety.py:644
 def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray, ...]:
     """OpenCV's INTER_LINEAR taps: output pixel d samples the input at (d + 0.5) * n_in / n_out - 0.5
     (computed in float32) between pixels i0 and i1 with integer weights w0 + w1 = 2048. At the edges
@@ -395,6 +404,7 @@ def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray
     return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, 2048 - w0
 
 
+# notebooks/16_safety.py:659
 def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     """cv2.resize(square, (n, n), interpolation=cv2.INTER_LINEAR) for a uint8 (S, S, 3) image,
     bit for bit: bilinear (no anti-aliasing, unlike PIL's when it shrinks) in 11-bit fixed point."""
@@ -409,6 +419,7 @@ def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     return np.clip((out + 2) >> 2, 0, 255)
 
 
+# notebooks/16_safety.py:674
 class OnnxNsfwDetector:
     """Body-part detector on NudeNet's 320n.onnx. `detect` returns what NudeNet's `NudeDetector`
     returns (same preprocessing, decoding and NMS); `check` flags an image when one of `labels`

@@ -44,6 +44,7 @@ def _check_betas(betas, minimum_length: int = 1) -> torch.Tensor:
     return betas
 
 
+# notebooks/04_schedules.py:133
 def _beta_range(name: str, beta_start, beta_end) -> tuple[float, float] | None:
     """(beta_start, beta_end) of a linear-type schedule, defaults filled in, 0 < start <= end < 1;
     None for the cosine schedule, which has no range (both must be None)."""
@@ -61,6 +62,7 @@ def _beta_range(name: str, beta_start, beta_end) -> tuple[float, float] | None:
     return b0, b1
 
 
+# notebooks/04_schedules.py:151
 def cosine_alpha_bar(u, s: float = COSINE_S):
     """Nichol & Dhariwal (2021), eq. 17: alpha_bar(u) = cos^2((u + s) / (1 + s) * pi / 2), u in [0, 1]."""
     if isinstance(u, torch.Tensor):
@@ -68,6 +70,7 @@ def cosine_alpha_bar(u, s: float = COSINE_S):
     return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
 
+# notebooks/04_schedules.py:159
 def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
                beta_end: float | None = None) -> torch.Tensor:
     """The beta schedule `name` over `num_train_timesteps` steps -> float32 (T,).
@@ -90,13 +93,14 @@ def make_betas(name: str, num_train_timesteps: int = 1000, beta_start: float | N
     return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2  # (T,)
 
 
+# notebooks/04_schedules.py:182
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s <= t} (1 - beta_s) (Ho et al. 2020, eq. 4) -> (T,)."""
     _check_betas(betas)
     return torch.cumprod(1.0 - betas, dim=0)  # (T,)
 
 
-# notebooks/04_schedules.py:223
+# notebooks/04_schedules.py:227
 def check_timesteps(t, num_train_timesteps: int) -> torch.Tensor:
     """Validate integer timestep indices in [0, T); returns them as a long tensor (B,) or ()."""
     T = check_int("num_train_timesteps", num_train_timesteps, minimum=1)
@@ -109,6 +113,7 @@ def check_timesteps(t, num_train_timesteps: int) -> torch.Tensor:
     return t.long()
 
 
+# notebooks/04_schedules.py:240
 def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     if noise is not None:
         check_tensor("noise", noise, floating=True, finite=True)
@@ -119,6 +124,7 @@ def _draw_noise(x0: torch.Tensor, noise: torch.Tensor | None, generator: torch.G
     return torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
 
 
+# notebooks/04_schedules.py:251
 def _per_sample(v: torch.Tensor, x0: torch.Tensor, name: str) -> torch.Tensor:
     if v.ndim == 0:
         v = v.expand(x0.shape[0])
@@ -127,6 +133,7 @@ def _per_sample(v: torch.Tensor, x0: torch.Tensor, name: str) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ..., 1)
 
 
+# notebooks/04_schedules.py:260
 def add_noise(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I) (Ho et al. 2020, eq. 4).
@@ -141,7 +148,7 @@ def add_noise(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor, noise: torch.Te
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, noise
 
 
-# notebooks/04_schedules.py:328
+# notebooks/04_schedules.py:335
 def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
     """A 1-D floating table alpha_bar_t (T,), T >= 2, of finite values in [0, 1]."""
     ac = check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
@@ -153,26 +160,31 @@ def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
     return ac
 
 
+# notebooks/04_schedules.py:347
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma = sqrt((1 - alpha_bar) / alpha_bar), the Karras et al. (2022) noise level of x_t / sqrt(alpha_bar)."""
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
+# notebooks/04_schedules.py:353
 def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     """alpha_bar = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod`."""
     return 1 / (1 + sigmas**2)
 
 
+# notebooks/04_schedules.py:359
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 (Kingma et al. 2021)."""
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
+# notebooks/04_schedules.py:365
 def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """log(alpha_bar) - log(1 - alpha_bar) = -2 log sigma."""
     return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
 
 
+# notebooks/04_schedules.py:371
 def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma at (possibly fractional) t in [0, T-1], interpolated linearly between integer steps."""
     table = sigmas_from_alphas_cumprod(_check_alphas_cumprod(alphas_cumprod)).double()  # (T,)
@@ -185,6 +197,7 @@ def t_to_sigma(t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * table[lo] + w * table[lo + 1]).float()
 
 
+# notebooks/04_schedules.py:384
 def sigma_to_t(sigma, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Fractional timestep of noise level `sigma`, interpolating in log sigma (k-diffusion's
     `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`). Clamped to [0, T-1]."""
@@ -200,7 +213,7 @@ def sigma_to_t(sigma, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape).float()
 
 
-# notebooks/04_schedules.py:436
+# notebooks/04_schedules.py:449
 def _check_rescalable(betas) -> torch.Tensor:
     """Betas whose alpha_bar falls from t = 0 to t = T-1, so zero-terminal-SNR rescaling is defined."""
     _check_betas(betas, minimum_length=2)
@@ -211,6 +224,7 @@ def _check_rescalable(betas) -> torch.Tensor:
     return betas
 
 
+# notebooks/04_schedules.py:460
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so that alpha_bar_{T-1} = 0 (zero terminal SNR), keeping alpha_bar_0
     (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
@@ -222,7 +236,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-# notebooks/04_schedules.py:511
+# notebooks/04_schedules.py:525
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -236,6 +250,7 @@ def _check_steps_offset(steps_offset, n: int, T: int) -> int:
     return offset
 
 
+# notebooks/04_schedules.py:539
 def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
                      steps_offset: int = 0) -> torch.Tensor:
     """The n sampling timesteps (descending, float32) for a spacing of Lin et al. (2024), Table 2:
@@ -255,6 +270,7 @@ def timestep_spacing(num_inference_steps: int, num_train_timesteps: int = 1000, 
     return torch.from_numpy(np.ascontiguousarray(ts))  # (n,)
 
 
+# notebooks/04_schedules.py:559
 def _check_sigma_range(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
     """Finite 0 < sigma_min < sigma_max and a finite rho > 0."""
     sigma_min = check_float("sigma_min", sigma_min, minimum=0, min_inclusive=False)
@@ -265,6 +281,7 @@ def _check_sigma_range(sigma_min, sigma_max, rho) -> tuple[float, float, float]:
     return sigma_min, sigma_max, check_float("rho", rho, minimum=0, min_inclusive=False)
 
 
+# notebooks/04_schedules.py:570
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022), eq. 5: n noise levels from sigma_max down to sigma_min, evenly spaced
     in sigma^(1/rho), then a final 0 -> float32 (n+1,)."""
@@ -277,6 +294,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # (n+1,)
 
 
+# notebooks/04_schedules.py:583
 def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spacing: str = "linspace",
                     karras: bool = False, steps_offset: int = 0, rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling noise levels of a discrete-time model -> (sigmas (n+1,) ending in 0, timesteps (n,)).
@@ -297,7 +315,7 @@ def discrete_sigmas(alphas_cumprod: torch.Tensor, num_inference_steps: int, spac
     return out, ts.float()
 
 
-# notebooks/04_schedules.py:665
+# notebooks/04_schedules.py:683
 def _unit_times(t) -> torch.Tensor:
     """Finite flow times in [0, 1] as a tensor."""
     t = check_finite("t", torch.as_tensor(t))
@@ -306,6 +324,7 @@ def _unit_times(t) -> torch.Tensor:
     return t
 
 
+# notebooks/04_schedules.py:692
 def shift_sigmas(t, shift: float) -> torch.Tensor:
     """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift * t / (1 + (shift - 1) * t)."""
     shift = check_float("shift", shift, minimum=0, min_inclusive=False)
@@ -313,6 +332,7 @@ def shift_sigmas(t, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+# notebooks/04_schedules.py:700
 def time_shift_exponential(t, mu: float) -> torch.Tensor:
     """Flux's resolution-dependent shift: t' = e^mu / (e^mu + (1/t - 1)) (shift = e^mu)."""
     mu = check_float("mu", mu)
@@ -320,6 +340,7 @@ def time_shift_exponential(t, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
+# notebooks/04_schedules.py:708
 def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
                 mu: float | None = None) -> torch.Tensor:
     """Sampling times of a rectified-flow model (SD3 / Flux) -> float32 (n+1,), from 1 down to 0.
@@ -340,16 +361,19 @@ def flow_sigmas(num_inference_steps: int, shift: float = 1.0, num_train_timestep
     return torch.cat([ts.float(), torch.zeros(1)])  # (n+1,)
 
 
+# notebooks/04_schedules.py:729
 def flow_snr(t: torch.Tensor) -> torch.Tensor:
     """SNR of x_t = (1 - t) x0 + t eps: ((1 - t) / t)^2."""
     return ((1 - t) / t) ** 2
 
 
+# notebooks/04_schedules.py:735
 def flow_to_karras_sigma(t: torch.Tensor) -> torch.Tensor:
     """Karras noise level of a flow time: x_t / (1 - t) = x0 + t / (1 - t) eps, so sigma = t / (1 - t)."""
     return t / (1 - t)
 
 
+# notebooks/04_schedules.py:741
 def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """n training times t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, section 3.1) -> (n,)."""
@@ -360,6 +384,7 @@ def logit_normal_timesteps(n: int, mean: float = 0.0, std: float = 1.0,
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))  # (n,)
 
 
+# notebooks/04_schedules.py:752
 def _check_flow_times(t, x0: torch.Tensor) -> torch.Tensor:
     """Finite flow times in [0, 1], as a tensor in x0's dtype and device."""
     t = check_finite("t", torch.as_tensor(t, dtype=x0.dtype, device=x0.device))
@@ -368,6 +393,7 @@ def _check_flow_times(t, x0: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# notebooks/04_schedules.py:761
 def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified-flow forward process x_t = (1 - t) x0 + t eps (Esser et al. 2024), t in [0, 1].
@@ -380,7 +406,7 @@ def flow_add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None,
     return (1 - tb) * x0 + tb * noise, noise
 
 
-# notebooks/04_schedules.py:915
+# notebooks/04_schedules.py:941
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 

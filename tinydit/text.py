@@ -50,6 +50,7 @@ def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
     return check_bool_mask("mask", mask)
 
 
+# notebooks/06_text_encoders.py:164
 @dataclass
 class TextEmbeddings:
     """What every text encoder returns for a batch of B prompts."""
@@ -79,7 +80,7 @@ class TextEmbeddings:
         return TextEmbeddings(self.tokens.to(device=device, dtype=dtype), self.mask.to(device), pooled)
 
 
-# notebooks/06_text_encoders.py:198
+# notebooks/06_text_encoders.py:199
 def check_prompts(prompts) -> list[str]:
     """A non-empty list of strings, or a ValueError that says what was given instead."""
     if isinstance(prompts, str):
@@ -95,6 +96,7 @@ def check_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
+# notebooks/06_text_encoders.py:215
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
@@ -109,7 +111,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max
     return batch["input_ids"], batch["attention_mask"].bool()  # (B, T) each
 
 
-# notebooks/06_text_encoders.py:233
+# notebooks/06_text_encoders.py:235
 class TextEncoder(nn.Module):
     """The interface: `encoder(prompts)` or `encoder.encode(prompts)` -> `TextEmbeddings`.
 
@@ -140,7 +142,7 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
 
-# notebooks/06_text_encoders.py:308
+# notebooks/06_text_encoders.py:310
 def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
     """`resolve_pretrained` with a one-line error naming the encoder when the hub is out of reach."""
     try:
@@ -149,6 +151,7 @@ def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
         raise OSError(f"{what}: {e}") from None
 
 
+# notebooks/06_text_encoders.py:319
 def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: str | None,
                       model_folder: Path, what: str) -> Path:
     """Where the tokenizer lives: given, beside the weights, or the diffusers sibling folder
@@ -162,6 +165,7 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
 
+# notebooks/06_text_encoders.py:333
 @contextlib.contextmanager
 def _quiet_transformers(progress_bar: bool = True):
     """Within the block only: no transformers load report (we check the loading info ourselves)
@@ -186,6 +190,7 @@ def _quiet_transformers(progress_bar: bool = True):
                 hub_utils.disable_progress_bars()
 
 
+# notebooks/06_text_encoders.py:358
 def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
     (transformers would log a report and leave those weights random). Checkpoint keys starting with
@@ -214,7 +219,7 @@ def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, .
     return model
 
 
-# notebooks/06_text_encoders.py:387
+# notebooks/06_text_encoders.py:392
 class CLIPTextEncoder(TextEncoder):
     """CLIP text tower (Radford et al. 2021) behind the `TextEncoder` interface.
 
@@ -293,7 +298,7 @@ class CLIPTextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, pooled)
 
 
-# notebooks/06_text_encoders.py:466
+# notebooks/06_text_encoders.py:471
 class T5TextEncoder(TextEncoder):
     """T5 encoder (Raffel et al. 2020) behind the `TextEncoder` interface: bidirectional, so it is
     run with the attention mask; no pooled vector. `max_length`: 120 for PixArt-α, 300 for
@@ -326,7 +331,7 @@ class T5TextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, None)
 
 
-# notebooks/06_text_encoders.py:511
+# notebooks/06_text_encoders.py:516
 BOOK_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")  # ids 0, 1, 2, 3
 
 
@@ -356,7 +361,7 @@ def build_book_tokenizer(captions: Iterable[str], max_length: int = 32):
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
 
 
-# notebooks/06_text_encoders.py:592
+# notebooks/06_text_encoders.py:597
 @dataclass
 class BookTextConfig:
     """Architecture of the book's text encoder and its image partner (CLIP-style, tiny)."""
@@ -371,6 +376,7 @@ class BookTextConfig:
     image_size: int = 32  # the dataset's image side
 
 
+# notebooks/06_text_encoders.py:612
 def book_text_model(tokenizer, config: BookTextConfig | None = None):
     """A randomly initialised `CLIPTextModelWithProjection` sized by `config` for `tokenizer`."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -384,6 +390,7 @@ def book_text_model(tokenizer, config: BookTextConfig | None = None):
     return CLIPTextModelWithProjection(hf)
 
 
+# notebooks/06_text_encoders.py:626
 class ImageEncoder(nn.Module):
     """A small CNN for 32x32 images -> (B, embed_dim): stride-2 convolutions with GroupNorm, then a
     linear map of the *flattened* last feature map, so that positions survive (captions name them)."""
@@ -402,6 +409,7 @@ class ImageEncoder(nn.Module):
         return self.proj(self.features(x).flatten(1))  # (B, embed_dim)
 
 
+# notebooks/06_text_encoders.py:645
 def clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive (InfoNCE) loss of Radford et al. 2021 for B matching pairs (B, d) each."""
     t = F.normalize(text_emb, dim=-1)  # (B, d)
@@ -411,7 +419,7 @@ def clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-# notebooks/06_text_encoders.py:657
+# notebooks/06_text_encoders.py:665
 @dataclass
 class BookEncoders:
     """The result of contrastive training: both towers, the temperature and the loss curve."""
@@ -423,6 +431,7 @@ class BookEncoders:
     info: dict = field(default_factory=dict)  # settings, timing, evaluation numbers
 
 
+# notebooks/06_text_encoders.py:677
 def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500, batch_size: int = 128,
                             n_train: int = 20_000, lr: float = 1e-3, seed: int = 0,
                             config: BookTextConfig | None = None, disable: bool | None = None) -> BookEncoders:
@@ -479,7 +488,7 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
     return result
 
 
-# notebooks/06_text_encoders.py:730
+# notebooks/06_text_encoders.py:739
 def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     """Write the text encoder in the standard HF format plus the image tower and `training.json`."""
     from safetensors.torch import save_file
@@ -494,6 +503,7 @@ def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     (out / "training.json").write_text(json.dumps(info, indent=1))
 
 
+# notebooks/06_text_encoders.py:754
 def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
                            dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
@@ -511,6 +521,7 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
 
+# notebooks/06_text_encoders.py:772
 def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
     """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
     `load_book_text_encoder`."""
@@ -525,7 +536,7 @@ def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> Image
                       what="book image encoder", dtype=dtype)
 
 
-# notebooks/06_text_encoders.py:822
+# notebooks/06_text_encoders.py:833
 def scene_matches(query, other, caption: str) -> bool:
     """Does scene `other` satisfy everything `caption` (written for scene `query`) says?"""
     from tinydit.data import POSITION_PHRASES
@@ -542,6 +553,7 @@ def scene_matches(query, other, caption: str) -> bool:
     return not named or a.position == b.position
 
 
+# notebooks/06_text_encoders.py:850
 def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     """The 18 (colour, shape) classes and, for each, its ensemble of prompts (sizes x backgrounds)."""
     from tinydit.data import COLORS, SHAPES
@@ -551,13 +563,14 @@ def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     return classes, [[f"a {size} {c} {s}{bg}" for size in ("small", "large") for bg in bgs] for c, s in classes]
 
 
+# notebooks/06_text_encoders.py:860
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length pooled embeddings (N, d) of many prompts, in batches."""
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
     return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
 
 
-# notebooks/06_text_encoders.py:854
+# notebooks/06_text_encoders.py:867
 @torch.no_grad()
 def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEncoder, n: int = 1000,
                            seed: int = 1) -> dict:
@@ -603,13 +616,14 @@ def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEn
     }
 
 
-# notebooks/06_text_encoders.py:1026
+# notebooks/06_text_encoders.py:1039
 def where(module: nn.Module) -> str:
     """The device(s) a module's parameters live on, e.g. 'cpu', 'meta' or 'cuda:0'."""
     devices = sorted({str(p.device) for p in module.parameters()})
     return "+".join(devices) if devices else "no parameters"
 
 
+# notebooks/06_text_encoders.py:1046
 def _swap_tensors(module: nn.Module, make) -> None:
     """Replace every unique parameter and buffer by `make(name, tensor)`, in place, so that tied
     weights stay tied (each Python object keeps its identity; only its storage changes)."""
@@ -620,7 +634,7 @@ def _swap_tensors(module: nn.Module, make) -> None:
             torch.utils.swap_tensors(b, make(name, b))
 
 
-# notebooks/06_text_encoders.py:1049
+# notebooks/06_text_encoders.py:1063
 class Offloader:
     """Keeps `module`'s weights off the compute `device` between calls: `with offloader:` brings them
     in and sends them back out after, even when the call fails. Tied weights stay tied.
@@ -691,7 +705,7 @@ class Offloader:
             self._remove_folder()
 
 
-# notebooks/06_text_encoders.py:1125
+# notebooks/06_text_encoders.py:1139
 def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> TextEmbeddings:
     """SD3's joint sequence: each part's tokens zero-padded on the right to `width` and concatenated
     along the sequence, masks concatenated, pooled from the first part."""
@@ -701,6 +715,7 @@ def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> Tex
     return TextEmbeddings(torch.cat(tokens, dim=1), mask, parts[0].pooled)  # tokens (B, T1 + T2 + ..., width)
 
 
+# notebooks/06_text_encoders.py:1149
 class PromptCache(OrderedDict):
     """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
 
@@ -730,7 +745,7 @@ class PromptCache(OrderedDict):
         return TextEmbeddings(tokens, torch.stack([F.pad(rows[p][1], (0, T - rows[p][1].shape[0])) for p in prompts]))
 
 
-# notebooks/06_text_encoders.py:1164
+# notebooks/06_text_encoders.py:1179
 class DualTextEncoder(TextEncoder):
     """A primary encoder (CLIP: tokens + pooled) and an optional secondary (T5: tokens), joined as
     SD3 does (Esser et al. 2024; `join_embeddings`), with an LRU cache of `cache_size` prompts.

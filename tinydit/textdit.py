@@ -109,6 +109,7 @@ class ProjMlp(nn.Module):
         return self.fc2(h)
 
 
+# notebooks/07_text_dit.py:263
 class CaptionEmbedder(nn.Module):
     """Text tokens (B, T, D_ctx) -> (B, T, D) with PixArt's `y_proj` MLP; `y_embedding` (T_null,
     D_ctx) is the learned **null caption** for classifier-free guidance (PixArt-α), or absent."""
@@ -125,6 +126,7 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(context)  # (B, T, D)
 
 
+# notebooks/07_text_dit.py:280
 class TextDiTBlock(nn.Module):
     """Self-attention -> cross-attention -> MLP. `modulation="adaln_single"`: a per-block
     `scale_shift_table` (6, D) added to the shared modulation (PixArt-α, Chen et al. 2023), no norm
@@ -165,6 +167,7 @@ class TextDiTBlock(nn.Module):
         return x
 
 
+# notebooks/07_text_dit.py:321
 class T2IFinalLayer(nn.Module):
     """PixArt's final layer: LayerNorm modulated by a learned `scale_shift_table` (2, D) plus the
     embedded timestep, then a linear map to p x p x C_out patches."""
@@ -180,7 +183,7 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
-# notebooks/07_text_dit.py:356
+# notebooks/07_text_dit.py:359
 @dataclass
 class TextDiTConfig(TransformerConfig):
     """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
@@ -231,7 +234,7 @@ class TextDiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/07_text_dit.py:407
+# notebooks/07_text_dit.py:410
 class TextDiT(LatentTransformer):
     """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
     model). A sibling of chapter 05's `DiT`: the same patchify, blocks' parts and position table.
@@ -394,7 +397,7 @@ class TextDiT(LatentTransformer):
         return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 
-# notebooks/07_text_dit.py:570
+# notebooks/07_text_dit.py:573
 def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
     """Shape, dtype and presence checks of a TextDiT call (metadata only: no device sync); returns
     (t, context, context_mask, pooled, resolution, aspect_ratio) ready for the forward pass."""
@@ -442,6 +445,7 @@ def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolut
     return t, context, context_mask, pooled, resolution, aspect_ratio
 
 
+# notebooks/07_text_dit.py:621
 def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
     """A (B, T) key-padding mask as booleans (True = real token). Integer 0/1 masks (the
     transformers convention) are accepted; float masks are refused: an additive mask (0 = attend,
@@ -459,7 +463,7 @@ def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
     return mask.bool()
 
 
-# notebooks/07_text_dit.py:871
+# notebooks/07_text_dit.py:875
 def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
     if transformer_kind(d) != "PixArtTransformer2DModel":
@@ -493,6 +497,7 @@ def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     return TextDiTConfig(**{**cfg, **overrides})
 
 
+# notebooks/07_text_dit.py:909
 def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                       **overrides) -> TextDiTConfig:
     """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
@@ -525,6 +530,7 @@ def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: in
     return TextDiTConfig(**{**cfg, **overrides})
 
 
+# notebooks/07_text_dit.py:942
 def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
                            dtype=None, **overrides) -> TextDiT:
     """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
@@ -540,6 +546,7 @@ def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_head
     return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
 
 
+# notebooks/07_text_dit.py:958
 def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
                      dtype=None, **overrides) -> DiT | TextDiT:
     """Load any transformer this book knows, dispatching on the files' contents.

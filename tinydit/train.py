@@ -64,12 +64,14 @@ def _check_objective_settings(kind: str, zero_terminal_snr: bool, min_snr_gamma:
                          f"would ignore it, got {name}={value}")
 
 
+# notebooks/09_training.py:178
 def _training_bytes(cfg) -> int:
     """About what the run holds per parameter: weights, gradients, EMA, AdamW's two moments (fp32)."""
     n_params = (16 * cfg.depth + 8) * cfg.hidden_size**2  # 16 h^2 per block (attention, cross, MLP)
     return 5 * 4 * n_params
 
 
+# notebooks/09_training.py:185
 @dataclass
 class TrainConfig:
     """Everything that defines a training run of the book model (saved in every checkpoint)."""
@@ -141,6 +143,7 @@ class TrainConfig:
         return cls(**{**small, **overrides})
 
 
+# notebooks/09_training.py:257
 def _check_train_config(name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"{name}: expected a TrainConfig, got {type(cfg).__name__}"
@@ -148,10 +151,11 @@ def _check_train_config(name: str, cfg) -> TrainConfig:
     return cfg
 
 
+# notebooks/09_training.py:265
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every", "compile", "mixed_precision")
 
 
-# notebooks/09_training.py:282
+# notebooks/09_training.py:286
 def parametrisation(cfg: TrainConfig) -> Parametrisation:
     """The training objective of a config as chapter 08's Parametrisation: the same object draws the
     training pairs (`noised`), hands the samplers their denoiser, and writes the scheduler config."""
@@ -160,6 +164,7 @@ def parametrisation(cfg: TrainConfig) -> Parametrisation:
                            zero_terminal_snr=cfg.zero_terminal_snr)
 
 
+# notebooks/09_training.py:295
 def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """(B,) per-sample loss weights at model times `t`: 1, or min-SNR-gamma (Hang et al. 2023) on DDPM targets."""
     if check_float("min_snr_gamma", min_snr_gamma, minimum=0) == 0 or param.prediction == "flow":
@@ -169,7 +174,7 @@ def loss_weight(param: Parametrisation, t: torch.Tensor, min_snr_gamma: float = 
     return min_snr_weights(snr, min_snr_gamma, param.prediction)
 
 
-# notebooks/09_training.py:357
+# notebooks/09_training.py:362
 @dataclass
 class EncodedData:
     """The training set after the frozen encoders: what a step reads."""
@@ -187,12 +192,14 @@ class EncodedData:
         return self.latents[idx], self.tokens[idx], self.mask[idx]  # (B, 4, 8, 8), (B, T, 96), (B, T)
 
 
+# notebooks/09_training.py:380
 def _pad_tokens(emb: TextEmbeddings, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, D = emb.tokens.shape
     tokens = torch.cat([emb.tokens, emb.tokens.new_zeros(B, length - T, D)], 1)  # (B, length, D)
     return tokens, torch.cat([emb.mask, emb.mask.new_zeros(B, length - T)], 1)  # (B, length)
 
 
+# notebooks/09_training.py:387
 def _check_dataset(dataset) -> None:
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise TypeError(f"dataset: expected a sequence of (image, caption) pairs such as ShapesDataset, "
@@ -201,6 +208,7 @@ def _check_dataset(dataset) -> None:
         raise ValueError(f"dataset: yields no samples (len 0): {dataset!r}; nothing to train on")
 
 
+# notebooks/09_training.py:396
 def _pairs(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     """Images (B, 3, 32, 32) and captions of dataset[i] for i in indices, each item checked."""
     images, captions = [], []
@@ -216,6 +224,7 @@ def _pairs(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), captions
 
 
+# notebooks/09_training.py:412
 @torch.no_grad()
 def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, length: int | None = None):
     """Latents (B, 4, 8, 8) and padded text tokens / mask for a batch of images in [-1, 1] and captions."""
@@ -224,6 +233,7 @@ def encode_batch(images: torch.Tensor, captions: list[str], vae, text_encoder, l
     return vae.to_latent(images), tokens, mask
 
 
+# notebooks/09_training.py:421
 @torch.no_grad()
 def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, disable: bool | None = None) -> EncodedData:
     """Run the frozen VAE and text encoder over a dataset of (image, caption) pairs once."""
@@ -241,6 +251,7 @@ def encode_dataset(dataset, vae=None, text_encoder=None, batch_size: int = 500, 
     return EncodedData(latents, tokens[:, :T].contiguous(), mask[:, :T].contiguous(), empty_tokens[0], empty_mask[0])
 
 
+# notebooks/09_training.py:439
 class StreamingData:
     """The uncached alternative (`TrainConfig(cache=False)`): render and encode each batch when it is
     drawn. Same interface as `EncodedData`; costs encoder time every step, no memory."""
@@ -262,6 +273,7 @@ class StreamingData:
         return encode_batch(images, captions, self.vae, self.text_encoder)
 
 
+# notebooks/09_training.py:461
 def _check_encoded_data(data) -> None:
     """What a Trainer reads: EncodedData of consistent shapes, finite latents, at least one sample."""
     if isinstance(data, StreamingData):
@@ -279,7 +291,7 @@ def _check_encoded_data(data) -> None:
     check_finite("data: latents", data.latents)
 
 
-# notebooks/09_training.py:476
+# notebooks/09_training.py:488
 def _check_step_args(step: int, seed: int | None = None, **counts: int) -> None:
     """step >= 0, seed in [0, MAX_SEED], every other count >= 1."""
     check_int("step", step, minimum=0)
@@ -289,6 +301,7 @@ def _check_step_args(step: int, seed: int | None = None, **counts: int) -> None:
         check_int(name, value, minimum=1)
 
 
+# notebooks/09_training.py:498
 def _check_ema_args(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """Two copies of one network (same parameter names and shapes), decay in [0, 1], step >= 0."""
     for name, m in (("ema", ema), ("model", model)):
@@ -303,6 +316,7 @@ def _check_ema_args(ema: nn.Module, model: nn.Module, decay: float, step: int) -
     check_int("step", step, minimum=0)
 
 
+# notebooks/09_training.py:513
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the global batch of `step`: epochs of seeded permutations, read in order, so the
     data position is a pure function of the step (resume needs nothing else)."""
@@ -316,12 +330,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return torch.tensor(out)
 
 
+# notebooks/09_training.py:527
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's noise, timesteps and caption dropout (so a resumed run draws the same)."""
     _check_step_args(step, seed)
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+# notebooks/09_training.py:534
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up, then cosine decay from 1 to `min_ratio` at the last step."""
     _check_step_args(step, total=total)
@@ -333,6 +349,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# notebooks/09_training.py:546
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- decay * ema + (1 - decay) * model, with decay warmed up as (1 + step) / (10 + step)."""
@@ -342,7 +359,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
         e.lerp_(p.detach(), 1 - d)
 
 
-# notebooks/09_training.py:578
+# notebooks/09_training.py:595
 def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
     """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
     book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
@@ -352,6 +369,7 @@ def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
                          modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
 
 
+# notebooks/09_training.py:605
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
     _check_train_config("cfg", cfg)
@@ -359,7 +377,7 @@ def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     return TextDiT(book_model_config(cfg, context_dim))
 
 
-# notebooks/09_training.py:595
+# notebooks/09_training.py:613
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (no-op where directories cannot be opened)."""
     try:
@@ -374,6 +392,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# notebooks/09_training.py:628
 def atomic_write(path: str | Path, write) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`: a reader (or a crash at
     any instant) sees the old file or the new one, never half of one."""
@@ -397,6 +416,7 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+# notebooks/09_training.py:652
 def _check_book_model(model, cfg) -> None:
     """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
     if not isinstance(model, TextDiT):
@@ -408,6 +428,7 @@ def _check_book_model(model, cfg) -> None:
         raise ValueError(f"cfg: does not describe the model ({'; '.join(diff)}); pass the one it was built with")
 
 
+# notebooks/09_training.py:664
 def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: dict | None = None) -> Path:
     """Write `model` in diffusers' PixArtTransformer2DModel layout (+ scheduler and training notes)."""
     _check_book_model(model, cfg)
@@ -423,6 +444,7 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     return folder
 
 
+# notebooks/09_training.py:680
 def read_train_config(folder: str | Path) -> TrainConfig:
     """The TrainConfig a saved book model was trained with."""
     path = Path(folder) / "training.json"
@@ -437,6 +459,7 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     return TrainConfig(**config)
 
 
+# notebooks/09_training.py:695
 def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametrisation]:
     """The shipped book model (EMA weights) or one saved by `save_book_model`, and its parametrisation."""
     folder = Path(folder) if folder is not None else BOOK_MODEL_DIR
@@ -446,6 +469,7 @@ def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametr
     return TextDiT.from_pretrained(folder), parametrisation(read_train_config(folder))
 
 
+# notebooks/09_training.py:705
 def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=None, vae=None) -> TextToImagePipeline:
     """Chapter 13's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
     its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
@@ -457,7 +481,7 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
                                vae if vae is not None else load_book_vae(), sampling.validate())
 
 
-# notebooks/09_training.py:735
+# notebooks/09_training.py:759
 def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun (WORLD_SIZE > 1):
     gloo on CPU, NCCL on CUDA. Several nodes: the same command with torchrun --nnodes."""
@@ -468,6 +492,7 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
+# notebooks/09_training.py:770
 CHECKPOINT_GLOB = "step-*.pt"
 
 
@@ -478,6 +503,7 @@ def checkpoints(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob(CHECKPOINT_GLOB))
 
 
+# notebooks/09_training.py:781
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """A checkpoint continues only the run that wrote it: name every setting that differs."""
     diff = {f.name: (saved.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
@@ -488,6 +514,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
                          "folder or train with the checkpoint's settings")
 
 
+# notebooks/09_training.py:792
 TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng_torch", "losses")
 
 
@@ -506,6 +533,7 @@ def _load_training_state(path: Path) -> dict:
     return state
 
 
+# notebooks/09_training.py:811
 def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -516,7 +544,7 @@ def _check_device(device) -> torch.device:
     return device
 
 
-# notebooks/09_training.py:794
+# notebooks/09_training.py:822
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -684,7 +712,7 @@ class Trainer:
         return self
 
 
-# notebooks/09_training.py:1044
+# notebooks/09_training.py:1072
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
     try:
@@ -701,6 +729,7 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
                          "continue it with resume=True, or choose an empty folder")
 
 
+# notebooks/09_training.py:1089
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in

@@ -138,6 +138,7 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+# notebooks/02_vae.py:320
 class Downsample(nn.Module):
     """Stride-2 3x3 conv after padding right/bottom by one pixel (LDM's asymmetric padding)."""
 
@@ -149,6 +150,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
 
+# notebooks/02_vae.py:332
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then a 3x3 conv."""
 
@@ -160,6 +162,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
+# notebooks/02_vae.py:344
 class SelfAttention(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
 
@@ -178,6 +181,7 @@ class SelfAttention(nn.Module):
         return x + h
 
 
+# notebooks/02_vae.py:363
 class MidBlock(nn.Module):
     """ResNet -> self-attention -> ResNet at the lowest resolution (attention optional)."""
 
@@ -193,7 +197,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)  # (B, C, h, w)
 
 
-# notebooks/02_vae.py:375
+# notebooks/02_vae.py:379
 class DownBlock(nn.Module):
     """One encoder level: ResNet blocks, then a Downsample unless it is the last level."""
 
@@ -209,6 +213,7 @@ class DownBlock(nn.Module):
         return x
 
 
+# notebooks/02_vae.py:395
 class UpBlock(nn.Module):
     """One decoder level: ResNet blocks, then an Upsample unless it is the last level."""
 
@@ -224,6 +229,7 @@ class UpBlock(nn.Module):
         return x
 
 
+# notebooks/02_vae.py:411
 class Encoder(nn.Module):
     """Image (B, in, H, W) -> posterior moments (B, 2*latent, H/f, W/f). LDM's Encoder."""
 
@@ -246,6 +252,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2*latent, H/f, W/f)
 
 
+# notebooks/02_vae.py:434
 class Decoder(nn.Module):
     """Latent (B, latent, h, w) -> image (B, out, h*f, w*f). LDM's Decoder."""
 
@@ -267,7 +274,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)
 
 
-# notebooks/02_vae.py:481
+# notebooks/02_vae.py:488
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(std^2)) from the encoder's moments (Kingma & Welling 2014, LDM)."""
 
@@ -295,7 +302,7 @@ class DiagonalGaussian:
         return f"DiagonalGaussian(shape={tuple(self.mean.shape)})"
 
 
-# notebooks/02_vae.py:530
+# notebooks/02_vae.py:537
 def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
     """`t` is a (B >= 1, channels, ., .) tensor of a floating dtype with finite values."""
     check_tensor(name, t)
@@ -309,6 +316,7 @@ def _check_batch(name: str, t, channels: int, what: str, dims: str) -> None:
     check_finite(name, t)
 
 
+# notebooks/02_vae.py:551
 def _check_image_batch(x, channels: int, factor: int) -> None:
     """x: (B, channels, H, W) with H, W multiples of `factor` and values in [-1, 1] (some slack)."""
     _check_batch("x", x, channels, "an image batch", "H, W")
@@ -321,10 +329,12 @@ def _check_image_batch(x, channels: int, factor: int) -> None:
                          f"[{lo:.3g}, {hi:.3g}]" + ("; this looks like a 0-255 image" if hi > 2 else ""))
 
 
+# notebooks/02_vae.py:564
 def _check_latent_batch(z, channels: int) -> None:
     _check_batch("z", z, channels, "latents", "h, w")
 
 
+# notebooks/02_vae.py:569
 def _upcast_decoder(model) -> None:
     """An fp16 decoder overflowed (SDXL's VAE does): warn, and move it to float32 for good."""
     warnings.warn("AutoencoderKL.decode: the float16 decoder overflowed (inf/NaN in the image; SDXL's VAE does "
@@ -335,6 +345,7 @@ def _upcast_decoder(model) -> None:
             part.float()
 
 
+# notebooks/02_vae.py:580
 def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     """The config dict and the weights file of a diffusers AutoencoderKL folder."""
     if not (folder / "config.json").is_file():
@@ -347,7 +358,7 @@ def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     return read_config(folder / "config.json"), weights
 
 
-# notebooks/02_vae.py:582
+# notebooks/02_vae.py:593
 class AutoencoderKL(nn.Module):
     """The LDM autoencoder (Rombach et al. 2022) with a diagonal-Gaussian posterior (Kingma & Welling).
 
@@ -455,7 +466,7 @@ class AutoencoderKL(nn.Module):
         return folder
 
 
-# notebooks/02_vae.py:696
+# notebooks/02_vae.py:707
 def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Older diffusers VAE folders (some SD 1.x repos) name the mid-block attention
     `query/key/value/proj_attn`; diffusers renames them on load, and so do we."""
@@ -469,19 +480,21 @@ def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-# notebooks/02_vae.py:764
+# notebooks/02_vae.py:775
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of two (B, C, H, W) batches in [-1, 1], measured on the [0, 1] scale."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)  # (B,)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))  # (B,)
 
 
+# notebooks/02_vae.py:782
 def shapes_images(n: int, seed: int = 0, split: str = "train", size: int = 32) -> torch.Tensor:
     """The first `n` images of `ShapesDataset(n, size, seed, split)` as one (n, 3, size, size) tensor."""
     ds = ShapesDataset(n, size=size, seed=seed, split=split)
     return torch.stack([ds[i][0] for i in range(n)])  # (n, 3, size, size)
 
 
+# notebooks/02_vae.py:789
 @torch.no_grad()
 def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> dict:
     """Latent statistics of `images` under `model` (posterior means): global and per channel."""
@@ -492,10 +505,11 @@ def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: in
             "channel_mean": per_ch.mean(1).tolist(), "channel_std": per_ch.std(1).tolist()}
 
 
+# notebooks/02_vae.py:800
 LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
 
 
-# notebooks/02_vae.py:790
+# notebooks/02_vae.py:804
 def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
                    n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
                    out_dir: str | os.PathLike | None = None, disable: bool | None = None,
@@ -551,11 +565,13 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     return model, hist
 
 
+# notebooks/02_vae.py:860
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
     return BOOK_VAE_DIR
 
 
+# notebooks/02_vae.py:866
 def load_book_vae(dtype=None) -> AutoencoderKL:
     """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode; `dtype` as in
     `AutoencoderKL.from_pretrained` (None = float32)."""

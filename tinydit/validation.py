@@ -26,6 +26,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# notebooks/00_introduction.py:182
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as a Python int in [minimum, maximum]; numpy integers accepted, bools refused."""
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
@@ -41,6 +42,7 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     return value
 
 
+# notebooks/00_introduction.py:198
 def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None,
                 min_inclusive: bool = True, max_inclusive: bool = True) -> float:
     """`value` as a finite Python float within the given bounds; ints and numpy numbers accepted."""
@@ -58,6 +60,7 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     return value
 
 
+# notebooks/00_introduction.py:216
 def check_bool(name: str, value) -> bool:
     """`value` as a Python bool; numpy booleans accepted. Strings are refused: `"false"` is truthy."""
     if not isinstance(value, (bool, np.bool_)):
@@ -65,6 +68,7 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+# notebooks/00_introduction.py:224
 def check_choice(name: str, value, choices) -> object:
     """`value` if it is one of `choices`, else a ValueError listing them."""
     if value not in choices:
@@ -73,6 +77,7 @@ def check_choice(name: str, value, choices) -> object:
     return value
 
 
+# notebooks/00_introduction.py:233
 def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floating: bool = False,
                  finite: bool = False) -> torch.Tensor:
     """`x` if it is a tensor with `ndim` dimensions (an int or a tuple of allowed counts), a
@@ -91,6 +96,7 @@ def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floati
     return x
 
 
+# notebooks/00_introduction.py:252
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """`x` if every value is finite; otherwise say how many are NaN or infinite. Tensors on the
     `meta` device (shapes without values) pass."""
@@ -103,6 +109,7 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# notebooks/00_introduction.py:265
 def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A boolean mask (True = keep / attend). Float masks are refused: an additive mask
     (0 = attend, -inf = ignore) cast with `.bool()` would silently mean the opposite."""
@@ -116,6 +123,7 @@ def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> to
     return mask
 
 
+# notebooks/00_introduction.py:279
 def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError) -> Exception:
     """Run `call` and require `error` with a message matching the regex `pattern`; print and return
     it. The chapters show every expected error this way, so a check fails when no error comes."""
@@ -128,6 +136,7 @@ def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError
     raise AssertionError(f"expected {error} matching {pattern!r}, but no error was raised")
 
 
+# notebooks/00_introduction.py:292
 def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> None:
     """Refuse, before allocating, a request that would need more than `limit` bytes."""
     if n_bytes > limit:
