@@ -338,6 +338,40 @@ assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1
 dataset_grid(ds, n=8, cols=8, scale=3)
 
 # %% [markdown]
+# ## One convention for long classes
+#
+# A production class can be longer than a screen. Rather than one cell of a hundred lines, a chapter
+# builds it across cells, the way *Dive into Deep Learning* does: the class's first cell holds its
+# idea (`__init__` and `forward`), and each later cell adds one method with `@add_to_class(Name)`.
+# In the notebook the decorator attaches the method when the cell runs; `tools/export.py` writes
+# it inside the class body of the generated module, so `tinydit` reads as ordinary Python.
+
+# %%
+# | export notebook
+"""Helpers that the chapters use while they are read; the generated package never imports this."""
+
+
+def add_to_class(cls):
+    """Decorator: attach the decorated function (or property, staticmethod) to `cls` as a method."""
+    def attach(member):
+        function = getattr(member, "fget", None) or getattr(member, "__func__", None) or member
+        setattr(cls, function.__name__, member)
+        return member
+    return attach
+
+# %%
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+@add_to_class(Counter)
+def tick(self):
+    self.n += 1
+    return self
+
+assert Counter().tick().tick().n == 2
+
+# %% [markdown]
 # ## Summary
 #
 # - The book builds a latent text-to-image DiT in fifteen chapters; each chapter exports one module

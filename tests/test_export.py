@@ -151,3 +151,53 @@ def test_split_cells_kinds():
 def test_repository_is_in_sync(flags):
     proc = run_tool(ROOT, *flags)
     assert proc.returncode == 0, proc.stderr
+
+
+CLASS_ACROSS_CELLS = '''# %%
+# | default_exp toy
+
+# %%
+# | export
+class Box:
+    def __init__(self, x):
+        self.x = x
+
+# %%
+print("a demo cell between the two")
+
+# %%
+# | export
+@add_to_class(Box)
+# a comment about the method
+@property
+def doubled(self):
+    """Twice x."""
+    return 2 * self.x
+'''
+
+
+def test_add_to_class_cells_are_written_inside_the_class_body(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "tinydit").mkdir()
+    (tmp_path / "notebooks" / "03_box.py").write_text(CLASS_ACROSS_CELLS)
+    assert run_tool(tmp_path).returncode == 0
+    text = (tmp_path / "tinydit" / "toy.py").read_text()
+    assert "add_to_class" not in text and "    @property\n    def doubled(self):" in text
+    namespace: dict = {}
+    exec(text, namespace)  # the generated module is ordinary Python: the method is in the class body
+    assert namespace["Box"](3).doubled == 6
+    # and the notebook's decorator does the same at run time, for a property too
+    from tinydit.notebook import add_to_class
+
+    class Box2:
+        x = 4
+
+    add_to_class(Box2)(property(lambda self: 2 * self.x))
+    assert Box2().__class__.__dict__["<lambda>"].fget(Box2()) == 8
+
+def test_add_to_class_without_an_earlier_class_is_an_error(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "tinydit").mkdir()
+    (tmp_path / "notebooks" / "03_box.py").write_text(CLASS_ACROSS_CELLS.replace("class Box:", "class Other:"))
+    r = run_tool(tmp_path)
+    assert r.returncode == 2 and "@add_to_class(Box)" in r.stderr and "class Box" in r.stderr
