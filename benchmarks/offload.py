@@ -17,6 +17,7 @@ import time
 
 import torch
 
+
 SIZES = {  # d_model, d_ff, layers, heads (T5 v1.1 / T5-XXL encoder shapes)
     "xxl": (4096, 10240, 24, 64),
     "large": (1024, 2816, 24, 16),

@@ -41,6 +41,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+
 STEPS, GUIDANCE = 20, 2.0
 GRID = {"dpmpp_2m": [5, 6, 8, 10, 12, 15, 20], "unipc": [5, 6, 8, 10, 12], "euler": [6, 8, 10, 12, 20]}
 

@@ -33,6 +33,7 @@ from tinydit import schedules
 from tinydit.denoisers import DiscreteDenoiser, FlowDenoiser, GaussianDenoiser
 from tinydit.samplers import SAMPLERS
 
+
 MEAN, STD = 0.3, 0.5
 STEP_GRID = [1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 320,
              384, 512]

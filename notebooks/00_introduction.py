@@ -103,6 +103,7 @@ import torch
 
 import tinydit
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"tinydit {tinydit.__version__}, torch {torch.__version__}, device: {device}, "
@@ -169,6 +170,7 @@ import re
 
 import numpy as np
 import torch
+
 
 # Refuse allocations above this many bytes before trying them (a typo such as `--n 100000`).
 MAX_SENSIBLE_BYTES = 8 * 2**30
@@ -303,6 +305,7 @@ import numpy as np
 
 from tinydit.validation import check_float, check_int
 
+
 for ok in (1, 20, np.int64(20)):  # the production helper agrees with the lesson, and takes numpy ints
     assert check_int("steps", ok, minimum=1) == positive_int("steps", int(ok))
 for typo in (True, 2.0, "3"):
@@ -332,6 +335,7 @@ else:
 # %%
 from tinydit.data import ShapesDataset, dataset_grid
 
+
 ds = ShapesDataset(8, seed=0)
 image, caption = ds[0]
 assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1
@@ -350,13 +354,18 @@ dataset_grid(ds, n=8, cols=8, scale=3)
 # | export notebook
 """Helpers that the chapters use while they are read; the generated package never imports this."""
 
+import sys
+
 
 def add_to_class(cls):
-    """Decorator: attach the decorated function (or property, staticmethod) to `cls` as a method."""
+    """Decorator: attach the decorated function (or property, classmethod) to `cls` as a method.
+
+    The notebook's global of the same name, if there is one, stays what it was: a method `where`
+    must not replace the module's function `where` that other code calls."""
     def attach(member):
         function = getattr(member, "fget", None) or getattr(member, "__func__", None) or member
         setattr(cls, function.__name__, member)
-        return member
+        return sys._getframe(1).f_globals.get(function.__name__, member)
     return attach
 
 # %%
@@ -370,6 +379,16 @@ def tick(self):
     return self
 
 assert Counter().tick().tick().n == 2
+
+
+def size(x):
+    return len(x)
+
+@add_to_class(Counter)
+def size(self):  # a method named like a function of the notebook ...
+    return self.n
+
+assert size("abc") == 3 and Counter().size() == 0  # ... leaves the function as it was
 
 # %% [markdown]
 # ## Summary

@@ -47,6 +47,7 @@
 # %%
 import os
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %% [markdown]
@@ -92,6 +93,7 @@ red_caption
 # %%
 import matplotlib.pyplot as plt
 
+
 fig, axes = plt.subplots(1, 2, figsize=(6, 3))
 for ax, ss, title in zip(axes, (1, 4), ("drawn at 32×32", "drawn at 128×128, box-filtered")):
     ax.imshow(draw_circle((220, 30, 30), 0.25, 0.5, 0.20, ss=ss), interpolation="nearest")
@@ -135,6 +137,9 @@ from torch.utils.data import Dataset
 
 from tinydit.validation import check_choice, check_finite, check_int, check_memory, check_tensor
 
+
+# %%
+# | export
 SHAPES = ("circle", "square", "triangle")
 COLORS = {  # RGB, far apart in hue so a pixel reader can name them
     "red": (220, 30, 30),
@@ -505,6 +510,7 @@ import re
 import torch
 from torch.utils.data import DataLoader
 
+
 prod = ShapesDataset(10)
 for i in range(10):
     assert torch.equal(prod[i][0], tiny[i][0]) and prod[i][1] == tiny[i][1]
@@ -721,6 +727,7 @@ assert not unparsed, unparsed[:3]
 # %%
 import colorsys
 
+
 HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLORS.items()}
 
 
@@ -772,6 +779,7 @@ image_grid(torch.stack([test_ds[k][0] for k in novel[:8]]), [test_ds[k][1] for k
 # %%
 from collections import Counter
 
+
 attrs = [o for k in range(len(ds)) for o in ds.attributes(k)]
 fig, axes = plt.subplots(1, 5, figsize=(16, 3))
 for ax, key in zip(axes, ("color", "shape", "size", "position")):
@@ -801,6 +809,7 @@ assert abs(single - 0.6) < 0.05  # measured 0.601 (CI and book size); 0.05 margi
 
 # %%
 import time
+
 
 n_time = 2_000 if FAST else 10_000
 timing_ds = ShapesDataset(n_time, seed=123)

@@ -46,9 +46,11 @@
 
 # %%
 # | default_exp vae
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -184,6 +186,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -204,6 +207,7 @@ from tinydit.checkpoint import (
 from tinydit.data import ShapesDataset
 from tinydit.loading import ldm_to_diffusers, single_file_vae_weights
 from tinydit.validation import check_choice, check_finite, check_float, check_int, check_tensor
+
 
 # Weight files `from_pretrained` looks for in a diffusers folder, in this order.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
@@ -254,27 +258,34 @@ class VAEConfig:
             raise ValueError(f"name: unknown VAE preset {name!r}; expected one of {tuple(VAE_PRESETS)}")
         return cls(**VAE_PRESETS[name])
 
-    def to_diffusers(self) -> dict:
-        """The `config.json` dict that diffusers' AutoencoderKL reads."""
-        n = len(self.block_out_channels)
-        return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
-                "up_block_types": ["UpDecoderBlock2D"] * n,
-                **asdict(self), "block_out_channels": list(self.block_out_channels)}
+# %%
+# | export
+@add_to_class(VAEConfig)
+def to_diffusers(self) -> dict:
+    """The `config.json` dict that diffusers' AutoencoderKL reads."""
+    n = len(self.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            **asdict(self), "block_out_channels": list(self.block_out_channels)}
 
-    @classmethod
-    def from_diffusers(cls, d: dict) -> VAEConfig:
-        """Read a diffusers AutoencoderKL `config.json` dict (unknown extra keys are ignored)."""
-        if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"config: expected an AutoencoderKL config, got _class_name={d['_class_name']!r}")
-        if d.get("act_fn", "silu") != "silu":
-            raise ValueError(f"config: expected act_fn='silu', got {d['act_fn']!r}")
-        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if set(d.get(key, [want])) != {want}:
-                raise ValueError(f"config: expected {key} to hold only {want!r}, got {sorted(set(d[key]))}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+# %%
+# | export
+@add_to_class(VAEConfig)
+@classmethod
+def from_diffusers(cls, d: dict) -> VAEConfig:
+    """Read a diffusers AutoencoderKL `config.json` dict (unknown extra keys are ignored)."""
+    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"config: expected an AutoencoderKL config, got _class_name={d['_class_name']!r}")
+    if d.get("act_fn", "silu") != "silu":
+        raise ValueError(f"config: expected act_fn='silu', got {d['act_fn']!r}")
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if set(d.get(key, [want])) != {want}:
+            raise ValueError(f"config: expected {key} to hold only {want!r}, got {sorted(set(d[key]))}")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
-
+# %%
+# | export
 _REAL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 VAE_PRESETS: dict[str, dict] = {
     "sd1": dict(_REAL, latent_channels=4, scaling_factor=0.18215, sample_size=512, force_upcast=True),
@@ -461,6 +472,7 @@ class Decoder(nn.Module):
 # %%
 from dataclasses import replace
 
+
 cfg = replace(VAEConfig.preset("book"), mid_block_add_attention=False)
 enc, dec = Encoder(cfg), Decoder(cfg)
 with torch.no_grad():
@@ -633,68 +645,89 @@ class AutoencoderKL(nn.Module):
             x = self._decode(z)  # (B, 3, H, W), float32
         return x
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.decoder.conv_in.weight.dtype)  # the decoder's dtype (float32 after an fp16 overflow)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)  # (B, C, h, w)
-        return self.decoder(z)  # (B, 3, H, W)
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    z = z.to(self.decoder.conv_in.weight.dtype)  # the decoder's dtype (float32 after an fp16 overflow)
+    if self.post_quant_conv is not None:
+        z = self.post_quant_conv(z)  # (B, C, h, w)
+    return self.decoder(z)  # (B, 3, H, W)
 
-    def to_latent(self, x: torch.Tensor, sample: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """(posterior mean - shift_factor) * scaling_factor: what the diffusion model sees.
-        `sample=True` uses a posterior sample instead of the mean."""
-        post = self.encode(x)
-        z = post.sample(generator) if sample else post.mean  # (B, C, h, w)
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+def to_latent(self, x: torch.Tensor, sample: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """(posterior mean - shift_factor) * scaling_factor: what the diffusion model sees.
+    `sample=True` uses a posterior sample instead of the mean."""
+    post = self.encode(x)
+    z = post.sample(generator) if sample else post.mean  # (B, C, h, w)
+    return (z - self.config.shift_factor) * self.config.scaling_factor
 
-    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of `to_latent`, then decode: diffusion-space latents -> image."""
-        _check_latent_batch(z, self.config.latent_channels)
-        return self.decode(z / self.config.scaling_factor + self.config.shift_factor)  # (B, 3, H, W)
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_latent`, then decode: diffusion-space latents -> image."""
+    _check_latent_batch(z, self.config.latent_channels)
+    return self.decode(z / self.config.scaling_factor + self.config.shift_factor)  # (B, 3, H, W)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct: returns (x_rec, posterior)."""
-        post = self.encode(x)
-        z = post.sample(generator) if sample_posterior else post.mode()  # (B, C, h, w)
-        return self.decode(z), post
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+def forward(self, x: torch.Tensor, sample_posterior: bool = False,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    """Reconstruct: returns (x_rec, posterior)."""
+    post = self.encode(x)
+    z = post.sample(generator) if sample_posterior else post.mode()  # (B, C, h, w)
+    return self.decode(z), post
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
-                        dtype=None) -> AutoencoderKL:
-        """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online.
-        `dtype` ("fp16", "bf16", a torch dtype; None = float32) converts the weights while reading."""
-        dtype = resolve_dtype(dtype)
-        folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
-        config, weights = _diffusers_folder(folder)
-        cfg = VAEConfig.from_diffusers(config)
-        sd = rename_legacy_attention(load_state_dict(weights, dtype))
-        return load_model(lambda: cls(cfg), sd, what=str(weights), dtype=dtype)
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+@classmethod
+def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
+                    dtype=None) -> AutoencoderKL:
+    """A diffusers-layout AutoencoderKL: a local folder, or a Hugging Face Hub id when online.
+    `dtype` ("fp16", "bf16", a torch dtype; None = float32) converts the weights while reading."""
+    dtype = resolve_dtype(dtype)
+    folder = resolve_pretrained(path_or_id, subfolder, filenames=("config.json", *WEIGHT_NAMES))
+    config, weights = _diffusers_folder(folder)
+    cfg = VAEConfig.from_diffusers(config)
+    sd = rename_legacy_attention(load_state_dict(weights, dtype))
+    return load_model(lambda: cls(cfg), sd, what=str(weights), dtype=dtype)
 
-    @classmethod
-    def from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
-                         config: VAEConfig | None = None, dtype=None) -> AutoencoderKL:
-        """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
-        The file holds no config: `preset` names the family; pass `config=` for anything else."""
-        cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
-        dtype = resolve_dtype(dtype)
-        sd = single_file_vae_weights(load_state_dict(path, dtype))
-        sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
-        try:
-            return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
-        except WeightsMismatchError as e:
-            hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
-            raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+@classmethod
+def from_single_file(cls, path: str | os.PathLike, preset: str = "sdxl",
+                     config: VAEConfig | None = None, dtype=None) -> AutoencoderKL:
+    """An original LDM/SGM-layout VAE file, bare or nested under `first_stage_model.` / `vae.`.
+    The file holds no config: `preset` names the family; pass `config=` for anything else."""
+    cfg = config if config is not None else VAEConfig.preset(check_choice("preset", preset, tuple(VAE_PRESETS)))
+    dtype = resolve_dtype(dtype)
+    sd = single_file_vae_weights(load_state_dict(path, dtype))
+    sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
+    try:
+        return load_model(lambda: cls(cfg), sd, what=str(path), dtype=dtype)
+    except WeightsMismatchError as e:
+        hint = "" if config is not None else f" (is preset={preset!r} the right family?)"
+        raise WeightsMismatchError(str(e).replace(" does not fit", f" does not fit{hint}", 1)) from None
 
-    def save_pretrained(self, folder: str | os.PathLike,
-                        weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
-        """Write config.json (diffusers format) and the weights (safetensors) into `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / weights_name))
-        return folder
+# %%
+# | export
+@add_to_class(AutoencoderKL)
+def save_pretrained(self, folder: str | os.PathLike,
+                    weights_name: str = "diffusion_pytorch_model.safetensors") -> Path:
+    """Write config.json (diffusers format) and the weights (safetensors) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(self.config.to_diffusers(), indent=2) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+              str(folder / weights_name))
+    return folder
 
 # %% [markdown]
 # `save_pretrained` / `from_pretrained` use the diffusers folder layout (`config.json` +
@@ -723,6 +756,7 @@ def rename_legacy_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 # %%
 import re
 import tempfile
+
 
 book = AutoencoderKL(VAEConfig.preset("book")).eval()
 with tempfile.TemporaryDirectory() as tmp:
@@ -801,6 +835,29 @@ LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (fas
 
 # %%
 # | export
+def warmup_cosine(step: int, steps: int, warmup: int | None = None) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps (default min(200, steps/10)), then
+    a cosine to 0 at `steps`."""
+    warmup = max(1, min(200, steps // 10)) if warmup is None else warmup
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+# %%
+# | export
+def vae_loss(model: AutoencoderKL, images: torch.Tensor, batch_size: int, kl_weight: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of VAE training: random rows and flips; (reconstruction MSE, KL, their weighted sum)."""
+    idx = torch.randint(len(images), (batch_size,), generator=gen)
+    x = images[idx]  # (B, 3, H, W)
+    flip = torch.rand(batch_size, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
+    post = model.encode(x)
+    x_rec = model.decode(post.sample(gen))  # (B, 3, H, W)
+    rec = (x_rec - x).pow(2).mean()
+    kl = post.kl().mean()
+    return rec, kl, rec + kl_weight * kl / x[0].numel()  # KL per pixel, like the MSE
+
+# %%
+# | export
 def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
                    n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
                    out_dir: str | os.PathLike | None = None, disable: bool | None = None,
@@ -824,22 +881,11 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     images = shapes_images(n_images, seed=seed, split="train", size=cfg.sample_size)  # (n, 3, H, W)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    warmup = max(1, min(200, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    n_pix = images[0].numel()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps))
     hist: dict = {"rec": [], "kl": [], "loss": []}
     model.train()
     for _ in tqdm(range(steps), desc="train VAE", disable=disable):
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x = images[idx]  # (B, 3, H, W)
-        flip = torch.rand(batch_size, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
-        post = model.encode(x)
-        x_rec = model.decode(post.sample(gen))  # (B, 3, H, W)
-        rec = (x_rec - x).pow(2).mean()
-        kl = post.kl().mean()
-        loss = rec + kl_weight * kl / n_pix
+        rec, kl, loss = vae_loss(model, images, batch_size, kl_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -885,6 +931,7 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
+
 t0 = time.perf_counter()
 trained, history = train_book_vae(**(dict(steps=60, n_images=2_000) if FAST else dict(out_dir="outputs/book_vae")))
 rec = np.array(history["rec"])
@@ -914,6 +961,7 @@ assert smooth[-1] < 0.7 * smooth[0]
 
 # %%
 from tinydit.data import image_grid, tensor_to_pil
+
 
 vae = load_book_vae()
 test_x = shapes_images(256, seed=0, split="test")  # (256, 3, 32, 32)
@@ -1143,6 +1191,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import tinydit
+
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # The book's trained weights ship inside the package; inference owns their paths (training writes new ones).

@@ -43,6 +43,7 @@
 # %%
 import os
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
@@ -52,6 +53,7 @@ import re
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
+
 
 # %% [markdown]
 # ## Sinusoidal timestep embeddings

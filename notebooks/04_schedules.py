@@ -35,6 +35,7 @@
 # %%
 import os
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from tinydit.validation import expect_error  # the chapters' way to show an expected error
+
 
 # %% [markdown]
 # ## β schedules and $\bar\alpha_t$
@@ -110,6 +112,7 @@ from tinydit.validation import (
     check_memory,
     check_tensor,
 )
+
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}  # diffusers' name for the cosine schedule
@@ -796,6 +799,7 @@ from IPython.display import display
 
 from tinydit.data import ShapesDataset, image_grid
 
+
 ds = ShapesDataset(64, seed=0)
 x0 = torch.stack([ds[i][0] for i in (0, 3, 5, 9)])  # (4, 3, 32, 32)
 fractions = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
@@ -820,6 +824,7 @@ image_grid(torch.stack(tiles), [f"{f} u={u}" for f in families for u in fraction
 
 # %%
 from tinydit import vae
+
 
 book_vae = vae.load_book_vae().eval()
 with torch.no_grad():
@@ -998,6 +1003,7 @@ import tempfile
 from pathlib import Path
 
 from IPython.display import Image as IPImage
+
 
 n_frames = 12 if FAST else 40
 frame_ts = torch.linspace(0, 999, n_frames).round().long()

@@ -40,12 +40,14 @@
 
 # %%
 # | default_exp dit
-
 # %%
 import os
 
 import matplotlib.pyplot as plt
 import torch
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 torch.manual_seed(0)
@@ -97,6 +99,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinydit.validation import check_choice, check_int
+
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
 
@@ -203,6 +206,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 # %%
 import re
+
 
 pad = torch.ones(2, 16, dtype=torch.bool)
 pad[1, 10:] = False  # sample 1: its last 6 tokens are padding
@@ -566,14 +570,17 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict):
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"config: unknown {cls.__name__} fields {unknown}")
-        return cls(**d)
+# %%
+# | export
+@add_to_class(TransformerConfig)
+@classmethod
+def from_dict(cls, d: dict):
+    if not isinstance(d, dict):
+        raise TypeError(f"config: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"config: unknown {cls.__name__} fields {unknown}")
+    return cls(**d)
 
 # %%
 # | export
@@ -746,76 +753,94 @@ class DiT(LatentTransformer):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
-        """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
-        if y is None:
-            return torch.full((batch_size,), self.config.num_classes, device=device, dtype=torch.long)
-        y = torch.as_tensor(y, device=device)
-        if y.shape != (batch_size,) or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
-        return y.long()
+# %%
+# | export
+@add_to_class(DiT)
+def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
+    """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
+    if y is None:
+        return torch.full((batch_size,), self.config.num_classes, device=device, dtype=torch.long)
+    y = torch.as_tensor(y, device=device)
+    if y.shape != (batch_size,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
+    return y.long()
 
-    def check_values(self, x: torch.Tensor, t, y=None) -> None:
-        """Value checks (label range, finite inputs), run by entry points once per call rather
-        than inside `forward`, where each would cost a device sync and a compile graph break."""
-        check_finite("x", x)
-        check_finite("t", torch.as_tensor(t).float())
-        if y is not None:
-            y = torch.as_tensor(y)
-            if y.numel() and (y.min() < 0 or y.max() > self.config.num_classes):
-                raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
-                                 f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
+# %%
+# | export
+@add_to_class(DiT)
+def check_values(self, x: torch.Tensor, t, y=None) -> None:
+    """Value checks (label range, finite inputs), run by entry points once per call rather
+    than inside `forward`, where each would cost a device sync and a compile graph break."""
+    check_finite("x", x)
+    check_finite("t", torch.as_tensor(t).float())
+    if y is not None:
+        y = torch.as_tensor(y)
+        if y.numel() and (y.min() < 0 or y.max() > self.config.num_classes):
+            raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
+                             f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
-        return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+# %%
+# | export
+@add_to_class(DiT)
+def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
+    return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
-        t = check_latents(x, t, self.config)  # (B,)
-        x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
-        y = self.labels_for(y, x.shape[0], x.device)  # (B,)
-        if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
-            self.check_values(x, t, y)
-        B, _, H, W = x.shape
-        h, w = H // self.config.patch_size, W // self.config.patch_size
-        tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, T, D)
-        c = self.condition(t, y).to(tokens.dtype)  # (B, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)  # (B, T, D)
-        out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
+# %%
+# | export
+@add_to_class(DiT)
+def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+    t = check_latents(x, t, self.config)  # (B,)
+    x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
+    y = self.labels_for(y, x.shape[0], x.device)  # (B,)
+    if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
+        self.check_values(x, t, y)
+    B, _, H, W = x.shape
+    h, w = H // self.config.patch_size, W // self.config.patch_size
+    tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, T, D)
+    c = self.condition(t, y).to(tokens.dtype)  # (B, D)
+    for block in self.blocks:
+        tokens = block(tokens, c)  # (B, T, D)
+    out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
+    return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    @classmethod
-    def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
-        """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
-        `.safetensors`); the config is read from the weights (see the appendix). `dtype` ("bf16",
-        "fp16", a torch dtype; None = float32) converts the weights while reading."""
-        sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
-        if "t_block.1.weight" in sd:
-            raise ValueError(f"path: {Path(path).name} holds a PixArt (text-conditioned) checkpoint; load it with "
-                             "tinydit.textdit.TextDiT.from_original, or tinydit.textdit.load_transformer")
-        cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
-        return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
+# %%
+# | export
+@add_to_class(DiT)
+@classmethod
+def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
+    """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
+    `.safetensors`); the config is read from the weights (see the appendix). `dtype` ("bf16",
+    "fp16", a torch dtype; None = float32) converts the weights while reading."""
+    sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
+    if "t_block.1.weight" in sd:
+        raise ValueError(f"path: {Path(path).name} holds a PixArt (text-conditioned) checkpoint; load it with "
+                         "tinydit.textdit.TextDiT.from_original, or tinydit.textdit.load_transformer")
+    cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
+    return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
-        """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
-        `dtype` as in `from_original`."""
-        dtype = resolve_dtype(dtype)
-        folder = resolve_pretrained(path_or_id, subfolder)
-        config = read_config_json(folder)
-        kind = transformer_kind(config)
-        if kind == "DiT":  # tinydit's own save_pretrained layout
-            cfg = DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
-            sd = load_state_dict(folder / "model.safetensors", dtype)
-        elif kind == "DiTTransformer2DModel":
-            cfg = config_from_diffusers(config, **overrides)
-            sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
-        else:
-            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
-                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
-                             "(which reads any transformer folder)")
-        return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
+# %%
+# | export
+@add_to_class(DiT)
+@classmethod
+def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
+    """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
+    `dtype` as in `from_original`."""
+    dtype = resolve_dtype(dtype)
+    folder = resolve_pretrained(path_or_id, subfolder)
+    config = read_config_json(folder)
+    kind = transformer_kind(config)
+    if kind == "DiT":  # tinydit's own save_pretrained layout
+        cfg = DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+        sd = load_state_dict(folder / "model.safetensors", dtype)
+    elif kind == "DiTTransformer2DModel":
+        cfg = config_from_diffusers(config, **overrides)
+        sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
+    else:
+        raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
+                         "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
+                         "(which reads any transformer folder)")
+    return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
 # %% [markdown]
 # A fresh book model predicts exactly zero (its final layer starts at zero). With random weights
@@ -869,6 +894,7 @@ def dit_macs(config: DiTConfig, input_size: int | None = None) -> int:
 # %%
 from torch.utils.flop_counter import FlopCounterMode
 
+
 # the "math" backend: torch's counter sees its matmuls (it does not count CPU sdpa kernels)
 small = DiT(DiTConfig.preset("DiT-S/4", input_size=16, attn_backend="math"))
 with FlopCounterMode(display=False) as counter:
@@ -903,6 +929,7 @@ import ipywidgets as W
 from IPython.display import display
 
 from tinydit.data import COLORS, SHAPES, ShapesDataset
+
 
 batch_ds = ShapesDataset(8, seed=0)
 images = torch.stack([batch_ds[i][0] for i in range(8)])  # (8, 3, 32, 32) in [-1, 1]
@@ -1006,6 +1033,7 @@ def wiring_report(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, alphas_cu
 import time
 
 from tinydit import schedules, vae
+
 
 labels = torch.tensor([list(COLORS).index(a[0]["color"]) * len(SHAPES) + SHAPES.index(a[0]["shape"])
                        for a in map(batch_ds.attributes, range(8))])  # (8,) in [0, 18)

@@ -36,9 +36,11 @@
 
 # %%
 # | default_exp text
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -53,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 torch.manual_seed(0)
 
@@ -133,6 +136,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -146,11 +150,14 @@ from tinydit.checkpoint import (
     _listing,
     resolve_pretrained,
 )
+from tinydit.vae import warmup_cosine
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_int, check_tensor
+
 
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
 
-
+# %%
+# | export
 def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask (True = real token): 0/1 integer masks are converted, float masks refused."""
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
@@ -424,47 +431,53 @@ class CLIPTextEncoder(TextEncoder):
                              "none": None}[pooled]
         self.model.eval()
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None,
-                        tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", **kwargs) -> CLIPTextEncoder:
-        """Load a CLIP text tower and its tokenizer from a folder or hub id (e.g. the CLIP ViT-L/14
-        text tower `openai/clip-vit-large-patch14`, or an SDXL pipeline with subfolder
-        `text_encoder_2`). The projection head is used when the checkpoint has one. A checkpoint
-        whose keys do not fit raises `WeightsMismatchError` naming them."""
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+# %%
+# | export
+@add_to_class(CLIPTextEncoder)
+@classmethod
+def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None,
+                    tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", **kwargs) -> CLIPTextEncoder:
+    """Load a CLIP text tower and its tokenizer from a folder or hub id (e.g. the CLIP ViT-L/14
+    text tower `openai/clip-vit-large-patch14`, or an SDXL pipeline with subfolder
+    `text_encoder_2`). The projection head is used when the checkpoint has one. A checkpoint
+    whose keys do not fit raises `WeightsMismatchError` naming them."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        folder = _local_folder(path_or_id, subfolder, "CLIPTextEncoder")
-        tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "CLIPTextEncoder")
-        config = json.loads((folder / "config.json").read_text())
-        kwargs_model, unused = {"dtype": dtype or torch.float32}, ()
-        if config.get("model_type") == "clip":  # a full CLIPModel (text + vision): keep the text tower
-            from transformers import CLIPConfig
+    folder = _local_folder(path_or_id, subfolder, "CLIPTextEncoder")
+    tok_folder = _tokenizer_folder(path_or_id, subfolder, tokenizer_subfolder, folder, "CLIPTextEncoder")
+    config = json.loads((folder / "config.json").read_text())
+    kwargs_model, unused = {"dtype": dtype or torch.float32}, ()
+    if config.get("model_type") == "clip":  # a full CLIPModel (text + vision): keep the text tower
+        from transformers import CLIPConfig
 
-            full = CLIPConfig.from_pretrained(folder)
-            text_config = full.text_config
-            text_config.projection_dim = full.projection_dim  # the projection size lives on the full config
-            model_cls, kwargs_model["config"] = CLIPTextModelWithProjection, text_config
-            unused = ("vision_model.", "visual_projection.", "logit_scale")
-        elif "CLIPTextModelWithProjection" in config.get("architectures", []):
-            model_cls = CLIPTextModelWithProjection
-        else:
-            model_cls = CLIPTextModel
-        model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
+        full = CLIPConfig.from_pretrained(folder)
+        text_config = full.text_config
+        text_config.projection_dim = full.projection_dim  # the projection size lives on the full config
+        model_cls, kwargs_model["config"] = CLIPTextModelWithProjection, text_config
+        unused = ("vision_model.", "visual_projection.", "logit_scale")
+    elif "CLIPTextModelWithProjection" in config.get("architectures", []):
+        model_cls = CLIPTextModelWithProjection
+    else:
+        model_cls = CLIPTextModel
+    model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
+    return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.padding, "CLIP text encoder")
-        ids, mask = ids.to(self.device), mask.to(self.device)  # (B, T) each
-        text_model = self.model.text_model if hasattr(self.model, "text_projection") else self.model
-        out = text_model(input_ids=ids, output_hidden_states=self.layer == "penultimate")  # causal: no mask needed
-        tokens = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]  # (B, T, D)
-        pooled = None
-        if self.pooled_mode == "eos":
-            pooled = out.pooler_output  # (B, D)
-        elif self.pooled_mode == "projected":
-            pooled = self.model.text_projection(out.pooler_output)  # (B, D_proj)
-        return TextEmbeddings(tokens, mask, pooled)
+# %%
+# | export
+@add_to_class(CLIPTextEncoder)
+def _encode(self, prompts: list[str]) -> TextEmbeddings:
+    ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.padding, "CLIP text encoder")
+    ids, mask = ids.to(self.device), mask.to(self.device)  # (B, T) each
+    text_model = self.model.text_model if hasattr(self.model, "text_projection") else self.model
+    out = text_model(input_ids=ids, output_hidden_states=self.layer == "penultimate")  # causal: no mask needed
+    tokens = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]  # (B, T, D)
+    pooled = None
+    if self.pooled_mode == "eos":
+        pooled = out.pooler_output  # (B, D)
+    elif self.pooled_mode == "projected":
+        pooled = self.model.text_projection(out.pooler_output)  # (B, D_proj)
+    return TextEmbeddings(tokens, mask, pooled)
 
 # %%
 # | export
@@ -543,6 +556,7 @@ def build_book_tokenizer(captions: Iterable[str], max_length: int = 32):
 
 # %%
 from tinydit.data import HELD_OUT, ShapesDataset
+
 
 train_caps = [ShapesDataset(5000, seed=0)[i][1] for i in range(5000)]
 book_tok = build_book_tokenizer(train_caps)
@@ -674,6 +688,27 @@ class BookEncoders:
 
 # %%
 # | export
+def captioned_training_pairs(n_train: int, c: BookTextConfig, seed: int):
+    """The first `n_train` training pairs of ShapesDataset: images (N, 3, H, W), a tokenizer built
+    from their captions, and the captions' token ids padded to `c.max_length` (N, L)."""
+    from tinydit.data import ShapesDataset
+
+    ds = ShapesDataset(n_train, size=c.image_size, seed=seed, split="train")
+    images, captions = zip(*(ds[i] for i in range(n_train)))
+    tokenizer = build_book_tokenizer(captions, c.max_length)
+    ids, _ = tokenize(tokenizer, list(captions), c.max_length, "max_length", "book text encoder")  # (N, L)
+    return torch.stack(images), tokenizer, ids
+
+# %%
+# | export
+def clip_batch_loss(text_model, image_encoder, logit_scale, batch_ids, images, eos: int) -> torch.Tensor:
+    """The CLIP loss of one batch of (token ids (B, L), images (B, 3, H, W)) pairs."""
+    length = int((batch_ids == eos).int().argmax(1).max()) + 1  # trim padding: CLIP is causal
+    text_emb = text_model(input_ids=batch_ids[:, :length]).text_embeds  # (B, d)
+    return clip_loss(text_emb, image_encoder(images), logit_scale)
+
+# %%
+# | export
 def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500, batch_size: int = 128,
                             n_train: int = 20_000, lr: float = 1e-3, seed: int = 0,
                             config: BookTextConfig | None = None, disable: bool | None = None) -> BookEncoders:
@@ -681,50 +716,37 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
     image encoder on `ShapesDataset(n_train, split="train", seed=seed)`; save to `out_dir` if given."""
     from tqdm.auto import tqdm
 
-    from tinydit.data import ShapesDataset
-
     steps, n_train = check_int("steps", steps, minimum=1), check_int("n_train", n_train, minimum=1)
     lr = check_float("lr", lr, minimum=0, min_inclusive=False)
     batch_size = check_int("batch_size", batch_size, minimum=1, maximum=n_train)
     c = config or BookTextConfig()
     t0 = time.perf_counter()
-    ds = ShapesDataset(n_train, size=c.image_size, seed=seed, split="train")
-    images, captions = zip(*(ds[i] for i in range(n_train)))
-    images = torch.stack(images)  # (N, 3, 32, 32)
-    tokenizer = build_book_tokenizer(captions, c.max_length)
-    ids, _ = tokenize(tokenizer, list(captions), c.max_length, "max_length", "book text encoder")  # (N, L)
+    images, tokenizer, ids = captioned_training_pairs(n_train, c, seed)  # (N, 3, 32, 32), (N, L)
     torch.manual_seed(seed)
     text_model = book_text_model(tokenizer, c)
     image_encoder = ImageEncoder(c.embed_dim, c.image_channels, c.image_size)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
     params = [*text_model.parameters(), *image_encoder.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = partial(warmup_cosine, steps=steps, warmup=max(1, steps // 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     g = torch.Generator().manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    losses = []
-    text_model.train()
-    image_encoder.train()
+    losses, eos = [], tokenizer.eos_token_id
+    text_model.train(), image_encoder.train()
     for _ in tqdm(range(steps), desc="contrastive training", disable=disable):
         idx = torch.randint(0, n_train, (batch_size,), generator=g)  # (B,)
-        batch_ids = ids[idx]  # (B, L)
-        length = int((batch_ids == eos).int().argmax(1).max()) + 1  # trim padding: CLIP is causal
-        text_emb = text_model(input_ids=batch_ids[:, :length]).text_embeds  # (B, d)
-        loss = clip_loss(text_emb, image_encoder(images[idx]), logit_scale)
+        loss = clip_batch_loss(text_model, image_encoder, logit_scale, ids[idx], images[idx], eos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-    text_model.eval()
-    image_encoder.eval()
+    text_model.eval(), image_encoder.eval()
     settings = dict(steps=steps, batch_size=batch_size, n_train=n_train, lr=lr, seed=seed)
+    info = {"settings": settings, "config": asdict(c), "seconds": time.perf_counter() - t0}
     result = BookEncoders(CLIPTextEncoder(text_model, tokenizer, padding="longest"), image_encoder,
-                          float(logit_scale.detach()), losses,
-                          {"settings": settings, "config": asdict(c), "seconds": time.perf_counter() - t0})
+                          float(logit_scale.detach()), losses, info)
     if out_dir is not None:
         save_book_encoders(result, out_dir)
     return result
@@ -896,7 +918,6 @@ def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEn
         return dict(n=len(pairs), color=mean([g[0] == tr[0] for g, tr in pairs]),
                     shape=mean([g[1] == tr[1] for g, tr in pairs]), pair=mean([g == tr for g, tr in pairs]))
 
-    held_set = set(held)
     return {
         "n": n,
         "retrieval_top1_exact": mean(exact),
@@ -905,7 +926,7 @@ def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEn
         "heldout_retrieval_top1_exact": mean([exact[i] for i in held]),
         "heldout_retrieval_top1_semantic": mean([semantic[i] for i in held]),
         "attributes": attrs(lambda i: True),
-        "heldout_attributes": attrs(lambda i: i in held_set),
+        "heldout_attributes": attrs(set(held).__contains__),
     }
 
 # %% [markdown]
@@ -1025,6 +1046,7 @@ torch.testing.assert_close(e.tokens, tokens)
 # %%
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+
 torch.manual_seed(0)
 t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in sorted({w for c in train_caps for w in c.split()})]
 tiny_t5 = T5TextEncoder(T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2,
@@ -1105,29 +1127,35 @@ class Offloader:
             _swap_tensors(self.module, lambda name, t: t.detach().to(device))
         self.events.append(("brought in", where(self.module)))
 
-    def release(self) -> None:
-        if self.closed:
-            return
-        if self.mode == "disk":
-            if not self._written:  # once per offloader, overwriting an older file of that name
-                from safetensors.torch import save_file
+# %%
+# | export
+@add_to_class(Offloader)
+def release(self) -> None:
+    if self.closed:
+        return
+    if self.mode == "disk":
+        if not self._written:  # once per offloader, overwriting an older file of that name
+            from safetensors.torch import save_file
 
-                self.file.parent.mkdir(parents=True, exist_ok=True)
-                state = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
-                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self.file))
-                self._written = True
-            _swap_tensors(self.module, lambda name, t: torch.empty_like(t, device="meta"))
-        else:
-            _swap_tensors(self.module, lambda name, t: t.detach().to("cpu"))
-        self.events.append(("released", where(self.module)))
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            state = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(self.file))
+            self._written = True
+        _swap_tensors(self.module, lambda name, t: torch.empty_like(t, device="meta"))
+    else:
+        _swap_tensors(self.module, lambda name, t: t.detach().to("cpu"))
+    self.events.append(("released", where(self.module)))
 
-    def close(self) -> None:
-        """Bring the weights home for good and delete the temporary folder; safe to call twice."""
-        if not self.closed:
-            self.bring_in(self.home)
-            self.closed = True
-        if self._remove_folder is not None:
-            self._remove_folder()
+# %%
+# | export
+@add_to_class(Offloader)
+def close(self) -> None:
+    """Bring the weights home for good and delete the temporary folder; safe to call twice."""
+    if not self.closed:
+        self.bring_in(self.home)
+        self.closed = True
+    if self._remove_folder is not None:
+        self._remove_folder()
 
 # %% [markdown]
 # `DualTextEncoder` gives its secondary such an offloader and keeps a small LRU cache of the
@@ -1181,13 +1209,11 @@ class DualTextEncoder(TextEncoder):
     SD3 does (Esser et al. 2024; `join_embeddings`), with an LRU cache of `cache_size` prompts.
 
     `offload`: None (the secondary stays on `device`), "cpu" or "disk" (see `Offloader`; in
-    `offload_dir` or a temporary folder), or a callable `offload(module, device=...)` that returns an
-    offloader of your own (a context manager with `close()` and a `device` attribute: chapter 12's
-    `tinydit.offload.BlockOffload` streams the secondary in block by block). The secondary you pass is offloaded *in place*: your own
-    reference to it has its weights on the CPU or `meta` between encodes too, and still encodes (it
-    brings itself in). `close()` or the end of a `with` block gives it back with its weights where
-    they were and deletes the temporary folder. `events`: where its weights were, step by step.
-    """
+    `offload_dir` or a temporary folder), or a callable `offload(module, device=...)` returning an
+    offloader of your own (a context manager with `close()` and a `device`: chapter 12's
+    `BlockOffload` streams it in block by block). The secondary is offloaded *in place*; it still
+    encodes (it brings itself in). `close()` or the end of a `with` block gives it back with its
+    weights where they were. `events`: where its weights were, step by step."""
 
     OFFLOAD = (None, "cpu", "disk")
     cache_hits = property(lambda self: self.cache.hits)
@@ -1213,62 +1239,93 @@ class DualTextEncoder(TextEncoder):
         self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)
         self.events: list[tuple[str, str]] = []
         if secondary is not None:
-            if callable(offload):  # an offloader factory (chapter 12), e.g. tinydit.offload.BlockOffload
-                secondary.offloader = offload(secondary, device=self.compute_device)
-            elif offload:
-                secondary.offloader = Offloader(secondary, offload, self.compute_device, offload_dir,
-                                                "secondary", self.events)
-            else:
-                secondary.to(self.compute_device)
-            self._log("built")
+            self._take_secondary(secondary, offload_dir)
 
-    @property
-    def device(self) -> torch.device:
-        return self.compute_device
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def _apply(self, fn, *args, **kwargs):
+    """`.to(device)` moves the primary (a submodule); follow it with the secondary."""
+    super(DualTextEncoder, self)._apply(fn, *args, **kwargs)  # noqa: UP008 (the kernel runs this outside the class)
+    self.compute_device = self.primary.device
+    if self.secondary is not None and self.secondary.offloader is not None:
+        self.secondary.offloader.device = self.compute_device  # brought in there from now on
+    elif self.secondary is not None:
+        self.secondary.to(self.compute_device)
+    return self
 
-    def _apply(self, fn, *args, **kwargs):
-        """`.to(device)` moves the primary (a submodule); follow it with the secondary."""
-        super()._apply(fn, *args, **kwargs)
-        self.compute_device = self.primary.device
-        if self.secondary is not None and self.secondary.offloader is not None:
-            self.secondary.offloader.device = self.compute_device  # brought in there from now on
-        elif self.secondary is not None:
-            self.secondary.to(self.compute_device)
-        return self
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def _take_secondary(self, secondary: TextEncoder, offload_dir: str | Path | None) -> None:
+    """Put the secondary where `self.offload` says: its own offloader, CPU/disk, or the device."""
+    if callable(self.offload):  # an offloader factory (chapter 12), e.g. tinydit.offload.BlockOffload
+        secondary.offloader = self.offload(secondary, device=self.compute_device)
+    elif self.offload:
+        secondary.offloader = Offloader(secondary, self.offload, self.compute_device, offload_dir,
+                                        "secondary", self.events)
+    else:
+        secondary.to(self.compute_device)
+    self._log("built")
 
-    def where(self) -> dict[str, str]:
-        """Where each encoder's weights are right now."""
-        return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+@property
+def device(self) -> torch.device:
+    return self.compute_device
 
-    def close(self) -> None:
-        """Give the secondary back (weights where they were before, no offloader) and delete the
-        temporary offload folder; encoding still works afterwards, without offloading."""
-        if self.secondary is not None and self.secondary.offloader is not None:
-            self.secondary.offloader.close()
-            self.secondary.offloader = None
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def where(self) -> dict[str, str]:
+    """Where each encoder's weights are right now."""
+    return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
 
-    def __enter__(self) -> DualTextEncoder:
-        return self
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def close(self) -> None:
+    """Give the secondary back (weights where they were before, no offloader) and delete the
+    temporary offload folder; encoding still works afterwards, without offloading."""
+    if self.secondary is not None and self.secondary.offloader is not None:
+        self.secondary.offloader.close()
+        self.secondary.offloader = None
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def __enter__(self) -> DualTextEncoder:
+    return self
 
-    def _log(self, step: str) -> None:
-        self.events.append((step, where(self.secondary)))
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def __exit__(self, *exc) -> None:
+    self.close()
 
-    def _encode(self, prompts: list[str]) -> TextEmbeddings:
-        parts = [self.primary.encode(prompts)]  # tokens (B, T1, D1), pooled (B, Dp)
-        if self.secondary is not None:
-            misses = self.cache.misses
-            hooks = [m.register_forward_pre_hook(lambda m, a: self._log("encoding")) for m in self.secondary.children()]
-            try:
-                parts.append(self.cache.encode(self.secondary, prompts))  # tokens (B, T2, D2); offloader moves it
-            finally:
-                for h in hooks:
-                    h.remove()
-            if self.cache.misses == misses:
-                self._log("all prompts cached")
-        return join_embeddings(parts, self.width, self.compute_device)
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def _log(self, step: str) -> None:
+    self.events.append((step, where(self.secondary)))
+
+# %%
+# | export
+@add_to_class(DualTextEncoder)
+def _encode(self, prompts: list[str]) -> TextEmbeddings:
+    parts = [self.primary.encode(prompts)]  # tokens (B, T1, D1), pooled (B, Dp)
+    if self.secondary is not None:
+        misses = self.cache.misses
+        hooks = [m.register_forward_pre_hook(lambda m, a: self._log("encoding")) for m in self.secondary.children()]
+        try:
+            parts.append(self.cache.encode(self.secondary, prompts))  # tokens (B, T2, D2); offloader moves it
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.cache.misses == misses:
+            self._log("all prompts cached")
+    return join_embeddings(parts, self.width, self.compute_device)
 
 # %% [markdown]
 # ### The offloading timeline

@@ -30,7 +30,6 @@
 
 # %%
 # | default_exp textdit
-
 # %%
 import os
 import time
@@ -38,7 +37,9 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
 from tinydit.text import load_book_text_encoder
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 torch.manual_seed(0)
@@ -107,12 +108,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinydit.attention import BACKENDS, Attention, RMSNorm, attention
-from tinydit.checkpoint import (
-    load_state_dict,
-    resolve_dtype,
-    resolve_pretrained,
-    unwrap_state_dict,
-)
+from tinydit.checkpoint import load_state_dict, resolve_dtype, resolve_pretrained, unwrap_state_dict
 from tinydit.dit import (
     DiT,
     FinalLayer,
@@ -136,9 +132,11 @@ from tinydit.loading import (
 from tinydit.text import TextEmbeddings
 from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
+
 MODULATIONS = ("adaln_single", "adaln_zero")  # the two ways a text-conditioned block is modulated
 
-
+# %%
+# | export
 class CrossAttention(nn.Module):
     """Multi-head cross-attention: queries from image tokens x (B, N, D), keys and values from text
     tokens (B, T, D_ctx), with a (B, T) key-padding mask (True = real token). Parameter names follow
@@ -161,23 +159,28 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, D = x.shape
-        T = context.shape[1]
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim:
-            raise ValueError(f"context: expected ({B}, T, {self.context_dim}), got {tuple(context.shape)}")
-        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
-        kv = self.kv_linear(context).reshape(B, T, 2, self.num_heads, self.head_dim)  # (B, T, 2, heads, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # (B, heads, T, hd) each
-        return self.q_norm(q), self.k_norm(k), v
+# %%
+# | export
+@add_to_class(CrossAttention)
+def qkv_heads(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, D = x.shape
+    T = context.shape[1]
+    if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim:
+        raise ValueError(f"context: expected ({B}, T, {self.context_dim}), got {tuple(context.shape)}")
+    q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
+    kv = self.kv_linear(context).reshape(B, T, 2, self.num_heads, self.head_dim)  # (B, T, 2, heads, hd)
+    k, v = kv.permute(2, 0, 3, 1, 4)  # (B, heads, T, hd) each
+    return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv_heads(x, context)  # (B, heads, N|T, hd)
-        # the model checked its mask once per call; a per-block row check would sync the device
-        out = attention(q, k, v, mask=mask, backend=self.backend, check_rows=False)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
-
+# %%
+# | export
+@add_to_class(CrossAttention)
+def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    B, N, D = x.shape
+    q, k, v = self.qkv_heads(x, context)  # (B, heads, N|T, hd)
+    # the model checked its mask once per call; a per-block row check would sync the device
+    out = attention(q, k, v, mask=mask, backend=self.backend, check_rows=False)  # (B, heads, N, hd)
+    return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 # %%
 ca = CrossAttention(32, num_heads=4, context_dim=24)
@@ -388,22 +391,25 @@ class TextDiTConfig(TransformerConfig):
     def preset_names(cls) -> list[str]:
         return ["PixArt-XL/2-256", "PixArt-XL/2-512", "PixArt-alpha-XL/2-1024", "PixArt-Sigma-XL/2-1024", "book-text"]
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> TextDiTConfig:
-        """A named architecture (figures from the PixArt-α/Σ papers and code), optionally overridden."""
-        if name == "book-text":
-            base = cls(input_size=8, patch_size=2, in_channels=4, hidden_size=192, depth=6, num_heads=6,
-                       learn_sigma=False, context_dim=96, pooled_dim=64, modulation="adaln_zero")
-        else:
-            latent = {"PixArt-XL/2-256": 32, "PixArt-XL/2-512": 64, "PixArt-alpha-XL/2-1024": 128,
-                      "PixArt-Sigma-XL/2-1024": 128}.get(name)
-            if latent is None:
-                raise ValueError(f"name: unknown text DiT preset {name!r}; expected one of {cls.preset_names()}")
-            base = cls(input_size=latent, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                       learn_sigma=True, context_dim=4096, modulation="adaln_single",
-                       caption_tokens=300 if "Sigma" in name else 120, micro_conditions=name.startswith("PixArt-alpha"),
-                       pos_base_size=latent // 2, interpolation_scale=latent / 64)
-        return replace(base, **overrides)
+# %%
+# | export
+@add_to_class(TextDiTConfig)
+@classmethod
+def preset(cls, name: str, **overrides) -> TextDiTConfig:
+    """A named architecture (figures from the PixArt-α/Σ papers and code), optionally overridden."""
+    if name == "book-text":
+        base = cls(input_size=8, patch_size=2, in_channels=4, hidden_size=192, depth=6, num_heads=6,
+                   learn_sigma=False, context_dim=96, pooled_dim=64, modulation="adaln_zero")
+    else:
+        latent = {"PixArt-XL/2-256": 32, "PixArt-XL/2-512": 64, "PixArt-alpha-XL/2-1024": 128,
+                  "PixArt-Sigma-XL/2-1024": 128}.get(name)
+        if latent is None:
+            raise ValueError(f"name: unknown text DiT preset {name!r}; expected one of {cls.preset_names()}")
+        base = cls(input_size=latent, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                   learn_sigma=True, context_dim=4096, modulation="adaln_single",
+                   caption_tokens=300 if "Sigma" in name else 120, micro_conditions=name.startswith("PixArt-alpha"),
+                   pos_base_size=latent // 2, interpolation_scale=latent / 64)
+    return replace(base, **overrides)
 
 # %%
 # | export
@@ -496,77 +502,92 @@ class TextDiT(LatentTransformer):
                                     interpolation_scale=cfg.interpolation_scale)  # (h*w, D)
         return table[None].to(self.pos_embed.device)  # (1, T, D)
 
-    def condition(self, t: torch.Tensor, pooled: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
-                  aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
-        """The conditioning vector c = e_t (+ size embeddings) (+ pooled text embedding), (B, D)."""
-        c = self.t_embedder(t)  # (B, D)
-        if self.config.micro_conditions:
-            B = t.shape[0]
-            csize = self.csize_embedder(resolution.reshape(-1)).reshape(B, -1)  # (B, 2D/3)
-            ar = self.ar_embedder(aspect_ratio.reshape(-1)).reshape(B, -1)  # (B, D/3)
-            c = c + torch.cat([csize, ar], dim=1)  # (B, D)
-        if self.config.pooled_dim:
-            c = c + self.pooled_embedder(pooled.to(c.dtype))  # (B, D)
-        return c
+# %%
+# | export
+@add_to_class(TextDiT)
+def condition(self, t: torch.Tensor, pooled: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
+              aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """The conditioning vector c = e_t (+ size embeddings) (+ pooled text embedding), (B, D)."""
+    c = self.t_embedder(t)  # (B, D)
+    if self.config.micro_conditions:
+        B = t.shape[0]
+        csize = self.csize_embedder(resolution.reshape(-1)).reshape(B, -1)  # (B, 2D/3)
+        ar = self.ar_embedder(aspect_ratio.reshape(-1)).reshape(B, -1)  # (B, D/3)
+        c = c + torch.cat([csize, ar], dim=1)  # (B, D)
+    if self.config.pooled_dim:
+        c = c + self.pooled_embedder(pooled.to(c.dtype))  # (B, D)
+    return c
 
-    def check_values(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     context_mask: torch.Tensor | None) -> None:
-        """Value checks run once per eager call (skipped inside torch.compile): finite inputs, and
-        at least one real token in every caption (a row of padding only has nothing to attend to)."""
-        check_finite("x", x)
-        check_finite("t", t.float())
-        check_finite("context", context)
-        if context_mask is not None and not bool(context_mask.any(1).all()):
-            raise ValueError("context_mask: every caption needs at least one real (True) token; got a row of "
-                             "padding only")
+# %%
+# | export
+@add_to_class(TextDiT)
+def check_values(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 context_mask: torch.Tensor | None) -> None:
+    """Value checks run once per eager call (skipped inside torch.compile): finite inputs, and
+    at least one real token in every caption (a row of padding only has nothing to attend to)."""
+    check_finite("x", x)
+    check_finite("t", t.float())
+    check_finite("context", context)
+    if context_mask is not None and not bool(context_mask.any(1).all()):
+        raise ValueError("context_mask: every caption needs at least one real (True) token; got a row of "
+                         "padding only")
 
-    def forward(self, x: torch.Tensor, t, context=None, context_mask=None, pooled=None, resolution=None,
-                aspect_ratio=None) -> torch.Tensor:
-        t, context, context_mask, pooled, resolution, aspect_ratio = text_dit_inputs(
-            self, x, t, context, context_mask, pooled, resolution, aspect_ratio)
-        x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
-        if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
-            self.check_values(x, t, context, context_mask)
-        B, _, H, W = x.shape
-        h, w = H // self.config.patch_size, W // self.config.patch_size
-        tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, N, D)
-        c = self.condition(t, pooled, resolution, aspect_ratio).to(tokens.dtype)  # (B, D)
-        mod = self.t_block(c) if self.config.modulation == "adaln_single" else c  # (B, 6D) or (B, D)
-        ctx = self.y_embedder(context.to(tokens.dtype))  # (B, T, D)
-        for block in self.blocks:
-            tokens = block(tokens, mod, ctx, context_mask)  # (B, N, D)
-        out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
-        return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
+# %%
+# | export
+@add_to_class(TextDiT)
+def forward(self, x: torch.Tensor, t, context=None, context_mask=None, pooled=None, resolution=None,
+            aspect_ratio=None) -> torch.Tensor:
+    t, context, context_mask, pooled, resolution, aspect_ratio = text_dit_inputs(
+        self, x, t, context, context_mask, pooled, resolution, aspect_ratio)
+    x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
+    if not torch.compiler.is_compiling():  # eager calls get value checks; compiled graphs stay whole
+        self.check_values(x, t, context, context_mask)
+    B, _, H, W = x.shape
+    h, w = H // self.config.patch_size, W // self.config.patch_size
+    tokens = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # (B, N, D)
+    c = self.condition(t, pooled, resolution, aspect_ratio).to(tokens.dtype)  # (B, D)
+    mod = self.t_block(c) if self.config.modulation == "adaln_single" else c  # (B, 6D) or (B, D)
+    ctx = self.y_embedder(context.to(tokens.dtype))  # (B, T, D)
+    for block in self.blocks:
+        tokens = block(tokens, mod, ctx, context_mask)  # (B, N, D)
+    out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
+    return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None,
-                        **overrides) -> TextDiT:
-        """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
-        folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
-        dtype = resolve_dtype(dtype)
-        folder = resolve_pretrained(path_or_id, subfolder)
-        config = read_config_json(folder)
-        kind = transformer_kind(config)
-        if kind == "TextDiT":  # tinydit's own layout
-            cfg = TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
-            sd = load_state_dict(folder / "model.safetensors", dtype)
-        elif kind == "PixArtTransformer2DModel":
-            cfg = config_from_diffusers_pixart(config, **overrides)
-            sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
-        else:
-            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
-                             "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
-        return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
+# %%
+# | export
+@add_to_class(TextDiT)
+@classmethod
+def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None,
+                    **overrides) -> TextDiT:
+    """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
+    folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
+    dtype = resolve_dtype(dtype)
+    folder = resolve_pretrained(path_or_id, subfolder)
+    config = read_config_json(folder)
+    kind = transformer_kind(config)
+    if kind == "TextDiT":  # tinydit's own layout
+        cfg = TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+        sd = load_state_dict(folder / "model.safetensors", dtype)
+    elif kind == "PixArtTransformer2DModel":
+        cfg = config_from_diffusers_pixart(config, **overrides)
+        sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
+    else:
+        raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
+                         "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
+    return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
 
-    @classmethod
-    def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
-        """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
-        `dtype` as in `from_pretrained`."""
-        sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
-        if "t_block.1.weight" not in sd:
-            raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
-                             "facebookresearch DiT loads with tinydit.dit.DiT.from_original")
-        return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
+# %%
+# | export
+@add_to_class(TextDiT)
+@classmethod
+def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
+    """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
+    `dtype` as in `from_pretrained`."""
+    sd = unwrap_state_dict(load_state_dict(path, resolve_dtype(dtype)))
+    if "t_block.1.weight" not in sd:
+        raise ValueError(f"path: {Path(path).name} is not a PixArt checkpoint (no t_block weights); a "
+                         "facebookresearch DiT loads with tinydit.dit.DiT.from_original")
+    return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 # %%
 # | export
@@ -676,6 +697,7 @@ print("TextDiT.forward == the lesson forward")
 # %%
 from tinydit.dit import DiT
 
+
 torch.manual_seed(0)
 book_dit = TextDiT(TextDiTConfig.preset("book-text")).eval()
 prompts = ["a red circle left of a blue square", "a big green triangle"]
@@ -736,6 +758,7 @@ from tinydit import schedules, vae
 from tinydit.attention import attention_weights
 from tinydit.data import ShapesDataset
 from tinydit.dit import overfit_single_batch, wiring_report
+
 
 scenes = ShapesDataset(16, seed=3)
 images = torch.stack([scenes[i][0] for i in range(16)])  # (16, 3, 32, 32)

@@ -26,9 +26,11 @@
 
 # %%
 # | default_exp samplers
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -43,9 +45,11 @@ import torch
 
 from tinydit import data, dit, schedules, vae
 
+
 torch.set_num_threads(1)  # this chapter's tensors are tiny: one thread beats two contending for them
 
 from tinydit.validation import expect_error  # the chapters' way to show an expected error
+
 
 # %% [markdown]
 # ## 1. One interface: the denoiser
@@ -146,6 +150,7 @@ from tinydit.schedules import (
     sigmas_from_alphas_cumprod,
 )
 from tinydit.validation import check_choice, check_float, check_int, check_tensor
+
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 DISCRETE_SCHEDULES = ("karras", "exponential", "linspace", "leading", "trailing")
@@ -405,78 +410,93 @@ class Parametrisation:
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         return alphas_cumprod(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas).double()
 
-    def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
-        """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
-        draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
-        _check_noised_inputs(x0, noise, u, normal)
-        if self.prediction == "flow":
-            t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
-            tb = t[:, None, None, None]
-            return (1 - tb) * x0 + tb * noise, t * self.num_train_timesteps, noise - x0
-        T = self.num_train_timesteps
-        step = (u * T).long().clamp(max=T - 1)  # (B,) uniform over the T trained steps
-        ab = self.alphas_cumprod[step.cpu()].to(x0)  # (B,)
-        a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
-        target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
-        return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
+# %%
+# | export denoisers
+@add_to_class(Parametrisation)
+def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
+    """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
+    draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
+    _check_noised_inputs(x0, noise, u, normal)
+    if self.prediction == "flow":
+        t = torch.sigmoid(normal).to(x0.dtype)  # (B,) logit-normal (Esser et al. 2024)
+        tb = t[:, None, None, None]
+        return (1 - tb) * x0 + tb * noise, t * self.num_train_timesteps, noise - x0
+    T = self.num_train_timesteps
+    step = (u * T).long().clamp(max=T - 1)  # (B,) uniform over the T trained steps
+    ab = self.alphas_cumprod[step.cpu()].to(x0)  # (B,)
+    a, s = ab.sqrt()[:, None, None, None], (1 - ab).sqrt()[:, None, None, None]
+    target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
+    return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
 
-    def denoiser(self, model: nn.Module) -> nn.Module:
-        """Sampling: D(x, sigma, **cond) -> x0 around the network."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
-        if self.prediction == "flow":
-            return FlowDenoiser(model, time_scale=self.num_train_timesteps)
-        return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
+# %%
+# | export denoisers
+@add_to_class(Parametrisation)
+def denoiser(self, model: nn.Module) -> nn.Module:
+    """Sampling: D(x, sigma, **cond) -> x0 around the network."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected the network, an nn.Module, got {type(model).__name__}")
+    if self.prediction == "flow":
+        return FlowDenoiser(model, time_scale=self.num_train_timesteps)
+    return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
 
-    def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
-        """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
-        steps = check_int("steps", steps, minimum=1)
-        if self.prediction == "flow":
-            return denoiser.get_sigmas(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
-        if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
-            # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
-            t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
-            table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
-            return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
-        return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
+# %%
+# | export denoisers
+@add_to_class(Parametrisation)
+def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
+    """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
+    steps = check_int("steps", steps, minimum=1)
+    if self.prediction == "flow":
+        return denoiser.get_sigmas(steps, shift=self.shift, num_train_timesteps=self.num_train_timesteps)
+    if self.sigma_schedule == "linspace" and self.scheduler in MULTISTEP_SCHEDULERS:
+        # DPM-Solver / UniPC space n + 1 points over [0, T - 1] and drop the last (t = 0), unlike Euler's n points
+        t = torch.linspace(0, self.num_train_timesteps - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
+        table = ((1 - denoiser.alphas_cumprod) / denoiser.alphas_cumprod).sqrt()  # (T,) sigma of each step
+        return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
+    return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
 
-    @classmethod
-    def from_scheduler_config(cls, d: dict) -> Parametrisation:
-        """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
-        name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
-        if name.startswith("FlowMatch"):
-            return cls(prediction="flow", shift=check_float("shift", d.get("shift", 1.0)), num_train_timesteps=T,
-                       scheduler=name)
-        if d.get("prediction_type", "epsilon") not in PREDICTIONS:
-            raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
-        betas = d.get("beta_schedule", "linear")
-        cosine = SCHEDULE_ALIASES.get(betas, betas) == "cosine"  # no range: diffusers' beta_start/end are ignored
-        schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
-                    else d.get("timestep_spacing", "linspace"))
-        return cls(prediction=d.get("prediction_type", "epsilon"), beta_schedule=betas,
-                   beta_start=None if cosine else d.get("beta_start", 0.0001),
-                   beta_end=None if cosine else d.get("beta_end", 0.02), num_train_timesteps=T,
-                   zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
-                   steps_offset=d.get("steps_offset", 0), scheduler=name)
+# %%
+# | export denoisers
+@add_to_class(Parametrisation)
+@classmethod
+def from_scheduler_config(cls, d: dict) -> Parametrisation:
+    """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
+    name, T = scheduler_sampler(d) and d["_class_name"], d.get("num_train_timesteps", 1000)
+    if name.startswith("FlowMatch"):
+        return cls(prediction="flow", shift=check_float("shift", d.get("shift", 1.0)), num_train_timesteps=T,
+                   scheduler=name)
+    if d.get("prediction_type", "epsilon") not in PREDICTIONS:
+        raise ValueError(f"scheduler: prediction_type {d['prediction_type']!r} is not one of {PREDICTIONS}")
+    betas = d.get("beta_schedule", "linear")
+    cosine = SCHEDULE_ALIASES.get(betas, betas) == "cosine"  # no range: diffusers' beta_start/end are ignored
+    schedule = ("karras" if d.get("use_karras_sigmas") else "exponential" if d.get("use_exponential_sigmas")
+                else d.get("timestep_spacing", "linspace"))
+    return cls(prediction=d.get("prediction_type", "epsilon"), beta_schedule=betas,
+               beta_start=None if cosine else d.get("beta_start", 0.0001),
+               beta_end=None if cosine else d.get("beta_end", 0.02), num_train_timesteps=T,
+               zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
+               steps_offset=d.get("steps_offset", 0), scheduler=name)
 
-    def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
-        """Files: the diffusers scheduler config that samples like this with `sampler`."""
-        T = self.num_train_timesteps
-        if self.prediction == "flow":
-            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
-        check_choice("sampler", sampler, tuple(SAMPLERS))  # one without a diffusers class keeps the one read
-        name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
-        d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
-             "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them
-             "prediction_type": self.prediction,
-             "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
-        if self.sigma_schedule in ("karras", "exponential"):
-            d[f"use_{self.sigma_schedule}_sigmas"] = True
-        else:
-            d["timestep_spacing"] = self.sigma_schedule
-        if name == "DPMSolverMultistepScheduler":
-            d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_2m_sde" else "dpmsolver++")
-        return d
+# %%
+# | export denoisers
+@add_to_class(Parametrisation)
+def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
+    """Files: the diffusers scheduler config that samples like this with `sampler`."""
+    T = self.num_train_timesteps
+    if self.prediction == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T, "shift": self.shift}
+    check_choice("sampler", sampler, tuple(SAMPLERS))  # one without a diffusers class keeps the one read
+    name = SAMPLER_SCHEDULERS.get(sampler, self.scheduler)
+    d = {"_class_name": name, "num_train_timesteps": T, "beta_schedule": self.beta_schedule,
+         "beta_start": self.beta_start or 0.0001, "beta_end": self.beta_end or 0.02,  # cosine: diffusers ignores them
+         "prediction_type": self.prediction,
+         "rescale_betas_zero_snr": self.zero_terminal_snr, "steps_offset": self.steps_offset}
+    if self.sigma_schedule in ("karras", "exponential"):
+        d[f"use_{self.sigma_schedule}_sigmas"] = True
+    else:
+        d["timestep_spacing"] = self.sigma_schedule
+    if name == "DPMSolverMultistepScheduler":
+        d.update(solver_order=2, algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_2m_sde" else "dpmsolver++")
+    return d
 
 # %%
 class Oracle(torch.nn.Module):  # a "network" that returns the training target it was shown
@@ -1429,6 +1449,7 @@ data.image_grid(rows, cols=len(sig_ideal) - 1, scale=2)
 
 # %%
 import ipywidgets as widgets
+
 
 widget_starts = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(9))
 

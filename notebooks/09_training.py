@@ -31,9 +31,11 @@
 
 # %%
 # | default_exp train
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -54,6 +56,7 @@ from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.vae import load_book_vae
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1 if FAST else torch.get_num_threads())  # CI shares 2 cores with other jobs
 vae, text_encoder = load_book_vae(), load_book_text_encoder()  # frozen: chapters 02 and 06
@@ -155,6 +158,9 @@ from tinydit.validation import (
     check_memory,
 )
 
+
+# %%
+# | export
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
 BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
 MAX_SEED = 2**32 - 1  # seeds of a run (the CLI's --seed range); a step's generator is seeded seed * 1e6 + step
@@ -219,38 +225,48 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "no"
 
     def __post_init__(self):
-        check_choice("objective", self.objective, OBJECTIVES)
-        check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "no"))
-        for name in ("hidden_size", "depth", "num_heads", "patch_size", "n_train", "steps", "batch_size", "keep_last"):
-            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
-        for name in ("warmup_steps", "checkpoint_every", "snapshot_every"):
-            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
-        for name in ("data_seed", "seed"):
-            setattr(self, name, check_int(name, getattr(self, name), minimum=0, maximum=MAX_SEED))
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size, num_heads: hidden_size={self.hidden_size} must be a multiple of "
-                             f"num_heads={self.num_heads}")
-        if 8 % self.patch_size:
-            raise ValueError(f"patch_size: the 8x8 latent must split into whole patches (1, 2, 4 or 8), "
-                             f"got {self.patch_size}")
-        check_memory("hidden_size, depth", _training_bytes(self))
-        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        for name in ("cache", "compile"):
-            check_bool(name, getattr(self, name))
-        check_float("caption_dropout", self.caption_dropout, minimum=0, maximum=1)
-        check_float("lr", self.lr, minimum=0, min_inclusive=False)
-        check_float("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
-        check_float("weight_decay", self.weight_decay, minimum=0)
-        check_float("ema_decay", self.ema_decay, minimum=0, maximum=1)
-        check_float("grad_clip", self.grad_clip, minimum=0, min_inclusive=False)
-        _check_objective_settings(self.objective, self.zero_terminal_snr, self.min_snr_gamma)
+        self.validate()  # every field, checked by name (below)
 
-    @classmethod
-    def fast(cls, **overrides) -> TrainConfig:
-        """The same recipe at CI size (TINYDIT_FAST=1): a few steps on a few scenes."""
-        small = dict(n_train=512, steps=20, batch_size=32, warmup_steps=5, checkpoint_every=10,
-                     snapshot_every=10, hidden_size=64, depth=2, num_heads=2)
-        return cls(**{**small, **overrides})
+# %%
+# | export
+@add_to_class(TrainConfig)
+def validate(self) -> None:
+    """Check every field by name (run on construction)."""
+    check_choice("objective", self.objective, OBJECTIVES)
+    check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "no"))
+    for name in ("hidden_size", "depth", "num_heads", "patch_size", "n_train", "steps", "batch_size", "keep_last"):
+        setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+    for name in ("warmup_steps", "checkpoint_every", "snapshot_every"):
+        setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+    for name in ("data_seed", "seed"):
+        setattr(self, name, check_int(name, getattr(self, name), minimum=0, maximum=MAX_SEED))
+    if self.hidden_size % self.num_heads:
+        raise ValueError(f"hidden_size, num_heads: hidden_size={self.hidden_size} must be a multiple of "
+                         f"num_heads={self.num_heads}")
+    if 8 % self.patch_size:
+        raise ValueError(f"patch_size: the 8x8 latent must split into whole patches (1, 2, 4 or 8), "
+                         f"got {self.patch_size}")
+    check_memory("hidden_size, depth", _training_bytes(self))
+    check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+    for name in ("cache", "compile"):
+        check_bool(name, getattr(self, name))
+    check_float("caption_dropout", self.caption_dropout, minimum=0, maximum=1)
+    check_float("lr", self.lr, minimum=0, min_inclusive=False)
+    check_float("min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+    check_float("weight_decay", self.weight_decay, minimum=0)
+    check_float("ema_decay", self.ema_decay, minimum=0, maximum=1)
+    check_float("grad_clip", self.grad_clip, minimum=0, min_inclusive=False)
+    _check_objective_settings(self.objective, self.zero_terminal_snr, self.min_snr_gamma)
+
+# %%
+# | export
+@add_to_class(TrainConfig)
+@classmethod
+def fast(cls, **overrides) -> TrainConfig:
+    """The same recipe at CI size (TINYDIT_FAST=1): a few steps on a few scenes."""
+    small = dict(n_train=512, steps=20, batch_size=32, warmup_steps=5, checkpoint_every=10,
+                 snapshot_every=10, hidden_size=64, depth=2, num_heads=2)
+    return cls(**{**small, **overrides})
 
 # %%
 # | export
@@ -860,130 +876,157 @@ class Trainer:
         use = self.cfg.mixed_precision == "bf16" or (self.cfg.mixed_precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
 
-    def batch(self, step: int):
-        """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
-        cfg, d = self.cfg, self.data
-        idx = batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
-        share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
-        g = step_generator(cfg.seed, step)
-        noise = torch.randn(len(idx), 4, 8, 8, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
-        u, normal = torch.rand(len(idx), generator=g), torch.randn(len(idx), generator=g)  # (B,), (B,)
-        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout  # (B,) train on "" instead
-        latents, tokens, mask = d.take(idx[share])  # this process's rows only
-        tokens = torch.where(drop[share, None, None], d.empty_tokens, tokens)  # (b, T, 96)
-        mask = torch.where(drop[share, None], d.empty_mask, mask)  # (b, T)
-        parts = (latents, noise[share], u[share], normal[share], tokens, mask)
-        return [p.to(self.device) for p in parts]
+# %%
+# | export
+@add_to_class(Trainer)
+def batch(self, step: int):
+    """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
+    cfg, d = self.cfg, self.data
+    idx = batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
+    share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
+    g = step_generator(cfg.seed, step)
+    noise = torch.randn(len(idx), 4, 8, 8, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
+    u, normal = torch.rand(len(idx), generator=g), torch.randn(len(idx), generator=g)  # (B,), (B,)
+    drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout  # (B,) train on "" instead
+    latents, tokens, mask = d.take(idx[share])  # this process's rows only
+    tokens = torch.where(drop[share, None, None], d.empty_tokens, tokens)  # (b, T, 96)
+    mask = torch.where(drop[share, None], d.empty_mask, mask)  # (b, T)
+    parts = (latents, noise[share], u[share], normal[share], tokens, mask)
+    return [p.to(self.device) for p in parts]
 
-    def loss(self, step: int) -> torch.Tensor:
-        x0, noise, u, normal, tokens, mask = self.batch(step)
-        x_t, t, target = self.objective.noised(x0, noise, u, normal)
-        weight = loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
-        with self.autocast():
-            pred = self.net(x_t, t, context=tokens, context_mask=mask)  # (b, 4, 8, 8)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
-        return (weight * per_sample).mean()
+# %%
+# | export
+@add_to_class(Trainer)
+def loss(self, step: int) -> torch.Tensor:
+    x0, noise, u, normal, tokens, mask = self.batch(step)
+    x_t, t, target = self.objective.noised(x0, noise, u, normal)
+    weight = loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
+    with self.autocast():
+        pred = self.net(x_t, t, context=tokens, context_mask=mask)  # (b, 4, 8, 8)
+    per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
+    return (weight * per_sample).mean()
 
-    def train_step(self) -> float:
-        loss = self.loss(self.step)
-        if not torch.isfinite(loss):
-            kept = self.last_checkpoint or "none written yet"
-            raise FloatingPointError(f"loss: {float(loss.detach())} at step {self.step}; training stopped before the "
-                                     f"update, the last good checkpoint is {kept} (lower lr, or check the data)")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
-        self.step += 1
-        value = float(loss.detach())
-        if self.world > 1:  # the logged loss is the global batch's, as one process would see it
-            t = torch.tensor([value], device=self.device)
-            dist.all_reduce(t)
-            value = float(t) / self.world
-        self.losses.append(value)
-        return value
+# %%
+# | export
+@add_to_class(Trainer)
+def train_step(self) -> float:
+    loss = self.loss(self.step)
+    if not torch.isfinite(loss):
+        kept = self.last_checkpoint or "none written yet"
+        raise FloatingPointError(f"loss: {float(loss.detach())} at step {self.step}; training stopped before the "
+                                 f"update, the last good checkpoint is {kept} (lower lr, or check the data)")
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+    self.opt.step()
+    self.sched.step()
+    ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
+    self.step += 1
+    value = float(loss.detach())
+    if self.world > 1:  # the logged loss is the global batch's, as one process would see it
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t)
+        value = float(t) / self.world
+    self.losses.append(value)
+    return value
 
-    def train(self, until: int | None = None, callback=None) -> Trainer:
-        """Train to step `until` (default: the config's steps), checkpointing as configured.
-        `callback(trainer)` runs after every step (sample grids, early stops)."""
-        until = self.cfg.steps if until is None else check_int("until", until, minimum=0, maximum=self.cfg.steps)
-        if until < self.step:
-            raise ValueError(f"until: this trainer is already at step {self.step}, got until={until}")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback: expected a function callback(trainer) or None, got {type(callback).__name__}")
-        bar = tqdm(total=until, initial=self.step, desc="training", disable=self.disable or self.rank > 0)
-        t0, s0 = time.perf_counter(), self.step
-        while self.step < until:
-            loss = self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(self.step - s0) / (time.perf_counter() - t0):.2f}")
-            if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-            if self.out_dir is not None and self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
-                self.save_snapshot()
-            if callback is not None:
-                callback(self)
-        bar.close()
-        every = self.cfg.checkpoint_every
-        if self.out_dir is not None and self.step == self.cfg.steps and (not every or self.step % every):
-            self.save_checkpoint()  # the end of the run, unless the loop just saved it
-        return self
+# %%
+# | export
+@add_to_class(Trainer)
+def train(self, until: int | None = None, callback=None) -> Trainer:
+    """Train to step `until` (default: the config's steps), checkpointing as configured.
+    `callback(trainer)` runs after every step (sample grids, early stops)."""
+    until = self.cfg.steps if until is None else check_int("until", until, minimum=0, maximum=self.cfg.steps)
+    if until < self.step:
+        raise ValueError(f"until: this trainer is already at step {self.step}, got until={until}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function callback(trainer) or None, got {type(callback).__name__}")
+    bar = tqdm(total=until, initial=self.step, desc="training", disable=self.disable or self.rank > 0)
+    t0, s0 = time.perf_counter(), self.step
+    while self.step < until:
+        loss = self.train_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{(self.step - s0) / (time.perf_counter() - t0):.2f}")
+        if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.out_dir is not None and self.cfg.snapshot_every and self.step % self.cfg.snapshot_every == 0:
+            self.save_snapshot()
+        if callback is not None:
+            callback(self)
+    bar.close()
+    every = self.cfg.checkpoint_every
+    if self.out_dir is not None and self.step == self.cfg.steps and (not every or self.step % every):
+        self.save_checkpoint()  # the end of the run, unless the loop just saved it
+    return self
 
-    def state(self) -> dict:
-        """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "step": self.step, "config": json.dumps(asdict(self.cfg)),
-                "rng_torch": torch.get_rng_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
+# %%
+# | export
+@add_to_class(Trainer)
+def state(self) -> dict:
+    """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
+    return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "step": self.step, "config": json.dumps(asdict(self.cfg)),
+            "rng_torch": torch.get_rng_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
 
-    def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
-        self._check_out_dir()
-        if self.rank == 0:
-            folder = self.out_dir / "checkpoints"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = atomic_write(folder / f"step-{self.step:07d}.pt", lambda p: torch.save(self.state(), p))
-            for old in checkpoints(folder)[:-self.cfg.keep_last]:
-                old.unlink()
-            self.last_checkpoint = path
-        if self.world > 1:
-            dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
-        return self.last_checkpoint
+# %%
+# | export
+@add_to_class(Trainer)
+def save_checkpoint(self) -> Path | None:
+    """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
+    self._check_out_dir()
+    if self.rank == 0:
+        folder = self.out_dir / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = atomic_write(folder / f"step-{self.step:07d}.pt", lambda p: torch.save(self.state(), p))
+        for old in checkpoints(folder)[:-self.cfg.keep_last]:
+            old.unlink()
+        self.last_checkpoint = path
+    if self.world > 1:
+        dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+    return self.last_checkpoint
 
-    def save_snapshot(self) -> None:
-        """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
-        self._check_out_dir()
-        if self.rank == 0:
-            save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
-                            {"step": self.step, "losses": self.losses[-1:]})
+# %%
+# | export
+@add_to_class(Trainer)
+def save_snapshot(self) -> None:
+    """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
+    self._check_out_dir()
+    if self.rank == 0:
+        save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
+                        {"step": self.step, "losses": self.losses[-1:]})
 
-    def _check_out_dir(self) -> None:
-        if self.out_dir is None:
-            raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
+# %%
+# | export
+@add_to_class(Trainer)
+def _check_out_dir(self) -> None:
+    if self.out_dir is None:
+        raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
 
-    def resume(self, path: str | Path | None = None) -> Trainer:
-        """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
-        if path is None:
-            found = checkpoints(self.out_dir / "checkpoints") if self.out_dir is not None else []
-            if not found:
-                raise FileNotFoundError(f"resume: no checkpoint (step-*.pt) in "
-                                        f"{str(self.out_dir / 'checkpoints') if self.out_dir else 'out_dir=None'}")
-            path = found[-1]
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint file {str(path)!r}")
-        state = _load_training_state(path)  # never arbitrary pickle
-        _check_resumable(json.loads(state["config"]), self.cfg, path)
-        if state["step"] > self.cfg.steps:
-            raise ValueError(f"resume: {path} is at step {state['step']}, beyond this run's steps={self.cfg.steps}")
-        check_and_load(self.model, state["model"], f"resume: {path.name} (model)")  # + NaN / inf weights refused
-        check_and_load(self.ema, state["ema"], f"resume: {path.name} (ema)")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_torch"])
-        self.step, self.losses, self.last_checkpoint = int(state["step"]), state["losses"].tolist(), path
-        return self
+# %%
+# | export
+@add_to_class(Trainer)
+def resume(self, path: str | Path | None = None) -> Trainer:
+    """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
+    if path is None:
+        found = checkpoints(self.out_dir / "checkpoints") if self.out_dir is not None else []
+        if not found:
+            raise FileNotFoundError(f"resume: no checkpoint (step-*.pt) in "
+                                    f"{str(self.out_dir / 'checkpoints') if self.out_dir else 'out_dir=None'}")
+        path = found[-1]
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint file {str(path)!r}")
+    state = _load_training_state(path)  # never arbitrary pickle
+    _check_resumable(json.loads(state["config"]), self.cfg, path)
+    if state["step"] > self.cfg.steps:
+        raise ValueError(f"resume: {path} is at step {state['step']}, beyond this run's steps={self.cfg.steps}")
+    check_and_load(self.model, state["model"], f"resume: {path.name} (model)")  # + NaN / inf weights refused
+    check_and_load(self.ema, state["ema"], f"resume: {path.name} (ema)")
+    self.opt.load_state_dict(state["optimizer"])
+    self.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    self.step, self.losses, self.last_checkpoint = int(state["step"]), state["losses"].tolist(), path
+    return self
 
 # %% [markdown]
 # ## 7. Training, watched

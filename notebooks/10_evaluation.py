@@ -30,6 +30,7 @@
 # %%
 import os
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
@@ -44,6 +45,7 @@ from tinydit import data
 from tinydit.checkpoint import BOOK_MODEL_DIR
 from tinydit.data import image_grid
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1 if FAST else torch.get_num_threads())  # CI shares 2 cores with other jobs
 
@@ -111,6 +113,7 @@ from tinydit.text import load_book_image_encoder
 from tinydit.train import book_pipeline, load_book_model, read_train_config
 from tinydit.validation import check_choice, check_finite, check_int, check_tensor
 
+
 PALETTE = np.array(list(data.COLORS.values()), dtype=np.float64)  # (6, 3) RGB in [0, 255]
 PALETTE_NAMES = tuple(data.COLORS)
 # The reader's thresholds, calibrated on 600 test-split renders, clean, with Gaussian noise of std
@@ -135,7 +138,8 @@ RELATION_MARGIN = 0.1  # centroids must differ by this (of the side) along the r
 #                        drawn pairs are 0.5 +- 0.06 apart, so only a real layout passes
 RELATION_AXIS = {"left of": ("cx", 1), "right of": ("cx", -1), "above": ("cy", 1), "below": ("cy", -1)}
 
-
+# %%
+# | export
 @dataclass
 class ObjectReading:
     """One object found in an image: what a detector would report, plus the two shape cues."""

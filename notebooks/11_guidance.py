@@ -25,9 +25,11 @@
 
 # %%
 # | default_exp guidance
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -51,6 +53,7 @@ from tinydit.denoisers import DiscreteDenoiser
 from tinydit.evaluate import eval_scenes, render_scenes
 from tinydit.pipeline import TextToImagePipeline
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
 # diffusers: the reference of the parity checks only (a dev dependency, never a run-time one)
@@ -119,6 +122,7 @@ import torch
 from torch import nn
 
 from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
+
 
 SPACES = ("v", "eps", "x0")  # where CFG rescale measures the standard deviation
 MODES = ("constant", "linear", "cosine")  # schedules of the mimic and CFG scales over sampling
@@ -216,22 +220,28 @@ class CFGDenoiser(nn.Module):
             guided = cure(step, guided)
         return torch.where(on.reshape(-1, *[1] * (x.ndim - 1)), guided, cond)
 
-    def guides(self, sigma: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: where this call guides (scale != 1 and sigma inside the interval)."""
-        if self.scale == 1:
-            return torch.zeros_like(sigma, dtype=torch.bool)
-        lo, hi = self.interval
-        return (sigma >= lo) & (sigma <= hi)
+# %%
+# | export
+@add_to_class(CFGDenoiser)
+def guides(self, sigma: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: where this call guides (scale != 1 and sigma inside the interval)."""
+    if self.scale == 1:
+        return torch.zeros_like(sigma, dtype=torch.bool)
+    lo, hi = self.interval
+    return (sigma >= lo) & (sigma <= hi)
 
-    def where(self, sigma: torch.Tensor, x: torch.Tensor) -> tuple[float, dict]:
-        """(progress, state): a call at a noise level >= the run's first starts a new run (fresh state)."""
-        s = float(sigma.max())
-        if self._start is None or s >= self._start or self.state.get("shape") != x.shape:
-            self.state, self._start = {"shape": x.shape}, s
-        if self.span is None:
-            return math.nan, self.state
-        first, last = self.span
-        return min(max(math.log(first / s) / math.log(first / last), 0.0), 1.0), self.state
+# %%
+# | export
+@add_to_class(CFGDenoiser)
+def where(self, sigma: torch.Tensor, x: torch.Tensor) -> tuple[float, dict]:
+    """(progress, state): a call at a noise level >= the run's first starts a new run (fresh state)."""
+    s = float(sigma.max())
+    if self._start is None or s >= self._start or self.state.get("shape") != x.shape:
+        self.state, self._start = {"shape": x.shape}, s
+    if self.span is None:
+        return math.nan, self.state
+    first, last = self.span
+    return min(max(math.log(first / s) / math.log(first / last), 0.0), 1.0), self.state
 
 # %%
 # | export

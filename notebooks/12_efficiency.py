@@ -34,9 +34,11 @@
 
 # %%
 # | default_exp offload
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -46,6 +48,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
+
 
 torch.manual_seed(0)
 
@@ -237,11 +240,14 @@ class Group:
                 t.data.record_stream(compute)
             self.ready = None
 
-    def offload(self) -> None:
-        if self.on_device:
-            for t, m in zip(self.tensors, self.masters):
-                set_data(t, m)
-            self.on_device, self.ready = False, None
+# %%
+# | export
+@add_to_class(Group)
+def offload(self) -> None:
+    if self.on_device:
+        for t, m in zip(self.tensors, self.masters):
+            set_data(t, m)
+        self.on_device, self.ready = False, None
 
 # %%
 # | export
@@ -319,23 +325,28 @@ class Offloader:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+# %%
+# | export
+@add_to_class(Offloader)
+def __exit__(self, *exc) -> None:
+    self.release()
 
-    def close(self) -> None:
-        """Remove the hooks and put every weight back on the device it had before; safe to call twice."""
-        self.release()
-        for h in self.hooks:
-            h.remove()
-        with torch.no_grad():
-            for g in self.groups:
-                for t, m in zip(g.tensors, g.masters):
-                    set_data(t, m.to(g.home))
-        for module in self.modules:
-            for m in module.modules():
-                m._tinydit_offload = None
-        self.hooks, self.groups, self.modules = [], [], []
-
+# %%
+# | export
+@add_to_class(Offloader)
+def close(self) -> None:
+    """Remove the hooks and put every weight back on the device it had before; safe to call twice."""
+    self.release()
+    for h in self.hooks:
+        h.remove()
+    with torch.no_grad():
+        for g in self.groups:
+            for t, m in zip(g.tensors, g.masters):
+                set_data(t, m.to(g.home))
+    for module in self.modules:
+        for m in module.modules():
+            m._tinydit_offload = None
+    self.hooks, self.groups, self.modules = [], [], []
 
 # %% [markdown]
 # **Model offload** (diffusers' `enable_model_cpu_offload`): one group per component. Calling a
@@ -393,14 +404,17 @@ class ModelOffload(Offloader):
         super().release()
         self.active = None
 
-    @contextlib.contextmanager
-    def use(self, name: str):
-        """Bring component `name` in for a call that is not its forward (e.g. `vae.decode`)."""
-        group = next((g for g in self.groups if g.name == name), None)
-        if group is None:
-            raise ValueError(f"name: expected one of {[g.name for g in self.groups]}, got {name!r}")
-        self._switch_to(group)(None, (), {})
-        yield self.device
+# %%
+# | export
+@add_to_class(ModelOffload)
+@contextlib.contextmanager
+def use(self, name: str):
+    """Bring component `name` in for a call that is not its forward (e.g. `vae.decode`)."""
+    group = next((g for g in self.groups if g.name == name), None)
+    if group is None:
+        raise ValueError(f"name: expected one of {[g.name for g in self.groups]}, got {name!r}")
+    self._switch_to(group)(None, (), {})
+    yield self.device
 
 # %% [markdown]
 # **Block offload** (diffusers' group offloading): a transformer is mostly a list of identical blocks.
@@ -474,22 +488,28 @@ class BlockOffload(Offloader):
             self._post(chunk[-1], group)
         self.hooks.append(model.register_forward_hook(lambda m, args, out: self.offload(self.rest)))
 
-    def _enter_group(self, i: int):
-        def hook(m, args, kwargs):
-            group = self.block_groups[i]
-            group.check(self.chunks[i])
-            self.onload(group)  # a no-op when the previous group prefetched it
-            group.wait()
-            nxt = self.block_groups[(i + 1) % len(self.block_groups)]
-            if self.stream is not None and nxt is not group:
-                self.stream.wait_stream(torch.cuda.current_stream())  # the side stream starts after what came before
-                self.onload(nxt, self.stream)
-            return move_inputs(args, self.device), move_inputs(kwargs, self.device)
-        return hook
+# %%
+# | export
+@add_to_class(BlockOffload)
+def _enter_group(self, i: int):
+    def hook(m, args, kwargs):
+        group = self.block_groups[i]
+        group.check(self.chunks[i])
+        self.onload(group)  # a no-op when the previous group prefetched it
+        group.wait()
+        nxt = self.block_groups[(i + 1) % len(self.block_groups)]
+        if self.stream is not None and nxt is not group:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the side stream starts after what came before
+            self.onload(nxt, self.stream)
+        return move_inputs(args, self.device), move_inputs(kwargs, self.device)
+    return hook
 
-    def __enter__(self):
-        self.onload(self.rest)
-        return self
+# %%
+# | export
+@add_to_class(BlockOffload)
+def __enter__(self):
+    self.onload(self.rest)
+    return self
 
 # %% [markdown]
 # **Leaf offload** (diffusers' sequential offload): every module that owns weights is its own group,
@@ -608,6 +628,7 @@ from tinydit.attention import _check_qkv
 from tinydit.checkpoint import resolve_dtype
 from tinydit.offload import nbytes, set_data, tensors_of
 
+
 FP8 = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}  # name -> torch attribute (torch >= 2.1)
 
 
@@ -635,6 +656,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 # %%
 from tinydit.precision import FP8, fp8_dtype, weight_bytes  # noqa: E402
+
 
 w = torch.randn(512, 512) * 0.05  # a weight matrix's typical scale
 print(f"{'dtype':9} {'bits':>4} {'largest':>9} {'eps':>9} {'weight error (rel.)':>20}")
@@ -751,14 +773,17 @@ class LayerwiseCasting:
             set_data(t, stored)  # the bf16 copy is dropped, nothing is re-rounded
         del m._fp8
 
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        with torch.no_grad():
-            for _, m in self.layers:
-                for t in tensors_of([m], recurse=False):
-                    set_data(t, t.data.to(self.compute))
-        self.model._tinydit_casting, self.hooks, self.layers = None, [], []
+# %%
+# | export precision
+@add_to_class(LayerwiseCasting)
+def close(self) -> None:
+    for h in self.hooks:
+        h.remove()
+    with torch.no_grad():
+        for _, m in self.layers:
+            for t in tensors_of([m], recurse=False):
+                set_data(t, t.data.to(self.compute))
+    self.model._tinydit_casting, self.hooks, self.layers = None, [], []
 
 # %% [markdown]
 # ### The book model in four precisions
@@ -776,6 +801,7 @@ from tinydit.text import load_book_text_encoder  # noqa: E402
 from tinydit.textdit import TextDiT  # noqa: E402
 from tinydit.train import book_pipeline  # noqa: E402
 from tinydit.vae import load_book_vae  # noqa: E402
+
 
 torch.set_num_threads(1)  # a 4 M-parameter model: one thread beats two contending
 vae, encoder = load_book_vae(), load_book_text_encoder()
@@ -952,29 +978,45 @@ class StepCache:
         self.calls, self.skipped, self.since_reset = self.calls + 1, self.skipped + self.skip, self.since_reset + 1
         return h
 
-    def deep(self, block: nn.Module, last: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.skip:
-            return x + self.deep_residual if last else x  # (B, T, D): the deep blocks' last residual
-        out = block(x, *args, **kwargs)  # (B, T, D)
-        if last:
-            self.deep_residual = out - self.start
-        return out
+# %%
+# | export stepcache
+@add_to_class(StepCache)
+def deep(self, block: nn.Module, last: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if self.skip:
+        return x + self.deep_residual if last else x  # (B, T, D): the deep blocks' last residual
+    out = block(x, *args, **kwargs)  # (B, T, D)
+    if last:
+        self.deep_residual = out - self.start
+    return out
 
-    def saved(self) -> float:
-        """The fraction of block evaluations skipped so far."""
-        return self.skipped * (self.depth - 1) / max(1, self.calls * self.depth)
+# %%
+# | export stepcache
+@add_to_class(StepCache)
+def saved(self) -> float:
+    """The fraction of block evaluations skipped so far."""
+    return self.skipped * (self.depth - 1) / max(1, self.calls * self.depth)
 
-    def close(self) -> None:
-        setattr(self.parent, self.attr, self.original)
+# %%
+# | export stepcache
+@add_to_class(StepCache)
+def close(self) -> None:
+    setattr(self.parent, self.attr, self.original)
 
-    def __enter__(self) -> StepCache:
-        return self
+# %%
+# | export stepcache
+@add_to_class(StepCache)
+def __enter__(self) -> StepCache:
+    return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+# %%
+# | export stepcache
+@add_to_class(StepCache)
+def __exit__(self, *exc) -> None:
+    self.close()
 
 # %%
 from tinydit.stepcache import StepCache  # noqa: E402
+
 
 model = book_model("fp32")
 emb2 = encoder(["a red circle above a blue square", ""])
@@ -1090,6 +1132,7 @@ def pin_sdpa(backend: str):
 
 # %%
 from tinydit.precision import pin_sdpa, sdpa_backends  # noqa: E402
+
 
 print(f"{'dtype':8} {'mask':5} {'head':>4}  " + " ".join(f"{n:9}" for n in ["flash", "efficient", "cudnn", "math", "auto"]))
 for dtype in [torch.float32, torch.bfloat16]:

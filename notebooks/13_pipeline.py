@@ -25,9 +25,11 @@
 
 # %%
 # | default_exp pipeline
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -47,6 +49,7 @@ from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT
 from tinydit.vae import load_book_vae
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
 
@@ -244,19 +247,25 @@ class PipelineParts:
                                        "vae": self.vae}, device=device)
         return self.offloader
 
-    def disable_model_offload(self, device="cpu") -> PipelineParts:
-        """Undo enable_model_offload: the hooks removed, every component back on `device`."""
-        if self.offloader is not None:
-            self.offloader.close()
-            self.offloader = None
-        return self.to(device)
+# %%
+# | export
+@add_to_class(PipelineParts)
+def disable_model_offload(self, device="cpu") -> PipelineParts:
+    """Undo enable_model_offload: the hooks removed, every component back on `device`."""
+    if self.offloader is not None:
+        self.offloader.close()
+        self.offloader = None
+    return self.to(device)
 
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
-        """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
-        if self.offloader is None:
-            return self.cache.encode(self.text_encoder, prompts)
-        with self.offloader.use("text_encoder"):
-            return self.cache.encode(self.text_encoder, prompts)
+# %%
+# | export
+@add_to_class(PipelineParts)
+def encode(self, prompts: list[str]) -> TextEmbeddings:
+    """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
+    if self.offloader is None:
+        return self.cache.encode(self.text_encoder, prompts)
+    with self.offloader.use("text_encoder"):
+        return self.cache.encode(self.text_encoder, prompts)
 
 # %%
 # | export
@@ -330,23 +339,29 @@ class PipelineSampling(PipelineSteps):
                 images = self.vae.from_latent(z.to(device)).float().cpu()
         return images.clamp(-1, 1) if clamp else images
 
-    def _check_safety(self, safety) -> bool:
-        """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
-        if safety is not None and not isinstance(safety, bool):
-            raise TypeError(f"safety: expected True, False or None (on when a checker is configured), got {safety!r}")
-        if safety and self.safety_checker is None:
-            raise ValueError("safety: True, but this pipeline has no safety checker (pass safety_checker=..., chapter 16)")
-        if safety is False and self.safety_checker is not None and not self._safety_off_logged:
-            logging.getLogger("tinydit").warning("safety checker turned off for this pipeline (safety=False)")
-            self._safety_off_logged = True
-        return self.safety_checker is not None if safety is None else safety
+# %%
+# | export
+@add_to_class(PipelineSampling)
+def _check_safety(self, safety) -> bool:
+    """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
+    if safety is not None and not isinstance(safety, bool):
+        raise TypeError(f"safety: expected True, False or None (on when a checker is configured), got {safety!r}")
+    if safety and self.safety_checker is None:
+        raise ValueError("safety: True, but this pipeline has no safety checker (pass safety_checker=..., chapter 16)")
+    if safety is False and self.safety_checker is not None and not self._safety_off_logged:
+        logging.getLogger("tinydit").warning("safety checker turned off for this pipeline (safety=False)")
+        self._safety_off_logged = True
+    return self.safety_checker is not None if safety is None else safety
 
-    def finish(self, images: list, z, prompts, seeds, safety: bool) -> PipelineOutput:
-        """The output, after the safety checker (when on) replaced what it flags."""
-        if not safety:
-            return PipelineOutput(images, z, prompts, seeds)
-        images, flags, reasons = self.safety_checker(images, prompts)
-        return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
+# %%
+# | export
+@add_to_class(PipelineSampling)
+def finish(self, images: list, z, prompts, seeds, safety: bool) -> PipelineOutput:
+    """The output, after the safety checker (when on) replaced what it flags."""
+    if not safety:
+        return PipelineOutput(images, z, prompts, seeds)
+    images, flags, reasons = self.safety_checker(images, prompts)
+    return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
 # %%
 # | export
@@ -392,15 +407,18 @@ class TextToImagePipeline(PipelineSampling):
             setattr(sampling, k, v)
         return cls(**parts, sampling=sampling.validate()).to(device)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
-        vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
-        our sampler), and tinydit's sampling defaults under model_index.json's "_tinydit" key."""
-        if not isinstance(folder, (str, os.PathLike)):
-            raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
-        if Path(folder).exists() and not Path(folder).is_dir():
-            raise ValueError(f"folder: {str(folder)!r} is a file, expected a folder (new or existing)")
-        return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
+# %%
+# | export
+@add_to_class(TextToImagePipeline)
+def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
+    vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
+    our sampler), and tinydit's sampling defaults under model_index.json's "_tinydit" key."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder: expected a folder path, got {type(folder).__name__}")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"folder: {str(folder)!r} is a file, expected a folder (new or existing)")
+    return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
 
 # %%
 # | export

@@ -22,9 +22,11 @@
 
 # %%
 # | default_exp formats
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -40,6 +42,7 @@ from IPython.display import display
 from tinydit import evaluate
 from tinydit.pipeline import TextToImagePipeline
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
 
@@ -76,6 +79,7 @@ from tinydit.loading import pixart_config, pixart_to_diffusers
 from tinydit.text import CLIPTextEncoder, T5TextEncoder, _quiet_transformers, load_book_text_encoder
 from tinydit.textdit import TextDiT
 from tinydit.vae import AutoencoderKL, load_book_vae
+
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -399,47 +403,55 @@ class GenerateDemo:
                                   widgets.HBox([self.cfg, self.seed]), widgets.HBox([self.button, self.progress]),
                                   widgets.HBox([self.image, self.maps]), self.status])
 
-    def generate(self) -> PipelineOutput | None:
-        """Run the pipeline on the widgets' values; shows the image, the maps and the time (or the error)."""
-        import matplotlib.pyplot as plt
-        from IPython.display import display
+# %%
+# | export demo
+@add_to_class(GenerateDemo)
+def generate(self) -> PipelineOutput | None:
+    """Run the pipeline on the widgets' values; shows the image, the maps and the time (or the error)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
 
-        self.progress.max, self.progress.value = self.steps.value, 0
-        self.button.disabled = True  # one run at a time: a second click while sampling would interleave
-        self.status.value = "generating…"
-        start = time.perf_counter()
-        options = dict(seed=self.seed.value, sampler=self.sampler.value, num_inference_steps=self.steps.value,
-                       guidance_scale=self.cfg.value, callback=lambda info: setattr(self.progress, "value", self.progress.value + 1))
-        try:
-            out, attn, words = attention_maps(self.pipe, self.prompt.value, **options)
-        except (ValueError, TypeError) as e:  # the pipeline's one-line errors, shown to the reader
-            self.status.value = f"<b>error</b>: {html.escape(str(e))}"
-            return None
-        finally:
-            self.button.disabled = False
-        buffer = io.BytesIO()
-        out.images[0].save(buffer, format="PNG")
-        self.image.value = buffer.getvalue()
-        self.maps.clear_output(wait=True)
-        if self.attention:
-            fig = plot_attention(attn, words)
-            with self.maps:
-                display(fig)  # a PNG in the page; closed below so the inline backend does not draw it twice
-            plt.close(fig)
-        self.status.value = f"{time.perf_counter() - start:.2f} s · seed {self.seed.value} · {html.escape(self.prompt.value)}"
-        self.last = out
-        return out
+    self.progress.max, self.progress.value = self.steps.value, 0
+    self.button.disabled = True  # one run at a time: a second click while sampling would interleave
+    self.status.value = "generating…"
+    start = time.perf_counter()
+    options = dict(seed=self.seed.value, sampler=self.sampler.value, num_inference_steps=self.steps.value,
+                   guidance_scale=self.cfg.value, callback=lambda info: setattr(self.progress, "value", self.progress.value + 1))
+    try:
+        out, attn, words = attention_maps(self.pipe, self.prompt.value, **options)
+    except (ValueError, TypeError) as e:  # the pipeline's one-line errors, shown to the reader
+        self.status.value = f"<b>error</b>: {html.escape(str(e))}"
+        return None
+    finally:
+        self.button.disabled = False
+    buffer = io.BytesIO()
+    out.images[0].save(buffer, format="PNG")
+    self.image.value = buffer.getvalue()
+    self.maps.clear_output(wait=True)
+    if self.attention:
+        fig = plot_attention(attn, words)
+        with self.maps:
+            display(fig)  # a PNG in the page; closed below so the inline backend does not draw it twice
+        plt.close(fig)
+    self.status.value = f"{time.perf_counter() - start:.2f} s · seed {self.seed.value} · {html.escape(self.prompt.value)}"
+    self.last = out
+    return out
 
-    def _clicked(self, _button) -> None:
-        """A click: any failure is shown in the page (a widget callback's exception reaches only the server's log)."""
-        try:
-            self.generate()
-        except Exception as e:  # the page has nowhere else to say it
-            self.status.value = f"<b>error</b>: {html.escape(f'{type(e).__name__}: {e}')}"
+# %%
+# | export demo
+@add_to_class(GenerateDemo)
+def _clicked(self, _button) -> None:
+    """A click: any failure is shown in the page (a widget callback's exception reaches only the server's log)."""
+    try:
+        self.generate()
+    except Exception as e:  # the page has nowhere else to say it
+        self.status.value = f"<b>error</b>: {html.escape(f'{type(e).__name__}: {e}')}"
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.view._repr_mimebundle_(**kwargs)
-
+# %%
+# | export demo
+@add_to_class(GenerateDemo)
+def _repr_mimebundle_(self, **kwargs):
+    return self.view._repr_mimebundle_(**kwargs)
 
 # %%
 demo = GenerateDemo(pipe)

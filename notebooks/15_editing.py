@@ -22,9 +22,11 @@
 
 # %%
 # | default_exp edit
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -42,6 +44,7 @@ from tinydit.guidance import CFGDenoiser
 from tinydit.pipeline import TextToImagePipeline
 from tinydit.samplers import sample_dpmpp_2m
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1)  # a 4 M-parameter model on 16 tokens: one thread beats two contending
 pipe = TextToImagePipeline.from_pretrained()
@@ -244,44 +247,47 @@ def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int
 class EditPipeline(TextToImagePipeline):
     """The shared core of img2img and inpainting (built from a TextToImagePipeline's components)."""
 
-    def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
-             num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
-             num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
-             repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil",
-             safety: bool | None = None) -> PipelineOutput:
-        r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
-                              sampler, callback=callback, output_type=output_type)  # the pipeline's own checks
-        safety, strength = self._check_safety(safety), _check_strength(strength)
-        source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
-        H, W = source.shape[1:]
-        if H % self.multiple or W % self.multiple:
-            raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
-        mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
-        B, C, h, w = len(r.prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
-        if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
-            z = self.vae.to_latent(source[None].to(self.device)).repeat(B, 1, 1, 1)
-            return self.finish(to_pil(source[None].repeat(B, 1, 1, 1)), z, r.prompts, [None] * B, safety)
-        start = self.prepare_latents((B, C, h, w), seed, generator)  # unit noise (B, C, h, w), seeds
-        z_src = self.vae.to_latent(source[None].to(self.device)).float().cpu().repeat(B, 1, 1, 1)  # (B, C, h, w)
-        full = self.schedule(r.steps)
-        sigmas = full[start_index(r.steps, strength):]
-        x = start.noise * sigmas[0] if strength == 1 else z_src + start.noise * sigmas[0]  # strength 1: text-to-image's start
-        wrap = None
-        if mask is not None:
-            latent_mask = F.interpolate(mask[None], size=(h, w), mode="area")  # (1, 1, h, w)
-            latent_mask = (latent_mask if soft else (latent_mask > 0).float()).to(self.device)
-            wrap = lambda guided: LatentBlend(guided, z_src.to(self.device), start.noise.to(self.device), latent_mask,
-                                              full, soft)
-        sample = r.sampler if repaint is None else functools.partial(sample_repaint, jump=repaint[0], n_sample=repaint[1])
-        z = self.denoise(x, self.encode_prompt(r.prompts, r.negatives), sigmas, r.guidance_scale, sample, cure=cure,
-                         span=full, wrap=wrap, generator=start.generator, callback=callback, disable=disable)
-        prompts, seeds = r.prompts, start.seeds
-        if output_type == "latent":
-            return PipelineOutput([], z, prompts, seeds)
-        images = self.decode(z)  # (B, 3, H, W)
-        if mask is not None:
-            images = composite(images, source, mask, blur)
-        return self.finish(to_pil(images), z, prompts, seeds, safety)
+# %%
+# | export
+@add_to_class(EditPipeline)
+def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
+         num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
+         num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
+         repaint: tuple[int, int] | None = None, disable=None, output_type: str = "pil",
+         safety: bool | None = None) -> PipelineOutput:
+    r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
+                          sampler, callback=callback, output_type=output_type)  # the pipeline's own checks
+    safety, strength = self._check_safety(safety), _check_strength(strength)
+    source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
+    H, W = source.shape[1:]
+    if H % self.multiple or W % self.multiple:
+        raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
+    mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
+    B, C, h, w = len(r.prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
+    if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
+        z = self.vae.to_latent(source[None].to(self.device)).repeat(B, 1, 1, 1)
+        return self.finish(to_pil(source[None].repeat(B, 1, 1, 1)), z, r.prompts, [None] * B, safety)
+    start = self.prepare_latents((B, C, h, w), seed, generator)  # unit noise (B, C, h, w), seeds
+    z_src = self.vae.to_latent(source[None].to(self.device)).float().cpu().repeat(B, 1, 1, 1)  # (B, C, h, w)
+    full = self.schedule(r.steps)
+    sigmas = full[start_index(r.steps, strength):]
+    x = start.noise * sigmas[0] if strength == 1 else z_src + start.noise * sigmas[0]  # strength 1: text-to-image's start
+    wrap = None
+    if mask is not None:
+        latent_mask = F.interpolate(mask[None], size=(h, w), mode="area")  # (1, 1, h, w)
+        latent_mask = (latent_mask if soft else (latent_mask > 0).float()).to(self.device)
+        wrap = lambda guided: LatentBlend(guided, z_src.to(self.device), start.noise.to(self.device), latent_mask,
+                                          full, soft)
+    sample = r.sampler if repaint is None else functools.partial(sample_repaint, jump=repaint[0], n_sample=repaint[1])
+    z = self.denoise(x, self.encode_prompt(r.prompts, r.negatives), sigmas, r.guidance_scale, sample, cure=cure,
+                     span=full, wrap=wrap, generator=start.generator, callback=callback, disable=disable)
+    prompts, seeds = r.prompts, start.seeds
+    if output_type == "latent":
+        return PipelineOutput([], z, prompts, seeds)
+    images = self.decode(z)  # (B, 3, H, W)
+    if mask is not None:
+        images = composite(images, source, mask, blur)
+    return self.finish(to_pil(images), z, prompts, seeds, safety)
 
 # %%
 # | export
@@ -342,6 +348,7 @@ class InpaintPipeline(EditPipeline):
 
 # %%
 from tinydit.edit import Img2ImgPipeline, InpaintPipeline  # noqa: E402
+
 
 img2img, inpaint = Img2ImgPipeline(**pipe.components), InpaintPipeline(**pipe.components)
 assert img2img.transformer is pipe.transformer  # one copy of the weights

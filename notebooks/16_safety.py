@@ -27,9 +27,11 @@
 
 # %%
 # | default_exp safety
-
 # %%
 import os
+
+from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+
 
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from tinydit import data, evaluate
 from tinydit.pipeline import TextToImagePipeline
 from tinydit.validation import expect_error
+
 
 torch.set_num_threads(1)  # small models: one thread beats two contending
 
@@ -102,6 +105,7 @@ from torch import nn
 from tinydit.checkpoint import load_state_dict, resolve_pretrained
 from tinydit.validation import check_float, check_int
 
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (feature_extractor defaults)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -129,17 +133,20 @@ class ClipPreprocess:
     def __call__(self, images: list) -> torch.Tensor:
         return torch.stack([self.one(im) for im in _check_images(images)])  # (B, 3, crop_h, crop_w)
 
-    def one(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        w, h = image.size
-        long = int(self.size * max(w, h) / min(w, h))  # CLIPImageProcessor: short side -> size, long side truncated
-        new = (self.size, long) if w <= h else (long, self.size)
-        image = image.resize(new, self.resample)
-        ch, cw = self.crop
-        top, left = (new[1] - ch) // 2, (new[0] - cw) // 2  # centre crop (as transformers rounds it)
-        image = image.crop((left, top, left + cw, top + ch))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+# %%
+# | export
+@add_to_class(ClipPreprocess)
+def one(self, image: Image.Image) -> torch.Tensor:
+    image = image.convert("RGB")
+    w, h = image.size
+    long = int(self.size * max(w, h) / min(w, h))  # CLIPImageProcessor: short side -> size, long side truncated
+    new = (self.size, long) if w <= h else (long, self.size)
+    image = image.resize(new, self.resample)
+    ch, cw = self.crop
+    top, left = (new[1] - ch) // 2, (new[0] - cw) // 2  # centre crop (as transformers rounds it)
+    image = image.crop((left, top, left + cw, top + ch))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+    return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
 # %%
 # | export
@@ -221,13 +228,16 @@ class StableDiffusionChecker(nn.Module):
         pooled = self.vision_model(pixel_values=pixel_values.to(self.visual_projection.weight)).pooler_output  # (B, D)
         return self.visual_projection(pooled)  # (B, projection_dim)
 
-    @torch.no_grad()
-    def check(self, images: list) -> tuple[list[bool], list[list[str]], list[dict]]:
-        """(flags, reasons, scores) for PIL images."""
-        scores = concept_scores(self.embed(self.preprocess(images)), self.concept_embeds, self.concept_embeds_weights,
-                                self.special_care_embeds, self.special_care_embeds_weights)
-        reasons = [[f"sd-checker: concept {j} ({s['concept_scores'][j]:+.3f})" for j in s["bad_concepts"]] for s in scores]
-        return [bool(r) for r in reasons], reasons, scores
+# %%
+# | export
+@add_to_class(StableDiffusionChecker)
+@torch.no_grad()
+def check(self, images: list) -> tuple[list[bool], list[list[str]], list[dict]]:
+    """(flags, reasons, scores) for PIL images."""
+    scores = concept_scores(self.embed(self.preprocess(images)), self.concept_embeds, self.concept_embeds_weights,
+                            self.special_care_embeds, self.special_care_embeds_weights)
+    reasons = [[f"sd-checker: concept {j} ({s['concept_scores'][j]:+.3f})" for j in s["bad_concepts"]] for s in scores]
+    return [bool(r) for r in reasons], reasons, scores
 
 # %% [markdown]
 # In the tests, a tiny random checker saved by diffusers' own `save_pretrained` (with a
@@ -318,74 +328,95 @@ class BookConceptChecker:
         w, b = self.probe
         return (self.feature_map(images) @ w.T).amax(1) + b  # (B, P, K) -> (B, K)
 
-    def fit(self, n: int = 4000, seed: int = 5, steps: int = 200) -> BookConceptChecker:
-        """Fit each concept's positional probe on `n` labelled renders (the book world draws its own ground
-        truth) by logistic regression, starting from its text embedding pulled back through the tower's
-        projection. Max over positions, because an object is *somewhere*: the pooled embedding mixes
-        every position into one vector, and a pair like "a red triangle" drowns in the rest of the scene."""
-        from tinydit.data import render_scene, sample_scene
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+def fit(self, n: int = 4000, seed: int = 5, steps: int = 200) -> BookConceptChecker:
+    """Fit each concept's positional probe on `n` labelled renders (the book world draws its own ground
+    truth) by logistic regression, starting from its text embedding pulled back through the tower's
+    projection. Max over positions, because an object is *somewhere*: the pooled embedding mixes
+    every position into one vector, and a pair like "a red triangle" drowns in the rest of the scene."""
+    from tinydit.data import render_scene, sample_scene
 
-        n, steps = check_int("n", n, minimum=10, maximum=100_000), check_int("steps", steps, minimum=1)
-        scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        f = torch.cat([self.feature_map([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
-        start = self.text_directions(*f.shape[1:]).mean(2)  # (K, C): one probe shared by every position
-        weights, biases = [], []
-        for k, c in enumerate(self.concepts):
-            y = torch.tensor([c.present(s) for s in scenes], dtype=torch.float32)  # (n,)
-            w, b = start[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True)
-            opt = torch.optim.LBFGS([w, b], max_iter=steps)
+    n, steps = check_int("n", n, minimum=10, maximum=100_000), check_int("steps", steps, minimum=1)
+    scenes = [sample_scene(seed, "test", i) for i in range(n)]
+    f = torch.cat([self.feature_map([render_scene(s, 32) for s in scenes[i:i + 500]]) for i in range(0, n, 500)])
+    start = self.text_directions(*f.shape[1:]).mean(2)  # (K, C): one probe shared by every position
+    weights, biases = [], []
+    for k, c in enumerate(self.concepts):
+        y = torch.tensor([c.present(s) for s in scenes], dtype=torch.float32)  # (n,)
+        w, b = start[k].clone().requires_grad_(True), torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=steps)
 
-            def loss(w=w, b=b, y=y, opt=opt):
-                opt.zero_grad()
-                value = F.binary_cross_entropy_with_logits((f @ w).amax(1) + b, y) + 1e-4 * w.square().sum()
-                value.backward()
-                return value
+        def loss(w=w, b=b, y=y, opt=opt):
+            opt.zero_grad()
+            value = F.binary_cross_entropy_with_logits((f @ w).amax(1) + b, y) + 1e-4 * w.square().sum()
+            value.backward()
+            return value
 
-            opt.step(loss)
-            weights.append(w.detach())
-            biases.append(b.detach())
-        self.probe = torch.stack(weights), torch.cat(biases)  # (K, C), (K,)
-        return self
+        opt.step(loss)
+        weights.append(w.detach())
+        biases.append(b.detach())
+    self.probe = torch.stack(weights), torch.cat(biases)  # (K, C), (K,)
+    return self
 
-    def text_directions(self, positions: int, channels: int) -> torch.Tensor:
-        """(K, C, P): each concept's text embedding pulled back through the tower's projection, per position:
-        sum_p feature_map[:, p] @ directions[..., p].T is the pooled embedding (less its bias) @ embeds.T."""
-        proj = self.image_encoder.proj.weight.detach().view(-1, channels, positions)  # (d, C, P), flatten order of (C, H, W)
-        return torch.einsum("kd,dcp->kcp", self.embeds, proj)
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+def text_directions(self, positions: int, channels: int) -> torch.Tensor:
+    """(K, C, P): each concept's text embedding pulled back through the tower's projection, per position:
+    sum_p feature_map[:, p] @ directions[..., p].T is the pooled embedding (less its bias) @ embeds.T."""
+    proj = self.image_encoder.proj.weight.detach().view(-1, channels, positions)  # (d, C, P), flatten order of (C, H, W)
+    return torch.einsum("kd,dcp->kcp", self.embeds, proj)
 
-    def _pixels(self, images: list) -> torch.Tensor:
-        from tinydit.data import pil_to_tensor
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+def _pixels(self, images: list) -> torch.Tensor:
+    from tinydit.data import pil_to_tensor
 
-        return torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
+    return torch.stack([pil_to_tensor(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in _check_images(images)])
 
-    @torch.no_grad()
-    def image_embeds(self, images: list) -> torch.Tensor:
-        """(B, d) unit embeddings of the book image tower."""
-        return F.normalize(self.image_encoder(self._pixels(images)), dim=-1)
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+@torch.no_grad()
+def image_embeds(self, images: list) -> torch.Tensor:
+    """(B, d) unit embeddings of the book image tower."""
+    return F.normalize(self.image_encoder(self._pixels(images)), dim=-1)
 
-    @torch.no_grad()
-    def feature_map(self, images: list) -> torch.Tensor:
-        """(B, P, C): the tower's last feature map, one C-vector per position (P = 4 x 4 for 32 px)."""
-        return self.image_encoder.features(self._pixels(images)).flatten(2).transpose(1, 2)
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+@torch.no_grad()
+def feature_map(self, images: list) -> torch.Tensor:
+    """(B, P, C): the tower's last feature map, one C-vector per position (P = 4 x 4 for 32 px)."""
+    return self.image_encoder.features(self._pixels(images)).flatten(2).transpose(1, 2)
 
-    def calibrate(self, fpr: float = 0.01, n: int = 2000, seed: int = 7) -> BookConceptChecker:
-        """Per concept, the threshold that `fpr` of `n` test-split renders *without* the concept exceed."""
-        from tinydit.data import render_scene, sample_scene
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+def calibrate(self, fpr: float = 0.01, n: int = 2000, seed: int = 7) -> BookConceptChecker:
+    """Per concept, the threshold that `fpr` of `n` test-split renders *without* the concept exceed."""
+    from tinydit.data import render_scene, sample_scene
 
-        fpr = check_float("fpr", fpr, minimum=0, maximum=1)
-        n = check_int("n", n, minimum=10, maximum=100_000)
-        scenes = [sample_scene(seed, "test", i) for i in range(n)]
-        sims = torch.cat([self.scores([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
-        for k, c in enumerate(self.concepts):
-            negatives = sims[[not c.present(s) for s in scenes], k]
-            self.thresholds[k] = torch.quantile(negatives, 1 - fpr) if len(negatives) else 0.5
-        return self
+    fpr = check_float("fpr", fpr, minimum=0, maximum=1)
+    n = check_int("n", n, minimum=10, maximum=100_000)
+    scenes = [sample_scene(seed, "test", i) for i in range(n)]
+    sims = torch.cat([self.scores([render_scene(s, 32) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
+    for k, c in enumerate(self.concepts):
+        negatives = sims[[not c.present(s) for s in scenes], k]
+        self.thresholds[k] = torch.quantile(negatives, 1 - fpr) if len(negatives) else 0.5
+    return self
 
-    def check(self, images: list) -> tuple[list[bool], list[list[str]]]:
-        sims = self.scores(images)  # (B, K)
-        reasons = [[f"concept {c.name!r} ({float(s[k]):.3f} > {float(self.thresholds[k]):.3f})"
-                    for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
-        return [bool(r) for r in reasons], reasons
+# %%
+# | export
+@add_to_class(BookConceptChecker)
+def check(self, images: list) -> tuple[list[bool], list[list[str]]]:
+    sims = self.scores(images)  # (B, K)
+    reasons = [[f"concept {c.name!r} ({float(s[k]):.3f} > {float(self.thresholds[k]):.3f})"
+                for k, c in enumerate(self.concepts) if s[k] > self.thresholds[k]] for s in sims]
+    return [bool(r) for r in reasons], reasons
 
 # %% [markdown]
 # ## 4. Prompts, and one checker for the pipeline
@@ -476,6 +507,7 @@ class SafetyChecker:
 
 # %%
 from tinydit.safety import BookConceptChecker, PromptFilter, SafetyChecker  # noqa: E402
+
 
 CONCEPTS = ["a red triangle", "anything purple", "squares"]
 N_FIT, N_CAL = (1000, 1000) if FAST else (4000, 2000)
@@ -710,63 +742,78 @@ class OnnxNsfwDetector:
         path = _default_model_path()
         return _find_spec("onnxruntime") is not None and path is not None and path.is_file()
 
-    def preprocess(self, pil_image: Image.Image) -> np.ndarray:
-        """(1, 3, 320, 320) float32 in [0, 1], as NudeNet feeds the model: alpha dropped, black
-        padding at the right/bottom to a square, bilinear resize to 320, channels in B, G, R order."""
-        rgb = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8; RGBA -> RGB drops alpha
-        h, w, _ = rgb.shape
-        side = max(h, w)
-        square = np.zeros((side, side, 3), np.uint8)
-        square[:h, :w] = rgb  # (S, S, 3): the image at the top left, black at the right/bottom
-        out = _resize_like_opencv(square, self.size).astype(np.float32)  # (320, 320, 3) in 0..255
-        bgr = out[:, :, ::-1].transpose(2, 0, 1)  # (3, 320, 320); NudeNet's model sees BGR
-        return np.ascontiguousarray(bgr[None] * np.float32(1 / 255))
+# %%
+# | export
+@add_to_class(OnnxNsfwDetector)
+def preprocess(self, pil_image: Image.Image) -> np.ndarray:
+    """(1, 3, 320, 320) float32 in [0, 1], as NudeNet feeds the model: alpha dropped, black
+    padding at the right/bottom to a square, bilinear resize to 320, channels in B, G, R order."""
+    rgb = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8; RGBA -> RGB drops alpha
+    h, w, _ = rgb.shape
+    side = max(h, w)
+    square = np.zeros((side, side, 3), np.uint8)
+    square[:h, :w] = rgb  # (S, S, 3): the image at the top left, black at the right/bottom
+    out = _resize_like_opencv(square, self.size).astype(np.float32)  # (320, 320, 3) in 0..255
+    bgr = out[:, :, ::-1].transpose(2, 0, 1)  # (3, 320, 320); NudeNet's model sees BGR
+    return np.ascontiguousarray(bgr[None] * np.float32(1 / 255))
 
-    def _decode(self, output: np.ndarray, width: int, height: int) -> list[tuple[str, float, tuple]]:
-        """One image's raw output (22, A): 4 box numbers (centre x, centre y, w, h at 320 px) and
-        18 class scores per anchor -> [(label, score, (x, y, w, h) in image pixels)], best first."""
-        rows = output.T  # (A, 22)
-        scores = rows[:, 4:].max(axis=1)
-        rows, scores = rows[scores > self.min_score], scores[scores > self.min_score]
-        classes = rows[:, 4:].argmax(axis=1)
-        side = max(width, height)  # the padded square's side: 320 px in the model are `side` px here
-        cx, cy, bw, bh = (rows[:, k] for k in range(4))  # float32; NudeNet's order of operations
-        x = np.clip((cx - bw / 2) * side / self.size, 0, width)
-        y = np.clip((cy - bh / 2) * side / self.size, 0, height)
-        w = np.minimum(bw * side / self.size, width - x)
-        h = np.minimum(bh * side / self.size, height - y)
-        boxes = np.stack([x, y, w, h], axis=1).astype(np.float64)  # (N, 4): top-left x, y, width, height
-        return [(NUDENET_LABELS[classes[i]], float(scores[i]), tuple(int(v) for v in boxes[i]))
-                for i in self._nms(boxes, scores)]
+# %%
+# | export
+@add_to_class(OnnxNsfwDetector)
+def _decode(self, output: np.ndarray, width: int, height: int) -> list[tuple[str, float, tuple]]:
+    """One image's raw output (22, A): 4 box numbers (centre x, centre y, w, h at 320 px) and
+    18 class scores per anchor -> [(label, score, (x, y, w, h) in image pixels)], best first."""
+    rows = output.T  # (A, 22)
+    scores = rows[:, 4:].max(axis=1)
+    rows, scores = rows[scores > self.min_score], scores[scores > self.min_score]
+    classes = rows[:, 4:].argmax(axis=1)
+    side = max(width, height)  # the padded square's side: 320 px in the model are `side` px here
+    cx, cy, bw, bh = (rows[:, k] for k in range(4))  # float32; NudeNet's order of operations
+    x = np.clip((cx - bw / 2) * side / self.size, 0, width)
+    y = np.clip((cy - bh / 2) * side / self.size, 0, height)
+    w = np.minimum(bw * side / self.size, width - x)
+    h = np.minimum(bh * side / self.size, height - y)
+    boxes = np.stack([x, y, w, h], axis=1).astype(np.float64)  # (N, 4): top-left x, y, width, height
+    return [(NUDENET_LABELS[classes[i]], float(scores[i]), tuple(int(v) for v in boxes[i]))
+            for i in self._nms(boxes, scores)]
 
-    def _nms(self, boxes: np.ndarray, scores: np.ndarray) -> list[int]:
-        """Greedy class-agnostic non-maximum suppression on (x, y, w, h) boxes, best score first."""
-        kept = []
-        for i in np.argsort(-scores, kind="stable"):
-            x0, y0 = np.maximum(boxes[i, :2], boxes[kept, :2]).T
-            x1, y1 = np.minimum(boxes[i, :2] + boxes[i, 2:], boxes[kept, :2] + boxes[kept, 2:]).T
-            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-            areas = boxes[i, 2] * boxes[i, 3] + boxes[kept, 2] * boxes[kept, 3]
-            # OpenCV's NMSBoxes counts two empty boxes (clipped to 0 px, e.g. in the padding) as identical
-            if not np.any((inter > self.nms_iou * (areas - inter)) | (areas <= np.finfo(float).eps)):
-                kept.append(i)
-        return kept
+# %%
+# | export
+@add_to_class(OnnxNsfwDetector)
+def _nms(self, boxes: np.ndarray, scores: np.ndarray) -> list[int]:
+    """Greedy class-agnostic non-maximum suppression on (x, y, w, h) boxes, best score first."""
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        x0, y0 = np.maximum(boxes[i, :2], boxes[kept, :2]).T
+        x1, y1 = np.minimum(boxes[i, :2] + boxes[i, 2:], boxes[kept, :2] + boxes[kept, 2:]).T
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        areas = boxes[i, 2] * boxes[i, 3] + boxes[kept, 2] * boxes[kept, 3]
+        # OpenCV's NMSBoxes counts two empty boxes (clipped to 0 px, e.g. in the padding) as identical
+        if not np.any((inter > self.nms_iou * (areas - inter)) | (areas <= np.finfo(float).eps)):
+            kept.append(i)
+    return kept
 
-    def detect(self, pil_images) -> list[list[tuple[str, float, tuple]]]:
-        """Per image, NudeNet's detections: [(label, score, (x, y, w, h))], best score first."""
-        images = _check_images(pil_images)
-        out = []
-        for image in images:  # one at a time, as NudeDetector.detect does (batched runs differ ~1e-6)
-            (raw,) = self.session.run(None, {self.input_name: self.preprocess(image)})  # (1, 22, 2100)
-            out.append(self._decode(raw[0], *image.size))
-        return out
+# %%
+# | export
+@add_to_class(OnnxNsfwDetector)
+def detect(self, pil_images) -> list[list[tuple[str, float, tuple]]]:
+    """Per image, NudeNet's detections: [(label, score, (x, y, w, h))], best score first."""
+    images = _check_images(pil_images)
+    out = []
+    for image in images:  # one at a time, as NudeDetector.detect does (batched runs differ ~1e-6)
+        (raw,) = self.session.run(None, {self.input_name: self.preprocess(image)})  # (1, 22, 2100)
+        out.append(self._decode(raw[0], *image.size))
+    return out
 
-    def check(self, pil_images) -> tuple[list[bool], list[list[str]]]:
-        """Per image: flagged?, and the reasons ("nudenet: LABEL 0.83") for the explicit detections."""
-        reasons = [[f"nudenet: {label} {score:.2f}" for label, score, _ in dets
-                    if label in self.labels and score >= self.threshold]
-                   for dets in self.detect(pil_images)]
-        return [bool(r) for r in reasons], reasons
+# %%
+# | export
+@add_to_class(OnnxNsfwDetector)
+def check(self, pil_images) -> tuple[list[bool], list[list[str]]]:
+    """Per image: flagged?, and the reasons ("nudenet: LABEL 0.83") for the explicit detections."""
+    reasons = [[f"nudenet: {label} {score:.2f}" for label, score, _ in dets
+                if label in self.labels and score >= self.threshold]
+               for dets in self.detect(pil_images)]
+    return [bool(r) for r in reasons], reasons
 
 # %%
 if OnnxNsfwDetector.available():

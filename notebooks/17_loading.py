@@ -30,6 +30,7 @@
 # %%
 import os
 
+
 FAST = os.environ.get("TINYDIT_FAST") == "1"  # CI sets this: same code, smaller numbers
 
 # %%
@@ -45,6 +46,7 @@ from tinydit.data import image_grid
 from tinydit.dit import DiT
 from tinydit.textdit import TextDiT, load_transformer
 from tinydit.vae import AutoencoderKL, psnr
+
 
 torch.set_num_threads(1)  # tiny random models: one thread beats two contending
 
@@ -64,6 +66,7 @@ from pathlib import Path
 import torch
 
 from tinydit.checkpoint import read_config, strip_prefix
+
 
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
@@ -167,6 +170,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
+
 families = {
     "SD/SDXL-like": dict(latent_channels=4, scaling_factor=0.13025),
     "SD3/Flux-like": dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
@@ -209,6 +213,7 @@ for family, kw in families.items():
 from PIL import Image
 
 from tinydit.data import pil_to_tensor
+
 
 vae_path = os.environ.get("TINYDIT_VAE_PATH")
 if not vae_path:
@@ -349,6 +354,7 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 # %%
 import tempfile
+
 
 try:
     import diffusers
@@ -579,6 +585,7 @@ def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 import tempfile
 
 import diffusers  # a dev dependency: the reference, never a run-time one
+
 
 worst = {}
 for micro in (True, False):

@@ -9,10 +9,12 @@ book build, the CLI) inherit OMP_NUM_THREADS=1 from here.
 
 import os
 
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

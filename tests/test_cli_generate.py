@@ -18,6 +18,7 @@ from PIL import Image
 
 from tinydit import cli
 
+
 PROMPTS = "# shapes to draw\n\na red triangle above a blue circle\n  a green square  \n# the end\na yellow circle\n"
 JOB = ["--n", "3", "--steps", "4", "--seed", "7"]  # 3 prompts x 3 images: seeds 7..15
 TORCHRUN_JOB = ["--num-images", "3", *JOB[2:]]  # torchrun's own parser takes --n for an abbreviation of its flags

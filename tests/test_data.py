@@ -8,6 +8,7 @@ import torch
 
 from tinydit import data
 
+
 # A reader that does not use the dataset's own colour table: name colours by hue band only.
 HUE_BANDS = {"red": (345, 15), "orange": (20, 40), "yellow": (45, 65), "green": (90, 160),
              "blue": (200, 250), "purple": (260, 310)}

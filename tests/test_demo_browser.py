@@ -27,6 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tinydit import cli, data, evaluate
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -8,6 +8,7 @@ from torch import nn
 from tinydit.dit import DiT, DiTConfig, dit_macs, infer_config_from_original
 from tinydit.embeddings import sincos_pos_embed_2d
 
+
 diffusers = pytest.importorskip("diffusers")  # a dev dependency: installed by the test command
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)

@@ -24,6 +24,7 @@ from tinydit.checkpoint import (
 from tinydit.dit import DiT, DiTConfig
 from tinydit.textdit import TextDiT, load_transformer
 
+
 diffusers = pytest.importorskip("diffusers")  # a dev dependency: the reference, never a run-time one
 
 LOW = [torch.bfloat16, torch.float16]

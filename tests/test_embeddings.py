@@ -19,6 +19,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from tinydit import embeddings as E
 
+
 TOL = 1e-6
 T_VALUES = torch.tensor([0.0, 1.0, 2.5, 17.0, 250.0, 999.0])
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import export  # noqa: E402
+
 
 NOTEBOOK = '''# ---
 # jupyter:

@@ -26,6 +26,7 @@ from tinydit.pipeline import TextToImagePipeline
 from tinydit.samplers import SAMPLERS
 from tinydit.schedules import karras_sigmas
 
+
 ROOT = Path(__file__).resolve().parents[1]
 ABOVE_INFERENCE = ("tinydit.train", "tinydit.evaluate", "tinydit.guidance_study", "tinydit.demo", "tinydit.cli",
                    "tinydit.safety")

@@ -38,6 +38,7 @@ from tinydit.samplers import SAMPLERS
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.vae import load_book_vae
 
+
 AC = schedules.alphas_cumprod(schedules.make_betas("linear"))  # (1000,): the book model's schedule
 WIDTH = 16  # token width of the tiny text DiT
 

@@ -63,6 +63,7 @@ from tinydit import (
 )
 from tinydit.checkpoint import WeightsMismatchError
 
+
 NAN, INF = float("nan"), float("inf")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "book" / "manifest.md").read_text()
 COMMANDS = sorted(set(re.findall(r"`(python [^`]+)`", TEXT)))

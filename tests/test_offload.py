@@ -12,6 +12,7 @@ from tinydit import offload as off
 from tinydit import text
 from tinydit.textdit import TextDiT, TextDiTConfig
 
+
 WORDS = "a red blue circle square left right of".split()
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -10,6 +11,7 @@ except ImportError:  # Python 3.10
 from pathlib import Path
 
 import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in (ROOT / "tinydit").glob("*.py") if p.stem != "__main__")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tinydit import evaluate
 from tinydit.pipeline import PipelineOutput, SamplingConfig, TextToImagePipeline
 
+
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
 
 

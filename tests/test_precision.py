@@ -21,6 +21,7 @@ from tinydit.precision import (
 )
 from tinydit.textdit import TextDiT
 
+
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # the tiny PixArt of tests/test_textdit.py
 FP8 = torch.float8_e4m3fn
 

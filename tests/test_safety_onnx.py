@@ -10,6 +10,7 @@ from PIL import Image
 from tinydit.data import render_scene, sample_scene  # noqa: E402
 from tinydit.safety import EXPLICIT_LABELS, NUDENET_LABELS, OnnxNsfwDetector  # noqa: E402
 
+
 if not OnnxNsfwDetector.available():
     pytest.skip("optional: onnxruntime or the nudenet package (320n.onnx) is not installed; "
                 "pip install tinydit[safety]", allow_module_level=True)

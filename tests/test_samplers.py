@@ -39,6 +39,7 @@ from tinydit.samplers import (
     sample_euler,
 )
 
+
 AC = schedules.alphas_cumprod(schedules.make_betas("scaled_linear"))  # (1000,): SD 1.x
 GL_NODES, GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 

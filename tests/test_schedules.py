@@ -9,6 +9,7 @@ from diffusers.training_utils import compute_snr
 
 from tinydit import schedules as S
 
+
 TOL = 1e-6
 
 

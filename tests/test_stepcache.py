@@ -13,6 +13,7 @@ from tinydit import train
 from tinydit.stepcache import CachedBlocks, StepCache, relative_change
 from tinydit.textdit import TextDiT
 
+
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # the tiny PixArt of tests/test_textdit.py
 
 

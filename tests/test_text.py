@@ -23,6 +23,7 @@ from transformers import (
 
 from tinydit import text
 
+
 WORDS = "a an big small tiny red blue green circle square triangle left right of on the to gray background".split()
 
 

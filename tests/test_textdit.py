@@ -10,6 +10,7 @@ from tinydit import dit, loading, text, textdit
 from tinydit.dit import DiT
 from tinydit.textdit import TextDiT, TextDiTConfig, load_transformer
 
+
 HEADS, HEAD_DIM, CAPTION = 4, 12, 24  # width 48: divisible by 3 for the micro-condition embedders
 
 

@@ -20,6 +20,7 @@ from tinydit.checkpoint import BOOK_MODEL_DIR
 from tinydit.data import ShapesDataset
 from tinydit.schedules import add_noise, flow_add_noise
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_train=64, steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3, snapshot_every=0,
             hidden_size=32, depth=2, num_heads=2)

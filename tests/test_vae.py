@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from tinydit import checkpoint, loading, vae
 
+
 TOL = 1e-5
 
 # Tiny configs with the structure of the real families (SD 1.x / SDXL: 4 channels with quant convs;

@@ -4,4 +4,5 @@ import sys
 
 from tinydit.cli import main
 
+
 sys.exit(main())

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 MAX_SAMPLES = 4096  # --n: at 8 columns that is a 512-row grid of ~90 megapixels
 MAX_IMAGE_SIZE = 1024  # --size: pixels per side of one sample
 MAX_SCALE = 64  # --scale: enlargement of each tile

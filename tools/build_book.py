@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 _DIRECTIVE = re.compile(r"^#\s*\|\s*(default_exp|export)\b")
 

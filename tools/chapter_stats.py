@@ -15,8 +15,10 @@ import re
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import ROOT, split_cells  # noqa: E402
+
 
 _EXPORT = re.compile(r"^#\s*\|\s*export\b")
 

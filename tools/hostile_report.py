@@ -15,11 +15,13 @@ import time
 import warnings
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 warnings.simplefilter("ignore")
 import test_hostile as th  # noqa: E402
 import torch  # noqa: E402
+
 
 torch.set_num_threads(1)
 counts, rows = collections.Counter(), []

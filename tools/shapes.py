@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "book" / "shapes.md"
 
