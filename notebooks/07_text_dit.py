@@ -37,7 +37,9 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from tinydit.notebook import add_to_class  # long classes are built across cells (chapter 00)
+from tinydit.notebook import (
+    add_to_class,  # long classes are built across cells (chapter 00)  # long classes are built across cells (chapter 00)
+)
 from tinydit.text import load_book_text_encoder
 
 
@@ -433,63 +435,16 @@ class TextDiT(LatentTransformer):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D, cfg.frequency_embedding_size, flip_sin_to_cos=True,
                                            downscale_freq_shift=cfg.freq_shift)
-        if cfg.micro_conditions:  # PixArt's SizeEmbedders: sinusoid + MLP per number, D/3 wide
-            self.csize_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
-            self.ar_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
-        if cfg.pooled_dim:
-            self.pooled_embedder = ProjMlp(cfg.pooled_dim, D, D, act="silu")
-        if cfg.modulation == "adaln_single":
-            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self._add_optional_embedders(cfg)  # size / aspect, pooled text, adaLN-single's t_block
         self.y_embedder = CaptionEmbedder(cfg.context_dim, D, cfg.caption_tokens)
         self.register_buffer("pos_embed", self.position_table(cfg))  # (1, T, D), fixed
         self.blocks = nn.ModuleList([
             TextDiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.modulation, cfg.qk_norm, cfg.attn_backend, cfg.norm_eps)
             for _ in range(cfg.depth)
         ])
-        if cfg.modulation == "adaln_single":
-            self.final_layer = T2IFinalLayer(D, cfg.patch_size, cfg.out_channels)
-        else:
-            self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        final = T2IFinalLayer if cfg.modulation == "adaln_single" else FinalLayer
+        self.final_layer = final(D, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
-        cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
-        self.init_linears_and_patch_embed()
-        embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
-        for name in ("csize_embedder", "ar_embedder"):
-            if hasattr(self, name):
-                embedders += [getattr(self, name).mlp[0], getattr(self, name).mlp[2]]
-        if hasattr(self, "pooled_embedder"):
-            embedders += [self.pooled_embedder.fc1, self.pooled_embedder.fc2]
-        if hasattr(self, "t_block"):
-            embedders.append(self.t_block[1])
-        for lin in embedders:
-            nn.init.normal_(lin.weight, std=0.02)
-        zeros = [self.final_layer.linear]  # the model starts by predicting exactly zero
-        for block in self.blocks:  # every block starts as the identity
-            zeros.append(block.cross_attn.proj)
-            if block.modulation == "adaln_zero":
-                zeros.append(block.adaLN_modulation[-1])
-        if isinstance(self.final_layer, FinalLayer):
-            zeros.append(self.final_layer.adaLN_modulation[-1])
-        for lin in zeros:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def null_context(self, batch_size: int) -> torch.Tensor:
-        """The learned null caption (B, T_null, context_dim) for the unconditional branch of CFG."""
-        if self.y_embedder.y_embedding is None:
-            raise ValueError("context: this model has no learned null caption (caption_tokens=0; diffusers' "
-                             "PixArt folders do not store y_embedding); pass the text encoder's encoding of an "
-                             "empty prompt '' as context, as diffusers' pipeline does")
-        return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
-
-    @classmethod
-    def position_table(cls, cfg: TextDiTConfig) -> torch.Tensor:
-        """The fixed table (1, T, D) of `cfg`'s grid, with PixArt's base size and interpolation scale."""
-        return sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size, base_size=cfg.pos_base_size,
-                                   interpolation_scale=cfg.interpolation_scale)[None]  # (1, T, D)
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """Position table for an h x w grid: the stored one, PixArt's rescaled table for other grids,
@@ -501,6 +456,68 @@ class TextDiT(LatentTransformer):
         table = sincos_pos_embed_2d(cfg.hidden_size, (h, w), base_size=cfg.pos_base_size,
                                     interpolation_scale=cfg.interpolation_scale)  # (h*w, D)
         return table[None].to(self.pos_embed.device)  # (1, T, D)
+
+# %%
+# | export
+@add_to_class(TextDiT)
+def _add_optional_embedders(self, cfg: TextDiTConfig) -> None:
+    """The embedders only some configs have, created in checkpoint order."""
+    D = cfg.hidden_size
+    if cfg.micro_conditions:  # PixArt's SizeEmbedders: sinusoid + MLP per number, D/3 wide
+        self.csize_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
+        self.ar_embedder = TimestepEmbedder(D // 3, 256, flip_sin_to_cos=True, downscale_freq_shift=cfg.freq_shift)
+    if cfg.pooled_dim:
+        self.pooled_embedder = ProjMlp(cfg.pooled_dim, D, D, act="silu")
+    if cfg.modulation == "adaln_single":
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+# %%
+# | export
+@add_to_class(TextDiT)
+def initialize_weights(self) -> None:
+    """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
+    cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
+    self.init_linears_and_patch_embed()
+    embedders = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+    for name in ("csize_embedder", "ar_embedder"):
+        if hasattr(self, name):
+            embedders += [getattr(self, name).mlp[0], getattr(self, name).mlp[2]]
+    if hasattr(self, "pooled_embedder"):
+        embedders += [self.pooled_embedder.fc1, self.pooled_embedder.fc2]
+    if hasattr(self, "t_block"):
+        embedders.append(self.t_block[1])
+    for lin in embedders:
+        nn.init.normal_(lin.weight, std=0.02)
+    zeros = [self.final_layer.linear]  # the model starts by predicting exactly zero
+    for block in self.blocks:  # every block starts as the identity
+        zeros.append(block.cross_attn.proj)
+        if block.modulation == "adaln_zero":
+            zeros.append(block.adaLN_modulation[-1])
+    if isinstance(self.final_layer, FinalLayer):
+        zeros.append(self.final_layer.adaLN_modulation[-1])
+    for lin in zeros:
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+
+# %%
+# | export
+@add_to_class(TextDiT)
+def null_context(self, batch_size: int) -> torch.Tensor:
+    """The learned null caption (B, T_null, context_dim) for the unconditional branch of CFG."""
+    if self.y_embedder.y_embedding is None:
+        raise ValueError("context: this model has no learned null caption (caption_tokens=0; diffusers' "
+                         "PixArt folders do not store y_embedding); pass the text encoder's encoding of an "
+                         "empty prompt '' as context, as diffusers' pipeline does")
+    return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
+
+# %%
+# | export
+@add_to_class(TextDiT)
+@classmethod
+def position_table(cls, cfg: TextDiTConfig) -> torch.Tensor:
+    """The fixed table (1, T, D) of `cfg`'s grid, with PixArt's base size and interpolation scale."""
+    return sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size, base_size=cfg.pos_base_size,
+                               interpolation_scale=cfg.interpolation_scale)[None]  # (1, T, D)
 
 # %%
 # | export
@@ -623,19 +640,26 @@ def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolut
         pooled = pooled.to(x.device)
     elif pooled is not None:
         raise ValueError("pooled: this model has no pooled-text embedder (pooled_dim=0); leave pooled=None")
-    if cfg.micro_conditions:
-        if resolution is None or aspect_ratio is None:
-            raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
-                             "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
-        resolution = torch.as_tensor(resolution, dtype=torch.float32, device=x.device).reshape(-1, 2)
-        aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=x.device).reshape(-1, 1)
-        for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
-            if v.shape[0] not in (1, B):
-                raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), got {v.shape[0]}")
-        resolution, aspect_ratio = resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
-    elif resolution is not None or aspect_ratio is not None:
-        raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
+    resolution, aspect_ratio = micro_conditions(cfg, resolution, aspect_ratio, B, x.device)
     return t, context, context_mask, pooled, resolution, aspect_ratio
+
+# %%
+# | export
+def micro_conditions(cfg: TextDiTConfig, resolution, aspect_ratio, B: int, device) -> tuple:
+    """PixArt-α 1024's size and aspect-ratio inputs as (B, 2), (B, 1) tensors; None for other models."""
+    if not cfg.micro_conditions:
+        if resolution is not None or aspect_ratio is not None:
+            raise ValueError("resolution, aspect_ratio: this model has no micro-conditions; leave them None")
+        return None, None
+    if resolution is None or aspect_ratio is None:
+        raise ValueError("resolution, aspect_ratio: this model (micro_conditions=True, PixArt-α 1024) needs "
+                         "both, e.g. resolution=[[1024., 1024.]], aspect_ratio=[1.]")
+    resolution = torch.as_tensor(resolution, dtype=torch.float32, device=device).reshape(-1, 2)
+    aspect_ratio = torch.as_tensor(aspect_ratio, dtype=torch.float32, device=device).reshape(-1, 1)
+    for name, v in (("resolution", resolution), ("aspect_ratio", aspect_ratio)):
+        if v.shape[0] not in (1, B):
+            raise ValueError(f"{name}: expected one value for the batch or one per sample ({B}), got {v.shape[0]}")
+    return resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
 
 # %%
 # | export

@@ -114,6 +114,8 @@ from tinydit.train import book_pipeline, load_book_model, read_train_config
 from tinydit.validation import check_choice, check_finite, check_int, check_tensor
 
 
+# %%
+# | export
 PALETTE = np.array(list(data.COLORS.values()), dtype=np.float64)  # (6, 3) RGB in [0, 255]
 PALETTE_NAMES = tuple(data.COLORS)
 # The reader's thresholds, calibrated on 600 test-split renders, clean, with Gaussian noise of std

@@ -297,16 +297,13 @@ def diffusers_weights_file(folder: Path) -> Path:
 
 # %%
 # | export
-def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
-    if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
-        raise ValueError("checkpoint: not a diffusers DiTTransformer2DModel state dict (no "
-                         "'pos_embed.proj.weight' / 'transformer_blocks.0.attn1.to_q.weight')")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+def shared_dit_embedders(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The timestep / label embedders that diffusers' DiT copies into every block, as the original
+    DiT's one shared set; refuses a checkpoint whose copies differ (it is not an original DiT)."""
     emb = "transformer_blocks.{}.norm1.emb."
     shared = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
               "class_embedder.embedding_table": "y_embedder.embedding_table"}
-    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"]}
+    out = {}
     for src, dst in shared.items():
         for suffix in ("weight", "bias"):
             key0 = emb.format(0) + f"{src}.{suffix}"
@@ -321,6 +318,18 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                         f"block 0's (max abs diff {diff:.3g}); tinydit's DiT has one shared timestep/label "
                         "embedder, as the original DiT, so it cannot represent this model exactly")
             out[f"{dst}.{suffix}"] = sd[key0]
+    return out
+
+# %%
+# | export
+def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
+    if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
+        raise ValueError("checkpoint: not a diffusers DiTTransformer2DModel state dict (no "
+                         "'pos_embed.proj.weight' / 'transformer_blocks.0.attn1.to_q.weight')")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+           **shared_dit_embedders(sd, depth)}
     for n in range(depth):
         b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
         for suffix in ("weight", "bias"):

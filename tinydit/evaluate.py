@@ -26,6 +26,7 @@ from tinydit.train import book_pipeline, load_book_model, read_train_config
 from tinydit.validation import check_choice, check_finite, check_int, check_tensor
 
 
+# notebooks/10_evaluation.py:119
 PALETTE = np.array(list(data.COLORS.values()), dtype=np.float64)  # (6, 3) RGB in [0, 255]
 PALETTE_NAMES = tuple(data.COLORS)
 # The reader's thresholds, calibrated on 600 test-split renders, clean, with Gaussian noise of std
@@ -51,7 +52,7 @@ RELATION_MARGIN = 0.1  # centroids must differ by this (of the side) along the r
 RELATION_AXIS = {"left of": ("cx", 1), "right of": ("cx", -1), "above": ("cy", 1), "below": ("cy", -1)}
 
 
-# notebooks/10_evaluation.py:143
+# notebooks/10_evaluation.py:145
 @dataclass
 class ObjectReading:
     """One object found in an image: what a detector would report, plus the two shape cues."""
@@ -65,7 +66,7 @@ class ObjectReading:
     skew: float  # skewness of its rows: triangles ~ -0.57 (bottom-heavy), circles and squares ~0
 
 
-# notebooks/10_evaluation.py:157
+# notebooks/10_evaluation.py:159
 @dataclass
 class Reading:
     """Everything the pixel reader saw in one image."""
@@ -74,7 +75,7 @@ class Reading:
     objects: list[ObjectReading]  # largest first: a single-object prompt is judged on objects[0]
 
 
-# notebooks/10_evaluation.py:166
+# notebooks/10_evaluation.py:168
 def max3x3(a: np.ndarray) -> np.ndarray:
     """Maximum over each pixel's 3x3 neighbourhood (zero-padded): dilates a mask or spreads labels."""
     h, w = a.shape
@@ -82,7 +83,7 @@ def max3x3(a: np.ndarray) -> np.ndarray:
     return np.max([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)  # (H, W)
 
 
-# notebooks/10_evaluation.py:174
+# notebooks/10_evaluation.py:176
 def label_components(mask: np.ndarray) -> np.ndarray:
     """8-connected components of a boolean mask: (H, W) ints, 0 outside, 1..K inside."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)  # (H, W) unique ids
@@ -96,7 +97,7 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     return out  # (H, W)
 
 
-# notebooks/10_evaluation.py:188
+# notebooks/10_evaluation.py:190
 def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     """The border's median colour (3,) and the named background within BACKGROUND_MATCH of it."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (2H + 2W - 4, 3)
@@ -106,7 +107,7 @@ def read_background(rgb: np.ndarray) -> tuple[np.ndarray, str | None]:
     return median, (names[int(dist.argmin())] if dist.min() < BACKGROUND_MATCH else None)
 
 
-# notebooks/10_evaluation.py:198
+# notebooks/10_evaluation.py:200
 def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Palette index per pixel (-1: background or no colour) and each colour's coverage of it."""
     # Each pixel is modelled as a blend of the background and one palette colour: anti-aliased and
@@ -121,7 +122,7 @@ def classify_pixels(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(on, best, -1), cover.clip(0, 1)  # (H, W), (H, W, K)
 
 
-# notebooks/10_evaluation.py:213
+# notebooks/10_evaluation.py:215
 def split_components(colour: np.ndarray, min_area: int) -> list[np.ndarray]:
     """One boolean (H, W) mask per object: the connected groups of coloured pixels."""
     # Two objects that touch make one group; a group with sizeable pieces of two or more colours is
@@ -143,7 +144,7 @@ def split_components(colour: np.ndarray, min_area: int) -> list[np.ndarray]:
     return objects
 
 
-# notebooks/10_evaluation.py:235
+# notebooks/10_evaluation.py:237
 def shape_from_profile(fill: float, skew: float) -> str:
     """Name a shape by how much of its box it fills and how bottom-heavy it is."""
     # Fill alone is not enough: a 2x blur lifts a small triangle's fill to ~0.86, among the circles.
@@ -153,7 +154,7 @@ def shape_from_profile(fill: float, skew: float) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
-# notebooks/10_evaluation.py:245
+# notebooks/10_evaluation.py:247
 def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> ObjectReading:
     """Colour, shape, centroid and area of one object mask (H, W)."""
     k = int(np.bincount(colour[comp]).argmax())  # majority palette colour
@@ -172,7 +173,7 @@ def describe_object(comp: np.ndarray, colour: np.ndarray, cover: np.ndarray) -> 
                          int(comp.sum()), fill, skew)
 
 
-# notebooks/10_evaluation.py:264
+# notebooks/10_evaluation.py:266
 def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     """A finite floating (3, H, W) image (ndim=3) or (B, 3, H, W) batch (ndim=4), sides >= MIN_SIDE."""
     want = "(3, H, W)" if ndim == 3 else "(B, 3, H, W)"
@@ -188,7 +189,7 @@ def _check_image(name: str, image, ndim: int = 3) -> torch.Tensor:
     return image
 
 
-# notebooks/10_evaluation.py:280
+# notebooks/10_evaluation.py:282
 def read_image(image: torch.Tensor) -> Reading:
     """Read one (3, H, W) image in [-1, 1]: its background and its objects, largest first."""
     x = _check_image("image", image).detach().to("cpu", torch.float64).clamp(-1, 1)
@@ -200,13 +201,13 @@ def read_image(image: torch.Tensor) -> Reading:
     return Reading(background, sorted(objects, key=lambda o: -o.area))
 
 
-# notebooks/10_evaluation.py:292
+# notebooks/10_evaluation.py:294
 def read_images(images: torch.Tensor) -> list[Reading]:
     """`read_image` on each of (B, 3, H, W) images."""
     return [read_image(x) for x in _check_image("images", images, ndim=4)]
 
 
-# notebooks/10_evaluation.py:298
+# notebooks/10_evaluation.py:300
 def scene_group(scene: Scene) -> str:
     """Which evaluation group a scene belongs to: "seen", "held_out" or "two"."""
     if len(scene.objects) == 2:
@@ -215,7 +216,7 @@ def scene_group(scene: Scene) -> str:
     return "held_out" if (o.color, o.shape) in data.HELD_OUT else "seen"
 
 
-# notebooks/10_evaluation.py:307
+# notebooks/10_evaluation.py:309
 def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
     """The first `n` test-split indices whose scene falls in `group`."""
     group = check_choice("group", group, GROUPS)
@@ -230,37 +231,37 @@ def eval_indices(group: str, n: int, seed: int = 0) -> list[int]:
                        f"{MAX_SCAN * n} test-split scenes of seed={seed}; ask for fewer")
 
 
-# notebooks/10_evaluation.py:322
+# notebooks/10_evaluation.py:324
 def eval_scenes(group: str, n: int, seed: int = 0) -> list[Scene]:
     """`n` deterministic test-split prompts (with their ground truth) of one group."""
     return [data.sample_scene(seed, "test", i) for i in eval_indices(group, n, seed)]
 
 
-# notebooks/10_evaluation.py:328
+# notebooks/10_evaluation.py:330
 def names_position(scene: Scene) -> bool:
     """Does the caption of a one-object scene say where the object is?"""
     return any(p in scene.caption for p in data.POSITION_PHRASES[scene.objects[0].position])
 
 
-# notebooks/10_evaluation.py:334
+# notebooks/10_evaluation.py:336
 def nearest_position(cx: float, cy: float) -> str:
     """The named region (data.POSITIONS) whose centre is closest to (cx, cy)."""
     return min(data.POSITIONS, key=lambda p: (data.POSITIONS[p][0] - cx) ** 2 + (data.POSITIONS[p][1] - cy) ** 2)
 
 
-# notebooks/10_evaluation.py:340
+# notebooks/10_evaluation.py:342
 def relation_of(scene: Scene) -> str:
     """The relation a two-object scene was drawn with (its positions determine it)."""
     where = (scene.objects[0].position, scene.objects[1].position)
     return next(r for r, pos in data.RELATIONS.items() if pos == where)
 
 
-# notebooks/10_evaluation.py:347
+# notebooks/10_evaluation.py:349
 def _find(reading: Reading, color: str, shape: str) -> ObjectReading | None:
     return next((o for o in reading.objects if (o.color, o.shape) == (color, shape)), None)
 
 
-# notebooks/10_evaluation.py:352
+# notebooks/10_evaluation.py:354
 # Decisions, as in GenEval: a one-object prompt is judged on the largest object read (colour,
 # shape, position); any extra object makes `pair` wrong (the prompt asked for one). `position` is the
 # named region nearest the centroid, scored only when the caption names one. `both` needs both
@@ -288,20 +289,20 @@ def score_scene(scene: Scene, reading: Reading) -> dict[str, bool]:
     return {"both": both, "relation": relation, "background": background}
 
 
-# notebooks/10_evaluation.py:380
+# notebooks/10_evaluation.py:382
 def summarise(scores: list[dict[str, bool]]) -> tuple[dict[str, float], dict[str, int]]:
     """Per check: the fraction of scenes that pass, and how many scenes were scored on it."""
     counts = {k: sum(k in s for s in scores) for s in scores for k in s}
     return {k: sum(s.get(k, False) for s in scores) / c for k, c in counts.items()}, counts
 
 
-# notebooks/10_evaluation.py:387
+# notebooks/10_evaluation.py:389
 def render_scenes(scenes: list[Scene]) -> torch.Tensor:
     """Real renders of scenes at the book's size: (N, 3, 32, 32) in [-1, 1]."""
     return torch.stack([data.pil_to_tensor(data.render_scene(s, IMAGE_SIZE)) for s in scenes])  # (N, 3, 32, 32)
 
 
-# notebooks/10_evaluation.py:393
+# notebooks/10_evaluation.py:395
 def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
     """corrupt(images), which must keep one image per scene: (n, 3, H, W)."""
     out = corrupt(images)
@@ -311,7 +312,7 @@ def _corrupted(corrupt, images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# notebooks/10_evaluation.py:403
+# notebooks/10_evaluation.py:405
 def reader_accuracy(n: int = 100, seed: int = 0,
                     corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Per group and check, how often the reader scores real renders right (optionally `corrupt`ed)."""
@@ -329,7 +330,7 @@ def reader_accuracy(n: int = 100, seed: int = 0,
     return out
 
 
-# notebooks/10_evaluation.py:421
+# notebooks/10_evaluation.py:423
 def _check_encoder(encoder) -> nn.Module:
     if encoder is None:
         return load_book_image_encoder()
@@ -342,7 +343,7 @@ def _check_encoder(encoder) -> nn.Module:
     return encoder
 
 
-# notebooks/10_evaluation.py:434
+# notebooks/10_evaluation.py:436
 @torch.no_grad()
 def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of images (N, 3, H, W); by default the book's CLIP image tower (32x32, D = 64)."""
@@ -364,7 +365,7 @@ def image_features(images: torch.Tensor, encoder: nn.Module | None = None, batch
     return torch.cat(feats)  # (N, D)
 
 
-# notebooks/10_evaluation.py:456
+# notebooks/10_evaluation.py:458
 def _as_features(name: str, feats) -> np.ndarray:
     """(N, D) features with N >= 2 (a covariance needs two samples) as float64 numpy."""
     if isinstance(feats, np.ndarray):
@@ -378,14 +379,14 @@ def _as_features(name: str, feats) -> np.ndarray:
     return feats.detach().cpu().double().numpy()  # (N, D)
 
 
-# notebooks/10_evaluation.py:470
+# notebooks/10_evaluation.py:472
 def sqrtm_psd(s: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (D, D) by eigendecomposition."""
     w, v = np.linalg.eigh(s)
     return (v * np.sqrt(w.clip(0, None))) @ v.T  # (D, D); tiny negative eigenvalues are round-off
 
 
-# notebooks/10_evaluation.py:477
+# notebooks/10_evaluation.py:479
 def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to feature sets (N, D) and (M, D), in float64."""
     # |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2). S_a S_b is not symmetric, but
@@ -401,7 +402,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     return float(max(dist, 0.0))  # a squared distance: clamp round-off below zero
 
 
-# notebooks/10_evaluation.py:493
+# notebooks/10_evaluation.py:495
 TABLE_ROWS = (  # (group, row label, checks in column order)
     ("seen", "seen pairs", ("color", "shape", "pair", "position")),
     ("held_out", "HELD_OUT pairs", ("color", "shape", "pair", "position")),
@@ -441,7 +442,7 @@ class EvalReport:
         return {**asdict(self), "background": self.background()}
 
 
-# notebooks/10_evaluation.py:533
+# notebooks/10_evaluation.py:535
 def _check_generated(images, count: int) -> torch.Tensor:
     """`count` finite float (3, 32, 32) images from `generate`, on the CPU, clipped to [-1, 1]."""
     want = f"a ({count}, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) float tensor in [-1, 1] (one image per caption)"
@@ -453,7 +454,7 @@ def _check_generated(images, count: int) -> torch.Tensor:
     return images.detach().cpu().float().clamp(-1, 1)  # (count, 3, 32, 32)
 
 
-# notebooks/10_evaluation.py:545
+# notebooks/10_evaluation.py:547
 def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 300, seed: int = 0,
              batch_size: int = 100, disable: bool | None = None) -> EvalReport:
     """Generate, read and score `n` test prompts per group; Fréchet distance to their real renders."""
@@ -480,7 +481,7 @@ def evaluate(generate: Callable[[list[str], list[int]], torch.Tensor], n: int = 
     return EvalReport(accuracy, counts, fd, n, seed)
 
 
-# notebooks/10_evaluation.py:572
+# notebooks/10_evaluation.py:574
 def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[str], list[int]], torch.Tensor]:
     """`evaluate`'s generate(captions, seeds): the pipeline's own pictures (its PNG pixels, read back),
     image j from seed seeds[j]; `options` go to every call (num_inference_steps, guidance_scale, sampler)."""
@@ -497,7 +498,7 @@ def pipeline_generator(pipe: TextToImagePipeline, **options) -> Callable[[list[s
     return draw
 
 
-# notebooks/10_evaluation.py:589
+# notebooks/10_evaluation.py:591
 def _snapshot_step(snap: Path) -> int:
     match = re.fullmatch(r"step-(\d+)", snap.name)
     if match is None or not snap.is_dir():
@@ -505,7 +506,7 @@ def _snapshot_step(snap: Path) -> int:
     return int(match.group(1))
 
 
-# notebooks/10_evaluation.py:597
+# notebooks/10_evaluation.py:599
 def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps: int | None = None,
                    guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
                    batch_size: int = 100, disable: bool | None = None) -> EvalReport:
@@ -519,7 +520,7 @@ def evaluate_model(pipe: TextToImagePipeline | None = None, n: int = 300, steps:
     return evaluate(draw, n=n, seed=seed, batch_size=batch_size, disable=disable)
 
 
-# notebooks/10_evaluation.py:611
+# notebooks/10_evaluation.py:613
 def evaluate_run(run_dir: str | Path, n: int = 100, disable: bool | None = None, **settings) -> list[dict]:
     """The adherence-vs-training curve: `evaluate_model` on every EMA snapshot of a training run
     (`<run_dir>/snapshots/step-*`), oldest first -> [{"step": ..., **report.as_dict()}, ...]."""

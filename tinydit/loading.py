@@ -124,16 +124,13 @@ def diffusers_weights_file(folder: Path) -> Path:
 
 
 # notebooks/17_loading.py:300
-def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
-    if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
-        raise ValueError("checkpoint: not a diffusers DiTTransformer2DModel state dict (no "
-                         "'pos_embed.proj.weight' / 'transformer_blocks.0.attn1.to_q.weight')")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+def shared_dit_embedders(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The timestep / label embedders that diffusers' DiT copies into every block, as the original
+    DiT's one shared set; refuses a checkpoint whose copies differ (it is not an original DiT)."""
     emb = "transformer_blocks.{}.norm1.emb."
     shared = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2",
               "class_embedder.embedding_table": "y_embedder.embedding_table"}
-    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"]}
+    out = {}
     for src, dst in shared.items():
         for suffix in ("weight", "bias"):
             key0 = emb.format(0) + f"{src}.{suffix}"
@@ -148,6 +145,18 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                         f"block 0's (max abs diff {diff:.3g}); tinydit's DiT has one shared timestep/label "
                         "embedder, as the original DiT, so it cannot represent this model exactly")
             out[f"{dst}.{suffix}"] = sd[key0]
+    return out
+
+
+# notebooks/17_loading.py:325
+def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
+    if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
+        raise ValueError("checkpoint: not a diffusers DiTTransformer2DModel state dict (no "
+                         "'pos_embed.proj.weight' / 'transformer_blocks.0.attn1.to_q.weight')")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    out = {"x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+           **shared_dit_embedders(sd, depth)}
     for n in range(depth):
         b, o = f"transformer_blocks.{n}.", f"blocks.{n}."
         for suffix in ("weight", "bias"):
@@ -172,7 +181,7 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-# notebooks/17_loading.py:446
+# notebooks/17_loading.py:455
 def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
     if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
@@ -216,7 +225,7 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-# notebooks/17_loading.py:497
+# notebooks/17_loading.py:506
 def pixart_config(cfg) -> dict:
     """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
     if cfg.modulation != "adaln_single" or cfg.pooled_dim:
@@ -233,7 +242,7 @@ def pixart_config(cfg) -> dict:
             "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
 
 
-# notebooks/17_loading.py:514
+# notebooks/17_loading.py:523
 PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
                   "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
                   "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
@@ -256,7 +265,7 @@ def _is_pixart_key(key: str) -> bool:
     return key.rsplit(".", 1)[0] in PIXART_RENAMES
 
 
-# notebooks/17_loading.py:537
+# notebooks/17_loading.py:546
 def _check_pixart_state_dict(sd) -> None:
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
@@ -266,7 +275,7 @@ def _check_pixart_state_dict(sd) -> None:
         raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
 
 
-# notebooks/17_loading.py:547
+# notebooks/17_loading.py:556
 def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
     chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""

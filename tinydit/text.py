@@ -469,8 +469,7 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
     steps, n_train = check_int("steps", steps, minimum=1), check_int("n_train", n_train, minimum=1)
     lr = check_float("lr", lr, minimum=0, min_inclusive=False)
     batch_size = check_int("batch_size", batch_size, minimum=1, maximum=n_train)
-    c = config or BookTextConfig()
-    t0 = time.perf_counter()
+    c, t0 = config or BookTextConfig(), time.perf_counter()
     images, tokenizer, ids = captioned_training_pairs(n_train, c, seed)  # (N, 3, 32, 32), (N, L)
     torch.manual_seed(seed)
     text_model = book_text_model(tokenizer, c)
@@ -502,7 +501,7 @@ def train_book_text_encoder(out_dir: str | Path | None = None, steps: int = 1500
     return result
 
 
-# notebooks/06_text_encoders.py:761
+# notebooks/06_text_encoders.py:760
 def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     """Write the text encoder in the standard HF format plus the image tower and `training.json`."""
     from safetensors.torch import save_file
@@ -517,7 +516,7 @@ def save_book_encoders(result: BookEncoders, out_dir: str | Path) -> None:
     (out / "training.json").write_text(json.dumps(info, indent=1))
 
 
-# notebooks/06_text_encoders.py:776
+# notebooks/06_text_encoders.py:775
 def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
                            dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
@@ -535,7 +534,7 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
 
-# notebooks/06_text_encoders.py:794
+# notebooks/06_text_encoders.py:793
 def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
     """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
     `load_book_text_encoder`."""
@@ -550,7 +549,7 @@ def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> Image
                       what="book image encoder", dtype=dtype)
 
 
-# notebooks/06_text_encoders.py:855
+# notebooks/06_text_encoders.py:854
 def scene_matches(query, other, caption: str) -> bool:
     """Does scene `other` satisfy everything `caption` (written for scene `query`) says?"""
     from tinydit.data import POSITION_PHRASES
@@ -567,7 +566,7 @@ def scene_matches(query, other, caption: str) -> bool:
     return not named or a.position == b.position
 
 
-# notebooks/06_text_encoders.py:872
+# notebooks/06_text_encoders.py:871
 def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     """The 18 (colour, shape) classes and, for each, its ensemble of prompts (sizes x backgrounds)."""
     from tinydit.data import COLORS, SHAPES
@@ -577,14 +576,14 @@ def class_prompts() -> tuple[list[tuple[str, str]], list[list[str]]]:
     return classes, [[f"a {size} {c} {s}{bg}" for size in ("small", "large") for bg in bgs] for c, s in classes]
 
 
-# notebooks/06_text_encoders.py:882
+# notebooks/06_text_encoders.py:881
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length pooled embeddings (N, d) of many prompts, in batches."""
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
     return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
 
 
-# notebooks/06_text_encoders.py:889
+# notebooks/06_text_encoders.py:888
 @torch.no_grad()
 def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEncoder, n: int = 1000,
                            seed: int = 1) -> dict:
@@ -629,14 +628,14 @@ def evaluate_book_encoders(text_encoder: CLIPTextEncoder, image_encoder: ImageEn
     }
 
 
-# notebooks/06_text_encoders.py:1061
+# notebooks/06_text_encoders.py:1060
 def where(module: nn.Module) -> str:
     """The device(s) a module's parameters live on, e.g. 'cpu', 'meta' or 'cuda:0'."""
     devices = sorted({str(p.device) for p in module.parameters()})
     return "+".join(devices) if devices else "no parameters"
 
 
-# notebooks/06_text_encoders.py:1068
+# notebooks/06_text_encoders.py:1067
 def _swap_tensors(module: nn.Module, make) -> None:
     """Replace every unique parameter and buffer by `make(name, tensor)`, in place, so that tied
     weights stay tied (each Python object keeps its identity; only its storage changes)."""
@@ -647,7 +646,7 @@ def _swap_tensors(module: nn.Module, make) -> None:
             torch.utils.swap_tensors(b, make(name, b))
 
 
-# notebooks/06_text_encoders.py:1085
+# notebooks/06_text_encoders.py:1084
 class Offloader:
     """Keeps `module`'s weights off the compute `device` between calls: `with offloader:` brings them
     in and sends them back out after, even when the call fails. Tied weights stay tied.
@@ -693,7 +692,7 @@ class Offloader:
             _swap_tensors(self.module, lambda name, t: t.detach().to(device))
         self.events.append(("brought in", where(self.module)))
 
-    # notebooks/06_text_encoders.py:1132
+    # notebooks/06_text_encoders.py:1131
     def release(self) -> None:
         if self.closed:
             return
@@ -710,7 +709,7 @@ class Offloader:
             _swap_tensors(self.module, lambda name, t: t.detach().to("cpu"))
         self.events.append(("released", where(self.module)))
 
-    # notebooks/06_text_encoders.py:1151
+    # notebooks/06_text_encoders.py:1150
     def close(self) -> None:
         """Bring the weights home for good and delete the temporary folder; safe to call twice."""
         if not self.closed:
@@ -720,7 +719,7 @@ class Offloader:
             self._remove_folder()
 
 
-# notebooks/06_text_encoders.py:1167
+# notebooks/06_text_encoders.py:1166
 def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> TextEmbeddings:
     """SD3's joint sequence: each part's tokens zero-padded on the right to `width` and concatenated
     along the sequence, masks concatenated, pooled from the first part."""
@@ -730,7 +729,7 @@ def join_embeddings(parts: list[TextEmbeddings], width: int, device=None) -> Tex
     return TextEmbeddings(torch.cat(tokens, dim=1), mask, parts[0].pooled)  # tokens (B, T1 + T2 + ..., width)
 
 
-# notebooks/06_text_encoders.py:1177
+# notebooks/06_text_encoders.py:1176
 class PromptCache(OrderedDict):
     """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
 
@@ -760,7 +759,7 @@ class PromptCache(OrderedDict):
         return TextEmbeddings(tokens, torch.stack([F.pad(rows[p][1], (0, T - rows[p][1].shape[0])) for p in prompts]))
 
 
-# notebooks/06_text_encoders.py:1207
+# notebooks/06_text_encoders.py:1206
 class DualTextEncoder(TextEncoder):
     """A primary encoder (CLIP: tokens + pooled) and an optional secondary (T5: tokens), joined as
     SD3 does (Esser et al. 2024; `join_embeddings`), with an LRU cache of `cache_size` prompts.
@@ -798,7 +797,7 @@ class DualTextEncoder(TextEncoder):
         if secondary is not None:
             self._take_secondary(secondary, offload_dir)
 
-    # notebooks/06_text_encoders.py:1246
+    # notebooks/06_text_encoders.py:1245
     def _apply(self, fn, *args, **kwargs):
         """`.to(device)` moves the primary (a submodule); follow it with the secondary."""
         super(DualTextEncoder, self)._apply(fn, *args, **kwargs)  # noqa: UP008 (the kernel runs this outside the class)
@@ -809,7 +808,7 @@ class DualTextEncoder(TextEncoder):
             self.secondary.to(self.compute_device)
         return self
 
-    # notebooks/06_text_encoders.py:1259
+    # notebooks/06_text_encoders.py:1258
     def _take_secondary(self, secondary: TextEncoder, offload_dir: str | Path | None) -> None:
         """Put the secondary where `self.offload` says: its own offloader, CPU/disk, or the device."""
         if callable(self.offload):  # an offloader factory (chapter 12), e.g. tinydit.offload.BlockOffload
@@ -821,17 +820,17 @@ class DualTextEncoder(TextEncoder):
             secondary.to(self.compute_device)
         self._log("built")
 
-    # notebooks/06_text_encoders.py:1273
+    # notebooks/06_text_encoders.py:1272
     @property
     def device(self) -> torch.device:
         return self.compute_device
 
-    # notebooks/06_text_encoders.py:1280
+    # notebooks/06_text_encoders.py:1279
     def where(self) -> dict[str, str]:
         """Where each encoder's weights are right now."""
         return {"primary": where(self.primary), "secondary": where(self.secondary) if self.secondary is not None else "-"}
 
-    # notebooks/06_text_encoders.py:1287
+    # notebooks/06_text_encoders.py:1286
     def close(self) -> None:
         """Give the secondary back (weights where they were before, no offloader) and delete the
         temporary offload folder; encoding still works afterwards, without offloading."""
@@ -839,19 +838,19 @@ class DualTextEncoder(TextEncoder):
             self.secondary.offloader.close()
             self.secondary.offloader = None
 
-    # notebooks/06_text_encoders.py:1297
+    # notebooks/06_text_encoders.py:1296
     def __enter__(self) -> DualTextEncoder:
         return self
 
-    # notebooks/06_text_encoders.py:1303
+    # notebooks/06_text_encoders.py:1302
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # notebooks/06_text_encoders.py:1309
+    # notebooks/06_text_encoders.py:1308
     def _log(self, step: str) -> None:
         self.events.append((step, where(self.secondary)))
 
-    # notebooks/06_text_encoders.py:1315
+    # notebooks/06_text_encoders.py:1314
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         parts = [self.primary.encode(prompts)]  # tokens (B, T1, D1), pooled (B, Dp)
         if self.secondary is not None:

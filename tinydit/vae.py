@@ -547,8 +547,7 @@ def vae_loss(model: AutoencoderKL, images: torch.Tensor, batch_size: int, kl_wei
 # notebooks/02_vae.py:861
 def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
                    n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
-                   out_dir: str | os.PathLike | None = None, disable: bool | None = None,
-                   ) -> tuple[AutoencoderKL, dict]:
+                   out_dir: str | os.PathLike | None = None, disable: bool | None = None) -> tuple[AutoencoderKL, dict]:
     """Train the book VAE on ShapesDataset (32x32 -> 4x8x8) and calibrate its latent scale.
 
     Returns `(model, history)`; history holds per-step "rec" (MSE), "kl" (per image) and "loss",
@@ -557,8 +556,7 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     """
     steps, batch_size, n_images = (check_int(name, v, minimum=1) for name, v in
                                    (("steps", steps), ("batch_size", batch_size), ("n_images", n_images)))
-    check_float("lr", lr, minimum=0, min_inclusive=False)
-    check_float("kl_weight", kl_weight, minimum=0)
+    check_float("lr", lr, minimum=0, min_inclusive=False), check_float("kl_weight", kl_weight, minimum=0)
     cfg = VAEConfig(**asdict(config)) if config is not None else VAEConfig.preset("book")
     torch.manual_seed(seed)
     model = AutoencoderKL(cfg)
@@ -589,13 +587,13 @@ def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl
     return model, hist
 
 
-# notebooks/02_vae.py:906
+# notebooks/02_vae.py:904
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
     return BOOK_VAE_DIR
 
 
-# notebooks/02_vae.py:912
+# notebooks/02_vae.py:910
 def load_book_vae(dtype=None) -> AutoencoderKL:
     """The book's trained tiny VAE (32x32 images <-> 4x8x8 latents), in eval mode; `dtype` as in
     `AutoencoderKL.from_pretrained` (None = float32)."""
