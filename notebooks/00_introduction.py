@@ -51,7 +51,8 @@
 # | 09 | training | `tinydit.train` | objectives, CFG dropout, EMA, the book model |
 # | 10 | evaluation | `tinydit.evaluate` | a pixel reader that grades the pipeline's pictures: adherence, Fréchet distance |
 # | 11 | guidance | `tinydit.guidance`, `tinydit.guidance_study` | classifier-free guidance, rescale, dynamic thresholding, APG |
-# | 12 | efficiency | `tinydit.offload`, `tinydit.precision` | CPU offload, fp16 / bf16 / fp8 weights, caching |
+# | 12a | offloading | `tinydit.offload` | model, block and leaf offload with hooks |
+# | 12b | precision | `tinydit.precision`, `tinydit.stepcache` | fp16 / bf16 / fp8 weights, step caching, compile |
 # | 13 | pipeline | `tinydit.pipeline` | text-to-image end to end through public steps, the CLI |
 # | 14 | folders & demo | `tinydit.formats`, `tinydit.demo` | diffusers' layout both ways, attention maps, widget demo |
 # | 15 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
@@ -61,6 +62,8 @@
 # Each module comes from exactly one notebook (a notebook may write two small modules), so every
 # module reads as one lesson; `tools/export.py --check` enforces it.
 # Each chapter uses only what came before it. The README lists which chapters have landed.
+# A chapter too long for one sitting comes in parts (12a, 12b): its number stays, so a reference to
+# "chapter 12" still points at the right place.
 
 # %% [markdown]
 # ## Two scales, one codebase

@@ -15,7 +15,7 @@ import yaml
 
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.py"))
 REMOTE = re.compile(r"""(?:src|href)=["'](?:https?:)?//[^"']*\.(?:js|css|woff2?)\b|https?://(?:cdn|unpkg|cdnjs)[.\w]*/""")
 
 

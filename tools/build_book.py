@@ -38,7 +38,7 @@ _DIRECTIVE = re.compile(r"^#\s*\|\s*(default_exp|export)\b")
 
 
 def notebooks(root: Path = ROOT) -> list[Path]:
-    return sorted((root / "notebooks").glob("[0-9][0-9]_*.py"))
+    return sorted((root / "notebooks").glob("[0-9][0-9]*_*.py"))
 
 
 def tag_plumbing(notebook) -> None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--html", type=Path, help="built book folder (…/_build/html) to count figures in")
     args = ap.parse_args(argv)
     print(f"{'chapter':28s} {'lines':>6s} {'code':>5s} {'export':>6s} {'share':>6s} {'max cell':>8s} {'figures':>7s}")
-    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.py")):
         s = stats(nb)
         figs = "-"
         if args.html is not None:

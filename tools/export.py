@@ -168,7 +168,7 @@ def header(sources: list[str]) -> str:
 def render_modules(root: Path = ROOT) -> dict[Path, str]:
     """The text every generated module should have, keyed by its path."""
     per_module: dict[str, list[tuple[str, list[str]]]] = {}
-    for nb in sorted((root / "notebooks").glob("[0-9][0-9]_*.py")):
+    for nb in sorted((root / "notebooks").glob("[0-9][0-9]*_*.py")):
         for module, cells in notebook_exports(nb).items():
             per_module.setdefault(module, []).append((nb.name, cells))
     out: dict[Path, str] = {}
