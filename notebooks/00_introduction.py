@@ -47,7 +47,8 @@
 # | 05 | DiT | `tinydit.dit`, `tinydit.attention` | patchify, attention, adaLN-Zero; loading DiT-XL/2 |
 # | 06 | text encoders | `tinydit.text` | CLIP + T5 dual encoder with T5 offloading; the book text encoder |
 # | 07 | text-conditioned DiT | `tinydit.textdit` | cross-attention, adaLN-single, PixArt-α/Σ loading |
-# | 08 | samplers | `tinydit.samplers` | denoiser wrappers; Euler, Euler ancestral, Heun, DPM++ 2M / SDE, DDIM |
+# | 08a | denoisers | `tinydit.denoisers` | one denoiser for ε / v / x0 / flow models; schedules; `Parametrisation` |
+# | 08b | samplers | `tinydit.samplers` | Euler, ancestral, Heun, DPM++ 2M / SDE / 3M, DDIM, LMS, UniPC |
 # | 09 | training | `tinydit.train` | objectives, CFG dropout, EMA, the book model |
 # | 10 | evaluation | `tinydit.evaluate` | a pixel reader that grades the pipeline's pictures: adherence, Fréchet distance |
 # | 11 | guidance | `tinydit.guidance`, `tinydit.guidance_study` | classifier-free guidance, rescale, dynamic thresholding, APG |
