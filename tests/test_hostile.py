@@ -46,6 +46,7 @@ from tinydit import (
     demo,
     denoisers,
     dit,
+    dual_encoder,
     embeddings,
     evaluate,
     guidance,
@@ -57,9 +58,11 @@ from tinydit import (
     schedules,
     stepcache,
     text,
+    text_training,
     textdit,
     train,
     vae,
+    vae_training,
 )
 from tinydit.checkpoint import WeightsMismatchError
 
@@ -514,7 +517,7 @@ T5_WORDS = "a an big small tiny red blue green circle square triangle left right
 
 @functools.cache
 def book_tok():
-    return text.build_book_tokenizer(CAPTIONS)
+    return text_training.build_book_tokenizer(CAPTIONS)
 
 
 def tiny_clip_model(seed=0, intermediate=64, projection=True):
@@ -623,20 +626,20 @@ def _dual_disk_offload_cleans_up_and_leaves_callers_t5_usable():
     mine = text.T5TextEncoder(model, tok, max_length=8)
     before = mine.encode(["a red circle"]).tokens
     with private_tempdir() as tmp:
-        dual = text.DualTextEncoder(clip_encoder(), mine, offload="disk", device="cpu")
+        dual = dual_encoder.DualTextEncoder(clip_encoder(), mine, offload="disk", device="cpu")
         dual.encode(["a red circle", "a blue square"])
         assert torch.equal(mine.encode(["a red circle"]).tokens, before), "the caller's T5 changed while offloaded"
         dual.close()
         left = sorted(p.name for p in tmp.glob("tinydit_offload_*"))
         assert not left, f"close() left temporary folders {left}"
-        assert text.where(mine) == "cpu", f"the caller's T5 is on {text.where(mine)} after close()"
+        assert dual_encoder.where(mine) == "cpu", f"the caller's T5 is on {dual_encoder.where(mine)} after close()"
         assert torch.equal(mine.encode(["a red circle"]).tokens, before), "the caller's T5 changed after close()"
-        with text.DualTextEncoder(clip_encoder(), mine, offload="disk") as second:  # a second one around it
+        with dual_encoder.DualTextEncoder(clip_encoder(), mine, offload="disk") as second:  # a second one around it
             second.encode(["a green triangle"])
         assert not list(tmp.glob("tinydit_offload_*")), "the with-block left a temporary folder"
         assert torch.equal(mine.encode(["a red circle"]).tokens, before)
         other = text.T5TextEncoder(tiny_t5(seed=1)[0], tok, max_length=8)
-        text.DualTextEncoder(clip_encoder(), other, offload="disk").encode(["a red circle"])  # never closed
+        dual_encoder.DualTextEncoder(clip_encoder(), other, offload="disk").encode(["a red circle"])  # never closed
         del other
         gc.collect()
         assert not list(tmp.glob("tinydit_offload_*")), "an unclosed, collected DualTextEncoder left its folder"
@@ -660,7 +663,7 @@ def cli_main(*argv: str):
     err, out = io.StringIO(), io.StringIO()
     started = AssertionError("training started before the flags were checked")
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), \
-            mock.patch.object(vae, "train_book_vae", side_effect=started), \
+            mock.patch.object(vae_training, "train_book_vae", side_effect=started), \
             mock.patch.object(text, "train_book_text_encoder", side_effect=started):
         try:
             code = cli.main([str(a) for a in argv])
@@ -1403,8 +1406,8 @@ CASES = [
     ("vae.from_single_file.nan", lambda: single_file(ldm_file("nan.safetensors", lambda v: torch.full_like(v, NAN))), VE, r"NaN or infinite"),
     ("vae.loaders_return_eval_mode", _vae_loaders_return_eval_mode, None, None),
     ("vae.from_pretrained.fp16_weights_upcast", _vae_fp16_weights_load_as_float32, None, None),
-    ("vae.train_book_vae.lr_nan", lambda: vae.train_book_vae(steps=1, batch_size=2, lr=NAN, n_images=4, disable=True), VE, r"^lr: "),
-    ("vae.train_book_vae.steps_zero", lambda: vae.train_book_vae(steps=0, n_images=4, disable=True), VE, r"^steps: "),
+    ("vae.train_book_vae.lr_nan", lambda: vae_training.train_book_vae(steps=1, batch_size=2, lr=NAN, n_images=4, disable=True), VE, r"^lr: "),
+    ("vae.train_book_vae.steps_zero", lambda: vae_training.train_book_vae(steps=0, n_images=4, disable=True), VE, r"^steps: "),
 
     # ---- tinydit.embeddings -----------------------------------------------------------------
     ("embeddings.timestep_embedding.t_nan", lambda: embeddings.timestep_embedding(torch.tensor([1.0, NAN]), 8), VE, r"^t: "),
@@ -1653,13 +1656,13 @@ CASES = [
     ("text.encode.none_prompt", lambda: clip_encoder().encode(["a", None]), (VE, TE), r"^prompts\[1\]: "),
     ("text.T5TextEncoder.from_pretrained.keys_do_not_fit", lambda: text.T5TextEncoder.from_pretrained(t5_folder("renamed", rename=lambda k: k.replace("encoder.", "enc."))), WeightsMismatchError, r"^T5TextEncoder: .*does not fit"),
     ("text.T5TextEncoder.max_length_zero", lambda: text.T5TextEncoder(*tiny_t5(), max_length=0), VE, r"^max_length: "),
-    ("text.DualTextEncoder.offload_unknown", lambda: text.DualTextEncoder(clip_encoder(), text.T5TextEncoder(*tiny_t5()), offload="gpu"), VE, r"^offload: "),
-    ("text.DualTextEncoder.width_too_small", lambda: text.DualTextEncoder(clip_encoder(), None, width=8, offload=None), VE, r"^width: "),
-    ("text.DualTextEncoder.width_float", lambda: text.DualTextEncoder(clip_encoder(), None, width=64.0, offload=None), TE, r"^width: "),
-    ("text.DualTextEncoder.cache_negative", lambda: text.DualTextEncoder(clip_encoder(), None, cache_size=-1, offload=None), VE, r"^cache_size: "),
-    ("text.DualTextEncoder.disk_offload_cleans_up", _dual_disk_offload_cleans_up_and_leaves_callers_t5_usable, None, None),
-    ("text.train_book_text_encoder.lr_nan", lambda: text.train_book_text_encoder(steps=1, batch_size=2, n_train=4, lr=NAN, disable=True), VE, r"^lr: "),
-    ("text.train_book_text_encoder.batch_above_n", lambda: text.train_book_text_encoder(steps=1, batch_size=8, n_train=4, disable=True), VE, r"^batch_size: "),
+    ("dual_encoder.DualTextEncoder.offload_unknown", lambda: dual_encoder.DualTextEncoder(clip_encoder(), text.T5TextEncoder(*tiny_t5()), offload="gpu"), VE, r"^offload: "),
+    ("dual_encoder.DualTextEncoder.width_too_small", lambda: dual_encoder.DualTextEncoder(clip_encoder(), None, width=8, offload=None), VE, r"^width: "),
+    ("dual_encoder.DualTextEncoder.width_float", lambda: dual_encoder.DualTextEncoder(clip_encoder(), None, width=64.0, offload=None), TE, r"^width: "),
+    ("dual_encoder.DualTextEncoder.cache_negative", lambda: dual_encoder.DualTextEncoder(clip_encoder(), None, cache_size=-1, offload=None), VE, r"^cache_size: "),
+    ("dual_encoder.DualTextEncoder.disk_offload_cleans_up", _dual_disk_offload_cleans_up_and_leaves_callers_t5_usable, None, None),
+    ("text_training.train_book_text_encoder.lr_nan", lambda: text_training.train_book_text_encoder(steps=1, batch_size=2, n_train=4, lr=NAN, disable=True), VE, r"^lr: "),
+    ("text_training.train_book_text_encoder.batch_above_n", lambda: text_training.train_book_text_encoder(steps=1, batch_size=8, n_train=4, disable=True), VE, r"^batch_size: "),
 
     # ---- CLI ----------------------------------------------------------------------------------
     ("cli.dataset.size_huge", lambda: cli_main("dataset", "--size", "100000", "--out", work() / "g.png"), CliRefused, one_line("--size")),

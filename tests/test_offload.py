@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from tinydit import dual_encoder, text
 from tinydit import offload as off
-from tinydit import text
 from tinydit.textdit import TextDiT, TextDiTConfig
 
 
@@ -116,7 +116,7 @@ def test_dual_text_encoder_streams_t5_block_by_block():
     clip_free = tiny_t5()  # primary: any TextEncoder; a second T5 keeps the test small
     reference = tiny_t5().encode(["a red circle", "a blue square"])
     t5 = tiny_t5()
-    dual = text.DualTextEncoder(clip_free, t5, device="cpu",
+    dual = dual_encoder.DualTextEncoder(clip_free, t5, device="cpu",
                                 offload=lambda m, device: off.BlockOffload(m, device=device, group_size=1))
     o = t5.offloader
     assert isinstance(o, off.BlockOffload) and len(o.block_groups) == 4

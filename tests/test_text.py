@@ -21,7 +21,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from tinydit import text
+from tinydit import dual_encoder, text, text_training
 
 
 WORDS = "a an big small tiny red blue green circle square triangle left right of on the to gray background".split()
@@ -29,7 +29,7 @@ WORDS = "a an big small tiny red blue green circle square triangle left right of
 
 @pytest.fixture(scope="module")
 def book_tok():
-    return text.build_book_tokenizer(["a big red circle to the left of a small blue square on a gray background",
+    return text_training.build_book_tokenizer(["a big red circle to the left of a small blue square on a gray background",
                                       "a tiny green triangle", "an image of a red square on the right"])
 
 
@@ -215,7 +215,7 @@ def test_dual_encoder_concatenates_and_pads_widths(book_tok):
     clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok, padding="longest")
     t5, t5_tok = tiny_t5()
     t5_enc = text.T5TextEncoder(t5, t5_tok, max_length=10)
-    dual = text.DualTextEncoder(clip, t5_enc, offload=None)
+    dual = dual_encoder.DualTextEncoder(clip, t5_enc, offload=None)
     prompts = ["a red circle", "a big blue square on the left"]
     e, c, t = dual.encode(prompts), clip.encode(prompts), t5_enc.encode(prompts)
     assert dual.width == 40 and e.tokens.shape == (2, c.tokens.shape[1] + 10, 40)
@@ -223,15 +223,15 @@ def test_dual_encoder_concatenates_and_pads_widths(book_tok):
     assert (e.tokens[:, :c.tokens.shape[1], 32:] == 0).all()  # zero-padded as SD3
     assert torch.equal(e.tokens[:, c.tokens.shape[1]:], t.tokens)
     assert torch.equal(e.mask, torch.cat([c.mask, t.mask], 1)) and torch.equal(e.pooled, c.pooled)
-    only = text.DualTextEncoder(clip, None, width=48).encode(prompts)
+    only = dual_encoder.DualTextEncoder(clip, None, width=48).encode(prompts)
     assert only.tokens.shape == (2, c.tokens.shape[1], 48)
     with pytest.raises(ValueError, match="width"):
-        text.DualTextEncoder(clip, t5_enc, width=33)
+        dual_encoder.DualTextEncoder(clip, t5_enc, width=33)
     with pytest.raises(ValueError, match="offload: expected one of None, 'cpu', 'disk', got 'gpu'"):
-        text.DualTextEncoder(clip, t5_enc, offload="gpu")
+        dual_encoder.DualTextEncoder(clip, t5_enc, offload="gpu")
     with pytest.raises(ValueError, match="cache_size: expected an integer >= 0"):
-        text.DualTextEncoder(clip, t5_enc, cache_size=-1)
-    joined = text.join_embeddings([c, t], 40)  # the same join as a function
+        dual_encoder.DualTextEncoder(clip, t5_enc, cache_size=-1)
+    joined = dual_encoder.join_embeddings([c, t], 40)  # the same join as a function
     assert torch.equal(joined.tokens, e.tokens) and torch.equal(joined.mask, e.mask)
 
 
@@ -243,7 +243,7 @@ def test_t5_offloading_places_weights_before_during_after(book_tok, tmp_path, of
     t5_enc = text.T5TextEncoder(t5, t5_tok, max_length=10)
     # "disk": parked on meta (no storage at all), run on cpu: a real move without a GPU. "cpu": parked
     # in CPU memory; without a GPU park and compute device coincide, so only the bookkeeping is checked.
-    dual = text.DualTextEncoder(clip, t5_enc, offload=offload, device="cpu", offload_dir=tmp_path, cache_size=4)
+    dual = dual_encoder.DualTextEncoder(clip, t5_enc, offload=offload, device="cpu", offload_dir=tmp_path, cache_size=4)
     seen = []
     hook = t5.register_forward_pre_hook(lambda m, a: seen.append(
         {str(p.device) for p in m.parameters()}))
@@ -275,24 +275,24 @@ def test_disk_offload_cleans_up_and_keeps_the_callers_encoder_usable(book_tok, t
     t5, t5_tok = tiny_t5()
     mine = text.T5TextEncoder(t5, t5_tok, max_length=10)
     before = mine.encode(["a red circle"])
-    dual = text.DualTextEncoder(clip, mine, offload="disk", device="cpu")
-    assert [p.name[:16] for p in tmp_path.iterdir()] == ["tinydit_offload_"] and text.where(mine) == "meta"
+    dual = dual_encoder.DualTextEncoder(clip, mine, offload="disk", device="cpu")
+    assert [p.name[:16] for p in tmp_path.iterdir()] == ["tinydit_offload_"] and dual_encoder.where(mine) == "meta"
     for _ in range(2):  # my own reference still encodes (it brings itself in) and goes back out
-        assert torch.equal(mine.encode(["a red circle"]).tokens, before.tokens) and text.where(mine) == "meta"
+        assert torch.equal(mine.encode(["a red circle"]).tokens, before.tokens) and dual_encoder.where(mine) == "meta"
         dual.encode(["a red circle", "a blue square"])
     dual.close()
-    assert not list(tmp_path.iterdir()) and text.where(mine) == "cpu" and mine.offloader is None
+    assert not list(tmp_path.iterdir()) and dual_encoder.where(mine) == "cpu" and mine.offloader is None
     assert torch.equal(mine(["a red circle"]).tokens, before.tokens)
     assert torch.allclose(dual.encode(["a red circle"]).tokens[:, -10:], before.tokens, atol=1e-6)  # cached in a batch
     dual.close()  # twice is fine
 
-    with text.DualTextEncoder(clip, mine, offload="disk") as d:
+    with dual_encoder.DualTextEncoder(clip, mine, offload="disk") as d:
         d.encode(["a green triangle"])
         assert len(list(tmp_path.iterdir())) == 1
-    assert not list(tmp_path.iterdir()) and text.where(mine) == "cpu"
+    assert not list(tmp_path.iterdir()) and dual_encoder.where(mine) == "cpu"
 
     other = text.T5TextEncoder(tiny_t5(seed=1)[0], t5_tok, max_length=10)
-    text.DualTextEncoder(clip, other, offload="disk")  # never closed: garbage collection removes the folder
+    dual_encoder.DualTextEncoder(clip, other, offload="disk")  # never closed: garbage collection removes the folder
     assert len(list(tmp_path.iterdir())) == 1
     del other
     gc.collect()
@@ -304,11 +304,11 @@ def test_disk_offload_folder_is_removed_at_interpreter_exit(tmp_path):
 import tempfile
 from pathlib import Path
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
-from tinydit import text
+from tinydit import dual_encoder, text
 vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581red", -1.0), ("\u2581circle", -1.0)]
 t5 = T5EncoderModel(T5Config(vocab_size=5, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
 secondary = text.T5TextEncoder(t5, T5Tokenizer(vocab=vocab, extra_ids=0), max_length=4)
-dual = text.DualTextEncoder(text.load_book_text_encoder(), secondary, offload="disk")
+dual = dual_encoder.DualTextEncoder(text.load_book_text_encoder(), secondary, offload="disk")
 dual.encode(["red circle"])
 assert [p.name[:16] for p in Path(tempfile.gettempdir()).iterdir()] == ["tinydit_offload_"]
 print("ok")  # exits without close()
@@ -323,26 +323,26 @@ def test_offload_refuses_a_secondary_already_offloaded(book_tok, tmp_path):
     clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
     t5, t5_tok = tiny_t5()
     mine = text.T5TextEncoder(t5, t5_tok, max_length=8)
-    first = text.DualTextEncoder(clip, mine, offload="cpu")
+    first = dual_encoder.DualTextEncoder(clip, mine, offload="cpu")
     with pytest.raises(ValueError, match="secondary: already offloaded by another DualTextEncoder; call its close"):
-        text.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path)
+        dual_encoder.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path)
     first.close()
-    text.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path).close()
+    dual_encoder.DualTextEncoder(clip, mine, offload="disk", offload_dir=tmp_path).close()
 
 
 def test_disk_offload_overwrites_a_stale_weights_file(book_tok, tmp_path):
     clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
     (t5_a, tok), (t5_b, _) = tiny_t5(seed=0), tiny_t5(seed=1)
     ref = text.T5TextEncoder(tiny_t5(seed=1)[0], tok, max_length=8).encode(["a red circle"])
-    text.DualTextEncoder(clip, text.T5TextEncoder(t5_a, tok, max_length=8), offload="disk", offload_dir=tmp_path)
-    dual = text.DualTextEncoder(clip, text.T5TextEncoder(t5_b, tok, max_length=8), offload="disk", offload_dir=tmp_path)
+    dual_encoder.DualTextEncoder(clip, text.T5TextEncoder(t5_a, tok, max_length=8), offload="disk", offload_dir=tmp_path)
+    dual = dual_encoder.DualTextEncoder(clip, text.T5TextEncoder(t5_b, tok, max_length=8), offload="disk", offload_dir=tmp_path)
     assert torch.equal(dual.encode(["a red circle"]).tokens[:, -8:], ref.tokens)  # not the other model's file
 
 
 def test_dual_cache_is_lru_and_bounded(book_tok):
     clip = text.CLIPTextEncoder(tiny_clip(book_tok), book_tok)
     t5, t5_tok = tiny_t5()
-    dual = text.DualTextEncoder(clip, text.T5TextEncoder(t5, t5_tok, max_length=8), offload="cpu", cache_size=2)
+    dual = dual_encoder.DualTextEncoder(clip, text.T5TextEncoder(t5, t5_tok, max_length=8), offload="cpu", cache_size=2)
     dual.encode(["a", "a red circle", "a blue square"])
     assert list(dual.cache) == ["a red circle", "a blue square"]
     dual.encode(["a red circle", "a green triangle"])
@@ -361,11 +361,11 @@ def test_book_tokenizer_round_trip(book_tok, tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again("a big red circle")["input_ids"] == book_tok("a big red circle")["input_ids"]
     with pytest.raises(ValueError, match="captions"):
-        text.build_book_tokenizer([])
+        text_training.build_book_tokenizer([])
 
 
 def test_book_training_runs_and_saves(tmp_path):
-    result = text.train_book_text_encoder(out_dir=tmp_path, steps=3, batch_size=16, n_train=64, disable=True)
+    result = text_training.train_book_text_encoder(out_dir=tmp_path, steps=3, batch_size=16, n_train=64, disable=True)
     assert len(result.losses) == 3 and all(loss > 0 for loss in result.losses)
     info = json.loads((tmp_path / "training.json").read_text())
     assert info["settings"]["steps"] == 3 and len(info["losses"]) == 3
@@ -375,7 +375,7 @@ def test_book_training_runs_and_saves(tmp_path):
     assert torch.allclose(e.pooled, result.text_encoder.encode(["a red circle"]).pooled)
     assert img(torch.zeros(1, 3, 32, 32)).shape == (1, 64)
     with pytest.raises(ValueError, match="batch_size"):
-        text.train_book_text_encoder(steps=1, batch_size=100, n_train=10)
+        text_training.train_book_text_encoder(steps=1, batch_size=100, n_train=10)
     with pytest.raises(FileNotFoundError, match="train one"):
         text.load_book_text_encoder(tmp_path / "nothing")
 
@@ -385,7 +385,7 @@ def test_shipped_book_encoder_is_accurate_including_held_out_pairs():
     assert enc.width == 96 and enc.pooled_width == 64
     size = sum(f.stat().st_size for f in text.BOOK_TEXT_ENCODER_DIR.iterdir())
     assert size < 5 * 2**20  # a packaging budget (measured 1.87 MB), not an accuracy threshold
-    m = text.evaluate_book_encoders(enc, text.load_book_image_encoder(), n=300, seed=7)
+    m = text_training.evaluate_book_encoders(enc, text.load_book_image_encoder(), n=300, seed=7)
     assert m["heldout_queries"] == 64  # how many of these 300 test captions name a HELD_OUT pair
     # Measured on CPU (float32) with these weights: value = hits / count. Margin: 2 of `count`
     # (queries or images), either way, for near-tied similarities that may flip on another CPU or BLAS.

@@ -6,7 +6,7 @@ import diffusers
 import pytest
 import torch
 
-from tinydit import dit, loading, text, textdit
+from tinydit import dit, dual_encoder, loading, text, textdit
 from tinydit.dit import DiT
 from tinydit.textdit import TextDiT, TextDiTConfig, load_transformer
 
@@ -238,6 +238,6 @@ def test_legacy_transformer2dmodel_configs_load(tmp_path):
 
 
 def test_dual_encoder_follows_to():
-    enc = text.DualTextEncoder(text.load_book_text_encoder(), None)
+    enc = dual_encoder.DualTextEncoder(text.load_book_text_encoder(), None)
     enc.to("meta")
     assert enc.device == torch.device("meta") and enc.primary.device == torch.device("meta")

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-from tinydit import checkpoint, loading, vae
+from tinydit import checkpoint, loading, vae, vae_training
 
 
 TOL = 1e-5
@@ -284,8 +284,8 @@ def test_book_vae_assets_are_small_and_diffusers_readable():
 def test_train_book_vae_is_deterministic_and_learns(tmp_path):
     cfg = vae.VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=32)
     kw = dict(steps=30, batch_size=8, n_images=64, seed=3, config=cfg, disable=True)
-    m1, h1 = vae.train_book_vae(**kw, out_dir=tmp_path / "a")
-    m2, h2 = vae.train_book_vae(**kw)
+    m1, h1 = vae_training.train_book_vae(**kw, out_dir=tmp_path / "a")
+    m2, h2 = vae_training.train_book_vae(**kw)
     assert h1["rec"] == h2["rec"]
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert sum(h1["rec"][-5:]) < sum(h1["rec"][:5])
@@ -293,7 +293,7 @@ def test_train_book_vae_is_deterministic_and_learns(tmp_path):
     assert loaded.config.scaling_factor == m1.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
-        vae.train_book_vae(steps=0)
+        vae_training.train_book_vae(steps=0)
 
 
 def test_legacy_attention_names_load(tmp_path):

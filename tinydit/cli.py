@@ -140,11 +140,11 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
     _check_writable_folder("--out", Path(args.out))
     import torch
 
-    from tinydit import vae
+    from tinydit import vae, vae_training
 
     t0 = time.perf_counter()
-    model, history = vae.train_book_vae(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                        out_dir=args.out)
+    model, history = vae_training.train_book_vae(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                                 out_dir=args.out)
     images = vae.shapes_images(256, seed=0, split="test")
     with torch.no_grad():
         rec = model.decode(model.encode(images).mode()).clamp(-1, 1)
@@ -155,12 +155,12 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
 
 def _cmd_train_text_encoder(args: argparse.Namespace) -> int:
     _check_writable_folder("--out", Path(args.out))
-    from tinydit import text
+    from tinydit import text_training
 
     t0 = time.perf_counter()
-    encoders = text.train_book_text_encoder(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
-                                            seed=args.seed)
-    metrics = text.evaluate_book_encoders(encoders.text_encoder, encoders.image_encoder, n=1000, seed=1)
+    encoders = text_training.train_book_text_encoder(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
+                                                     seed=args.seed)
+    metrics = text_training.evaluate_book_encoders(encoders.text_encoder, encoders.image_encoder, n=1000, seed=1)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s); held-out metrics: {metrics}")
     return 0
 

@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 02 · The VAE: pictures into latents and back
+# # 02a · The VAE: pictures into latents and back
 #
 # **Latent diffusion** (Rombach et al., 2022) splits image generation in two: an autoencoder
 # compresses each image into a small *latent* once, the diffusion model (our DiT, chapter 05)
@@ -41,8 +41,9 @@
 # With $\beta = 1$ this is, up to constants, the negative evidence lower bound. Latent diffusion
 # uses $\beta \approx 10^{-6}$: the KL term only stops the latents drifting to huge values; the
 # diffusion model, not the VAE, is the generative model. The plan: (1) the idea in small teaching
-# versions, (2) the production `AutoencoderKL`, checked against them, (3) train the book's VAE and
-# measure it; an appendix loads the real SD / SDXL / SD3 / Flux checkpoints.
+# versions, (2) the production `AutoencoderKL`, checked against them, (3) the book's VAE, measured.
+# Chapter 02b trains it; the appendix (chapter 17) loads the real SD / SDXL / SD3 / Flux checkpoints
+# and reads weight files safely.
 
 # %%
 # | default_exp vae
@@ -182,18 +183,15 @@ posterior, decoder; loaders for the diffusers and original LDM/SGM layouts; the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from tinydit.checkpoint import (
     BOOK_VAE_DIR,
@@ -789,20 +787,10 @@ for call, pattern in bad_calls:
         raise AssertionError(f"no error raised; expected {pattern!r}")
 
 # %% [markdown]
-# ## 3 · Training the book's VAE
+# ## 3 · The book's VAE, shipped
 #
-# The objective is the $\beta$-weighted ELBO, written per pixel so the numbers do not depend on the
-# image size: $\mathcal L = \frac{1}{N}\lVert x - D(z) \rVert^2 + \beta\,\mathrm{KL}/N$ with
-# $z \sim q(z\mid x)$, $N = 3 \cdot 32 \cdot 32$ and $\beta = 10^{-6}$ as in the LDM autoencoders
-# (which add a perceptual loss and a patch discriminator for photographs; flat-coloured shapes do
-# not need them). Data: the first `n_images` training images of `ShapesDataset`, with random
-# horizontal flips; Adam with a short warm-up and cosine decay; everything seeded.
-#
-# One practical detail: at initialisation the log-variance is about 0, so the decoder first sees
-# latents drowned in unit noise, and with $\beta = 10^{-6}$ that noise would shrink only as fast as
-# Adam walks the bias down. We start the log-variance bias at $-6$ ($\sigma \approx 0.05$). After
-# training we **calibrate**: `shift_factor` = mean and `scaling_factor` = 1 / std of the latents of
-# 4 096 training images.
+# Chapter 02b trains a small AutoencoderKL on the shapes dataset; its weights ship with the package.
+# Two helpers first: the reconstruction PSNR used to grade it, and the loader.
 
 # %%
 # | export
@@ -820,87 +808,6 @@ def shapes_images(n: int, seed: int = 0, split: str = "train", size: int = 32) -
 
 # %%
 # | export
-@torch.no_grad()
-def calibrate_latents(model: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> dict:
-    """Latent statistics of `images` under `model` (posterior means): global and per channel."""
-    model.eval()
-    z = torch.cat([model.encode(images[i:i + batch_size]).mean for i in range(0, len(images), batch_size)])
-    per_ch = z.transpose(0, 1).flatten(1)  # (C, B*h*w)
-    return {"mean": z.mean().item(), "std": z.std().item(),
-            "channel_mean": per_ch.mean(1).tolist(), "channel_std": per_ch.std(1).tolist()}
-
-# %%
-# | export
-LOGVAR_INIT = -6.0  # initial posterior log-variance: std 0.05 instead of 1 (faster start)
-
-# %%
-# | export
-def warmup_cosine(step: int, steps: int, warmup: int | None = None) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps (default min(200, steps/10)), then
-    a cosine to 0 at `steps`."""
-    warmup = max(1, min(200, steps // 10)) if warmup is None else warmup
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-# %%
-# | export
-def vae_loss(model: AutoencoderKL, images: torch.Tensor, batch_size: int, kl_weight: float,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of VAE training: random rows and flips; (reconstruction MSE, KL, their weighted sum)."""
-    idx = torch.randint(len(images), (batch_size,), generator=gen)
-    x = images[idx]  # (B, 3, H, W)
-    flip = torch.rand(batch_size, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, H, W)
-    post = model.encode(x)
-    x_rec = model.decode(post.sample(gen))  # (B, 3, H, W)
-    rec = (x_rec - x).pow(2).mean()
-    kl = post.kl().mean()
-    return rec, kl, rec + kl_weight * kl / x[0].numel()  # KL per pixel, like the MSE
-
-# %%
-# | export
-def train_book_vae(steps: int = 4500, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
-                   n_images: int = 20_000, seed: int = 0, config: VAEConfig | None = None,
-                   out_dir: str | os.PathLike | None = None, disable: bool | None = None) -> tuple[AutoencoderKL, dict]:
-    """Train the book VAE on ShapesDataset (32x32 -> 4x8x8) and calibrate its latent scale.
-
-    Returns `(model, history)`; history holds per-step "rec" (MSE), "kl" (per image) and "loss",
-    plus the latent statistics ("latents"). `out_dir` (optional) receives config.json and
-    model.safetensors, the layout `load_book_vae` reads.
-    """
-    steps, batch_size, n_images = (check_int(name, v, minimum=1) for name, v in
-                                   (("steps", steps), ("batch_size", batch_size), ("n_images", n_images)))
-    check_float("lr", lr, minimum=0, min_inclusive=False), check_float("kl_weight", kl_weight, minimum=0)
-    cfg = VAEConfig(**asdict(config)) if config is not None else VAEConfig.preset("book")
-    torch.manual_seed(seed)
-    model = AutoencoderKL(cfg)
-    with torch.no_grad():  # start with a small posterior std (see the note above)
-        last = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
-        last.bias[cfg.latent_channels:] = LOGVAR_INIT
-    images = shapes_images(n_images, seed=seed, split="train", size=cfg.sample_size)  # (n, 3, H, W)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps))
-    hist: dict = {"rec": [], "kl": [], "loss": []}
-    model.train()
-    for _ in tqdm(range(steps), desc="train VAE", disable=disable):
-        rec, kl, loss = vae_loss(model, images, batch_size, kl_weight, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        for key, value in (("rec", rec), ("kl", kl), ("loss", loss)):
-            hist[key].append(value.item())
-    model.eval()
-    stats = calibrate_latents(model, images[:4096])
-    cfg.shift_factor = round(stats["mean"], 4)
-    cfg.scaling_factor = round(1.0 / stats["std"], 4)
-    hist["latents"] = stats
-    if out_dir is not None:
-        model.save_pretrained(out_dir, weights_name="model.safetensors")
-    return model, hist
-
-# %%
-# | export
 def book_vae_path() -> Path:
     """The folder of the book VAE shipped inside the package (config.json + model.safetensors)."""
     return BOOK_VAE_DIR
@@ -914,43 +821,11 @@ def load_book_vae(dtype=None) -> AutoencoderKL:
     folder = book_vae_path()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"the book VAE is missing from the package ({folder}); regenerate it with "
-                                "tinydit.vae.train_book_vae(out_dir=...)")
+                                "tinydit.vae_training.train_book_vae(out_dir=...)")
     return AutoencoderKL.from_pretrained(folder, dtype=dtype)
 
 # %% [markdown]
-# Under `TINYDIT_FAST=1` (CI) the cell below trains for 60 steps, only to show that the loop runs
-# and the loss falls. Without it, `train_book_vae()` with its defaults (4 500 steps of 32 images,
-# seed 0) is the exact run that produced the weights shipped in `tinydit/assets/book_vae/`; it
-# writes them to `outputs/book_vae/` (about 13 minutes on an idle two-core CPU).
-
-# %%
-import time
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-
-t0 = time.perf_counter()
-trained, history = train_book_vae(**(dict(steps=60, n_images=2_000) if FAST else dict(out_dir="outputs/book_vae")))
-rec = np.array(history["rec"])
-smooth = np.convolve(rec, np.ones(10) / 10, mode="valid")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-axes[0].semilogy(rec, alpha=0.3, label="per step")
-axes[0].semilogy(np.arange(9, len(rec)), smooth, label="10-step mean")
-axes[0].set(title="reconstruction MSE", xlabel="step")
-axes[0].legend()
-axes[1].plot(history["kl"])
-axes[1].set(title="KL per image (nats)", xlabel="step")
-plt.tight_layout()
-plt.show()
-print(f"{len(rec)} steps in {time.perf_counter() - t0:.0f} s; MSE {smooth[0]:.4f} -> {smooth[-1]:.4f}; "
-      f"shift_factor {trained.config.shift_factor}, scaling_factor {trained.config.scaling_factor}")
-# measured: the 10-step mean falls to 0.28x its start in the 60 fast steps (far lower at full size);
-# 0.7 leaves a wide margin for platform noise and still catches a loop that does not learn
-assert smooth[-1] < 0.7 * smooth[0]
-
-# %% [markdown]
-# ### The shipped book VAE
+# ### Measured
 #
 # `load_book_vae()` loads the full-settings weights from the package. We measure the reconstruction
 # PSNR, $10\log_{10}(1/\mathrm{MSE})$ per image on the $[0, 1]$ scale, on 256 images of the
@@ -958,6 +833,8 @@ assert smooth[-1] < 0.7 * smooth[0]
 # diffusion-space round trip `from_latent(to_latent(x))`.
 
 # %%
+import matplotlib.pyplot as plt
+
 from tinydit.data import image_grid, tensor_to_pil
 
 
@@ -1015,121 +892,23 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ### Why a scaling factor?
-#
-# Nothing in the VAE objective fixes the *scale* of the latents: with $\beta \approx 0$ the encoder
-# can make $\mu$ as large as it likes. The diffusion model mixes data and noise as
-# $x_t = \alpha_t x_0 + \sigma_t \varepsilon$, and its schedule is designed for
-# $\operatorname{Var}(x_0) \approx 1$: latents with standard deviation 5 would still be clearly
-# visible at noise levels the schedule considers pure noise. Rombach et al. therefore multiply by
-# the inverse of the latents' measured standard deviation (SD: $1/0.18215 \approx 5.5$); SD3 and
-# Flux also subtract a mean. One scalar for all channels keeps `to_latent` identical in form to the
-# real families'.
-
-# %%
-train_x = shapes_images(4096, seed=0, split="train")  # (4096, 3, 32, 32): the calibration images
-with torch.no_grad():
-    raw = torch.cat([vae.encode(train_x[i:i + 512]).mean for i in range(0, 4096, 512)])  # (4096, 4, 8, 8)
-scaled = (raw - vae.config.shift_factor) * vae.config.scaling_factor  # (4096, 4, 8, 8)
-print(f"raw: mean {raw.mean():+.3f} std {raw.std():.3f}; per-channel std "
-      f"{[round(s, 3) for s in raw.transpose(0, 1).flatten(1).std(1).tolist()]}")
-print(f"shift_factor {vae.config.shift_factor}, scaling_factor {vae.config.scaling_factor} -> "
-      f"scaled: mean {scaled.mean():+.4f} std {scaled.std():.4f}")
-fig, ax = plt.subplots(1, 2, figsize=(10, 3))
-for c in range(4):
-    ax[0].hist(raw[:, c].flatten().numpy(), bins=80, histtype="step", label=f"ch {c}")
-    ax[1].hist(scaled[:, c].flatten().numpy(), bins=80, histtype="step", label=f"ch {c}")
-grid = np.linspace(-4, 4, 200)
-ax[1].plot(grid, scaled[:, 0].numel() * 0.1 * np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
-ax[0].set_title("raw latents (what decode takes)")
-ax[1].set(title="to_latent: (z - shift) * scale", xlim=(-4, 4))
-ax[1].legend(fontsize=8)
-plt.show()
-# measured on these (the calibration) images: mean +0.00002, std 1.00004, i.e. exact up to the
-# 4-digit rounding of the stored factors; 0.01 is a wide margin over that rounding
-assert abs(scaled.mean()) < 0.01 and abs(scaled.std() - 1) < 0.01
-
-# %% [markdown]
-# ### The KL / reconstruction trade-off
-#
-# A larger $\beta$ pulls every posterior towards $\mathcal N(0, I)$: the means shrink, the
-# variances grow towards 1, the decoder receives noisier codes and reconstructions get worse; in
-# the limit the latent carries nothing. We train the same small model with several $\beta$ (short
-# runs, so the PSNRs are lower than the shipped model's). At full settings (400 steps each) we
-# measured $\beta = 10^{-6}$: 22.5 dB, KL 905 nats; $10^{-3}$: 21.6 dB, 847; $10^{-1}$: 19.1 dB,
-# 380; $1$: 14.1 dB, 44; $10$: 15.0 dB, 11 (the decoder draws an average picture). Under
-# `TINYDIT_FAST` the runs are far too short to show it.
-
-# %%
-betas = [1e-6, 1e-2, 1.0] if FAST else [1e-6, 1e-3, 1e-1, 1.0, 10.0]
-sweep_kw = dict(steps=15, n_images=500, batch_size=16) if FAST else dict(steps=400, n_images=5_000)
-results = []
-for beta in betas:
-    m_beta, _ = train_book_vae(kl_weight=beta, disable=True, **sweep_kw)
-    with torch.no_grad():
-        post = m_beta.encode(test_x[:64])
-        rec_beta = m_beta.decode(post.sample(torch.Generator().manual_seed(0)))  # (64, 3, 32, 32)
-    results.append((psnr(rec_beta, test_x[:64]).mean().item(), post.kl().mean().item()))
-    print(f"beta {beta:8.0e}: PSNR {results[-1][0]:5.2f} dB, KL {results[-1][1]:10.1f} nats/image")
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.semilogx(betas, [r[0] for r in results], "o-", color="C0")
-ax.set(xlabel=r"KL weight $\beta$", title="the trade-off")
-ax.set_ylabel("test PSNR (dB)", color="C0")
-ax2 = ax.twinx()
-ax2.loglog(betas, [max(r[1], 1e-3) for r in results], "s--", color="C3")
-ax2.set_ylabel("KL (nats / image)", color="C3")
-plt.tight_layout()
-plt.show()
-assert np.isfinite(results).all()
-if not FAST:  # measured above: 22.5 -> 14-15 dB and 905 -> 11 nats from the first beta to the last
-    assert results[0][0] > results[-1][0] + 3 and results[0][1] > 10 * results[-1][1]
-
-# %% [markdown]
-# **Try it.** Pick a test image, decode the posterior mean or a sample, and add Gaussian noise of
-# standard deviation $\sigma$ to the **scaled** latent: at $\sigma = 1$ the noise is as large as
-# the signal and the picture is gone, as the diffusion model's schedule expects. (Run the notebook
-# in JupyterLab to move the sliders.)
-
-# %%
-import ipywidgets as W
-from IPython.display import display
-
-
-def compare(index=0, posterior="mean", noise=0.0, seed=0):
-    x0, g = test_x[index:index + 1], torch.Generator().manual_seed(seed)  # (1, 3, 32, 32)
-    with torch.no_grad():
-        post = vae.encode(x0)
-        z = post.mean if posterior == "mean" else post.sample(g)  # (1, 4, 8, 8), raw
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor  # diffusion space
-        xr = vae.from_latent(z + noise * torch.randn(z.shape, generator=g))  # (1, 3, 32, 32)
-    err = ((xr - x0).abs().mean(1, keepdim=True) * 4 - 1).expand(-1, 3, -1, -1).clamp(-1, 1)  # |error| x 4
-    caps = ["original", f"reconstruction {psnr(xr, x0).item():.1f} dB", "|error| x 4"]
-    display(image_grid(torch.cat([x0, xr, err]), caps, cols=3, scale=6))
-
-
-display(W.interactive(compare, index=W.IntSlider(0, 0, len(test_x) - 1, description="test image"),
-                      posterior=W.ToggleButtons(options=["mean", "sample"]),
-                      noise=W.FloatSlider(0.0, min=0.0, max=1.5, step=0.05, description="latent σ"),
-                      seed=W.IntSlider(0, 0, 20, description="noise seed")))
-
-# %% [markdown]
 # ## Summary
 #
 # - **Built:** teaching versions of the ResNet block, the encoder / decoder stacks and the diagonal
 #   Gaussian (sample + closed-form KL), checked against `torch.distributions` and then against the
 #   exported `tinydit.vae.AutoencoderKL` (same layers, same outputs); presets for SD 1.x, SDXL,
-#   SD3, Flux and the book; `train_book_vae` with latent calibration; `load_book_vae()`; loaders
+#   SD3, Flux and the book; `load_book_vae()`; loaders
 #   for the diffusers folder and original single-file layouts (the key maps: chapter 17), matching diffusers to
 #   $10^{-5}$.
 # - **Measured:** the shipped book VAE reconstructs 256 held-out test images at 39.19 dB mean PSNR
 #   through $3\times32\times32 \to 4\times8\times8 \to 3\times32\times32$; its calibrated latents
-#   have mean 0 and std 1; larger $\beta$ trades PSNR for KL as the theory says.
+#   have mean 0 and std 1 (02b calibrates them).
 # - **Speed:** `benchmarks/vae.py` encodes and decodes one 256×256 image with SD-sized random
 #   weights (83.7M parameters) in 5.25 s (tinydit) vs 5.30 s (diffusers) on the book's 2-core CPU
 #   (ratio 0.99), with identical outputs: both run the same convolutions and attention calls.
 #
-# Next, chapter 03 builds the embeddings the diffusion transformer needs to know *where* and *when*
-# it is.
+# Next, 02b trains the book's VAE; chapter 03 builds the embeddings the diffusion transformer needs
+# to know *where* and *when* it is.
 #
 # ## Exercises
 #
@@ -1138,317 +917,5 @@ display(W.interactive(compare, index=W.IntSlider(0, 0, len(test_x) - 1, descript
 # 2. Remove the asymmetric padding from the teaching `down` (use `padding=1` instead). Does the
 #    teaching encoder still match the production one after copying weights? Why do real SD
 #    weights care?
-# 3. Train the book VAE with `LOGVAR_INIT = 0` for 300 steps and compare the loss curve with the
-#    default. Explain the difference in terms of the reparameterised sample.
-# 4. Compute per-channel shift and scale factors for the shipped VAE. How different are the
-#    channels, and what would a per-channel `to_latent` change for the diffusion model?
-# 5. Using `torch.distributions`, estimate the KL of one posterior by Monte Carlo with 10, 100 and
+# 3. Using `torch.distributions`, estimate the KL of one posterior by Monte Carlo with 10, 100 and
 #    1 000 samples and compare with `DiagonalGaussian.kl()`. How does the error shrink?
-
-# %% [markdown]
-# ## Appendix: loading real checkpoints — skip on a first read
-#
-# ### Reading weights safely: `tinydit.checkpoint`
-#
-# Every loader in the book (this VAE, the DiT, PixArt, the text encoders) needs the same three
-# things, so they live in one small module exported here:
-#
-# - **Files.** safetensors first: a flat table of tensors that cannot run code when read. Pickle
-#   files (`.pt`, `.pth`, `.ckpt`, `.bin`) are read only with `torch.load(weights_only=True)`; when
-#   it refuses a file the error says so rather than falling back to unsafe loading. A file that
-#   cannot be read at all (empty, truncated, garbage) is reported as corrupt / damaged, with its size.
-# - **Where.** A local folder, or a Hugging Face hub id fetched with `huggingface_hub` when online.
-#   Offline, the error is one line that says how to download the files and pass the folder instead.
-# - **Keys and values.** Every missing key, unexpected key and shape mismatch is listed in one
-#   error; weights of a non-floating dtype, or holding NaN / inf, are refused before they are copied.
-# - **Precision.** `load_state_dict(path, dtype="bf16")` converts each tensor as it is read, and
-#   `load_model` builds the model empty (on the `meta` device) in that dtype, so a float32 copy of
-#   the model is never in memory. Every loader of the book takes this `dtype=`; dtype=None keeps the
-#   file's float32. In fp16, SDXL's VAE decoder overflows (activations beyond 65504): `decode` then
-#   warns once and moves the decoder to float32 for good (`tests/test_dtype_loading.py` provokes it).
-
-# %%
-# | export checkpoint
-"""Reading weights safely: safetensors or `torch.load(weights_only=True)`, local folders or hub
-ids, and key/shape/value checks that list everything that does not fit (chapter 02)."""
-
-from __future__ import annotations
-
-import json
-import os
-import pickle
-import re
-import zipfile
-from collections.abc import Callable
-from pathlib import Path
-
-import torch
-from huggingface_hub import snapshot_download
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-from torch import nn
-
-import tinydit
-
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-# The book's trained weights ship inside the package; inference owns their paths (training writes new ones).
-ASSETS = Path(tinydit.__file__).resolve().parent / "assets"
-BOOK_VAE_DIR = ASSETS / "book_vae"  # chapter 02
-BOOK_TEXT_ENCODER_DIR = ASSETS / "book_text_encoder"  # chapter 06 (and its image tower)
-BOOK_MODEL_DIR = ASSETS / "book_model"  # chapter 09's TextDiT, in diffusers' PixArt layout
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
-WRAPPER_KEYS = ("state_dict", "ema", "model", "module")  # how training code nests a state dict
-# How torch.load(weights_only=True) says that a readable file holds something other than tensors
-# (garbage bytes fail inside the same unpickler, with "Unsupported operand" instead).
-_REFUSED = re.compile(r"unsupported (global|class)|not an allowed global|safe_globals|is blocked", re.I)
-
-
-class WeightsMismatchError(ValueError):
-    """A state dict does not fit the model: lists missing / unexpected keys and shape mismatches."""
-
-# %%
-# | export checkpoint
-def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    """Peel training-checkpoint wrappers ({'state_dict': ...}, {'ema': ...}) off a state dict."""
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            raise ValueError(f"checkpoint: found no tensors; top-level keys are {sorted(obj)[:10]}")
-        obj = inner
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # PyTorch Lightning (the original LDM .ckpt files)
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint: expected a dict of tensors, got {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-# %%
-# | export checkpoint
-def _read_pickle(path: Path, mmap: bool = False):
-    """torch.load(weights_only=True); a refusal and an unreadable file get different errors.
-    `mmap=True` leaves the tensors in the file (zip-format files only) until they are used."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except PermissionError:
-        raise
-    except Exception as e:  # UnpicklingError, EOFError, OSError or RuntimeError from a broken zip, garbage
-        if isinstance(e, pickle.UnpicklingError) and _REFUSED.search(str(e)):
-            raise ValueError(f"path: torch.load(weights_only=True) refused {path.name} ({type(e).__name__}); it "
-                             "holds more than tensors. Convert it to .safetensors with a tool you trust.") from None
-        raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is damaged: truncated or not a "
-                         f"PyTorch checkpoint ({type(e).__name__}); download it again") from None
-
-# %%
-# | export checkpoint
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
-    """None (keep the file's precision), a floating-point torch dtype, or a name in `DTYPES`."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        return dtype
-    if isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
-        return DTYPES[dtype.strip().lower()]
-    raise ValueError(f"{name}: expected one of fp32, fp16, bf16 (or a torch dtype), got {dtype!r}")
-
-# %%
-# | export checkpoint
-def _converted(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh copy of `t` (never a view into the file) in `dtype`; integer tensors keep theirs."""
-    if not t.is_floating_point():
-        return t.clone()
-    out = t.to(dtype, copy=True)
-    if dtype == torch.float16 and not torch.isfinite(out).all() and torch.isfinite(t).all():
-        raise ValueError(f"dtype: {key} holds values beyond float16's range (65504); load this checkpoint "
-                         "with dtype='bf16' (float32's range) or 'fp32'")
-    return out
-
-# %%
-# | export checkpoint
-def load_state_dict(path: str | os.PathLike, dtype=None) -> dict[str, torch.Tensor]:
-    """Tensors from a `.safetensors` file, or a pickle file via `torch.load(weights_only=True)`.
-    `dtype` ("bf16", torch.float16, ...): every floating-point tensor is converted while reading,
-    one at a time, so the file's own copy is never in memory whole (old non-zip pickles excepted)."""
-    path, dtype = Path(path), resolve_dtype(dtype)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no checkpoint file at {str(path)!r}")
-    if path.suffix == ".safetensors":
-        try:
-            if dtype is None:
-                return load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:  # get_tensor: a view of the mapped file
-                return {k: _converted(k, f.get_tensor(k), dtype) for k in f.keys()}
-        except SafetensorError as e:
-            raise ValueError(f"path: {path.name} ({path.stat().st_size:,} bytes) is corrupt: truncated or not a "
-                             f"safetensors file ({e}); download it again") from None
-    if path.suffix in PICKLE_SUFFIXES:
-        if dtype is None:
-            return unwrap_state_dict(_read_pickle(path))
-        sd = unwrap_state_dict(_read_pickle(path, mmap=zipfile.is_zipfile(path)))
-        return {k: _converted(k, v, dtype) for k, v in sd.items()}
-    raise ValueError(f"path: expected a .safetensors file or one of {PICKLE_SUFFIXES}, got {path.name!r}")
-
-# %%
-# | export checkpoint
-def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under `prefix` (e.g. 'first_stage_model.'), with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-# %%
-# | export checkpoint
-def read_config(path: str | os.PathLike, name: str = "path_or_id") -> dict:
-    """The JSON object in a `config.json`; a damaged or non-object file names `name` and the path."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{name}: {str(path)!r} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{name}: expected a JSON object in {str(path)!r}, got {type(config).__name__}")
-    return config
-
-# %%
-# | export checkpoint
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks huggingface_hub not to touch the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-# %%
-# | export checkpoint
-def resolve_pretrained(path_or_id: str | os.PathLike, subfolder: str | None = None,
-                       filenames: tuple[str, ...] = ("config.json", "*.safetensors", "*.bin")) -> Path:
-    """A local folder for `path_or_id`: the folder itself, or a hub snapshot (only `filenames`)."""
-    local = Path(path_or_id)
-    if local.exists():
-        folder = local / subfolder if subfolder else local
-        if not folder.is_dir():
-            raise FileNotFoundError(f"path_or_id: expected a folder, got {str(folder)!r}")
-        return folder
-    repo_id = str(path_or_id)
-    if not HUB_ID.match(repo_id):
-        raise FileNotFoundError(f"path_or_id: no local folder {repo_id!r}, and it is not a hub id (owner/name)")
-    how = (f"download it where the Hub is reachable (`hf download {repo_id} --local-dir <folder>`) and pass "
-           "that folder instead: from_pretrained('<folder>'" + (f", subfolder={subfolder!r})" if subfolder else ")"))
-    if hub_offline():
-        raise OSError(f"path_or_id: {repo_id!r} is not a local folder and the Hugging Face Hub is offline "
-                      f"(HF_HUB_OFFLINE=1); {how}")
-    try:
-        patterns = [f"{subfolder}/{f}" if subfolder else f for f in filenames]
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # no network, unknown or gated repo, ...
-        raise OSError(f"path_or_id: {repo_id!r} is not a local folder and could not be fetched from the "
-                      f"Hugging Face Hub ({type(e).__name__}); {how}") from None
-    return root / subfolder if subfolder else root
-
-# %%
-# | export checkpoint
-def _listing(title: str, items: list[str]) -> str:
-    """A titled list for an error message, one item a line, cut after 20; "" for no items."""
-    if not items:
-        return ""
-    more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
-    return f"\n  {title} ({len(items)}):" + "".join(f"\n    {k}" for k in items[:20]) + more
-
-# %%
-# | export checkpoint
-def _check_weight_values(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str) -> None:
-    """Where the model holds floats, the checkpoint must too, and they must be finite."""
-    keys = sorted(k for k in sd if own[k].is_floating_point())
-    wrong = [f"{k}: {sd[k].dtype}" for k in keys if not sd[k].is_floating_point()]
-    if wrong:
-        raise ValueError(f"{what}: expected floating-point weights, got another dtype in" + _listing("tensors", wrong))
-    bad = [k for k in keys if not torch.isfinite(sd[k] if sd[k].element_size() > 1 else sd[k].float()).all()]
-    if bad:
-        raise ValueError(f"{what}: weights hold NaN or infinite values (a corrupt file or a diverged training run) in"
-                         + _listing("tensors", bad))
-
-# %%
-# | export checkpoint
-def check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint",
-                   assign: bool = False) -> None:
-    """`model.load_state_dict(sd, strict=True)`, after one error that lists every problem.
-    `assign=True` (for an `empty_model`): the model takes `sd`'s tensors themselves, no copy."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise WeightsMismatchError(f"{what} does not fit the model" + _listing("missing keys", missing)
-                                   + _listing("unexpected keys", unexpected) + _listing("shape mismatches", shapes))
-    _check_weight_values(sd, own, what)
-    if assign:
-        model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}, strict=True, assign=True)
-    else:
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
-
-# %% [markdown]
-# Loading in another precision without a float32 copy: build the model on the `meta` device
-# (shapes, no memory), cast it, give it uninitialised CPU storage, and let the strict
-# `check_and_load` *assign* the tensors just read: every parameter and buffer is replaced (a missing
-# key raises first), so the weights exist once, in the target dtype. What a state dict does not hold
-# (a plain tensor attribute, a non-persistent buffer) would stay uninitialised: `empty_model` refuses it.
-
-# %%
-# | export checkpoint
-def empty_model(build: Callable[[], nn.Module], dtype) -> nn.Module:
-    """`build()` without its weights: made on the meta device, cast to `dtype`, then given
-    uninitialised CPU storage (`to_empty`) for a strict `check_and_load(..., assign=True)` to fill.
-    `dtype=None` keeps the dtypes `build` gives."""
-    dtype = resolve_dtype(dtype)
-    with torch.device("meta"):
-        model = build()
-    model = (model if dtype is None else model.to(dtype)).to_empty(device="cpu")
-    unfilled = []
-    for name, m in model.named_modules():
-        plain = [k for k, v in vars(m).items() if isinstance(v, torch.Tensor)]  # still on the meta device
-        unfilled += [f"{name}.{k}" if name else k for k in plain + sorted(m._non_persistent_buffers_set)]
-    if unfilled:
-        raise RuntimeError(f"build: {type(model).__name__} holds tensors that no state dict fills (left on the "
-                           f"meta device or uninitialised): {unfilled[:10]}; load it with dtype=None")
-    return model
-
-# %%
-# | export checkpoint
-def load_model(build: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str = "checkpoint",
-               dtype=None) -> nn.Module:
-    """`build()` filled from `sd` by the strict `check_and_load`, in eval mode. With `dtype`, an
-    `empty_model` in that dtype takes `sd`'s tensors (read in `dtype`): no float32 copy, no init."""
-    dtype = resolve_dtype(dtype)
-    if dtype is None:  # the model's own init, then a copy: what every loader did before dtype=
-        model = build()
-        check_and_load(model, sd, what)
-    else:
-        model = empty_model(build, dtype)
-        check_and_load(model, sd, what, assign=True)
-    return model.eval()
-
-# %% [markdown]
-# A damaged download, a checkpoint that would run code, and a NaN in the weights, each met with an
-# error that says what is wrong with the file:
-
-# %%
-with tempfile.TemporaryDirectory() as tmp:
-    good = book.save_pretrained(f"{tmp}/good") / "diffusion_pytorch_model.safetensors"
-    (Path(tmp) / "cut.safetensors").write_bytes(good.read_bytes()[:1000])  # a download cut short
-    (Path(tmp) / "empty.ckpt").write_bytes(b"")
-    torch.save({"state_dict": {}, "callback": Exception("not a tensor")}, f"{tmp}/code.ckpt")
-    nan_sd = {k: v.clone() for k, v in book.state_dict().items()}
-    nan_sd["decoder.conv_out.bias"][0] = float("nan")
-    cases = [(lambda: load_state_dict(f"{tmp}/cut.safetensors"), r"cut\.safetensors \(1,000 bytes\) is corrupt"),
-             (lambda: load_state_dict(f"{tmp}/empty.ckpt"), r"empty\.ckpt \(0 bytes\) is damaged"),
-             (lambda: load_state_dict(f"{tmp}/code.ckpt"), r"weights_only=True\) refused code\.ckpt"),
-             (lambda: check_and_load(AutoencoderKL(), nan_sd), r"(?s)NaN or infinite.*decoder\.conv_out\.bias"),
-             (lambda: load_state_dict(good, dtype="int8"), r"^dtype: expected one of fp32, fp16, bf16")]
-    for call, pattern in cases:
-        try:
-            call()
-        except ValueError as e:
-            assert re.search(pattern, str(e)), (pattern, str(e))
-            print(f"ValueError: {e}")
-        else:
-            raise AssertionError(f"no error raised; expected {pattern!r}")
-
-# %% [markdown]
-# The original LDM / SGM single-file layout that `from_single_file` reads, its key map both ways and
-# its parity with diffusers' own converter are in chapter 17, the loading appendix.
