@@ -55,9 +55,9 @@ emb = text_encoder(["a red circle", "a blue square left of a green triangle"])  
 
 # %%
 # | export
-"""Training the book model (chapter 09): the TrainConfig recipe, chapter 08's Parametrisation as the
-objective, data encoded once, EMA, atomic checkpoints and bit-exact resume, torchrun (DDP), and the
-diffusers layout the pipeline loads. Stands on the pipeline (`book_pipeline`); inference never imports it."""
+"""Training the book model (chapter 09b): chapter 09a's recipe run by the `Trainer`, with atomic
+checkpoints and bit-exact resume, torchrun (DDP), and the diffusers layout the pipeline loads. Stands on
+the pipeline (`book_pipeline`); inference never imports it."""
 
 from __future__ import annotations
 

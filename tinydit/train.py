@@ -2,9 +2,9 @@
 # Edit the notebook instead, then run `python tools/export.py`.
 
 # notebooks/09b_train_loop.py:58
-"""Training the book model (chapter 09): the TrainConfig recipe, chapter 08's Parametrisation as the
-objective, data encoded once, EMA, atomic checkpoints and bit-exact resume, torchrun (DDP), and the
-diffusers layout the pipeline loads. Stands on the pipeline (`book_pipeline`); inference never imports it."""
+"""Training the book model (chapter 09b): chapter 09a's recipe run by the `Trainer`, with atomic
+checkpoints and bit-exact resume, torchrun (DDP), and the diffusers layout the pipeline loads. Stands on
+the pipeline (`book_pipeline`); inference never imports it."""
 
 from __future__ import annotations
 
