@@ -39,26 +39,34 @@
 #
 # | # | chapter | module | builds |
 # |---|---|---|---|
-# | 00 | introduction | `tinydit.validation` | this page; the one convention for bad input |
+# | 00 | introduction | `tinydit.validation`, `tinydit.notebook` | this page; the conventions for bad input and long classes |
 # | 01 | data | `tinydit.data` | procedural shapes with captions; optional colour emoji |
-# | 02 | VAE | `tinydit.vae`, `tinydit.checkpoint` | AutoencoderKL; the book's tiny VAE; loading SD/SDXL/SD3/Flux VAEs |
+# | 02a | VAE | `tinydit.vae` | AutoencoderKL; loading SD/SDXL/SD3/Flux VAEs; the book's VAE |
+# | 02b | VAE training | `tinydit.vae_training` | training the book's VAE, latent calibration |
 # | 03 | embeddings | `tinydit.embeddings` | sinusoidal timestep, 2D sin-cos position, rotary embeddings |
 # | 04 | noise schedules | `tinydit.schedules` | linear, cosine, scaled-linear, zero-terminal-SNR, flow matching |
-# | 05 | DiT | `tinydit.dit`, `tinydit.attention` | patchify, attention, adaLN-Zero; loading DiT-XL/2 |
-# | 06 | text encoders | `tinydit.text` | CLIP + T5 dual encoder with T5 offloading; the book text encoder |
-# | 07 | text-conditioned DiT | `tinydit.textdit` | cross-attention, adaLN-single, PixArt-α/Σ loading |
+# | 05a | attention | `tinydit.attention` | attention, masks, QK-norm |
+# | 05b | DiT | `tinydit.dit` | patchify, adaLN-Zero; loading DiT-XL/2 |
+# | 06a | text encoders | `tinydit.text` | CLIP and T5 behind one interface; the book text encoder |
+# | 06b | book text encoder | `tinydit.text_training` | its tokenizer, contrastive training and measurements |
+# | 06c | dual encoder | `tinydit.dual_encoder` | CLIP + T5 as SD3, T5 offloaded |
+# | 07a | cross-attention | `tinydit.textblock` | cross-attention, the text-conditioned block |
+# | 07b | text-conditioned DiT | `tinydit.textdit` | adaLN-single, PixArt-α/Σ loading |
 # | 08a | denoisers | `tinydit.denoisers` | one denoiser for ε / v / x0 / flow models; schedules; `Parametrisation` |
 # | 08b | samplers | `tinydit.samplers` | Euler, ancestral, Heun, DPM++ 2M / SDE / 3M, DDIM, LMS, UniPC |
-# | 09 | training | `tinydit.train` | objectives, CFG dropout, EMA, the book model |
+# | 09a | training recipe | `tinydit.train_recipe` | objectives, CFG dropout, data encoded once, EMA |
+# | 09b | training loop | `tinydit.train` | checkpoints, the trainer, DDP, the book model |
 # | 10 | evaluation | `tinydit.evaluate` | a pixel reader that grades the pipeline's pictures: adherence, Fréchet distance |
-# | 11 | guidance | `tinydit.guidance`, `tinydit.guidance_study` | classifier-free guidance, rescale, dynamic thresholding, APG |
+# | 11a | guidance | `tinydit.guidance` | classifier-free guidance, rescale, dynamic thresholding, APG |
+# | 11b | guidance measured | `tinydit.guidance_study` | the cures measured on the book model |
 # | 12a | offloading | `tinydit.offload` | model, block and leaf offload with hooks |
 # | 12b | precision | `tinydit.precision`, `tinydit.stepcache` | fp16 / bf16 / fp8 weights, step caching, compile |
 # | 13 | pipeline | `tinydit.pipeline` | text-to-image end to end through public steps, the CLI |
 # | 14 | folders & demo | `tinydit.formats`, `tinydit.demo` | diffusers' layout both ways, attention maps, widget demo |
 # | 15 | img2img & inpainting | `tinydit.edit` | SDEdit strength, masked latent blending |
 # | 16 | safety | `tinydit.safety` | a safety checker on generated images |
-# | 17 | appendix: loading | `tinydit.loading` | key maps and converters for real checkpoints |
+# | 17a | appendix: loading | `tinydit.loading` | key maps and converters for real checkpoints |
+# | 17b | appendix: weights | `tinydit.checkpoint` | reading weight files safely |
 #
 # Each module comes from exactly one notebook (a notebook may write two small modules), so every
 # module reads as one lesson; `tools/export.py --check` enforces it.
@@ -397,8 +405,8 @@ assert size("abc") == 3 and Counter().size() == 0  # ... leaves the function as 
 # %% [markdown]
 # ## Summary
 #
-# - The book builds a latent text-to-image DiT in fifteen chapters; each chapter exports one module
-#   of `tinydit` and later chapters import it.
+# - The book builds a latent text-to-image DiT in eighteen chapters (the longer ones in two or three
+#   sittings); each sitting exports its module of `tinydit` and later chapters import it.
 # - Every chapter runs at book size by default and at CI size with `TINYDIT_FAST=1`.
 # - Bad input gets an error that names the argument, what was expected and what was given
 #   (`tinydit.validation`); value checks run at entry points, never inside a model's `forward`.

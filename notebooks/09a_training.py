@@ -249,7 +249,7 @@ def fast(cls, **overrides) -> TrainConfig:
 
 # %%
 # | export
-def _check_train_config(name: str, cfg) -> TrainConfig:
+def check_train_config(name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"{name}: expected a TrainConfig, got {type(cfg).__name__}"
                         + (" (build one: TrainConfig(**settings))" if isinstance(cfg, dict) else ""))
@@ -281,7 +281,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every",
 def parametrisation(cfg: TrainConfig) -> Parametrisation:
     """The training objective of a config as chapter 08's Parametrisation: the same object draws the
     training pairs (`noised`), hands the samplers their denoiser, and writes the scheduler config."""
-    _check_train_config("cfg", cfg)
+    check_train_config("cfg", cfg)
     return Parametrisation(prediction=cfg.objective, beta_schedule=cfg.beta_schedule,
                            zero_terminal_snr=cfg.zero_terminal_snr)
 
@@ -453,7 +453,7 @@ class StreamingData:
 
 # %%
 # | export
-def _check_encoded_data(data) -> None:
+def check_encoded_data(data) -> None:
     """What a Trainer reads: EncodedData of consistent shapes, finite latents, at least one sample."""
     if isinstance(data, StreamingData):
         return

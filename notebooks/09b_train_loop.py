@@ -55,9 +55,8 @@ emb = text_encoder(["a red circle", "a blue square left of a green triangle"])  
 
 # %%
 # | export
-"""Training the book model (chapter 09b): chapter 09a's recipe run by the `Trainer`, with atomic
-checkpoints and bit-exact resume, torchrun (DDP), and the diffusers layout the pipeline loads. Stands on
-the pipeline (`book_pipeline`); inference never imports it."""
+"""Training the book model (chapter 09b): 09a's recipe run by the `Trainer`, atomic checkpoints and bit-exact
+resume, torchrun (DDP), the diffusers layout the pipeline loads. Inference never imports it."""
 
 from __future__ import annotations
 
@@ -76,6 +75,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from tinydit import train_recipe as recipe
 from tinydit.checkpoint import BOOK_MODEL_DIR, _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import Parametrisation
@@ -84,21 +84,7 @@ from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
-from tinydit.train_recipe import (
-    RESUMABLE_CHANGES,
-    EncodedData,
-    StreamingData,
-    TrainConfig,
-    _check_encoded_data,
-    _check_train_config,
-    batch_indices,
-    ema_update,
-    encode_dataset,
-    loss_weight,
-    lr_factor,
-    parametrisation,
-    step_generator,
-)
+from tinydit.train_recipe import EncodedData, StreamingData, TrainConfig, encode_dataset
 from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool, check_int
 
@@ -117,7 +103,7 @@ from tinydit.validation import check_bool, check_int
 def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
     """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
     book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
-    _check_train_config("cfg", cfg)
+    recipe.check_train_config("cfg", cfg)
     return TextDiTConfig(input_size=8, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                          depth=cfg.depth, num_heads=cfg.num_heads, learn_sigma=False, context_dim=context_dim,
                          modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
@@ -126,7 +112,7 @@ def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
 # | export
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
-    _check_train_config("cfg", cfg)
+    recipe.check_train_config("cfg", cfg)
     torch.manual_seed(cfg.seed)
     return TextDiT(book_model_config(cfg, context_dim))
 
@@ -191,7 +177,7 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
     files = {"config.json": pixart_config(model.config),
-             "scheduler_config.json": parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
+             "scheduler_config.json": recipe.parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
              "training.json": {"config": asdict(cfg), **(info or {})}}
     for name, content in files.items():
         atomic_write(folder / name, lambda p, c=content: p.write_text(json.dumps(c, indent=1)))
@@ -220,7 +206,7 @@ def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametr
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"folder: no book model in {str(folder)!r} (expected config.json and "
                                 "diffusion_pytorch_model.safetensors); train one with python -m tinydit train")
-    return TextDiT.from_pretrained(folder), parametrisation(read_train_config(folder))
+    return TextDiT.from_pretrained(folder), recipe.parametrisation(read_train_config(folder))
 
 # %%
 # | export
@@ -230,7 +216,7 @@ def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=N
     the evaluator sample through it, so what is graded is what `generate` draws."""
     if not isinstance(model, TextDiT):
         raise TypeError(f"model: expected the book model, a TextDiT (load_book_model, build_model), got {type(model).__name__}")
-    sampling = SamplingConfig(**asdict(parametrisation(cfg if cfg is not None else TrainConfig())))
+    sampling = SamplingConfig(**asdict(recipe.parametrisation(cfg if cfg is not None else TrainConfig())))
     return TextToImagePipeline(text_encoder if text_encoder is not None else load_book_text_encoder(), model,
                                vae if vae is not None else load_book_vae(), sampling.validate())
 
@@ -303,7 +289,7 @@ def checkpoints(folder: str | Path) -> list[Path]:
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """A checkpoint continues only the run that wrote it: name every setting that differs."""
     diff = {f.name: (saved.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
-            if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(cfg, f.name)}
+            if f.name not in recipe.RESUMABLE_CHANGES and saved.get(f.name) != getattr(cfg, f.name)}
     if diff:
         listed = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: {path} was written by a different run ({listed}); start a new --out "
@@ -346,9 +332,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out_dir: str | Path | None = None, data: EncodedData | None = None,
                  device: str | torch.device | None = None, disable: bool | None = None):
-        self.cfg, self.disable = _check_train_config("config", config), disable
+        self.cfg, self.disable = recipe.check_train_config("config", config), disable
         if data is not None:
-            _check_encoded_data(data)
+            recipe.check_encoded_data(data)
         self.rank, self.world = distributed()
         if config.batch_size % self.world:
             raise ValueError(f"batch_size: {config.batch_size} does not split over {self.world} processes")
@@ -357,7 +343,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.device = _check_device(device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.objective = parametrisation(config)
+        self.objective = recipe.parametrisation(config)
         if data is None:
             dataset = ShapesDataset(config.n_train, seed=config.data_seed, split="train")
             data = encode_dataset(dataset, disable=disable or self.rank > 0) if config.cache else StreamingData(dataset)
@@ -369,7 +355,7 @@ class Trainer:
             (decay if p.ndim >= 2 and p.shape[0] > 1 else rest).append(p)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: recipe.lr_factor(
             s, config.warmup_steps, config.steps, config.min_lr_ratio))
         self.net = self.model
         if self.world > 1:
@@ -388,9 +374,9 @@ class Trainer:
 def batch(self, step: int):
     """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
     cfg, d = self.cfg, self.data
-    idx = batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
+    idx = recipe.batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
     share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
-    g = step_generator(cfg.seed, step)
+    g = recipe.step_generator(cfg.seed, step)
     noise = torch.randn(len(idx), 4, 8, 8, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
     u, normal = torch.rand(len(idx), generator=g), torch.randn(len(idx), generator=g)  # (B,), (B,)
     drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout  # (B,) train on "" instead
@@ -406,7 +392,7 @@ def batch(self, step: int):
 def loss(self, step: int) -> torch.Tensor:
     x0, noise, u, normal, tokens, mask = self.batch(step)
     x_t, t, target = self.objective.noised(x0, noise, u, normal)
-    weight = loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
+    weight = recipe.loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
     with self.autocast():
         pred = self.net(x_t, t, context=tokens, context_mask=mask)  # (b, 4, 8, 8)
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
@@ -426,7 +412,7 @@ def train_step(self) -> float:
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
     self.opt.step()
     self.sched.step()
-    ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
+    recipe.ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
     self.step += 1
     value = float(loss.detach())
     if self.world > 1:  # the logged loss is the global batch's, as one process would see it
@@ -639,7 +625,7 @@ def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "r
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
     `<out_dir>/book_model` (diffusers layout). `python -m tinydit train` calls this."""
-    cfg = _check_train_config("config", config) if config is not None else TrainConfig()
+    cfg = recipe.check_train_config("config", config) if config is not None else TrainConfig()
     out_dir = Path(out_dir)
     _check_run_folder(out_dir, check_bool("resume", resume))
     t0 = time.perf_counter()

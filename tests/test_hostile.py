@@ -61,6 +61,7 @@ from tinydit import (
     text_training,
     textdit,
     train,
+    train_recipe,
     vae,
     vae_training,
 )
@@ -934,7 +935,7 @@ def two_models():
 def _ema_decay(decay):
     def call():
         ema, model = two_models()
-        train.ema_update(ema, model, decay, 100)
+        train_recipe.ema_update(ema, model, decay, 100)
         assert all(torch.isfinite(p).all() for p in ema.parameters()), f"ema_update(decay={decay}) made NaN weights"
     return call
 
@@ -1848,7 +1849,7 @@ CASES = [
     ("denoisers.Parametrisation.beta_schedule_unknown", lambda: denoisers.Parametrisation(beta_schedule="sigmoid"), VE, r"^beta_schedule: "),
     ("denoisers.Parametrisation.shift_zero", lambda: denoisers.Parametrisation("flow", shift=0), VE, r"^shift: "),
     ("denoisers.Parametrisation.sigma_schedule_unknown", lambda: denoisers.Parametrisation(sigma_schedule="cosine"), VE, r"^sigma_schedule: "),
-    ("train.parametrisation.cfg_dict", lambda: train.parametrisation({"objective": "flow"}), TE, r"^cfg: .*TrainConfig"),
+    ("train.parametrisation.cfg_dict", lambda: train_recipe.parametrisation({"objective": "flow"}), TE, r"^cfg: .*TrainConfig"),
     ("denoisers.Parametrisation.noised.u_negative", _noised_u_negative, VE, r"^u: "),
     ("denoisers.Parametrisation.noised.u_above_1", lambda: denoisers.Parametrisation().noised(*x0_noise_u(u=torch.tensor([0.5, 3.0]))), VE, r"^u: "),
     ("denoisers.Parametrisation.noised.noise_broadcast", lambda: denoisers.Parametrisation().noised(torch.zeros(2, 4, 8, 8), torch.ones(1, 4, 8, 8), torch.rand(2), torch.zeros(2)), VE, r"^noise: "),
@@ -1869,21 +1870,21 @@ CASES = [
     ("train.encode_dataset.not_pairs", lambda: train.encode_dataset([renders(1)[0]] * 2, *book_encoders(), disable=True), TE, r"^dataset(\[0\])?: .*\(image, caption\)"),
     ("train.StreamingData.none", _stream_none, TE, r"^dataset: "),
     # batch_indices / step_generator / lr_factor / ema_update
-    ("train.batch_indices.n_zero", lambda: train.batch_indices(0, 0, 4, 0), VE, r"^n: "),
-    ("train.batch_indices.batch_zero", lambda: train.batch_indices(0, 8, 0, 0), VE, r"^batch_size: "),
-    ("train.batch_indices.step_negative", lambda: train.batch_indices(-1, 8, 4, 0), VE, r"^step: "),
-    ("train.batch_indices.step_float", lambda: train.batch_indices(1.5, 8, 4, 0), TE, r"^step: "),
-    ("train.batch_indices.n_float", lambda: train.batch_indices(0, 8.0, 4, 0), TE, r"^n: "),
-    ("train.step_generator.seed_float", lambda: train.step_generator(1.5, 0), TE, r"^seed: "),
-    ("train.step_generator.seed_huge", lambda: train.step_generator(2**70, 0), VE, r"^seed: "),
-    ("train.step_generator.step_negative", lambda: train.step_generator(0, -1), VE, r"^step: "),
-    ("train.lr_factor.warmup_negative", lambda: train.lr_factor(0, -5, 10, 0.1), VE, r"^warmup: "),
-    ("train.lr_factor.min_ratio_nan", lambda: train.lr_factor(8, 2, 10, NAN), VE, r"^min_ratio: "),
-    ("train.lr_factor.step_negative", lambda: train.lr_factor(-3, 0, 10, 0.1), VE, r"^step: "),
-    ("train.ema_update.mismatched_models", lambda: train.ema_update(train.build_model(train_cfg(depth=1)), train.build_model(train_cfg(depth=2)), 0.9, 100), VE, r"^(ema|model): "),
+    ("train.batch_indices.n_zero", lambda: train_recipe.batch_indices(0, 0, 4, 0), VE, r"^n: "),
+    ("train.batch_indices.batch_zero", lambda: train_recipe.batch_indices(0, 8, 0, 0), VE, r"^batch_size: "),
+    ("train.batch_indices.step_negative", lambda: train_recipe.batch_indices(-1, 8, 4, 0), VE, r"^step: "),
+    ("train.batch_indices.step_float", lambda: train_recipe.batch_indices(1.5, 8, 4, 0), TE, r"^step: "),
+    ("train.batch_indices.n_float", lambda: train_recipe.batch_indices(0, 8.0, 4, 0), TE, r"^n: "),
+    ("train.step_generator.seed_float", lambda: train_recipe.step_generator(1.5, 0), TE, r"^seed: "),
+    ("train.step_generator.seed_huge", lambda: train_recipe.step_generator(2**70, 0), VE, r"^seed: "),
+    ("train.step_generator.step_negative", lambda: train_recipe.step_generator(0, -1), VE, r"^step: "),
+    ("train.lr_factor.warmup_negative", lambda: train_recipe.lr_factor(0, -5, 10, 0.1), VE, r"^warmup: "),
+    ("train.lr_factor.min_ratio_nan", lambda: train_recipe.lr_factor(8, 2, 10, NAN), VE, r"^min_ratio: "),
+    ("train.lr_factor.step_negative", lambda: train_recipe.lr_factor(-3, 0, 10, 0.1), VE, r"^step: "),
+    ("train.ema_update.mismatched_models", lambda: train_recipe.ema_update(train.build_model(train_cfg(depth=1)), train.build_model(train_cfg(depth=2)), 0.9, 100), VE, r"^(ema|model): "),
     ("train.ema_update.decay_nan", _ema_decay(NAN), VE, r"^decay: "),
     ("train.ema_update.decay_negative", _ema_decay(-1.0), VE, r"^decay: "),
-    ("train.ema_update.step_minus_10", lambda: train.ema_update(*two_models(), 0.9, -10), VE, r"^step: "),
+    ("train.ema_update.step_minus_10", lambda: train_recipe.ema_update(*two_models(), 0.9, -10), VE, r"^step: "),
     # build_model / book_model_config / pixart_to_diffusers / atomic_write / save / read config
     ("train.build_model.config_dict", lambda: train.build_model({"hidden_size": 32}), TE, r"^cfg: "),
     ("train.book_model_config.none", lambda: train.book_model_config(None), TE, r"^cfg: "),
@@ -1932,7 +1933,7 @@ CASES = [
     ("evaluate.pipeline_generator.pipe_none", lambda: evaluate.pipeline_generator(None), TE, r"^pipe: .*got NoneType"),
     ("evaluate.pipeline_generator.pipe_dit", lambda: evaluate.pipeline_generator(tiny_dit()), TE, r"^pipe: .*got DiT"),
     ("train.book_pipeline.cfg_dict", lambda: train.book_pipeline(tiny_book_model(), {"objective": "flow"}), TE, r"^cfg: .*TrainConfig"),
-    ("train.book_pipeline.cfg_parametrisation", lambda: train.book_pipeline(tiny_book_model(), train.parametrisation(train_cfg())), TE, r"^cfg: .*got Parametrisation"),
+    ("train.book_pipeline.cfg_parametrisation", lambda: train.book_pipeline(tiny_book_model(), train_recipe.parametrisation(train_cfg())), TE, r"^cfg: .*got Parametrisation"),
     ("train.book_pipeline.cure_not_callable", lambda: generate_tiny(cure=3.0), TE, r"^cure: "),
     ("evaluate.pipeline_generator.callback_not_callable", lambda: generate_tiny(callback=[]), TE, r"^callback: "),
     ("train.book_pipeline.denoise_cond_list", _book_pipeline_denoise_cond_list, TE, r"^cond: expected the dict encode_prompt returns"),
@@ -1956,7 +1957,7 @@ CASES = [
     ("pipeline.encode_prompt.none_in_list", lambda: tiny_book_pipe().encode_prompt(["a", None], ["", ""]), TE, r"^prompt: "),
     ("denoisers.Parametrisation.scheduler_config.sampler_unknown", lambda: denoisers.Parametrisation().scheduler_config("nope"), VE, r"^sampler: "),
     ("denoisers.Parametrisation.from_scheduler_config.shift_str", lambda: denoisers.Parametrisation.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}), TE, r"^shift: "),
-    ("train.loss_weight.gamma_negative", lambda: train.loss_weight(train.parametrisation(train_cfg()), torch.tensor([5]), -1.0), VE, r"^min_snr_gamma: "),
+    ("train.loss_weight.gamma_negative", lambda: train_recipe.loss_weight(train_recipe.parametrisation(train_cfg()), torch.tensor([5]), -1.0), VE, r"^min_snr_gamma: "),
     ("guidance_study.generate_guided.seeds_negative", lambda: generate_guided_tiny(seeds=[-1, 2]), VE, r"^seed\[0\]: "),
     ("guidance_study.generate_guided.seeds_float", lambda: generate_guided_tiny(seeds=[0.5, 1.5]), TE, r"^seed\[0\]: "),
     ("guidance_study.generate_guided.scale_nan", lambda: generate_guided_tiny(scale=NAN), VE, r"^guidance_scale: "),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinydit import train
+from tinydit import train, train_recipe
 from tinydit.checkpoint import BOOK_MODEL_DIR
 from tinydit.data import ShapesDataset
 from tinydit.schedules import add_noise, flow_add_noise
@@ -46,12 +46,12 @@ def _nonzero(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def test_objective_targets_match_the_forward_process_and_the_sampling_wrapper(kind):
     """The training target and chapter 08's denoiser agree: a network that outputs the exact target
     makes the denoiser return x0 exactly."""
-    obj = train.parametrisation(train.TrainConfig(objective=kind))
+    obj = train_recipe.parametrisation(train.TrainConfig(objective=kind))
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
     u, normal = torch.rand(8, generator=g), torch.randn(8, generator=g)
     x_t, t, target = obj.noised(x0, noise, u, normal)
-    weight = train.loss_weight(obj, t, 5.0)
+    weight = train_recipe.loss_weight(obj, t, 5.0)
     if kind == "flow":
         ref, _ = flow_add_noise(x0, t / obj.num_train_timesteps, noise=noise)
     else:
@@ -78,14 +78,14 @@ def test_min_snr_weights_follow_hang_et_al():
     gamma 0 = the plain, unweighted MSE on the target."""
     u = torch.linspace(0, 0.999, 50)
     zeros = torch.zeros(50, 4, 8, 8)
-    obj = train.parametrisation(train.TrainConfig())
+    obj = train_recipe.parametrisation(train.TrainConfig())
     t = obj.noised(zeros, zeros, u, torch.zeros(50))[1]  # (50,) the DDPM steps of u
-    w = train.loss_weight(obj, t, 5.0)
+    w = train_recipe.loss_weight(obj, t, 5.0)
     ab = obj.alphas_cumprod[(u * 1000).long()]
     snr = ab / (1 - ab)
     torch.testing.assert_close(w.double(), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), atol=1e-6, rtol=1e-5)
     assert 0.1 < u[w.argmax()] < 0.5  # the weight peaks at SNR = gamma, not at either end
-    plain = train.loss_weight(obj, t, 0.0)
+    plain = train_recipe.loss_weight(obj, t, 0.0)
     torch.testing.assert_close(plain, torch.ones(50))
 
 
@@ -155,7 +155,7 @@ def test_saved_scheduler_config_reads_back_as_the_training_parametrisation(tmp_p
     cfg = train.TrainConfig(**{**TINY, **overrides})
     folder = train.save_book_model(train.build_model(cfg), tmp_path / "m", cfg)
     saved = json.loads((folder / "scheduler_config.json").read_text())
-    param = train.parametrisation(cfg)
+    param = train_recipe.parametrisation(cfg)
     assert Parametrisation.from_scheduler_config(saved) == dataclasses.replace(param, scheduler=saved["_class_name"])
     torch.testing.assert_close(Parametrisation.from_scheduler_config(saved).alphas_cumprod, param.alphas_cumprod)
 

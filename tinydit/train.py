@@ -2,9 +2,8 @@
 # Edit the notebook instead, then run `python tools/export.py`.
 
 # notebooks/09b_train_loop.py:58
-"""Training the book model (chapter 09b): chapter 09a's recipe run by the `Trainer`, with atomic
-checkpoints and bit-exact resume, torchrun (DDP), and the diffusers layout the pipeline loads. Stands on
-the pipeline (`book_pipeline`); inference never imports it."""
+"""Training the book model (chapter 09b): 09a's recipe run by the `Trainer`, atomic checkpoints and bit-exact
+resume, torchrun (DDP), the diffusers layout the pipeline loads. Inference never imports it."""
 
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from tinydit import train_recipe as recipe
 from tinydit.checkpoint import BOOK_MODEL_DIR, _read_pickle, check_and_load, read_config
 from tinydit.data import ShapesDataset
 from tinydit.denoisers import Parametrisation
@@ -31,44 +31,30 @@ from tinydit.pipeline import SamplingConfig, TextToImagePipeline
 from tinydit.samplers import DEFAULT_SAMPLER
 from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
-from tinydit.train_recipe import (
-    RESUMABLE_CHANGES,
-    EncodedData,
-    StreamingData,
-    TrainConfig,
-    _check_encoded_data,
-    _check_train_config,
-    batch_indices,
-    ema_update,
-    encode_dataset,
-    loss_weight,
-    lr_factor,
-    parametrisation,
-    step_generator,
-)
+from tinydit.train_recipe import EncodedData, StreamingData, TrainConfig, encode_dataset
 from tinydit.vae import load_book_vae
 from tinydit.validation import check_bool, check_int
 
 
-# notebooks/09b_train_loop.py:117
+# notebooks/09b_train_loop.py:103
 def book_model_config(cfg: TrainConfig, context_dim: int = 96) -> TextDiTConfig:
     """The book model's architecture: a PixArt-style TextDiT (adaLN-single, cross-attention) on the
     book VAE's 8x8x4 latents and `context_dim`-wide text tokens, sized by `cfg`."""
-    _check_train_config("cfg", cfg)
+    recipe.check_train_config("cfg", cfg)
     return TextDiTConfig(input_size=8, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.hidden_size,
                          depth=cfg.depth, num_heads=cfg.num_heads, learn_sigma=False, context_dim=context_dim,
                          modulation="adaln_single", pos_base_size=8 // cfg.patch_size, interpolation_scale=1)
 
 
-# notebooks/09b_train_loop.py:127
+# notebooks/09b_train_loop.py:113
 def build_model(cfg: TrainConfig, context_dim: int = 96) -> TextDiT:
     """A fresh book model: the TextDiT of `book_model_config` (seeded by cfg.seed)."""
-    _check_train_config("cfg", cfg)
+    recipe.check_train_config("cfg", cfg)
     torch.manual_seed(cfg.seed)
     return TextDiT(book_model_config(cfg, context_dim))
 
 
-# notebooks/09b_train_loop.py:135
+# notebooks/09b_train_loop.py:121
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable: the directory entry is data too (no-op where directories cannot be opened)."""
     try:
@@ -83,7 +69,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# notebooks/09b_train_loop.py:150
+# notebooks/09b_train_loop.py:136
 def atomic_write(path: str | Path, write) -> Path:
     """Call `write(tmp_path)`, fsync the file, then rename it over `path`: a reader (or a crash at
     any instant) sees the old file or the new one, never half of one."""
@@ -107,7 +93,7 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-# notebooks/09b_train_loop.py:174
+# notebooks/09b_train_loop.py:160
 def _check_book_model(model, cfg) -> None:
     """`model` is a TextDiT and `cfg` describes it: the saved config.json must rebuild these weights."""
     if not isinstance(model, TextDiT):
@@ -119,7 +105,7 @@ def _check_book_model(model, cfg) -> None:
         raise ValueError(f"cfg: does not describe the model ({'; '.join(diff)}); pass the one it was built with")
 
 
-# notebooks/09b_train_loop.py:186
+# notebooks/09b_train_loop.py:172
 def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: dict | None = None) -> Path:
     """Write `model` in diffusers' PixArtTransformer2DModel layout (+ scheduler and training notes)."""
     _check_book_model(model, cfg)
@@ -128,14 +114,14 @@ def save_book_model(model: TextDiT, folder: str | Path, cfg: TrainConfig, info: 
     sd = pixart_to_diffusers({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda p: save_file(sd, str(p)))
     files = {"config.json": pixart_config(model.config),
-             "scheduler_config.json": parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
+             "scheduler_config.json": recipe.parametrisation(cfg).scheduler_config(DEFAULT_SAMPLER),
              "training.json": {"config": asdict(cfg), **(info or {})}}
     for name, content in files.items():
         atomic_write(folder / name, lambda p, c=content: p.write_text(json.dumps(c, indent=1)))
     return folder
 
 
-# notebooks/09b_train_loop.py:202
+# notebooks/09b_train_loop.py:188
 def read_train_config(folder: str | Path) -> TrainConfig:
     """The TrainConfig a saved book model was trained with."""
     path = Path(folder) / "training.json"
@@ -150,29 +136,29 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     return TrainConfig(**config)
 
 
-# notebooks/09b_train_loop.py:217
+# notebooks/09b_train_loop.py:203
 def load_book_model(folder: str | Path | None = None) -> tuple[TextDiT, Parametrisation]:
     """The shipped book model (EMA weights) or one saved by `save_book_model`, and its parametrisation."""
     folder = Path(folder) if folder is not None else BOOK_MODEL_DIR
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"folder: no book model in {str(folder)!r} (expected config.json and "
                                 "diffusion_pytorch_model.safetensors); train one with python -m tinydit train")
-    return TextDiT.from_pretrained(folder), parametrisation(read_train_config(folder))
+    return TextDiT.from_pretrained(folder), recipe.parametrisation(read_train_config(folder))
 
 
-# notebooks/09b_train_loop.py:227
+# notebooks/09b_train_loop.py:213
 def book_pipeline(model: TextDiT, cfg: TrainConfig | None = None, text_encoder=None, vae=None) -> TextToImagePipeline:
     """Chapter 13's pipeline around a book model (the EMA of a run: the pipeline puts it in eval mode):
     its parametrisation from `cfg` (default TrainConfig()), the book text encoder and VAE. Previews and
     the evaluator sample through it, so what is graded is what `generate` draws."""
     if not isinstance(model, TextDiT):
         raise TypeError(f"model: expected the book model, a TextDiT (load_book_model, build_model), got {type(model).__name__}")
-    sampling = SamplingConfig(**asdict(parametrisation(cfg if cfg is not None else TrainConfig())))
+    sampling = SamplingConfig(**asdict(recipe.parametrisation(cfg if cfg is not None else TrainConfig())))
     return TextToImagePipeline(text_encoder if text_encoder is not None else load_book_text_encoder(), model,
                                vae if vae is not None else load_book_vae(), sampling.validate())
 
 
-# notebooks/09b_train_loop.py:281
+# notebooks/09b_train_loop.py:267
 def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun (WORLD_SIZE > 1):
     gloo on CPU, NCCL on CUDA. Several nodes: the same command with torchrun --nnodes."""
@@ -183,7 +169,7 @@ def distributed() -> tuple[int, int]:
     return 0, 1
 
 
-# notebooks/09b_train_loop.py:292
+# notebooks/09b_train_loop.py:278
 CHECKPOINT_GLOB = "step-*.pt"
 
 
@@ -194,18 +180,18 @@ def checkpoints(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob(CHECKPOINT_GLOB))
 
 
-# notebooks/09b_train_loop.py:303
+# notebooks/09b_train_loop.py:289
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """A checkpoint continues only the run that wrote it: name every setting that differs."""
     diff = {f.name: (saved.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
-            if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(cfg, f.name)}
+            if f.name not in recipe.RESUMABLE_CHANGES and saved.get(f.name) != getattr(cfg, f.name)}
     if diff:
         listed = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: {path} was written by a different run ({listed}); start a new --out "
                          "folder or train with the checkpoint's settings")
 
 
-# notebooks/09b_train_loop.py:314
+# notebooks/09b_train_loop.py:300
 TRAINING_STATE = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng_torch", "losses")
 
 
@@ -224,7 +210,7 @@ def _load_training_state(path: Path) -> dict:
     return state
 
 
-# notebooks/09b_train_loop.py:333
+# notebooks/09b_train_loop.py:319
 def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -235,15 +221,15 @@ def _check_device(device) -> torch.device:
     return device
 
 
-# notebooks/09b_train_loop.py:344
+# notebooks/09b_train_loop.py:330
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path | None = None, data: EncodedData | None = None,
                  device: str | torch.device | None = None, disable: bool | None = None):
-        self.cfg, self.disable = _check_train_config("config", config), disable
+        self.cfg, self.disable = recipe.check_train_config("config", config), disable
         if data is not None:
-            _check_encoded_data(data)
+            recipe.check_encoded_data(data)
         self.rank, self.world = distributed()
         if config.batch_size % self.world:
             raise ValueError(f"batch_size: {config.batch_size} does not split over {self.world} processes")
@@ -252,7 +238,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.device = _check_device(device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.objective = parametrisation(config)
+        self.objective = recipe.parametrisation(config)
         if data is None:
             dataset = ShapesDataset(config.n_train, seed=config.data_seed, split="train")
             data = encode_dataset(dataset, disable=disable or self.rank > 0) if config.cache else StreamingData(dataset)
@@ -264,7 +250,7 @@ class Trainer:
             (decay if p.ndim >= 2 and p.shape[0] > 1 else rest).append(p)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: recipe.lr_factor(
             s, config.warmup_steps, config.steps, config.min_lr_ratio))
         self.net = self.model
         if self.world > 1:
@@ -277,13 +263,13 @@ class Trainer:
         use = self.cfg.mixed_precision == "bf16" or (self.cfg.mixed_precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
 
-    # notebooks/09b_train_loop.py:387
+    # notebooks/09b_train_loop.py:373
     def batch(self, step: int):
         """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
         cfg, d = self.cfg, self.data
-        idx = batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
+        idx = recipe.batch_indices(step, len(d), cfg.batch_size, cfg.data_seed)  # (B,)
         share = slice(self.rank * len(idx) // self.world, (self.rank + 1) * len(idx) // self.world)
-        g = step_generator(cfg.seed, step)
+        g = recipe.step_generator(cfg.seed, step)
         noise = torch.randn(len(idx), 4, 8, 8, generator=g)  # (B, 4, 8, 8), all drawn on the CPU
         u, normal = torch.rand(len(idx), generator=g), torch.randn(len(idx), generator=g)  # (B,), (B,)
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout  # (B,) train on "" instead
@@ -293,17 +279,17 @@ class Trainer:
         parts = (latents, noise[share], u[share], normal[share], tokens, mask)
         return [p.to(self.device) for p in parts]
 
-    # notebooks/09b_train_loop.py:405
+    # notebooks/09b_train_loop.py:391
     def loss(self, step: int) -> torch.Tensor:
         x0, noise, u, normal, tokens, mask = self.batch(step)
         x_t, t, target = self.objective.noised(x0, noise, u, normal)
-        weight = loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
+        weight = recipe.loss_weight(self.objective, t, self.cfg.min_snr_gamma)  # (b,)
         with self.autocast():
             pred = self.net(x_t, t, context=tokens, context_mask=mask)  # (b, 4, 8, 8)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
         return (weight * per_sample).mean()
 
-    # notebooks/09b_train_loop.py:417
+    # notebooks/09b_train_loop.py:403
     def train_step(self) -> float:
         loss = self.loss(self.step)
         if not torch.isfinite(loss):
@@ -315,7 +301,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
+        recipe.ema_update(self.ema, self.model, self.cfg.ema_decay, self.step)
         self.step += 1
         value = float(loss.detach())
         if self.world > 1:  # the logged loss is the global batch's, as one process would see it
@@ -325,7 +311,7 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    # notebooks/09b_train_loop.py:441
+    # notebooks/09b_train_loop.py:427
     def train(self, until: int | None = None, callback=None) -> Trainer:
         """Train to step `until` (default: the config's steps), checkpointing as configured.
         `callback(trainer)` runs after every step (sample grids, early stops)."""
@@ -352,14 +338,14 @@ class Trainer:
             self.save_checkpoint()  # the end of the run, unless the loop just saved it
         return self
 
-    # notebooks/09b_train_loop.py:470
+    # notebooks/09b_train_loop.py:456
     def state(self) -> dict:
         """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "config": json.dumps(asdict(self.cfg)),
                 "rng_torch": torch.get_rng_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
 
-    # notebooks/09b_train_loop.py:479
+    # notebooks/09b_train_loop.py:465
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
         self._check_out_dir()
@@ -374,7 +360,7 @@ class Trainer:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
         return self.last_checkpoint
 
-    # notebooks/09b_train_loop.py:496
+    # notebooks/09b_train_loop.py:482
     def save_snapshot(self) -> None:
         """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
         self._check_out_dir()
@@ -382,12 +368,12 @@ class Trainer:
             save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
                             {"step": self.step, "losses": self.losses[-1:]})
 
-    # notebooks/09b_train_loop.py:506
+    # notebooks/09b_train_loop.py:492
     def _check_out_dir(self) -> None:
         if self.out_dir is None:
             raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
 
-    # notebooks/09b_train_loop.py:513
+    # notebooks/09b_train_loop.py:499
     def resume(self, path: str | Path | None = None) -> Trainer:
         """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
         if path is None:
@@ -412,7 +398,7 @@ class Trainer:
         return self
 
 
-# notebooks/09b_train_loop.py:621
+# notebooks/09b_train_loop.py:607
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
     try:
@@ -429,12 +415,12 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
                          "continue it with resume=True, or choose an empty folder")
 
 
-# notebooks/09b_train_loop.py:638
+# notebooks/09b_train_loop.py:624
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
     `<out_dir>/book_model` (diffusers layout). `python -m tinydit train` calls this."""
-    cfg = _check_train_config("config", config) if config is not None else TrainConfig()
+    cfg = recipe.check_train_config("config", config) if config is not None else TrainConfig()
     out_dir = Path(out_dir)
     _check_run_folder(out_dir, check_bool("resume", resume))
     t0 = time.perf_counter()

@@ -137,7 +137,7 @@ class TrainConfig:
 
 
 # notebooks/09a_training.py:252
-def _check_train_config(name: str, cfg) -> TrainConfig:
+def check_train_config(name: str, cfg) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"{name}: expected a TrainConfig, got {type(cfg).__name__}"
                         + (" (build one: TrainConfig(**settings))" if isinstance(cfg, dict) else ""))
@@ -152,7 +152,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "snapshot_every",
 def parametrisation(cfg: TrainConfig) -> Parametrisation:
     """The training objective of a config as chapter 08's Parametrisation: the same object draws the
     training pairs (`noised`), hands the samplers their denoiser, and writes the scheduler config."""
-    _check_train_config("cfg", cfg)
+    check_train_config("cfg", cfg)
     return Parametrisation(prediction=cfg.objective, beta_schedule=cfg.beta_schedule,
                            zero_terminal_snr=cfg.zero_terminal_snr)
 
@@ -267,7 +267,7 @@ class StreamingData:
 
 
 # notebooks/09a_training.py:456
-def _check_encoded_data(data) -> None:
+def check_encoded_data(data) -> None:
     """What a Trainer reads: EncodedData of consistent shapes, finite latents, at least one sample."""
     if isinstance(data, StreamingData):
         return

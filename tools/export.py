@@ -19,8 +19,8 @@ ordinary Python. `Name` must be the last definition of an earlier exported cell 
 
 Exported cells are written, in notebook order, to `tinydit/<module>.py` under a header that names
 the source notebook and says not to edit the file; each chunk opens with a comment naming the line
-it came from (`# notebooks/05_dit.py:120`). A notebook may feed several modules (chapter 05
-writes `dit` and `attention`), but a module is fed by exactly one notebook: a later chapter that
+it came from (`# notebooks/05b_dit.py:120`). A notebook may feed several modules (chapter 12b
+writes `precision` and `stepcache`), but a module is fed by exactly one notebook: a later chapter that
 needs more code writes its own module and imports the earlier one, so every module reads as one
 lesson. Two notebooks exporting to one module is an error.
 
