@@ -44,7 +44,8 @@
 # | 02a | VAE | `tinydit.vae` | AutoencoderKL; loading SD/SDXL/SD3/Flux VAEs; the book's VAE |
 # | 02b | VAE training | `tinydit.vae_training` | training the book's VAE, latent calibration |
 # | 03 | embeddings | `tinydit.embeddings` | sinusoidal timestep, 2D sin-cos position, rotary embeddings |
-# | 04 | noise schedules | `tinydit.schedules` | linear, cosine, scaled-linear, zero-terminal-SNR, flow matching |
+# | 04a | noise schedules | `tinydit.schedules` | linear, cosine, scaled-linear, zero-terminal-SNR, Karras |
+# | 04b | flow matching | `tinydit.flow` | rectified flow, SD3's shift, every schedule side by side |
 # | 05a | attention | `tinydit.attention` | attention, masks, QK-norm |
 # | 05b | DiT | `tinydit.dit` | patchify, adaLN-Zero; loading DiT-XL/2 |
 # | 06a | text encoders | `tinydit.text` | CLIP and T5 behind one interface; the book text encoder |

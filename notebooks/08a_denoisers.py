@@ -133,13 +133,13 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from tinydit.flow import flow_sigmas
 from tinydit.schedules import (
     DEFAULT_BETA_RANGES,
     SCHEDULE_ALIASES,
     SCHEDULES,
     alphas_cumprod,
     discrete_sigmas,
-    flow_sigmas,
     karras_sigmas,
     make_betas,
     rescale_zero_terminal_snr,

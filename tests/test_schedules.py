@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
 
+from tinydit import flow as FM
 from tinydit import schedules as S
 
 
@@ -108,7 +109,7 @@ def test_karras_sigmas_match_diffusers(n, smin, smax, rho):
 def test_flow_sigmas_match_flow_match_euler(n, shift):
     ref = FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(n)
-    ours = S.flow_sigmas(n, shift=shift)
+    ours = FM.flow_sigmas(n, shift=shift)
     assert ours.shape == (n + 1,) and ours[-1] == 0
     assert _abs_err(ours, ref.sigmas) <= TOL
 
@@ -117,13 +118,13 @@ def test_flow_sigmas_match_flow_match_euler(n, shift):
 def test_flow_sigmas_with_flux_dynamic_shift(mu):
     ref = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     ref.set_timesteps(12, mu=mu)
-    assert _abs_err(S.flow_sigmas(12, mu=mu), ref.sigmas) <= TOL
+    assert _abs_err(FM.flow_sigmas(12, mu=mu), ref.sigmas) <= TOL
 
 
 def test_training_sigmas_of_flow_scheduler_are_shifted_times():
     ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
     t = torch.arange(1000, 0, -1, dtype=torch.float32) / 1000
-    assert _abs_err(S.shift_sigmas(t, 3.0), ref.sigmas) <= TOL
+    assert _abs_err(FM.shift_sigmas(t, 3.0), ref.sigmas) <= TOL
 
 
 def test_add_noise_matches_ddpm_scheduler():
@@ -140,7 +141,7 @@ def test_flow_add_noise_matches_scale_noise():
     idx = torch.tensor([0, 100, 500, 999])
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(4, 16, 4, 4, generator=g)
-    xt, noise = S.flow_add_noise(x0, ref.sigmas[idx], generator=g)
+    xt, noise = FM.flow_add_noise(x0, ref.sigmas[idx], generator=g)
     assert _abs_err(xt, ref.scale_noise(x0, ref.timesteps[idx], noise)) <= TOL
 
 
@@ -183,14 +184,14 @@ def test_sigma_conversions():
 
 def test_flow_snr_and_karras_sigma():
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    assert _abs_err(S.flow_snr(t), ((1 - t) / t) ** 2) <= TOL
-    assert _abs_err(S.flow_to_karras_sigma(t), t / (1 - t)) <= TOL
-    assert _abs_err(S.flow_snr(t), S.flow_to_karras_sigma(t) ** -2) <= 1e-9
+    assert _abs_err(FM.flow_snr(t), ((1 - t) / t) ** 2) <= TOL
+    assert _abs_err(FM.flow_to_karras_sigma(t), t / (1 - t)) <= TOL
+    assert _abs_err(FM.flow_snr(t), FM.flow_to_karras_sigma(t) ** -2) <= 1e-9
 
 
 def test_logit_normal_timesteps_are_seeded_and_logit_normal():
-    a = S.logit_normal_timesteps(50000, 0.5, 0.8, generator=torch.Generator().manual_seed(0))
-    b = S.logit_normal_timesteps(50000, 0.5, 0.8, generator=torch.Generator().manual_seed(0))
+    a = FM.logit_normal_timesteps(50000, 0.5, 0.8, generator=torch.Generator().manual_seed(0))
+    b = FM.logit_normal_timesteps(50000, 0.5, 0.8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.min() > 0 and a.max() < 1
     z = torch.logit(a.double())
     assert abs(z.mean().item() - 0.5) < 0.02 and abs(z.std().item() - 0.8) < 0.02
@@ -218,17 +219,17 @@ def test_timestep_spacing_values():
                          S.alphas_cumprod(S.make_betas("linear"))), "t", "(3,)"),
     (lambda: S.add_noise(torch.zeros(2, 3), 5, S.alphas_cumprod(S.make_betas("linear")),
                          noise=torch.zeros(2, 4)), "noise", "(2, 4)"),
-    (lambda: S.flow_add_noise(torch.zeros(2, 3), torch.tensor([0.5, 1.5])), "t", "1.5"),
+    (lambda: FM.flow_add_noise(torch.zeros(2, 3), torch.tensor([0.5, 1.5])), "t", "1.5"),
     (lambda: S.t_to_sigma(1000.0, S.alphas_cumprod(S.make_betas("linear"))), "t", "1000.0"),
     (lambda: S.karras_sigmas(0, 0.1, 10.0), "n", "got 0"),
     (lambda: S.karras_sigmas(10, 10.0, 0.1), "sigma_min", "sigma_min=10.0"),
     (lambda: S.karras_sigmas(10, 1.0, 1.0), "sigma_min", "sigma_max=1.0"),
-    (lambda: S.flow_sigmas(0), "num_inference_steps", "got 0"),
+    (lambda: FM.flow_sigmas(0), "num_inference_steps", "got 0"),
     (lambda: S.timestep_spacing(10, spacing="uniform"), "spacing", "'linspace', 'leading', 'trailing'"),
     (lambda: S.timestep_spacing(2000), "num_inference_steps", "2000"),
     (lambda: S.min_snr_weights(torch.ones(3), 5.0, "flow"), "prediction_type", "'epsilon'"),
-    (lambda: S.logit_normal_timesteps(0), "n", "got 0"),
-    (lambda: S.shift_sigmas(torch.tensor(0.5), 0.0), "shift", "got 0.0"),
+    (lambda: FM.logit_normal_timesteps(0), "n", "got 0"),
+    (lambda: FM.shift_sigmas(torch.tensor(0.5), 0.0), "shift", "got 0.0"),
 ])
 def test_bad_input_names_argument_given_and_expected(call, argument, fragment):
     with pytest.raises(ValueError, match=rf"^{argument}\b.*expected") as info:
@@ -244,10 +245,10 @@ AC_LINEAR = S.alphas_cumprod(S.make_betas("linear"))
     (lambda: S.karras_sigmas(10, 0.03, 14.6, rho=NAN), r"^rho: expected a finite number, got nan"),
     (lambda: S.karras_sigmas(10, 0.03, INF), r"^sigma_max: expected a finite number, got inf"),
     (lambda: S.karras_sigmas(10, NAN, 14.6), r"^sigma_min: expected a finite number, got nan"),
-    (lambda: S.flow_sigmas(28, shift=NAN), r"^shift: expected a finite number, got nan"),
-    (lambda: S.flow_sigmas(28, mu=INF), r"^mu: expected a finite number, got inf"),
-    (lambda: S.shift_sigmas(torch.tensor([0.5, NAN]), 3.0), r"^t: expected finite values, got 1 NaN"),
-    (lambda: S.flow_add_noise(torch.zeros(2, 3), torch.tensor([0.5, NAN])), r"^t: expected finite values, got 1 NaN"),
+    (lambda: FM.flow_sigmas(28, shift=NAN), r"^shift: expected a finite number, got nan"),
+    (lambda: FM.flow_sigmas(28, mu=INF), r"^mu: expected a finite number, got inf"),
+    (lambda: FM.shift_sigmas(torch.tensor([0.5, NAN]), 3.0), r"^t: expected finite values, got 1 NaN"),
+    (lambda: FM.flow_add_noise(torch.zeros(2, 3), torch.tensor([0.5, NAN])), r"^t: expected finite values, got 1 NaN"),
     (lambda: S.t_to_sigma(torch.tensor([3.0, NAN]), AC_LINEAR), r"^t: expected finite values, got 1 NaN"),
     (lambda: S.t_to_sigma(torch.tensor([INF]), AC_LINEAR), r"^t: expected finite values, got 0 NaN and 1 inf"),
     (lambda: S.sigma_to_t(torch.tensor([NAN]), AC_LINEAR), r"^sigma: expected noise levels >= 0"),
@@ -255,7 +256,7 @@ AC_LINEAR = S.alphas_cumprod(S.make_betas("linear"))
     (lambda: S.make_betas("linear", beta_start=NAN), r"^beta_start: expected a finite number, got nan"),
     (lambda: S.alphas_cumprod(torch.tensor([0.1, INF])), r"^betas: expected finite values, got 0 NaN and 1 inf"),
     (lambda: S.alphas_cumprod(torch.tensor([0.1, 1.5])), r"^betas: expected values in \[0, 1\]"),
-    (lambda: S.logit_normal_timesteps(10, std=NAN), r"^std: expected a finite number, got nan"),
+    (lambda: FM.logit_normal_timesteps(10, std=NAN), r"^std: expected a finite number, got nan"),
     (lambda: S.min_snr_weights(torch.ones(3), gamma=NAN), r"^gamma: expected a finite number, got nan"),
     (lambda: S.discrete_sigmas(torch.tensor([0.9, NAN]), 1), r"^alphas_cumprod: expected finite values"),
 ])
@@ -305,7 +306,7 @@ def test_numpy_integers_count_as_integers_and_bools_do_not():
     assert torch.equal(S.timestep_spacing(np.int32(10), np.int64(1000), "leading", np.int64(1)),
                        S.timestep_spacing(10, 1000, "leading", 1))
     assert torch.equal(S.karras_sigmas(np.int64(5), 0.1, 10.0), S.karras_sigmas(5, 0.1, 10.0))
-    assert torch.equal(S.flow_sigmas(np.int16(8), shift=np.float32(3.0)), S.flow_sigmas(8, shift=3.0))
+    assert torch.equal(FM.flow_sigmas(np.int16(8), shift=np.float32(3.0)), FM.flow_sigmas(8, shift=3.0))
     x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     xt, _ = S.add_noise(x0, np.int64(10), AC_LINEAR, generator=torch.Generator().manual_seed(1))
     ref, _ = S.add_noise(x0, 10, AC_LINEAR, generator=torch.Generator().manual_seed(1))

@@ -18,7 +18,8 @@ import torch
 from tinydit import train, train_recipe
 from tinydit.checkpoint import BOOK_MODEL_DIR
 from tinydit.data import ShapesDataset
-from tinydit.schedules import add_noise, flow_add_noise
+from tinydit.flow import flow_add_noise
+from tinydit.schedules import add_noise
 
 
 REPO = Path(__file__).resolve().parents[1]
