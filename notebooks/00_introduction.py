@@ -40,7 +40,8 @@
 # | # | chapter | module | builds |
 # |---|---|---|---|
 # | 00 | introduction | `tinydit.validation`, `tinydit.notebook` | this page; the conventions for bad input and long classes |
-# | 01 | data | `tinydit.data` | procedural shapes with captions; optional colour emoji |
+# | 01a | data | `tinydit.data` | procedural shapes with captions |
+# | 01b | emoji | `tinydit.emoji` | an optional dataset of colour emoji |
 # | 02a | VAE | `tinydit.vae` | AutoencoderKL; loading SD/SDXL/SD3/Flux VAEs; the book's VAE |
 # | 02b | VAE training | `tinydit.vae_training` | training the book's VAE, latent calibration |
 # | 03 | embeddings | `tinydit.embeddings` | sinusoidal timestep, 2D sin-cos position, rotary embeddings |

@@ -132,6 +132,7 @@ from functools import cached_property
 
 import torch
 from torch import nn
+from tqdm.auto import trange
 
 from tinydit.flow import flow_sigmas
 from tinydit.schedules import (
@@ -572,6 +573,72 @@ bad_runs = {
 }
 for pattern, bad_sigmas in bad_runs.items():
     expect_error(lambda bad=bad_sigmas: check_sigmas(bad), pattern)
+
+# %% [markdown]
+# Every sampler of 08b also shares one loop scaffold, `SamplerRun`: inputs checked **once** at the
+# start (never inside the denoiser), a tqdm bar (`disable=True` hides it), the denoiser call with a
+# NaN guard that names the step, the `callback` (`{x, i, sigma, sigma_hat, denoised}` every step), and
+# noise drawn from the `generator` **on the CPU** and then moved, so one seed gives one image on every
+# device; and Karras et al.'s "churn" (raise σ a little with fresh noise first). The samplers then
+# hold only their update rule.
+
+# %%
+# | export denoisers
+def check_noise_options(eta, s_noise, max_eta: float | None = None) -> None:
+    check_float("eta", eta, minimum=0, maximum=max_eta)
+    check_float("s_noise", s_noise, minimum=0)
+
+# %%
+# | export denoisers
+def check_churn_options(s_churn, s_tmin, s_tmax, s_noise) -> None:
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+        check_float(name, value, minimum=0)
+    if not (s_tmax == math.inf or check_float("s_tmax", s_tmax) >= s_tmin):
+        raise ValueError(f"s_tmax: expected a number >= s_tmin = {s_tmin} (or inf), got {s_tmax}")
+
+# %%
+# | export denoisers
+class SamplerRun:
+    """Every sampler loop's parts: inputs checked once, progress bar, denoiser call (NaN guard: one sum,
+    which any NaN or inf makes non-finite; callback), noise from the generator on the CPU, churn."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, generator):
+        check_sampler_start(x, generator, extra_args)
+        self.s = check_sigmas(sigmas)  # Python floats
+        self.model, self.sigmas, self.callback, self.disable = model, sigmas, callback, disable
+        self.extra, self.generator, self.ones = extra_args or {}, generator, x.new_ones([x.shape[0]])
+
+    def steps(self):
+        """(i, sigma_i, sigma_{i+1}) for every step, under a progress bar."""
+        return ((i, self.s[i], self.s[i + 1]) for i in trange(len(self.s) - 1, disable=self.disable))
+
+    def denoise(self, x, sigma: float, i: int, report: bool = False) -> torch.Tensor:
+        denoised = self.model(x, sigma * self.ones, **self.extra)  # (B, ...)
+        if denoised.shape != x.shape:
+            raise ValueError(f"model: expected a denoised sample of shape {tuple(x.shape)}, got {tuple(denoised.shape)}")
+        if not bool(torch.isfinite(denoised.sum(dtype=torch.float64 if denoised.dtype == torch.float64 else torch.float32))):
+            raise ValueError(f"model: the denoiser returned NaN or inf at step {i + 1} of {len(self.s) - 1} "
+                             f"(sigma = {sigma:.4g})")
+        if report:
+            self.report(x, i, sigma, denoised)
+        return denoised
+
+    def report(self, x, i: int, sigma_hat: float, denoised) -> None:
+        if self.callback is not None:
+            self.callback({"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.sigmas.new_tensor(sigma_hat),
+                           "denoised": denoised})
+
+    def noise(self, x) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)  # drawn on the CPU
+
+    def churn(self, x, i, s_churn, s_tmin, s_tmax, s_noise) -> tuple[torch.Tensor, float]:
+        """Raise sigma_i to sigma_hat = (1 + gamma) sigma_i with fresh noise (gamma = 0: no draw)."""
+        sigma = self.s[i]
+        gamma = min(s_churn / (len(self.s) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        if gamma == 0:
+            return x, sigma
+        sigma_hat = sigma * (1 + gamma)
+        return x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 # %% [markdown]
 # ## 3. Two denoisers whose answers are known

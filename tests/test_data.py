@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinydit import data
+from tinydit import data, emoji
 
 
 # A reader that does not use the dataset's own colour table: name colours by hue band only.
@@ -239,7 +239,7 @@ def test_tensor_pil_round_trip():
 
 def test_emoji_missing_font_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-color-emoji"):
-        data.EmojiDataset(font_path=tmp_path / "nope.ttf")
+        emoji.EmojiDataset(font_path=tmp_path / "nope.ttf")
 
 
 @pytest.mark.skipif(
@@ -247,7 +247,7 @@ def test_emoji_missing_font_says_how_to_install(tmp_path):
     reason="optional dataset: fonts-noto-color-emoji not installed (.ci/run installs it)",
 )
 def test_emoji_dataset():
-    ds = data.EmojiDataset(size=32)
+    ds = emoji.EmojiDataset(size=32)
     assert 1500 < len(ds) < 2500
     x, caption = ds[0]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1

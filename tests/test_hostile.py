@@ -48,6 +48,7 @@ from tinydit import (
     dit,
     dual_encoder,
     embeddings,
+    emoji,
     evaluate,
     flow,
     guidance,
@@ -1345,7 +1346,7 @@ CASES = [
     ("data.dataset_grid.not_a_dataset", lambda: data.dataset_grid("abc"), TE, r"^ds: "),
     ("data.pil_to_tensor.path", lambda: data.pil_to_tensor("image.png"), TE, r"^img: "),
     ("data.tensor_to_pil.batch", lambda: data.tensor_to_pil(imgs()), VE, r"^x: "),
-    ("data.find_emoji_font.missing", lambda: data.find_emoji_font("/no/such/font.ttf"), FileNotFoundError, r"font_path"),
+    ("emoji.find_emoji_font.missing", lambda: emoji.find_emoji_font("/no/such/font.ttf"), FileNotFoundError, r"font_path"),
 
     # ---- tinydit.vae: inputs ----------------------------------------------------------------
     ("vae.encode.uint8", lambda: tiny_vae().encode(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), TE, r"^x: .*dtype"),

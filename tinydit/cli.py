@@ -118,12 +118,12 @@ def _check_grid_fits(args: argparse.Namespace, flags: str = "--n/--size/--scale/
 def _cmd_dataset(args: argparse.Namespace) -> int:
     _check_grid_fits(args)  # before _check_image_path, which may create the output folder
     out = _check_image_path("--out", args.out)
-    from tinydit import data
+    from tinydit import data, emoji
 
     if args.dataset == "shapes":
         ds = data.ShapesDataset(args.n, size=args.size, seed=args.seed, split=args.split)
     else:
-        ds = data.EmojiDataset(size=args.size)
+        ds = emoji.EmojiDataset(size=args.size)
     t0 = time.perf_counter()
     grid = data.dataset_grid(ds, n=args.n, cols=args.cols, scale=args.scale)
     if out.suffix.lower() != ".png" and max(grid.size) > MAX_JPEG_SIDE:

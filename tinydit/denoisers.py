@@ -14,6 +14,7 @@ from functools import cached_property
 
 import torch
 from torch import nn
+from tqdm.auto import trange
 
 from tinydit.flow import flow_sigmas
 from tinydit.schedules import (
@@ -40,7 +41,7 @@ def _column(sigma, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
 
 
-# notebooks/08a_denoisers.py:162
+# notebooks/08a_denoisers.py:163
 def _learn_sigma(model, learn_sigma: bool | None) -> bool:
     """learn_sigma as given, or read from the model's config (DiT, PixArt); False if it has none."""
     if learn_sigma is None:
@@ -48,7 +49,7 @@ def _learn_sigma(model, learn_sigma: bool | None) -> bool:
     return bool(learn_sigma)
 
 
-# notebooks/08a_denoisers.py:170
+# notebooks/08a_denoisers.py:171
 def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.Tensor:
     """The prediction channels of a network output; learn_sigma models append as many variance channels."""
     if learn_sigma and out.shape[1] != 2 * x.shape[1]:
@@ -57,7 +58,7 @@ def _prediction(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> torch.
     return out[:, : x.shape[1]] if learn_sigma else out
 
 
-# notebooks/08a_denoisers.py:179
+# notebooks/08a_denoisers.py:180
 def _check_table(alphas_cumprod) -> torch.Tensor:
     """A (T,) alpha_bar table in [0, 1] -> float64, CPU; zero terminal SNR's 0 becomes 2^-24 (diffusers)."""
     ac = check_tensor("alphas_cumprod", alphas_cumprod, ndim=1, floating=True, finite=True)
@@ -66,7 +67,7 @@ def _check_table(alphas_cumprod) -> torch.Tensor:
     return ac.detach().double().cpu().clamp(min=2.0**-24)
 
 
-# notebooks/08a_denoisers.py:188
+# notebooks/08a_denoisers.py:189
 class DiscreteDenoiser(nn.Module):
     """A network trained on a discrete DDPM schedule as a denoiser D(x, sigma, **cond) -> x0.
     `model(x / sqrt(sigma^2 + 1), t(sigma), **cond)` predicts `prediction` ("epsilon", "v_prediction",
@@ -108,7 +109,7 @@ class DiscreteDenoiser(nn.Module):
         return discrete_sigmas(self.alphas_cumprod.float(), n, spacing=schedule, steps_offset=steps_offset)[0]
 
 
-# notebooks/08a_denoisers.py:230
+# notebooks/08a_denoisers.py:231
 class FlowDenoiser(nn.Module):
     """A rectified-flow model (SD3, Flux) as a denoiser: x = (1 - sigma) x0 + sigma noise, sigma = t;
     `model(x, time_scale * sigma, **cond)` predicts v = noise - x0, so D = x - sigma v."""
@@ -130,7 +131,7 @@ class FlowDenoiser(nn.Module):
         return flow_sigmas(n, shift=shift, num_train_timesteps=num_train_timesteps, mu=mu)
 
 
-# notebooks/08a_denoisers.py:283
+# notebooks/08a_denoisers.py:284
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """n noise levels evenly spaced in log sigma from sigma_max to sigma_min, then 0 -> float32 (n+1,)."""
     n = check_int("n", n, minimum=1)
@@ -140,7 +141,7 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n+1,)
 
 
-# notebooks/08a_denoisers.py:293
+# notebooks/08a_denoisers.py:294
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flux's shift mu for an image of `image_seq_len` tokens, linear from base_shift at base_seq_len
@@ -150,7 +151,7 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return base_shift + slope * (n - base_seq_len)
 
 
-# notebooks/08a_denoisers.py:331
+# notebooks/08a_denoisers.py:332
 # diffusers scheduler class <-> our sampler; the parity tests of §4 pair them
 SCHEDULER_SAMPLERS = {
     "DPMSolverMultistepScheduler": "dpmpp_2m", "EulerDiscreteScheduler": "euler",
@@ -182,7 +183,7 @@ def _check_noised_inputs(x0, noise, u, normal) -> None:
         raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
 
 
-# notebooks/08a_denoisers.py:363
+# notebooks/08a_denoisers.py:364
 def scheduler_sampler(d: dict) -> str:
     """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
     name = d.get("_class_name") if isinstance(d, dict) else None
@@ -192,7 +193,7 @@ def scheduler_sampler(d: dict) -> str:
     return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
 
 
-# notebooks/08a_denoisers.py:373
+# notebooks/08a_denoisers.py:374
 @dataclass
 class Parametrisation:
     """What a network predicts from a noised latent and on which noise schedule: the training target,
@@ -233,7 +234,7 @@ class Parametrisation:
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         return alphas_cumprod(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas).double()
 
-    # notebooks/08a_denoisers.py:415
+    # notebooks/08a_denoisers.py:416
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
         """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
         draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
@@ -249,7 +250,7 @@ class Parametrisation:
         target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
         return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
 
-    # notebooks/08a_denoisers.py:433
+    # notebooks/08a_denoisers.py:434
     def denoiser(self, model: nn.Module) -> nn.Module:
         """Sampling: D(x, sigma, **cond) -> x0 around the network."""
         if not isinstance(model, nn.Module):
@@ -258,7 +259,7 @@ class Parametrisation:
             return FlowDenoiser(model, time_scale=self.num_train_timesteps)
         return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
 
-    # notebooks/08a_denoisers.py:444
+    # notebooks/08a_denoisers.py:445
     def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
         """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
         steps = check_int("steps", steps, minimum=1)
@@ -271,7 +272,7 @@ class Parametrisation:
             return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
         return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
 
-    # notebooks/08a_denoisers.py:459
+    # notebooks/08a_denoisers.py:460
     @classmethod
     def from_scheduler_config(cls, d: dict) -> Parametrisation:
         """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
@@ -291,7 +292,7 @@ class Parametrisation:
                    zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
                    steps_offset=d.get("steps_offset", 0), scheduler=name)
 
-    # notebooks/08a_denoisers.py:481
+    # notebooks/08a_denoisers.py:482
     def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
         """Files: the diffusers scheduler config that samples like this with `sampler`."""
         T = self.num_train_timesteps
@@ -312,7 +313,7 @@ class Parametrisation:
         return d
 
 
-# notebooks/08a_denoisers.py:533
+# notebooks/08a_denoisers.py:534
 def check_sigmas(sigmas) -> list[float]:
     """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels >= 0 -> floats. Ending
     above 0 returns the partly denoised sample, so one schedule can be split across two samplers."""
@@ -330,7 +331,7 @@ def check_sigmas(sigmas) -> list[float]:
     return s
 
 
-# notebooks/08a_denoisers.py:551
+# notebooks/08a_denoisers.py:552
 def check_sampler_start(x, generator, extra_args) -> None:
     """A sampler's start: a finite float batch (B, ...), a CPU generator or None, a dict of model arguments."""
     check_tensor("x", x, floating=True, finite=True)
@@ -346,6 +347,64 @@ def check_sampler_start(x, generator, extra_args) -> None:
 
 
 # notebooks/08a_denoisers.py:587
+def check_noise_options(eta, s_noise, max_eta: float | None = None) -> None:
+    check_float("eta", eta, minimum=0, maximum=max_eta)
+    check_float("s_noise", s_noise, minimum=0)
+
+
+# notebooks/08a_denoisers.py:593
+def check_churn_options(s_churn, s_tmin, s_tmax, s_noise) -> None:
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+        check_float(name, value, minimum=0)
+    if not (s_tmax == math.inf or check_float("s_tmax", s_tmax) >= s_tmin):
+        raise ValueError(f"s_tmax: expected a number >= s_tmin = {s_tmin} (or inf), got {s_tmax}")
+
+
+# notebooks/08a_denoisers.py:601
+class SamplerRun:
+    """Every sampler loop's parts: inputs checked once, progress bar, denoiser call (NaN guard: one sum,
+    which any NaN or inf makes non-finite; callback), noise from the generator on the CPU, churn."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, generator):
+        check_sampler_start(x, generator, extra_args)
+        self.s = check_sigmas(sigmas)  # Python floats
+        self.model, self.sigmas, self.callback, self.disable = model, sigmas, callback, disable
+        self.extra, self.generator, self.ones = extra_args or {}, generator, x.new_ones([x.shape[0]])
+
+    def steps(self):
+        """(i, sigma_i, sigma_{i+1}) for every step, under a progress bar."""
+        return ((i, self.s[i], self.s[i + 1]) for i in trange(len(self.s) - 1, disable=self.disable))
+
+    def denoise(self, x, sigma: float, i: int, report: bool = False) -> torch.Tensor:
+        denoised = self.model(x, sigma * self.ones, **self.extra)  # (B, ...)
+        if denoised.shape != x.shape:
+            raise ValueError(f"model: expected a denoised sample of shape {tuple(x.shape)}, got {tuple(denoised.shape)}")
+        if not bool(torch.isfinite(denoised.sum(dtype=torch.float64 if denoised.dtype == torch.float64 else torch.float32))):
+            raise ValueError(f"model: the denoiser returned NaN or inf at step {i + 1} of {len(self.s) - 1} "
+                             f"(sigma = {sigma:.4g})")
+        if report:
+            self.report(x, i, sigma, denoised)
+        return denoised
+
+    def report(self, x, i: int, sigma_hat: float, denoised) -> None:
+        if self.callback is not None:
+            self.callback({"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.sigmas.new_tensor(sigma_hat),
+                           "denoised": denoised})
+
+    def noise(self, x) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)  # drawn on the CPU
+
+    def churn(self, x, i, s_churn, s_tmin, s_tmax, s_noise) -> tuple[torch.Tensor, float]:
+        """Raise sigma_i to sigma_hat = (1 + gamma) sigma_i with fresh noise (gamma = 0: no draw)."""
+        sigma = self.s[i]
+        gamma = min(s_churn / (len(self.s) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        if gamma == 0:
+            return x, sigma
+        sigma_hat = sigma * (1 + gamma)
+        return x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
+
+
+# notebooks/08a_denoisers.py:654
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data x0 ~ N(mean, std^2 I): D = mean + std^2 / (std^2 + sigma^2) (x - mean);
     `ode_solution` solves its probability-flow ODE exactly. A sampler test whose answer is known."""
@@ -362,7 +421,7 @@ class GaussianDenoiser(nn.Module):
         return self.mean + (x_start - self.mean) * math.sqrt((self.std**2 + sigma**2) / (self.std**2 + sigma_start**2))
 
 
-# notebooks/08a_denoisers.py:621
+# notebooks/08a_denoisers.py:688
 class IdealDenoiser(nn.Module):
     """The exact denoiser of a finite dataset (N, ...): the posterior mean of x = y_i + sigma n with i
     uniform, D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i. Samplers land on the y_i."""

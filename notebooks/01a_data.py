@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 01 · The data: shapes with captions
+# # 01a · The data: shapes with captions
 #
 # Every later chapter trains on what this chapter builds: pairs of images and captions, enough to
 # learn from on a laptop CPU in minutes. Real datasets (LAION, COYO) are billions of pairs we could
@@ -128,7 +128,6 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -453,7 +452,7 @@ assert tiny[7][0].shape == (3, 32, 32) and isinstance(tiny[7][1], str)
 MAX_SAMPLES = sys.maxsize  # len() of a Dataset must fit in a C ssize_t
 
 
-def _check_image_size(size) -> int:
+def check_image_size(size) -> int:
     """Pixels per side: an int >= 8 whose supersampled canvas fits in memory."""
     size = check_int("size", size, minimum=8)
     _check_canvas(size, SUPERSAMPLE)
@@ -461,7 +460,7 @@ def _check_image_size(size) -> int:
 
 # %%
 # | export
-def _check_index(i, n: int) -> int:
+def check_index(i, n: int) -> int:
     """`i` as a position in 0..n-1; negative values count from the end, as for a list."""
     i = check_int("index", i)
     if not -n <= i < n:
@@ -481,7 +480,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, n: int, size: int = 32, seed: int = 0, split: str = "train"):
         self.n = check_int("n", n, minimum=1, maximum=MAX_SAMPLES)
-        self.size = _check_image_size(size)
+        self.size = check_image_size(size)
         self.split = check_choice("split", split, SPLITS)
         self.seed = check_int("seed", seed, minimum=0)
 
@@ -490,7 +489,7 @@ class ShapesDataset(Dataset):
 
     def scene(self, i: int) -> Scene:
         """The ground-truth scene of sample `i` (objects with geometry, background, caption)."""
-        return sample_scene(self.seed, self.split, _check_index(i, self.n))
+        return sample_scene(self.seed, self.split, check_index(i, self.n))
 
     def attributes(self, i: int) -> list[dict]:
         """One `{"shape", "color", "size", "position"}` dict per object in sample `i`."""
@@ -852,121 +851,19 @@ demo = W.interactive(
 display(demo)
 
 # %% [markdown]
-# ## An optional second dataset: colour emoji
-#
-# For a taste of *real* pictures with *real* captions: the Noto Color Emoji font holds about two
-# thousand hand-drawn images, each with an official name ("grinning face", "red apple", from the
-# `emoji` package). `EmojiDataset` renders each glyph with Pillow (this bitmap font renders only at
-# size 109), crops it, pads it to a white square and resizes it; skin-tone variants are skipped.
-# The font is a system package (`sudo apt-get install fonts-noto-color-emoji`), or pass `font_path=`.
-
-# %%
-# | export
-EMOJI_FONT_PATHS = (
-    "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
-    "/usr/share/fonts/noto/NotoColorEmoji.ttf",
-    "/usr/share/fonts/google-noto-emoji/NotoColorEmoji.ttf",
-    "/System/Library/Fonts/Apple Color Emoji.ttc",
-)
-SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
-
-
-def find_emoji_font(font_path: str | Path | None = None) -> Path:
-    """Locate NotoColorEmoji.ttf, or raise a FileNotFoundError that says how to install it."""
-    candidates = [Path(font_path)] if font_path else [Path(p) for p in EMOJI_FONT_PATHS]
-    for p in candidates:
-        if p.is_file():
-            return p
-    where = f"font_path={str(font_path)!r} does not exist" if font_path else "no colour emoji font found"
-    raise FileNotFoundError(
-        f"EmojiDataset: {where}. Install it with `sudo apt-get install fonts-noto-color-emoji` "
-        "(Debian/Ubuntu) or pass font_path= to a NotoColorEmoji.ttf."
-    )
-
-# %%
-# | export
-def _emoji_items() -> list[tuple[str, str]]:
-    """(emoji, caption) for every fully qualified emoji without a skin tone, sorted by caption."""
-    try:
-        import emoji
-    except ImportError as e:
-        raise ImportError("EmojiDataset needs the `emoji` package: pip install emoji") from e
-    items = []
-    for ch, info in emoji.EMOJI_DATA.items():
-        if info.get("status") != emoji.STATUS["fully_qualified"] or SKIN_TONES & set(ch):
-            continue
-        name = info["en"].strip(":").replace("_", " ")
-        if all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in ch):  # two regional indicators = a flag
-            name = f"flag of {name}"
-        items.append((ch, name))
-    return sorted(items, key=lambda t: t[1])
-
-# %%
-# | export
-class EmojiDataset(Dataset):
-    """Colour emoji rendered from Noto Color Emoji, captioned with their CLDR names.
-
-    `ds[i]` -> `(image, caption)`: image float32 `(3, size, size)` in [-1, 1] on white.
-    """
-
-    RENDER_PX = 109  # the only size at which Pillow renders this bitmap font
-
-    def __init__(self, size: int = 32, font_path: str | Path | None = None):
-        self.size = _check_image_size(size)
-        self.items = _emoji_items()
-        self.font = ImageFont.truetype(str(find_emoji_font(font_path)), self.RENDER_PX)
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def render(self, i: int) -> Image.Image:
-        ch, _ = self.items[i]
-        canvas = Image.new("RGBA", (4 * self.RENDER_PX, 2 * self.RENDER_PX), (255, 255, 255, 0))
-        ImageDraw.Draw(canvas).text((0, 0), ch, font=self.font, embedded_color=True)
-        bbox = canvas.getchannel("A").getbbox()
-        glyph = canvas.crop(bbox) if bbox else canvas
-        side = max(glyph.size)
-        square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-        square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-        return square.convert("RGB").resize((self.size, self.size), Image.Resampling.LANCZOS)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        i = _check_index(i, len(self))
-        if i not in self._cache:
-            self._cache[i] = pil_to_tensor(self.render(i))  # (3, size, size)
-        return self._cache[i], self.items[i][1]
-
-# %% [markdown]
-# With the font installed, some emoji and their captions; without it, how to install it.
-
-# %%
-try:
-    emoji_ds = EmojiDataset(size=32)
-except (FileNotFoundError, ImportError) as e:
-    emoji_ds = None
-    print(e)
-if emoji_ds is not None:
-    picks = np.random.default_rng(0).choice(len(emoji_ds), size=24, replace=False)
-    print(f"{len(emoji_ds)} emoji")
-    imgs, caps = zip(*(emoji_ds[int(k)] for k in picks))
-    display(image_grid(torch.stack(imgs), list(caps), cols=8, scale=3))
-    assert imgs[0].shape == (3, 32, 32) and len(emoji_ds) > 1000
-
-# %% [markdown]
 # ## Summary
 #
 # - **Built:** teaching `draw_circle`, `caption_of`, `TinyShapes`, `simple_grid`; exported to
 #   `tinydit.data`: the vocabulary and `HELD_OUT`, `Scene`, the grammar `make_caption`,
 #   `sample_scene` (pure in `(seed, split, i)`), the anti-aliased `render_scene`, `ShapesDataset`,
-#   `image_grid` / `dataset_grid`, and the optional `EmojiDataset`. Each production piece was checked
+#   `image_grid` / `dataset_grid` (the optional emoji dataset: 01b). Each production piece was checked
 #   equal to its teaching version (same pixels, same samples, a paraphrase of the same caption).
 # - **Measured:** caption colour = pixel colour for every checked sample (300 at CI size, 2000 at
 #   book size); the train split holds 15 of the 18 (colour, shape) pairs and none held out, the test
 #   split all 18; 60.1 % single-object scenes; a few thousand samples per second on one CPU core.
 # - **Command line:** `python -m tinydit dataset --n 64 --out grid.png` (`--help` shows defaults).
 #
-# Next, chapter 02 builds a VAE that compresses these 32×32 images into 4×8×8 latents.
+# Next, 01b adds an optional dataset of real pictures (colour emoji); chapter 02 builds a VAE that compresses these 32×32 images into 4×8×8 latents.
 #
 # ## Exercises
 #
