@@ -38,7 +38,8 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int = 1536, repeats: int = 1
 def main() -> None:
     import diffusers
 
-    from tinydit.dit import DiT, DiTConfig, dit_macs
+    from tinydit.dit import DiT, DiTConfig
+    from tinydit.dit_measure import dit_macs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -96,7 +97,8 @@ def dit_xl_cuda(repeats: int) -> None:
     compiled >= diffusers compiled and >= 55 % of the bf16 matmul peak)."""
     import diffusers
 
-    from tinydit.dit import DiT, dit_macs
+    from tinydit.dit import DiT
+    from tinydit.dit_measure import dit_macs
 
     torch.manual_seed(0)
     ref = diffusers.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4,

@@ -49,6 +49,7 @@
 # | 04b | flow matching | `tinydit.flow` | rectified flow, SD3's shift, every schedule side by side |
 # | 05a | attention | `tinydit.attention` | attention, masks, QK-norm |
 # | 05b | DiT | `tinydit.dit` | patchify, adaLN-Zero; loading DiT-XL/2 |
+# | 05c | DiT measured | `tinydit.dit_measure` | GFLOPs of every preset, the verification loop |
 # | 06a | text encoders | `tinydit.text` | CLIP and T5 behind one interface; the book text encoder |
 # | 06b | book text encoder | `tinydit.text_training` | its tokenizer, contrastive training and measurements |
 # | 06c | dual encoder | `tinydit.dual_encoder` | CLIP + T5 as SD3, T5 offloaded |

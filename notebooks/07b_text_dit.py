@@ -520,7 +520,7 @@ assert 600e6 < pixart.num_params < 620e6  # the paper's 0.6 B
 from tinydit import schedules, vae
 from tinydit.attention import attention_weights
 from tinydit.data import ShapesDataset
-from tinydit.dit import overfit_single_batch, wiring_report
+from tinydit.dit_measure import overfit_single_batch, wiring_report
 
 
 scenes = ShapesDataset(16, seed=3)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tinydit.dit import DiT, DiTConfig, dit_macs, infer_config_from_original
+from tinydit.dit import DiT, DiTConfig, infer_config_from_original
+from tinydit.dit_measure import dit_macs
 from tinydit.embeddings import sincos_pos_embed_2d
 
 
@@ -271,7 +272,7 @@ def _verification_loop(ablation: str | None):
     """Chapter 05's verification loop with an optional wiring bug: overfit, then the wiring report."""
     from tinydit import schedules, vae
     from tinydit.data import ShapesDataset
-    from tinydit.dit import overfit_single_batch, wiring_report
+    from tinydit.dit_measure import overfit_single_batch, wiring_report
 
     ds = ShapesDataset(8, seed=0)
     with torch.no_grad():
@@ -290,7 +291,7 @@ def _verification_loop(ablation: str | None):
 
 def verification_passes(losses, report) -> bool:
     """The chapter's criteria: loss below 0.1 and both wiring numbers above their minimum."""
-    from tinydit.dit import WIRING_MIN
+    from tinydit.dit_measure import WIRING_MIN
 
     return (sum(losses[-100:]) / 100 < 0.1 and report["loss"] < 0.1
             and all(report[k] > v for k, v in WIRING_MIN.items()))
