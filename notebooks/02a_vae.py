@@ -833,9 +833,8 @@ def load_book_vae(dtype=None) -> AutoencoderKL:
 # diffusion-space round trip `from_latent(to_latent(x))`.
 
 # %%
-import matplotlib.pyplot as plt
 
-from tinydit.data import image_grid, tensor_to_pil
+from tinydit.data import image_grid
 
 
 vae = load_book_vae()
@@ -869,27 +868,6 @@ test_captions = ShapesDataset(16, seed=0, split="test")
 caps = [c for r in (0, 8) for c in [test_captions[i][1] for i in range(r, r + 8)] +
         [f"{scores[i]:.1f} dB" for i in range(r, r + 8)]]
 image_grid(rows, caps, cols=8, scale=4)
-
-# %% [markdown]
-# **What do the latents look like?** Each image becomes four $8\times8$ maps. They are not a tiny
-# picture (the encoder spreads colour, shape and position over the channels however helps the
-# decoder), but the objects' positions show clearly: the encoder is convolutional, so each latent
-# pixel describes its own $4\times4$ patch.
-
-# %%
-fig, axes = plt.subplots(5, 6, figsize=(9, 7.5))
-for col in range(6):
-    axes[0, col].imshow(tensor_to_pil(test_x[col]))
-    for ch in range(4):
-        axes[ch + 1, col].imshow(test_z[col, ch].numpy(), cmap="RdBu_r", vmin=-2.5, vmax=2.5)
-for ax in axes.flat:
-    ax.set_xticks([])
-    ax.set_yticks([])
-for row, label in enumerate(["image"] + [f"channel {c}" for c in range(4)]):
-    axes[row, 0].set_ylabel(label)
-plt.suptitle("scaled latents (diffusion space), blue < 0 < red")
-plt.tight_layout()
-plt.show()
 
 # %% [markdown]
 # ## Summary

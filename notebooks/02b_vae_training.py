@@ -188,6 +188,32 @@ print(f"{len(rec)} steps in {time.perf_counter() - t0:.0f} s; MSE {smooth[0]:.4f
 assert smooth[-1] < 0.7 * smooth[0]
 
 # %% [markdown]
+# **What do the trained latents look like?** Each image becomes four $8\times8$ maps. They are not a tiny
+# picture (the encoder spreads colour, shape and position over the channels however helps the
+# decoder), but the objects' positions show clearly: the encoder is convolutional, so each latent
+# pixel describes its own $4\times4$ patch.
+
+# %%
+from tinydit.data import tensor_to_pil
+
+
+with torch.no_grad():
+    test_z = vae.to_latent(test_x)  # (256, 4, 8, 8): the shipped VAE's scaled latents
+fig, axes = plt.subplots(5, 6, figsize=(9, 7.5))
+for col in range(6):
+    axes[0, col].imshow(tensor_to_pil(test_x[col]))
+    for ch in range(4):
+        axes[ch + 1, col].imshow(test_z[col, ch].numpy(), cmap="RdBu_r", vmin=-2.5, vmax=2.5)
+for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+for row, label in enumerate(["image"] + [f"channel {c}" for c in range(4)]):
+    axes[row, 0].set_ylabel(label)
+plt.suptitle("scaled latents (diffusion space), blue < 0 < red")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ### Why a scaling factor?
 #
 # Nothing in the VAE objective fixes the *scale* of the latents: with $\beta \approx 0$ the encoder

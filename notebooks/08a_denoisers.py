@@ -641,6 +641,26 @@ class SamplerRun:
         return x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 # %% [markdown]
+# 08b's samplers are looked up by name in a `SamplerRegistry`: a dict whose unknown names are both a
+# `KeyError` (it is a dict) and a `ValueError` (like every other bad argument here), listing the known names.
+
+# %%
+# | export denoisers
+class UnknownSamplerError(KeyError, ValueError):
+    """An unknown sampler name; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+# %%
+# | export denoisers
+class SamplerRegistry(dict):
+    """name -> sampler function."""
+
+    def __missing__(self, name):
+        raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
+
+# %% [markdown]
 # ## 3. Two denoisers whose answers are known
 #
 # A sampler test needs a denoiser whose answer is known exactly. For Gaussian data

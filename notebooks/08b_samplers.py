@@ -101,7 +101,7 @@ import math
 import numpy as np
 import torch
 
-from tinydit.denoisers import SamplerRun, check_churn_options, check_noise_options
+from tinydit.denoisers import SamplerRegistry, SamplerRun, check_churn_options, check_noise_options
 from tinydit.validation import check_choice, check_int
 
 
@@ -608,24 +608,8 @@ for j, w in enumerate(lms_coefficients(sig_l, 5, 4)):
 # %% [markdown]
 # ### 3.6 The registry
 #
-# The pipeline and the CLI pick samplers by name. An unknown name is both a `KeyError` (it is a
-# dict) and a `ValueError` (like every other bad argument here), and lists the known names.
-
-# %%
-# | export
-class UnknownSamplerError(KeyError, ValueError):
-    """An unknown sampler name; the message lists the known ones."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-# %%
-# | export
-class SamplerRegistry(dict):
-    """name -> sampler function."""
-
-    def __missing__(self, name):
-        raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
+# The pipeline and the CLI pick samplers by name, from a `SamplerRegistry` (08a): an unknown name is a
+# `KeyError` and a `ValueError` that lists the known ones.
 
 # %%
 # | export
@@ -895,15 +879,11 @@ expect_error(lambda: sample_euler(gauss, x_T[:1].long(), sig10), r"^x: expected 
 # * **Parity.** With the same σ's and noise, every sampler k-diffusion has matches its formulas
 #   (and its own `sampling.py` where available) to $10^{-14}$ in float64, and every diffusers
 #   scheduler of §4's table to $10^{-6}$ in float32.
-#
 # * **The ideal denoiser** of 64 book-VAE latents: every sampler lands on a training latent (to
 #   $10^{-6}$); ancestral noise makes the prediction hop between candidates on the way.
-# * **Benchmark** (`python benchmarks/samplers.py`, one thread of a busy 2-core CPU): to reach
-#   $W_2 \le 0.02$ on Gaussian data with the exact denoiser, DPM++ 2M, LMS and UniPC need 20–24
-#   denoiser calls, DPM++ 3M SDE 28, Heun and DPM-2 ~40, Euler and DDIM 80, Euler ancestral 160. The
-#   loop costs 0.09–0.47 ms per network call, 0.84–3.0× diffusers' `step()` with a trivial network
-#   (mostly chapter 04's `sigma_to_t` re-validating its table, then the NaN guard): nothing next to a
-#   real network's call. The script prints both tables in full.
+# * **Benchmark** (`python benchmarks/samplers.py`): to reach $W_2 \le 0.02$ on Gaussian data,
+#   DPM++ 2M, LMS and UniPC need 20–24 denoiser calls, Euler 80; the loop costs 0.09–0.47 ms per call
+#   (0.84–3.0× diffusers' `step()`), nothing next to a real network's call.
 #
 # ## Exercises
 #

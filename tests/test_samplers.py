@@ -28,16 +28,11 @@ from tinydit.denoisers import (
     FlowDenoiser,
     GaussianDenoiser,
     IdealDenoiser,
+    UnknownSamplerError,
     exponential_sigmas,
     flux_mu,
 )
-from tinydit.samplers import (
-    SAMPLERS,
-    UnknownSamplerError,
-    get_sampler,
-    sample_dpmpp_3m_sde,
-    sample_euler,
-)
+from tinydit.samplers import SAMPLERS, get_sampler, sample_dpmpp_3m_sde, sample_euler
 
 
 AC = schedules.alphas_cumprod(schedules.make_betas("scaled_linear"))  # (1000,): SD 1.x

@@ -404,7 +404,23 @@ class SamplerRun:
         return x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 
-# notebooks/08a_denoisers.py:654
+# notebooks/08a_denoisers.py:649
+class UnknownSamplerError(KeyError, ValueError):
+    """An unknown sampler name; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# notebooks/08a_denoisers.py:657
+class SamplerRegistry(dict):
+    """name -> sampler function."""
+
+    def __missing__(self, name):
+        raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
+
+
+# notebooks/08a_denoisers.py:674
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data x0 ~ N(mean, std^2 I): D = mean + std^2 / (std^2 + sigma^2) (x - mean);
     `ode_solution` solves its probability-flow ODE exactly. A sampler test whose answer is known."""
@@ -421,7 +437,7 @@ class GaussianDenoiser(nn.Module):
         return self.mean + (x_start - self.mean) * math.sqrt((self.std**2 + sigma**2) / (self.std**2 + sigma_start**2))
 
 
-# notebooks/08a_denoisers.py:688
+# notebooks/08a_denoisers.py:708
 class IdealDenoiser(nn.Module):
     """The exact denoiser of a finite dataset (N, ...): the posterior mean of x = y_i + sigma n with i
     uniform, D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i. Samplers land on the y_i."""

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from tinydit.denoisers import SamplerRun, check_churn_options, check_noise_options
+from tinydit.denoisers import SamplerRegistry, SamplerRun, check_churn_options, check_noise_options
 from tinydit.validation import check_choice, check_int
 
 
@@ -318,22 +318,6 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 
 # notebooks/08b_samplers.py:616
-class UnknownSamplerError(KeyError, ValueError):
-    """An unknown sampler name; the message lists the known ones."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-# notebooks/08b_samplers.py:624
-class SamplerRegistry(dict):
-    """name -> sampler function."""
-
-    def __missing__(self, name):
-        raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
-
-
-# notebooks/08b_samplers.py:632
 SAMPLERS = SamplerRegistry(
     euler=sample_euler, euler_ancestral=sample_euler_ancestral, heun=sample_heun, dpm_2=sample_dpm_2,
     dpm_2_ancestral=sample_dpm_2_ancestral, dpmpp_2s_ancestral=sample_dpmpp_2s_ancestral, dpmpp_2m=sample_dpmpp_2m,
@@ -347,6 +331,6 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-# notebooks/08b_samplers.py:652
+# notebooks/08b_samplers.py:636
 DEFAULT_SAMPLER = "dpmpp_2m"  # second-order multistep: one model call per step, the book model's default
 DEFAULT_STEPS = 20  # model evaluations per image (chapter 13's benchmark: Euler needs 6 for the same adherence)
