@@ -179,6 +179,7 @@ count as numbers; booleans do not count as integers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -311,6 +312,29 @@ def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> No
     if n_bytes > limit:
         raise ValueError(f"{name}: this would need about {n_bytes / 2**30:.1f} GiB of memory, more than "
                          f"the {limit / 2**30:.0f} GiB tinydit allows for one request; ask for less")
+
+# %%
+# | export
+def check_device(name: str, device) -> torch.device:
+    """`device` as a torch.device that exists here ('cpu', 'cuda', 'cuda:1', 'mps', 'meta', ...)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "meta", "mps", "xpu"):
+        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
+    return device
+
+# %%
+# | export
+def unknown_fields(given, config_class) -> list[str]:
+    """The keys of `given` (a dict of settings) that are not fields of the dataclass `config_class`,
+    sorted: every reader of a config file or of keyword settings refuses them by name."""
+    return sorted(set(given) - {f.name for f in dataclasses.fields(config_class)})
 
 # %% [markdown]
 # Each helper returns the value it checked, so an entry point reads as a short list of facts:

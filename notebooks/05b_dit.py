@@ -87,7 +87,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,9 +110,18 @@ from tinydit.loading import (
     read_config_json,
     transformer_kind,
 )
-from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
+from tinydit.validation import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    unknown_fields,
+)
 
 
+# %%
+# | export
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, (H/p)(W/p), D) with one p×p, stride-p convolution (ViT's patchify)."""
 
@@ -348,7 +357,7 @@ class TransformerConfig:
 def from_dict(cls, d: dict):
     if not isinstance(d, dict):
         raise TypeError(f"config: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    unknown = unknown_fields(d, cls)
     if unknown:
         raise ValueError(f"config: unknown {cls.__name__} fields {unknown}")
     return cls(**d)

@@ -86,7 +86,7 @@ from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.train_recipe import EncodedData, StreamingData, TrainConfig, encode_dataset
 from tinydit.vae import load_book_vae
-from tinydit.validation import check_bool, check_int
+from tinydit.validation import check_bool, check_device, check_int, unknown_fields
 
 
 # %% [markdown]
@@ -193,7 +193,7 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     config = read_config(path, "folder").get("config")  # a JSON object, else "folder: ... is not valid JSON"
     if not isinstance(config, dict):
         raise ValueError(f"folder: {str(path)!r} is not a book-model training record (no \"config\" object)")
-    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
+    unknown = unknown_fields(config, TrainConfig)
     if unknown:
         raise ValueError(f"folder: {str(path)!r} has settings TrainConfig does not know: {', '.join(unknown)}")
     return TrainConfig(**config)
@@ -316,17 +316,6 @@ def _load_training_state(path: Path) -> dict:
 
 # %%
 # | export
-def _check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device: {device} is not available ({torch.cuda.device_count()} CUDA devices here)")
-    return device
-
-# %%
-# | export
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -341,7 +330,7 @@ class Trainer:
         if device is None and torch.cuda.is_available():  # one GPU per process: torchrun's LOCAL_RANK
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        self.device = _check_device(device or "cpu")
+        self.device = check_device("device", device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.objective = recipe.parametrisation(config)
         if data is None:

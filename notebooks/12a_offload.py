@@ -115,22 +115,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tinydit.validation import check_int
+from tinydit.validation import check_device, check_int
 
-
-def as_device(name: str, device) -> torch.device:
-    """`device` as a torch.device that exists here, or a ValueError naming `name`."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {device!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
-    elif device.type not in ("cpu", "meta", "mps", "xpu"):
-        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
-    return device
 
 # %%
 # | export
@@ -280,7 +266,7 @@ class Offloader:
     """The skeleton of every offload mode: groups, hooks, a ledger, `close()`."""
 
     def __init__(self, device, pin_memory: bool | None = None):
-        self.device = as_device("device", device)
+        self.device = check_device("device", device)
         pin_memory = _check_flag("pin_memory", pin_memory)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if self.pin and not torch.cuda.is_available():

@@ -115,12 +115,20 @@ from tinydit import formats
 from tinydit.checkpoint import BOOK_MODEL_DIR, resolve_dtype
 from tinydit.denoisers import Parametrisation, scheduler_sampler
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
-from tinydit.offload import ModelOffload, as_device
+from tinydit.offload import ModelOffload
 from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampler
 from tinydit.text import PromptCache, TextEmbeddings
 from tinydit.textdit import TextDiT
 from tinydit.vae import AutoencoderKL
-from tinydit.validation import check_bool, check_float, check_int, check_memory, check_tensor
+from tinydit.validation import (
+    check_bool,
+    check_device,
+    check_float,
+    check_int,
+    check_memory,
+    check_tensor,
+    unknown_fields,
+)
 
 
 # %%
@@ -241,7 +249,7 @@ class PipelineParts:
         if self.offloader is not None:
             raise ValueError("enable_model_offload: model offload is already on; call pipe.disable_model_offload() "
                              "first to change it")
-        device = as_device("device", device)
+        device = check_device("device", device)
         self.to("cpu")
         self.offloader = ModelOffload({"text_encoder": self.text_encoder, "transformer": self.transformer,
                                        "vae": self.vae}, device=device)
@@ -394,8 +402,8 @@ class TextToImagePipeline(PipelineSampling):
         tokenizer/, transformer/, vae/, scheduler/; written by `save_pretrained` or by diffusers for PixArt-α/Σ),
         or a book-model folder of chapter 09 (PixArt transformer + scheduler config; the book encoders).
         `dtype`: "fp32", "fp16", "bf16" for every component; `defaults`: SamplingConfig fields to override."""
-        dtype, device = resolve_dtype(dtype), as_device("device", device)
-        unknown = sorted(set(defaults) - {f.name for f in fields(SamplingConfig)})
+        dtype, device = resolve_dtype(dtype), check_device("device", device)
+        unknown = unknown_fields(defaults, SamplingConfig)
         if unknown:
             raise TypeError(f"from_pretrained: unknown sampling default(s) {unknown}; known: "
                             f"{[f.name for f in fields(SamplingConfig)]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,9 +32,17 @@ from tinydit.loading import (
     read_config_json,
     transformer_kind,
 )
-from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
+from tinydit.validation import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    unknown_fields,
+)
 
 
+# notebooks/05b_dit.py:125
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, (H/p)(W/p), D) with one p×p, stride-p convolution (ViT's patchify)."""
 
@@ -48,7 +56,7 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, T, D), row-major over the patch grid
 
 
-# notebooks/05b_dit.py:130
+# notebooks/05b_dit.py:139
 def unpatchify(x: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
     """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image; the inverse of patchify's reshaping."""
     B, T, PPC = x.shape
@@ -59,7 +67,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor
     return x.reshape(B, c, h * p, w * p)  # (B, C, H, W)
 
 
-# notebooks/05b_dit.py:161
+# notebooks/05b_dit.py:170
 class LabelEmbedder(nn.Module):
     """Class labels -> (B, D) vectors; row `num_classes` is the null class, used for label dropout
     during training and for the unconditional branch of classifier-free guidance (Ho & Salimans)."""
@@ -76,13 +84,13 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)  # (B, D)
 
 
-# notebooks/05b_dit.py:224
+# notebooks/05b_dit.py:233
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, T, D) scaled by (1 + scale) and shifted by shift, both (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-# notebooks/05b_dit.py:230
+# notebooks/05b_dit.py:239
 class Mlp(nn.Module):
     """Transformer MLP: Linear -> GELU (tanh approximation, as DiT) -> Linear (timm names)."""
 
@@ -95,7 +103,7 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-# notebooks/05b_dit.py:243
+# notebooks/05b_dit.py:252
 class DiTBlock(nn.Module):
     """Self-attention + MLP, both modulated and gated by adaLN-Zero (Peebles & Xie 2023, fig. 3)."""
 
@@ -115,7 +123,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-# notebooks/05b_dit.py:263
+# notebooks/05b_dit.py:272
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map from each token to a p×p×C_out patch."""
 
@@ -130,7 +138,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
 
 
-# notebooks/05b_dit.py:302
+# notebooks/05b_dit.py:311
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 
 
@@ -173,18 +181,18 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    # notebooks/05b_dit.py:346
+    # notebooks/05b_dit.py:355
     @classmethod
     def from_dict(cls, d: dict):
         if not isinstance(d, dict):
             raise TypeError(f"config: expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        unknown = unknown_fields(d, cls)
         if unknown:
             raise ValueError(f"config: unknown {cls.__name__} fields {unknown}")
         return cls(**d)
 
 
-# notebooks/05b_dit.py:358
+# notebooks/05b_dit.py:367
 @dataclass
 class DiTConfig(TransformerConfig):
     """Architecture of a class-conditional DiT. Presets: `DiTConfig.preset("DiT-XL/2")`, `"book"`."""
@@ -216,7 +224,7 @@ class DiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/05b_dit.py:411
+# notebooks/05b_dit.py:420
 def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bool = True) -> torch.Tensor:
     """Validate latents x (B, C, H, W) and timesteps (shapes only: free, no device sync); returns
     t as a (B,) tensor on x's device. `fixed_table=False`: the model rebuilds its position table
@@ -247,7 +255,7 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
     return t
 
 
-# notebooks/05b_dit.py:442
+# notebooks/05b_dit.py:451
 class LatentTransformer(nn.Module):
     """What DiT and chapter 07's TextDiT share: a fixed position table, the DiT initialisation of
     linears and patch embedding, parameter counting, and tinydit's own save format."""
@@ -294,7 +302,7 @@ class LatentTransformer(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
 
 
-# notebooks/05b_dit.py:489
+# notebooks/05b_dit.py:498
 class DiT(LatentTransformer):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class label.
 
@@ -333,7 +341,7 @@ class DiT(LatentTransformer):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    # notebooks/05b_dit.py:529
+    # notebooks/05b_dit.py:538
     def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
         """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
         if y is None:
@@ -343,7 +351,7 @@ class DiT(LatentTransformer):
             raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
         return y.long()
 
-    # notebooks/05b_dit.py:541
+    # notebooks/05b_dit.py:550
     def check_values(self, x: torch.Tensor, t, y=None) -> None:
         """Value checks (label range, finite inputs), run by entry points once per call rather
         than inside `forward`, where each would cost a device sync and a compile graph break."""
@@ -355,12 +363,12 @@ class DiT(LatentTransformer):
                 raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
                                  f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
 
-    # notebooks/05b_dit.py:555
+    # notebooks/05b_dit.py:564
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    # notebooks/05b_dit.py:562
+    # notebooks/05b_dit.py:571
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
         x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
@@ -376,7 +384,7 @@ class DiT(LatentTransformer):
         out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    # notebooks/05b_dit.py:580
+    # notebooks/05b_dit.py:589
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
@@ -389,7 +397,7 @@ class DiT(LatentTransformer):
         cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
-    # notebooks/05b_dit.py:595
+    # notebooks/05b_dit.py:604
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
         """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
@@ -411,7 +419,7 @@ class DiT(LatentTransformer):
         return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
 
-# notebooks/05b_dit.py:668
+# notebooks/05b_dit.py:677
 # Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
 KNOWN_HEADS = {(depth, width): heads for depth, width, heads in DIT_SIZES.values()}
 
@@ -430,7 +438,7 @@ def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
                      f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
 
 
-# notebooks/05b_dit.py:687
+# notebooks/05b_dit.py:696
 def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                **overrides) -> DiTConfig:
     """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
@@ -455,7 +463,7 @@ def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | Non
     return DiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/05b_dit.py:712
+# notebooks/05b_dit.py:721
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
     if transformer_kind(d) not in (None, "DiTTransformer2DModel"):

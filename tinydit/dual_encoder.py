@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinydit.text import PromptCache, TextEmbeddings, TextEncoder
-from tinydit.validation import check_choice, check_int
+from tinydit.validation import check_choice, check_device, check_int
 
 
 # notebooks/06c_dual_encoder.py:132
@@ -55,7 +55,7 @@ class Offloader:
                  folder: str | Path | None = None, name: str = "weights", events: list | None = None):
         self.module, self.mode = module, check_choice("mode", mode, self.MODES)
         self.home = next(module.parameters(), torch.empty(0)).device  # where close() puts the weights
-        self.device = torch.device(device) if device is not None else self.home
+        self.device = check_device("device", device) if device is not None else self.home
         self.events = [] if events is None else events  # (step, where the weights are) after each move
         self.closed, self._written, self._remove_folder = False, False, None
         if mode == "disk" and folder is None:
@@ -74,7 +74,7 @@ class Offloader:
     def bring_in(self, device: str | torch.device | None = None) -> None:
         if self.closed:
             return
-        device = self.device if device is None else torch.device(device)
+        device = self.device if device is None else check_device("device", device)
         if self.mode == "disk":
             from safetensors.torch import load_file
 
@@ -151,7 +151,7 @@ class DualTextEncoder(TextEncoder):
             raise ValueError("secondary: already offloaded by another DualTextEncoder; call its close() first")
         self.primary = primary
         object.__setattr__(self, "secondary", secondary)  # not a submodule: .to() must not move it
-        self.compute_device = torch.device(device) if device is not None else primary.device
+        self.compute_device = check_device("device", device) if device is not None else primary.device
         self.primary.to(self.compute_device)
         self.pooled_width = primary.pooled_width
         self.max_length = primary.max_length + (secondary.max_length if secondary is not None else 0)

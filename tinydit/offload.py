@@ -14,25 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tinydit.validation import check_int
+from tinydit.validation import check_device, check_int
 
 
-def as_device(name: str, device) -> torch.device:
-    """`device` as a torch.device that exists here, or a ValueError naming `name`."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {device!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
-    elif device.type not in ("cpu", "meta", "mps", "xpu"):
-        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
-    return device
-
-
-# notebooks/12a_offload.py:137
+# notebooks/12a_offload.py:123
 def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Tensor]:
     """The unique parameters and buffers of `modules` (tied weights once)."""
     seen, out = set(), []
@@ -44,13 +29,13 @@ def tensors_of(modules: list[nn.Module], recurse: bool = True) -> list[torch.Ten
     return out
 
 
-# notebooks/12a_offload.py:149
+# notebooks/12a_offload.py:135
 def nbytes(tensors) -> int:
     """Bytes the tensors take (their dtype times their size; meta tensors count too)."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# notebooks/12a_offload.py:155
+# notebooks/12a_offload.py:141
 def move_inputs(obj, device: torch.device):
     """`obj` with every tensor in it (also inside tuples, lists and dicts) on `device`."""
     if isinstance(obj, torch.Tensor):
@@ -62,7 +47,7 @@ def move_inputs(obj, device: torch.device):
     return obj
 
 
-# notebooks/12a_offload.py:167
+# notebooks/12a_offload.py:153
 def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
     """Point `t` (a parameter or buffer, kept by identity) at `new`'s data. `t.data = new` between CPU
     and CUDA; the meta device (used to count bytes without storage) needs a full `swap_tensors`."""
@@ -73,7 +58,7 @@ def set_data(t: torch.Tensor, new: torch.Tensor) -> None:
         torch.utils.swap_tensors(t, fresh)  # (swapping `new` itself would overwrite the caller's tensor)
 
 
-# notebooks/12a_offload.py:178
+# notebooks/12a_offload.py:164
 def _check_offloadable(name: str, module) -> None:
     """An nn.Module with real (not meta) weights, no part of which another offloader holds."""
     if not isinstance(module, nn.Module):
@@ -88,7 +73,7 @@ def _check_offloadable(name: str, module) -> None:
         raise ValueError(f"{name}: a step cache is on (chapter 12's StepCache); close() it before offloading")
 
 
-# notebooks/12a_offload.py:193
+# notebooks/12a_offload.py:179
 def _check_flag(name: str, value) -> bool | None:
     """None (the default rule) or a real bool: the string "no" must not read as True."""
     if value is not None and not isinstance(value, bool):
@@ -96,7 +81,7 @@ def _check_flag(name: str, value) -> bool | None:
     return value
 
 
-# notebooks/12a_offload.py:201
+# notebooks/12a_offload.py:187
 class Group:
     """Tensors that travel together. Each keeps a CPU *master* (pinned when the device is CUDA); the
     device copy is made by `onload` and dropped by `offload` (the weights never change in inference,
@@ -137,7 +122,7 @@ class Group:
                 t.data.record_stream(compute)
             self.ready = None
 
-    # notebooks/12a_offload.py:243
+    # notebooks/12a_offload.py:229
     def offload(self) -> None:
         if self.on_device:
             for t, m in zip(self.tensors, self.masters):
@@ -145,7 +130,7 @@ class Group:
             self.on_device, self.ready = False, None
 
 
-# notebooks/12a_offload.py:252
+# notebooks/12a_offload.py:238
 @dataclass
 class Ledger:
     """What is on the device: bytes now, the peak, and the moves (for plots and tests)."""
@@ -165,12 +150,12 @@ class Ledger:
         self.events.append((what, group.name, self.resident))
 
 
-# notebooks/12a_offload.py:279
+# notebooks/12a_offload.py:265
 class Offloader:
     """The skeleton of every offload mode: groups, hooks, a ledger, `close()`."""
 
     def __init__(self, device, pin_memory: bool | None = None):
-        self.device = as_device("device", device)
+        self.device = check_device("device", device)
         pin_memory = _check_flag("pin_memory", pin_memory)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if self.pin and not torch.cuda.is_available():
@@ -213,11 +198,11 @@ class Offloader:
     def __enter__(self):
         return self
 
-    # notebooks/12a_offload.py:328
+    # notebooks/12a_offload.py:314
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # notebooks/12a_offload.py:334
+    # notebooks/12a_offload.py:320
     def close(self) -> None:
         """Remove the hooks and put every weight back on the device it had before; safe to call twice."""
         self.release()
@@ -233,7 +218,7 @@ class Offloader:
         self.hooks, self.groups, self.modules = [], [], []
 
 
-# notebooks/12a_offload.py:356
+# notebooks/12a_offload.py:342
 def _check_disjoint(models: dict) -> None:
     """No tensor in two components (a module twice, or one inside another)."""
     owner = {}
@@ -245,7 +230,7 @@ def _check_disjoint(models: dict) -> None:
             owner[id(t)] = name
 
 
-# notebooks/12a_offload.py:368
+# notebooks/12a_offload.py:354
 class ModelOffload(Offloader):
     """One component on `device` at a time: calling one (its forward) brings it in and sends out the
     one before. `models`: a dict name -> module (or a list). Peak = the largest component."""
@@ -283,7 +268,7 @@ class ModelOffload(Offloader):
         super().release()
         self.active = None
 
-    # notebooks/12a_offload.py:407
+    # notebooks/12a_offload.py:393
     @contextlib.contextmanager
     def use(self, name: str):
         """Bring component `name` in for a call that is not its forward (e.g. `vae.decode`)."""
@@ -294,7 +279,7 @@ class ModelOffload(Offloader):
         yield self.device
 
 
-# notebooks/12a_offload.py:427
+# notebooks/12a_offload.py:413
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's largest `nn.ModuleList` by parameter count (DiT's `blocks`, T5's `encoder.block`)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -304,7 +289,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda ml: nbytes(tensors_of([ml])))
 
 
-# notebooks/12a_offload.py:437
+# notebooks/12a_offload.py:423
 def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
     """`blocks`: a non-empty nn.ModuleList inside `model`."""
     if not isinstance(blocks, nn.ModuleList):
@@ -316,14 +301,14 @@ def _check_blocks(model: nn.Module, blocks) -> nn.ModuleList:
     return blocks
 
 
-# notebooks/12a_offload.py:449
+# notebooks/12a_offload.py:435
 def owners(model: nn.Module, tensors: list[torch.Tensor]) -> list[nn.Module]:
     """The modules that directly own (not through a child) any of `tensors`."""
     ids = {id(t) for t in tensors}
     return [m for m in model.modules() if any(id(t) in ids for t in tensors_of([m], recurse=False))]
 
 
-# notebooks/12a_offload.py:456
+# notebooks/12a_offload.py:442
 class BlockOffload(Offloader):
     """Groups of `group_size` blocks on `device` only while they run; the rest of the model while the
     model runs. `stream` (CUDA only; default: on for CUDA) prefetches the next group on a side
@@ -357,7 +342,7 @@ class BlockOffload(Offloader):
             self._post(chunk[-1], group)
         self.hooks.append(model.register_forward_hook(lambda m, args, out: self.offload(self.rest)))
 
-    # notebooks/12a_offload.py:491
+    # notebooks/12a_offload.py:477
     def _enter_group(self, i: int):
         def hook(m, args, kwargs):
             group = self.block_groups[i]
@@ -371,13 +356,13 @@ class BlockOffload(Offloader):
             return move_inputs(args, self.device), move_inputs(kwargs, self.device)
         return hook
 
-    # notebooks/12a_offload.py:507
+    # notebooks/12a_offload.py:493
     def __enter__(self):
         self.onload(self.rest)
         return self
 
 
-# notebooks/12a_offload.py:519
+# notebooks/12a_offload.py:505
 class LeafOffload(Offloader):
     """Every module that directly owns weights is on `device` only during its own forward."""
 
@@ -394,7 +379,7 @@ class LeafOffload(Offloader):
                 self._post(m, group)
 
 
-# notebooks/12a_offload.py:536
+# notebooks/12a_offload.py:522
 OFFLOAD_MODES = {"model": ModelOffload, "block": BlockOffload, "leaf": LeafOffload}
 
 

@@ -23,15 +23,23 @@ from tinydit import formats
 from tinydit.checkpoint import BOOK_MODEL_DIR, resolve_dtype
 from tinydit.denoisers import Parametrisation, scheduler_sampler
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
-from tinydit.offload import ModelOffload, as_device
+from tinydit.offload import ModelOffload
 from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampler
 from tinydit.text import PromptCache, TextEmbeddings
 from tinydit.textdit import TextDiT
 from tinydit.vae import AutoencoderKL
-from tinydit.validation import check_bool, check_float, check_int, check_memory, check_tensor
+from tinydit.validation import (
+    check_bool,
+    check_device,
+    check_float,
+    check_int,
+    check_memory,
+    check_tensor,
+    unknown_fields,
+)
 
 
-# notebooks/13_pipeline.py:128
+# notebooks/13_pipeline.py:136
 @dataclass
 class SamplingConfig(Parametrisation):
     """Chapter 08's Parametrisation of a model (read from its scheduler config), and the defaults a
@@ -62,7 +70,7 @@ class SamplingConfig(Parametrisation):
         return super().scheduler_config(self.sampler if sampler is None else sampler)
 
 
-# notebooks/13_pipeline.py:174
+# notebooks/13_pipeline.py:182
 @dataclass
 class PipelineOutput:
     """What a call returns: PIL images, the final latents (B, C, h, w), and per-image facts."""
@@ -75,7 +83,7 @@ class PipelineOutput:
     reasons: list[list[str]] | None = None  # per image: why it was replaced ([] when it was not)
 
 
-# notebooks/13_pipeline.py:187
+# notebooks/13_pipeline.py:195
 @dataclass
 class Request:
     """A call's arguments after `check_inputs`: what the other steps read."""
@@ -88,7 +96,7 @@ class Request:
     shape: tuple[int, int, int, int]  # (B, C, h, w) of the latents
 
 
-# notebooks/13_pipeline.py:200
+# notebooks/13_pipeline.py:208
 class InitialNoise(NamedTuple):
     """`prepare_latents`: unit-variance noise (B, C, h, w) on the CPU, each image's seed, and the
     generator of the stochastic samplers' fresh noise."""
@@ -98,7 +106,7 @@ class InitialNoise(NamedTuple):
     generator: torch.Generator | None
 
 
-# notebooks/13_pipeline.py:210
+# notebooks/13_pipeline.py:218
 class PipelineParts:
     """The components of a pipeline and where they live (the device, model offload, the prompt cache)."""
 
@@ -133,13 +141,13 @@ class PipelineParts:
         if self.offloader is not None:
             raise ValueError("enable_model_offload: model offload is already on; call pipe.disable_model_offload() "
                              "first to change it")
-        device = as_device("device", device)
+        device = check_device("device", device)
         self.to("cpu")
         self.offloader = ModelOffload({"text_encoder": self.text_encoder, "transformer": self.transformer,
                                        "vae": self.vae}, device=device)
         return self.offloader
 
-    # notebooks/13_pipeline.py:252
+    # notebooks/13_pipeline.py:260
     def disable_model_offload(self, device="cpu") -> PipelineParts:
         """Undo enable_model_offload: the hooks removed, every component back on `device`."""
         if self.offloader is not None:
@@ -147,7 +155,7 @@ class PipelineParts:
             self.offloader = None
         return self.to(device)
 
-    # notebooks/13_pipeline.py:262
+    # notebooks/13_pipeline.py:270
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
         if self.offloader is None:
@@ -156,7 +164,7 @@ class PipelineParts:
             return self.cache.encode(self.text_encoder, prompts)
 
 
-# notebooks/13_pipeline.py:272
+# notebooks/13_pipeline.py:280
 class PipelineSteps(PipelineParts):
     """The public steps of a call, in diffusers' order; img2img, inpainting, the evaluator and the
     chapters' studies compose them instead of writing a second sampling loop."""
@@ -193,7 +201,7 @@ class PipelineSteps(PipelineParts):
         return self.sampling.sigmas(self.sampling.denoiser(self.transformer), steps)
 
 
-# notebooks/13_pipeline.py:309
+# notebooks/13_pipeline.py:317
 class PipelineSampling(PipelineSteps):
     """The remaining steps: the guided sampling loop, decoding, and the safety check."""
 
@@ -227,7 +235,7 @@ class PipelineSampling(PipelineSteps):
                 images = self.vae.from_latent(z.to(device)).float().cpu()
         return images.clamp(-1, 1) if clamp else images
 
-    # notebooks/13_pipeline.py:344
+    # notebooks/13_pipeline.py:352
     def _check_safety(self, safety) -> bool:
         """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
         if safety is not None and not isinstance(safety, bool):
@@ -239,7 +247,7 @@ class PipelineSampling(PipelineSteps):
             self._safety_off_logged = True
         return self.safety_checker is not None if safety is None else safety
 
-    # notebooks/13_pipeline.py:358
+    # notebooks/13_pipeline.py:366
     def finish(self, images: list, z, prompts, seeds, safety: bool) -> PipelineOutput:
         """The output, after the safety checker (when on) replaced what it flags."""
         if not safety:
@@ -248,7 +256,7 @@ class PipelineSampling(PipelineSteps):
         return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
 
-# notebooks/13_pipeline.py:368
+# notebooks/13_pipeline.py:376
 class TextToImagePipeline(PipelineSampling):
     """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
     folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
@@ -278,8 +286,8 @@ class TextToImagePipeline(PipelineSampling):
         tokenizer/, transformer/, vae/, scheduler/; written by `save_pretrained` or by diffusers for PixArt-α/Σ),
         or a book-model folder of chapter 09 (PixArt transformer + scheduler config; the book encoders).
         `dtype`: "fp32", "fp16", "bf16" for every component; `defaults`: SamplingConfig fields to override."""
-        dtype, device = resolve_dtype(dtype), as_device("device", device)
-        unknown = sorted(set(defaults) - {f.name for f in fields(SamplingConfig)})
+        dtype, device = resolve_dtype(dtype), check_device("device", device)
+        unknown = unknown_fields(defaults, SamplingConfig)
         if unknown:
             raise TypeError(f"from_pretrained: unknown sampling default(s) {unknown}; known: "
                             f"{[f.name for f in fields(SamplingConfig)]}")
@@ -291,7 +299,7 @@ class TextToImagePipeline(PipelineSampling):
             setattr(sampling, k, v)
         return cls(**parts, sampling=sampling.validate()).to(device)
 
-    # notebooks/13_pipeline.py:412
+    # notebooks/13_pipeline.py:420
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
         vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
@@ -303,7 +311,7 @@ class TextToImagePipeline(PipelineSampling):
         return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
 
 
-# notebooks/13_pipeline.py:425
+# notebooks/13_pipeline.py:433
 def _check_call_options(callback, output_type) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
@@ -311,7 +319,7 @@ def _check_call_options(callback, output_type) -> None:
         raise ValueError(f"output_type: expected 'pil' (PIL images) or 'latent' (latents only), got {output_type!r}")
 
 
-# notebooks/13_pipeline.py:433
+# notebooks/13_pipeline.py:441
 def _check_request(shape, cfg, side: str) -> None:
     """Refuse a request far beyond memory before drawing its noise: latents plus one attention map."""
     B, C, h, w = shape
@@ -321,7 +329,7 @@ def _check_request(shape, cfg, side: str) -> None:
     check_memory("num_images_per_prompt", B * per_image)
 
 
-# notebooks/13_pipeline.py:443
+# notebooks/13_pipeline.py:451
 def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
     """Prompts and negatives as equal-length lists, each prompt repeated `per_prompt` times."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -341,14 +349,14 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
     return [p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)]
 
 
-# notebooks/13_pipeline.py:463
+# notebooks/13_pipeline.py:471
 def _check_sampler(name) -> str:
     if name not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
     return name
 
 
-# notebooks/13_pipeline.py:470
+# notebooks/13_pipeline.py:478
 def _check_side(name: str, value, default: int, multiple: int) -> int:
     value = check_int(name, default if value is None else value, minimum=multiple)
     if value % multiple:
@@ -357,7 +365,7 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
     return value
 
 
-# notebooks/13_pipeline.py:479
+# notebooks/13_pipeline.py:487
 def _check_shape(shape) -> tuple[int, int, int, int]:
     """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
@@ -365,7 +373,7 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
 
 
-# notebooks/13_pipeline.py:487
+# notebooks/13_pipeline.py:495
 def _check_denoise_args(cond, sigmas, wrap) -> None:
     """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
     if not isinstance(cond, dict) or "context" not in cond:
@@ -376,7 +384,7 @@ def _check_denoise_args(cond, sigmas, wrap) -> None:
         raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
 
-# notebooks/13_pipeline.py:498
+# notebooks/13_pipeline.py:506
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
@@ -402,7 +410,7 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
 
-# notebooks/13_pipeline.py:524
+# notebooks/13_pipeline.py:532
 def _sampler_generator(seeds, generator):
     """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
     if generator is not None:
@@ -410,7 +418,7 @@ def _sampler_generator(seeds, generator):
     return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
 
 
-# notebooks/13_pipeline.py:532
+# notebooks/13_pipeline.py:540
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

@@ -33,7 +33,7 @@ from tinydit.text import load_book_text_encoder
 from tinydit.textdit import TextDiT, TextDiTConfig
 from tinydit.train_recipe import EncodedData, StreamingData, TrainConfig, encode_dataset
 from tinydit.vae import load_book_vae
-from tinydit.validation import check_bool, check_int
+from tinydit.validation import check_bool, check_device, check_int, unknown_fields
 
 
 # notebooks/09b_train_loop.py:103
@@ -130,7 +130,7 @@ def read_train_config(folder: str | Path) -> TrainConfig:
     config = read_config(path, "folder").get("config")  # a JSON object, else "folder: ... is not valid JSON"
     if not isinstance(config, dict):
         raise ValueError(f"folder: {str(path)!r} is not a book-model training record (no \"config\" object)")
-    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
+    unknown = unknown_fields(config, TrainConfig)
     if unknown:
         raise ValueError(f"folder: {str(path)!r} has settings TrainConfig does not know: {', '.join(unknown)}")
     return TrainConfig(**config)
@@ -211,17 +211,6 @@ def _load_training_state(path: Path) -> dict:
 
 
 # notebooks/09b_train_loop.py:319
-def _check_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device: {device} is not available ({torch.cuda.device_count()} CUDA devices here)")
-    return device
-
-
-# notebooks/09b_train_loop.py:330
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -236,7 +225,7 @@ class Trainer:
         if device is None and torch.cuda.is_available():  # one GPU per process: torchrun's LOCAL_RANK
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        self.device = _check_device(device or "cpu")
+        self.device = check_device("device", device or "cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.objective = recipe.parametrisation(config)
         if data is None:
@@ -263,7 +252,7 @@ class Trainer:
         use = self.cfg.mixed_precision == "bf16" or (self.cfg.mixed_precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
 
-    # notebooks/09b_train_loop.py:373
+    # notebooks/09b_train_loop.py:362
     def batch(self, step: int):
         """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
         cfg, d = self.cfg, self.data
@@ -279,7 +268,7 @@ class Trainer:
         parts = (latents, noise[share], u[share], normal[share], tokens, mask)
         return [p.to(self.device) for p in parts]
 
-    # notebooks/09b_train_loop.py:391
+    # notebooks/09b_train_loop.py:380
     def loss(self, step: int) -> torch.Tensor:
         x0, noise, u, normal, tokens, mask = self.batch(step)
         x_t, t, target = self.objective.noised(x0, noise, u, normal)
@@ -289,7 +278,7 @@ class Trainer:
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
         return (weight * per_sample).mean()
 
-    # notebooks/09b_train_loop.py:403
+    # notebooks/09b_train_loop.py:392
     def train_step(self) -> float:
         loss = self.loss(self.step)
         if not torch.isfinite(loss):
@@ -311,7 +300,7 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    # notebooks/09b_train_loop.py:427
+    # notebooks/09b_train_loop.py:416
     def train(self, until: int | None = None, callback=None) -> Trainer:
         """Train to step `until` (default: the config's steps), checkpointing as configured.
         `callback(trainer)` runs after every step (sample grids, early stops)."""
@@ -338,14 +327,14 @@ class Trainer:
             self.save_checkpoint()  # the end of the run, unless the loop just saved it
         return self
 
-    # notebooks/09b_train_loop.py:456
+    # notebooks/09b_train_loop.py:445
     def state(self) -> dict:
         """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "config": json.dumps(asdict(self.cfg)),
                 "rng_torch": torch.get_rng_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
 
-    # notebooks/09b_train_loop.py:465
+    # notebooks/09b_train_loop.py:454
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
         self._check_out_dir()
@@ -360,7 +349,7 @@ class Trainer:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
         return self.last_checkpoint
 
-    # notebooks/09b_train_loop.py:482
+    # notebooks/09b_train_loop.py:471
     def save_snapshot(self) -> None:
         """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
         self._check_out_dir()
@@ -368,12 +357,12 @@ class Trainer:
             save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
                             {"step": self.step, "losses": self.losses[-1:]})
 
-    # notebooks/09b_train_loop.py:492
+    # notebooks/09b_train_loop.py:481
     def _check_out_dir(self) -> None:
         if self.out_dir is None:
             raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
 
-    # notebooks/09b_train_loop.py:499
+    # notebooks/09b_train_loop.py:488
     def resume(self, path: str | Path | None = None) -> Trainer:
         """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
         if path is None:
@@ -398,7 +387,7 @@ class Trainer:
         return self
 
 
-# notebooks/09b_train_loop.py:607
+# notebooks/09b_train_loop.py:596
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
     try:
@@ -415,7 +404,7 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
                          "continue it with resume=True, or choose an empty folder")
 
 
-# notebooks/09b_train_loop.py:624
+# notebooks/09b_train_loop.py:613
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in

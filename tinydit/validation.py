@@ -11,6 +11,7 @@ count as numbers; booleans do not count as integers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -27,7 +28,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-# notebooks/00_introduction.py:199
+# notebooks/00_introduction.py:200
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` as a Python int in [minimum, maximum]; numpy integers accepted, bools refused."""
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() \
@@ -43,7 +44,7 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     return value
 
 
-# notebooks/00_introduction.py:215
+# notebooks/00_introduction.py:216
 def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None,
                 min_inclusive: bool = True, max_inclusive: bool = True) -> float:
     """`value` as a finite Python float within the given bounds; ints and numpy numbers accepted."""
@@ -61,7 +62,7 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     return value
 
 
-# notebooks/00_introduction.py:233
+# notebooks/00_introduction.py:234
 def check_bool(name: str, value) -> bool:
     """`value` as a Python bool; numpy booleans accepted. Strings are refused: `"false"` is truthy."""
     if not isinstance(value, (bool, np.bool_)):
@@ -69,7 +70,7 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-# notebooks/00_introduction.py:241
+# notebooks/00_introduction.py:242
 def check_choice(name: str, value, choices) -> object:
     """`value` if it is one of `choices`, else a ValueError listing them."""
     if value not in choices:
@@ -78,7 +79,7 @@ def check_choice(name: str, value, choices) -> object:
     return value
 
 
-# notebooks/00_introduction.py:250
+# notebooks/00_introduction.py:251
 def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floating: bool = False,
                  finite: bool = False) -> torch.Tensor:
     """`x` if it is a tensor with `ndim` dimensions (an int or a tuple of allowed counts), a
@@ -97,7 +98,7 @@ def check_tensor(name: str, x, ndim: int | tuple[int, ...] | None = None, floati
     return x
 
 
-# notebooks/00_introduction.py:269
+# notebooks/00_introduction.py:270
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """`x` if every value is finite; otherwise say how many are NaN or infinite. Tensors on the
     `meta` device (shapes without values) pass."""
@@ -110,7 +111,7 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# notebooks/00_introduction.py:282
+# notebooks/00_introduction.py:283
 def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """A boolean mask (True = keep / attend). Float masks are refused: an additive mask
     (0 = attend, -inf = ignore) cast with `.bool()` would silently mean the opposite."""
@@ -124,7 +125,7 @@ def check_bool_mask(name: str, mask, shape: tuple[int, ...] | None = None) -> to
     return mask
 
 
-# notebooks/00_introduction.py:296
+# notebooks/00_introduction.py:297
 def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError) -> Exception:
     """Run `call` and require `error` with a message matching the regex `pattern`; print and return
     it. The chapters show every expected error this way, so a check fails when no error comes."""
@@ -137,9 +138,32 @@ def expect_error(call, pattern: str, error: type[Exception] | tuple = ValueError
     raise AssertionError(f"expected {error} matching {pattern!r}, but no error was raised")
 
 
-# notebooks/00_introduction.py:309
+# notebooks/00_introduction.py:310
 def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> None:
     """Refuse, before allocating, a request that would need more than `limit` bytes."""
     if n_bytes > limit:
         raise ValueError(f"{name}: this would need about {n_bytes / 2**30:.1f} GiB of memory, more than "
                          f"the {limit / 2**30:.0f} GiB tinydit allows for one request; ask for less")
+
+
+# notebooks/00_introduction.py:318
+def check_device(name: str, device) -> torch.device:
+    """`device` as a torch.device that exists here ('cpu', 'cuda', 'cuda:1', 'mps', 'meta', ...)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "meta", "mps", "xpu"):
+        raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
+    return device
+
+
+# notebooks/00_introduction.py:334
+def unknown_fields(given, config_class) -> list[str]:
+    """The keys of `given` (a dict of settings) that are not fields of the dataclass `config_class`,
+    sorted: every reader of a config file or of keyword settings refuses them by name."""
+    return sorted(set(given) - {f.name for f in dataclasses.fields(config_class)})
