@@ -70,8 +70,6 @@ from tinydit.checkpoint import read_config, strip_prefix
 
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
-_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
 
 # %% [markdown]
 # ## 1. VAEs: the original LDM / SGM single-file layout
@@ -93,62 +91,63 @@ _DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
 
 # %%
 # | export
-def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torch.Tensor]:
-    """Apply every (pattern, replacement) rule to every key, then `reshape(new_key, tensor)`."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = reshape(k, v)
-    return out
+# One table, read both ways: (original LDM / SGM name, diffusers name, how the number {n} maps).
+# "level": LDM numbers decoder levels by resolution, diffusers in running order (L - 1 - n, its own
+# inverse); "one_based": LDM's mid block_1, block_2 are diffusers' resnets.0, .1.
+VAE_RENAMES = (
+    ("encoder.down.{n}.block.", "encoder.down_blocks.{n}.resnets.", None),
+    ("encoder.down.{n}.downsample.conv.", "encoder.down_blocks.{n}.downsamplers.0.conv.", None),
+    ("decoder.up.{n}.block.", "decoder.up_blocks.{n}.resnets.", "level"),
+    ("decoder.up.{n}.upsample.conv.", "decoder.up_blocks.{n}.upsamplers.0.conv.", "level"),
+    ("{side}.mid.block_{n}.", "{side}.mid_block.resnets.{n}.", "one_based"),
+    ("{side}.mid.attn_1.norm.", "{side}.mid_block.attentions.0.group_norm.", None),
+    ("{side}.mid.attn_1.q.", "{side}.mid_block.attentions.0.to_q.", None),
+    ("{side}.mid.attn_1.k.", "{side}.mid_block.attentions.0.to_k.", None),
+    ("{side}.mid.attn_1.v.", "{side}.mid_block.attentions.0.to_v.", None),
+    ("{side}.mid.attn_1.proj_out.", "{side}.mid_block.attentions.0.to_out.0.", None),
+    ("{side}.norm_out.", "{side}.conv_norm_out.", None),
+)
+
+# %%
+# | export
+def _rename_vae_key(key: str, num_levels: int, to_diffusers: bool) -> str:
+    """One VAE key through `VAE_RENAMES`, LDM -> diffusers or back (`nin_shortcut` <-> `conv_shortcut`)."""
+    for ldm, theirs, numbering in VAE_RENAMES:
+        source, target = (ldm, theirs) if to_diffusers else (theirs, ldm)
+        pattern = "^" + re.escape(source).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{side\}", "(?P<side>encoder|decoder)")
+        m = re.match(pattern, key)
+        if m is None:
+            continue
+        n = int(m["n"]) if "n" in m.groupdict() else None
+        if numbering == "level":
+            n = num_levels - 1 - n
+        elif numbering == "one_based":
+            n = n - 1 if to_diffusers else n + 1
+        key = target.format(n=n, side=m.groupdict().get("side")) + key[m.end():]
+        break
+    old, new = ("nin_shortcut", "conv_shortcut") if to_diffusers else ("conv_shortcut", "nin_shortcut")
+    return key.replace(old, new)
 
 # %%
 # | export
 def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
-    def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
-        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets."),
-        (r"^decoder\.up\.(\d+)\.upsample\.conv\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.conv."),
-        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-        (r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-        ("nin_shortcut", "conv_shortcut"),
-    ]
-
-    def conv_to_linear(k, v):  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        return v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
-
-    return _rename(sd, rules, conv_to_linear)
+    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (`VAE_RENAMES`); the
+    attention's 1x1 convs (C, C, 1, 1) become linears (C, C)."""
+    out = {}
+    for k, v in sd.items():
+        k = _rename_vae_key(k, num_levels, to_diffusers=True)
+        out[k] = v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
+    return out
 
 # %%
 # | export
 def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
-    def flip(m):
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{flip(m)}.upsample.conv."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        ("conv_shortcut", "nin_shortcut"),
-    ]
-
-    def linear_to_conv(k, v):  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        return v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
-
-    return _rename(sd, rules, linear_to_conv)
+    """The inverse of `ldm_to_diffusers`, through the same table: diffusers names -> LDM/SGM names."""
+    out = {}
+    for k, v in sd.items():
+        k = _rename_vae_key(k, num_levels, to_diffusers=False)
+        out[k] = v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
+    return out
 
 # %%
 # | export

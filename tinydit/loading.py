@@ -20,70 +20,69 @@ from tinydit.checkpoint import read_config, strip_prefix
 
 SINGLE_FILE_PREFIXES = ("first_stage_model.", "vae.")  # where full checkpoints nest the VAE
 IGNORED_PREFIXES = ("loss.", "model_ema.")  # training leftovers in some VAE .ckpt files (LPIPS, EMA)
-_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_ATTENTION = {v: k for k, v in _LDM_ATTENTION.items()}
 
 
-# notebooks/17a_loading.py:96
-def _rename(sd: dict[str, torch.Tensor], rules: list, reshape) -> dict[str, torch.Tensor]:
-    """Apply every (pattern, replacement) rule to every key, then `reshape(new_key, tensor)`."""
+# notebooks/17a_loading.py:94
+# One table, read both ways: (original LDM / SGM name, diffusers name, how the number {n} maps).
+# "level": LDM numbers decoder levels by resolution, diffusers in running order (L - 1 - n, its own
+# inverse); "one_based": LDM's mid block_1, block_2 are diffusers' resnets.0, .1.
+VAE_RENAMES = (
+    ("encoder.down.{n}.block.", "encoder.down_blocks.{n}.resnets.", None),
+    ("encoder.down.{n}.downsample.conv.", "encoder.down_blocks.{n}.downsamplers.0.conv.", None),
+    ("decoder.up.{n}.block.", "decoder.up_blocks.{n}.resnets.", "level"),
+    ("decoder.up.{n}.upsample.conv.", "decoder.up_blocks.{n}.upsamplers.0.conv.", "level"),
+    ("{side}.mid.block_{n}.", "{side}.mid_block.resnets.{n}.", "one_based"),
+    ("{side}.mid.attn_1.norm.", "{side}.mid_block.attentions.0.group_norm.", None),
+    ("{side}.mid.attn_1.q.", "{side}.mid_block.attentions.0.to_q.", None),
+    ("{side}.mid.attn_1.k.", "{side}.mid_block.attentions.0.to_k.", None),
+    ("{side}.mid.attn_1.v.", "{side}.mid_block.attentions.0.to_v.", None),
+    ("{side}.mid.attn_1.proj_out.", "{side}.mid_block.attentions.0.to_out.0.", None),
+    ("{side}.norm_out.", "{side}.conv_norm_out.", None),
+)
+
+
+# notebooks/17a_loading.py:113
+def _rename_vae_key(key: str, num_levels: int, to_diffusers: bool) -> str:
+    """One VAE key through `VAE_RENAMES`, LDM -> diffusers or back (`nin_shortcut` <-> `conv_shortcut`)."""
+    for ldm, theirs, numbering in VAE_RENAMES:
+        source, target = (ldm, theirs) if to_diffusers else (theirs, ldm)
+        pattern = "^" + re.escape(source).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{side\}", "(?P<side>encoder|decoder)")
+        m = re.match(pattern, key)
+        if m is None:
+            continue
+        n = int(m["n"]) if "n" in m.groupdict() else None
+        if numbering == "level":
+            n = num_levels - 1 - n
+        elif numbering == "one_based":
+            n = n - 1 if to_diffusers else n + 1
+        key = target.format(n=n, side=m.groupdict().get("side")) + key[m.end():]
+        break
+    old, new = ("nin_shortcut", "conv_shortcut") if to_diffusers else ("conv_shortcut", "nin_shortcut")
+    return key.replace(old, new)
+
+
+# notebooks/17a_loading.py:133
+def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (`VAE_RENAMES`); the
+    attention's 1x1 convs (C, C, 1, 1) become linears (C, C)."""
     out = {}
     for k, v in sd.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = reshape(k, v)
+        k = _rename_vae_key(k, num_levels, to_diffusers=True)
+        out[k] = v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
     return out
 
 
-# notebooks/17a_loading.py:107
-def ldm_to_diffusers(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename an original LDM/SGM VAE state dict (no prefix) to diffusers names (see the table)."""
-    def flip(m):  # LDM numbers decoder levels by resolution, diffusers in running order
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-        (r"^encoder\.down\.(\d+)\.downsample\.conv\.", r"encoder.down_blocks.\1.downsamplers.0.conv."),
-        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{flip(m)}.resnets."),
-        (r"^decoder\.up\.(\d+)\.upsample\.conv\.", lambda m: f"decoder.up_blocks.{flip(m)}.upsamplers.0.conv."),
-        (r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
-        (r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-        ("nin_shortcut", "conv_shortcut"),
-    ]
-
-    def conv_to_linear(k, v):  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        return v.reshape(v.shape[0], v.shape[1]) if ".attentions.0.to_" in k and v.ndim > 2 else v
-
-    return _rename(sd, rules, conv_to_linear)
-
-
-# notebooks/17a_loading.py:131
+# notebooks/17a_loading.py:144
 def diffusers_to_ldm(sd: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """The inverse of `ldm_to_diffusers`: diffusers names -> original LDM/SGM names (no prefix)."""
-    def flip(m):
-        return num_levels - 1 - int(m[1])
-
-    rules = [
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{flip(m)}.block."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", lambda m: f"decoder.up.{flip(m)}.upsample.conv."),
-        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(?=(weight|bias)$)",
-         lambda m: f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION[m[2]]}."),
-        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-        ("conv_shortcut", "nin_shortcut"),
-    ]
-
-    def linear_to_conv(k, v):  # linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        return v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
-
-    return _rename(sd, rules, linear_to_conv)
+    """The inverse of `ldm_to_diffusers`, through the same table: diffusers names -> LDM/SGM names."""
+    out = {}
+    for k, v in sd.items():
+        k = _rename_vae_key(k, num_levels, to_diffusers=False)
+        out[k] = v[:, :, None, None] if re.search(r"\.attn_1\.(q|k|v|proj_out)\.", k) and v.ndim == 2 else v
+    return out
 
 
-# notebooks/17a_loading.py:155
+# notebooks/17a_loading.py:154
 def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE entries of a single file: unnest first_stage_model. / vae., drop training leftovers."""
     prefix = next((p for p in SINGLE_FILE_PREFIXES if any(k.startswith(p) for k in sd)), None)
@@ -91,7 +90,7 @@ def single_file_vae_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
-# notebooks/17a_loading.py:268
+# notebooks/17a_loading.py:267
 def read_config_json(folder: Path) -> dict:
     """`folder/config.json` as a dict, with errors that name the file."""
     path = Path(folder) / "config.json"
@@ -100,7 +99,7 @@ def read_config_json(folder: Path) -> dict:
     return read_config(path)
 
 
-# notebooks/17a_loading.py:277
+# notebooks/17a_loading.py:276
 def transformer_kind(config: dict) -> str | None:
     """Which model a transformer config.json describes: tinydit's `_class` ("DiT", "TextDiT") or the
     diffusers class. Hub repos converted before diffusers split its classes (facebook/DiT-XL-2-256,
@@ -114,7 +113,7 @@ def transformer_kind(config: dict) -> str | None:
     return name
 
 
-# notebooks/17a_loading.py:291
+# notebooks/17a_loading.py:290
 def diffusers_weights_file(folder: Path) -> Path:
     """The weights file of a diffusers model folder."""
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
@@ -123,7 +122,7 @@ def diffusers_weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"path_or_id: no diffusion_pytorch_model.safetensors (or .bin) in {folder}")
 
 
-# notebooks/17a_loading.py:300
+# notebooks/17a_loading.py:299
 def shared_dit_embedders(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """The timestep / label embedders that diffusers' DiT copies into every block, as the original
     DiT's one shared set; refuses a checkpoint whose copies differ (it is not an original DiT)."""
@@ -148,7 +147,7 @@ def shared_dit_embedders(sd: dict[str, torch.Tensor], depth: int) -> dict[str, t
     return out
 
 
-# notebooks/17a_loading.py:325
+# notebooks/17a_loading.py:324
 def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers DiTTransformer2DModel state dict -> original DiT names (checks the embedder copies)."""
     if "pos_embed.proj.weight" not in sd or "transformer_blocks.0.attn1.to_q.weight" not in sd:
@@ -181,7 +180,7 @@ def convert_diffusers_dit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-# notebooks/17a_loading.py:455
+# notebooks/17a_loading.py:454
 def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers PixArtTransformer2DModel state dict -> the original PixArt names (ours)."""
     if "adaln_single.linear.weight" not in sd or "transformer_blocks.0.attn2.to_q.weight" not in sd:
@@ -225,7 +224,7 @@ def convert_diffusers_pixart(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-# notebooks/17a_loading.py:506
+# notebooks/17a_loading.py:505
 def pixart_config(cfg) -> dict:
     """diffusers' PixArtTransformer2DModel config.json for a TextDiT config (the inverse of chapter 07's reader)."""
     if cfg.modulation != "adaln_single" or cfg.pooled_dim:
@@ -242,7 +241,7 @@ def pixart_config(cfg) -> dict:
             "attention_type": "default", "dropout": 0.0, "norm_num_groups": 32, "upcast_attention": False}
 
 
-# notebooks/17a_loading.py:523
+# notebooks/17a_loading.py:522
 PIXART_RENAMES = {"x_embedder.proj": "pos_embed.proj", "t_block.1": "adaln_single.linear",
                   "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
                   "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
@@ -265,7 +264,7 @@ def _is_pixart_key(key: str) -> bool:
     return key.rsplit(".", 1)[0] in PIXART_RENAMES
 
 
-# notebooks/17a_loading.py:546
+# notebooks/17a_loading.py:545
 def _check_pixart_state_dict(sd) -> None:
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise TypeError(f"sd: expected a state dict (name -> tensor), model.state_dict(), got {type(sd).__name__}")
@@ -275,7 +274,7 @@ def _check_pixart_state_dict(sd) -> None:
         raise ValueError(f"sd: unexpected key(s) {listed} (not the state dict of a PixArt-style TextDiT)")
 
 
-# notebooks/17a_loading.py:556
+# notebooks/17a_loading.py:555
 def pixart_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original PixArt) names -> diffusers `PixArtTransformer2DModel` names; the inverse of
     chapter 07's `convert_diffusers_pixart` (fused qkv / kv split back into to_q, to_k, to_v)."""
