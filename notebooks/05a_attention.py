@@ -279,6 +279,24 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 # %% [markdown]
+# **Looking at it.** The weights of one head for a random example whose last three keys are padding:
+# every row is a probability distribution over the keys, and the masked columns get exactly 0.
+
+# %%
+import matplotlib.pyplot as plt
+
+
+qd, kd = torch.randn(2, 1, 1, 8, 16, generator=torch.Generator().manual_seed(3)).unbind(0)  # (1, 1, 8, 16) each
+keep = torch.tensor([[True] * 5 + [False] * 3])  # (B=1, T_k=8): True = a real key
+w = attention_weights(qd, kd, keep)[0, 0]  # (8, 8)
+assert torch.allclose(w.sum(-1), torch.ones(8)) and bool((w[:, 5:] == 0).all())
+plt.figure(figsize=(4, 3.2))
+plt.imshow(w, cmap="viridis", vmin=0)
+plt.colorbar(label="weight")
+plt.gca().set(xlabel="key (5, 6, 7: padding)", ylabel="query", title="attention weights of one head")
+plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - **Built** `tinydit.attention`: `attention(q, k, v, mask, backend)` with `math`, `sdpa` and

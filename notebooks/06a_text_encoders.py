@@ -667,6 +667,26 @@ for name, cls in (("CLIP", CLIPTextEncoder), ("T5", T5TextEncoder)):
           f"pooled {None if e.pooled is None else tuple(e.pooled.shape)}")
 
 # %% [markdown]
+# **Looking at it.** How alike the book encoder finds a few prompts (cosine similarity of their pooled
+# vectors): prompts that share colour and shape sit close, and changing either word moves them apart.
+
+# %%
+import matplotlib.pyplot as plt
+
+
+sim_prompts = ["a red circle", "a big red circle", "a blue circle", "a red square", "a green triangle"]
+pooled = F.normalize(book_text(sim_prompts).pooled, dim=-1)  # (5, 64)
+sim = (pooled @ pooled.T).detach()  # (5, 5)
+assert torch.allclose(sim.diagonal(), torch.ones(5), atol=1e-5) and sim[0, 1] > sim[0, 4]
+plt.figure(figsize=(5, 4))
+plt.imshow(sim, cmap="magma", vmin=float(sim.min()), vmax=1)
+plt.xticks(range(5), sim_prompts, rotation=45, ha="right")
+plt.yticks(range(5), sim_prompts)
+plt.colorbar(label="cosine similarity")
+plt.title("pooled embeddings of the book encoder")
+plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - **Built** (in `tinydit.text`): `TextEmbeddings` (bool masks only; 0/1 integers converted) and

@@ -319,6 +319,32 @@ torch.testing.assert_close(ours, lesson)
 print(f"TextDiTBlock (adaLN-single) == the lesson block; {sum(p.numel() for p in blk.parameters()):,} parameters")
 
 # %% [markdown]
+# **Looking at it.** A fresh `CrossAttention` reading the book encoder's tokens of one caption: each of
+# the 16 image tokens (rows) spreads its attention over the caption's tokens (columns). Untrained, the
+# rows are nearly uniform; chapter 07b watches them sharpen on the words that matter.
+
+# %%
+import matplotlib.pyplot as plt
+
+from tinydit.attention import attention_weights
+
+
+caption = "a big red circle left of a small blue square"
+emb = book_text([caption])  # tokens (1, T, 96), mask (1, T)
+torch.manual_seed(0)
+ca = CrossAttention(192, 6, context_dim=emb.tokens.shape[-1])
+q, k, _ = ca.qkv_heads(torch.randn(1, 16, 192), emb.tokens)  # (1, 6, 16, hd), (1, 6, T, hd)
+maps = attention_weights(q, k, emb.mask).mean(1)[0].detach()  # (16, T), averaged over heads
+assert torch.allclose(maps.sum(-1), torch.ones(16), atol=1e-5)
+plt.figure(figsize=(7, 3.5))
+plt.imshow(maps, aspect="auto", cmap="viridis")
+plt.xlabel(f"caption token ({maps.shape[1]}: <bos>, the words, <eos>)")
+plt.ylabel("image token")
+plt.colorbar(label="weight")
+plt.title(f"untrained cross-attention over {caption!r}")
+plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - **Cross-attention** lets each image token read the caption: queries from the image, keys and

@@ -709,6 +709,21 @@ expect_error(lambda: guide(x_T, sig8[0], context=ctx, uncond_context=uctx, uncon
              r"^uncond_mask: expected a boolean mask", TypeError)
 
 # %% [markdown]
+# **Looking at it.** The same prompt and seed through the book model at four guidance scales: at 1
+# the caption is only a hint, at 2 the picture follows it, and pushed to 8 the colours burn — what
+# the cures above are for (11b measures them).
+
+# %%
+from tinydit.data import image_grid, pil_to_tensor
+
+
+scales = [1.0, 2.0, 4.0, 8.0]
+shots = [pipe("a red triangle above a blue circle", guidance_scale=w, seed=3, num_inference_steps=12,
+              disable=True).images[0] for w in scales]  # 4 PIL images, 32 x 32
+print("guidance scale, left to right:", scales)
+image_grid(torch.stack([pil_to_tensor(im) for im in shots]), [f"w = {w:g}" for w in scales], cols=4, scale=4)
+
+# %% [markdown]
 # ## Summary
 #
 # * **`CFGDenoiser`** (`tinydit.guidance`): classifier-free guidance as a denoiser wrapper, one batched

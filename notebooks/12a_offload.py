@@ -588,6 +588,20 @@ assert peaks["leaf {}"] == max(nbytes(tensors_of([m], recurse=False)) for m in T
 # `benchmarks/offload.py` measures both (peak memory, seconds per prompt, GB/s pinned vs pageable).
 
 # %% [markdown]
+# **Looking at it.** The peak bytes on the device for each mode, as a share of the whole model:
+
+# %%
+import matplotlib.pyplot as plt
+
+
+plt.figure(figsize=(6, 2.6))
+plt.barh(list(peaks), [100 * v / total for v in peaks.values()], color="tab:blue")
+plt.xlabel("peak weights on the device, % of the model")
+plt.title("offloading the DiT-shaped toy (meta device, exact ledger)")
+plt.gca().invert_yaxis()
+plt.show()
+
+# %% [markdown]
 # ## Summary
 #
 # - **Offloading** with hooks, the model's code untouched (`tinydit.offload`): `ModelOffload` (one

@@ -62,7 +62,7 @@ def test_book_builds_offline_with_every_chapter(html):
     assert "tinydit" in (html / "intro.html").read_text()
     for nb in NOTEBOOKS:
         assert (html / "notebooks" / f"{nb.stem}.html").is_file(), f"{nb.stem}.html missing from the built book"
-    data_page = (html / "notebooks" / "01_data.html").read_text()
+    data_page = (html / "notebooks" / "01a_data.html").read_text()
     assert "ShapesDataset" in data_page and "caption grammar" in data_page
 
 

@@ -667,7 +667,7 @@ def cli_main(*argv: str):
     started = AssertionError("training started before the flags were checked")
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), \
             mock.patch.object(vae_training, "train_book_vae", side_effect=started), \
-            mock.patch.object(text, "train_book_text_encoder", side_effect=started):
+            mock.patch.object(text_training, "train_book_text_encoder", side_effect=started):
         try:
             code = cli.main([str(a) for a in argv])
         except SystemExit as e:
