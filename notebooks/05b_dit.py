@@ -503,6 +503,9 @@ class DiT(LatentTransformer):
     epsilon, followed by the variance interpolation channels when `learn_sigma`.
     """
 
+    config_class = DiTConfig  # what its own layout's config.json holds
+    diffusers_class = "DiTTransformer2DModel"  # the diffusers model `from_pretrained` reads
+
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
         self.config = cfg = config if config is not None else DiTConfig()
@@ -532,6 +535,22 @@ class DiT(LatentTransformer):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
+
+# %%
+# | export
+@add_to_class(DiT)
+@classmethod
+def config_from_diffusers(cls, config: dict, **overrides) -> DiTConfig:
+    """The DiTConfig of a diffusers DiTTransformer2DModel config.json (the reader: the appendix)."""
+    return config_from_diffusers(config, **overrides)
+
+# %%
+# | export
+@add_to_class(DiT)
+@staticmethod
+def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers DiT weights -> ours (the key map: chapter 17a)."""
+    return convert_diffusers_dit(sd)
 
 # %%
 # | export
@@ -601,27 +620,29 @@ def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=Non
 
 # %%
 # | export
-@add_to_class(DiT)
+@add_to_class(LatentTransformer)
 @classmethod
-def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
-    """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
-    `dtype` as in `from_original`."""
+def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides):
+    """Load this family's diffusers folder (`cls.diffusers_class`: DiTTransformer2DModel for DiT,
+    PixArtTransformer2DModel for TextDiT) or tinydit's own layout, from a local path or hub id.
+    `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
     dtype = resolve_dtype(dtype)
     folder = resolve_pretrained(path_or_id, subfolder)
     config = read_config_json(folder)
     kind = transformer_kind(config)
-    if kind == "DiT":  # tinydit's own save_pretrained layout
-        cfg = DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+    if kind == cls.__name__:  # tinydit's own save_pretrained layout
+        cfg = cls.config_class.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
         sd = load_state_dict(folder / "model.safetensors", dtype)
-    elif kind == "DiTTransformer2DModel":
-        cfg = config_from_diffusers(config, **overrides)
-        sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
+    elif kind == cls.diffusers_class:
+        cfg = cls.config_from_diffusers(config, **overrides)
+        sd = cls.convert_diffusers(load_state_dict(diffusers_weights_file(folder), dtype))
     else:
-        raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
-                         "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
-                         "(which reads any transformer folder)")
-    return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
-
+        family = {"DiTTransformer2DModel": "DiT", "PixArtTransformer2DModel": "TextDiT"}.get(kind, kind)
+        module = {"DiT": "tinydit.dit", "TextDiT": "tinydit.textdit"}.get(family)
+        use = f"load it with {module}.{family}.from_pretrained, or" if module else "use"
+        raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a {cls.__name__}; {use} "
+                         "tinydit.textdit.load_transformer (which reads any transformer folder)")
+    return cls.from_weights(cfg, sd, f"{cls.__name__} weights in {folder}", dtype)
 # %% [markdown]
 # A fresh book model predicts exactly zero (its final layer starts at zero). With random weights
 # everywhere, the exported `forward` and the teaching version agree; bad inputs are refused by name.

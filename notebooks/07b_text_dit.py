@@ -75,12 +75,7 @@ from tinydit.dit import (
     unpatchify,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-from tinydit.loading import (
-    convert_diffusers_pixart,
-    diffusers_weights_file,
-    read_config_json,
-    transformer_kind,
-)
+from tinydit.loading import convert_diffusers_pixart, read_config_json, transformer_kind
 from tinydit.text import TextEmbeddings
 from tinydit.textblock import MODULATIONS, CaptionEmbedder, ProjMlp, T2IFinalLayer, TextDiTBlock
 from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
@@ -164,6 +159,8 @@ class TextDiT(LatentTransformer):
     width) in pixels and `aspect_ratio` (B,) when it has `micro_conditions`. `context=None` uses the
     learned null caption. Returns the raw output (B, C_out, H, W).
     """
+
+    config_class, diffusers_class = TextDiTConfig, "PixArtTransformer2DModel"  # what from_pretrained reads
 
     def __init__(self, config: TextDiTConfig | None = None):
         super().__init__()
@@ -313,25 +310,18 @@ def forward(self, x: torch.Tensor, t, context=None, context_mask=None, pooled=No
 # | export
 @add_to_class(TextDiT)
 @classmethod
-def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None,
-                    **overrides) -> TextDiT:
-    """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
-    folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
-    dtype = resolve_dtype(dtype)
-    folder = resolve_pretrained(path_or_id, subfolder)
-    config = read_config_json(folder)
-    kind = transformer_kind(config)
-    if kind == "TextDiT":  # tinydit's own layout
-        cfg = TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
-        sd = load_state_dict(folder / "model.safetensors", dtype)
-    elif kind == "PixArtTransformer2DModel":
-        cfg = config_from_diffusers_pixart(config, **overrides)
-        sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
-    else:
-        raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
-                         "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
-    return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
+def config_from_diffusers(cls, config: dict, **overrides) -> TextDiTConfig:
+    """The TextDiTConfig of a diffusers PixArtTransformer2DModel config.json (the reader: the appendix);
+    `TextDiT.from_pretrained` is chapter 05b's, shared by both families."""
+    return config_from_diffusers_pixart(config, **overrides)
 
+# %%
+# | export
+@add_to_class(TextDiT)
+@staticmethod
+def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers PixArt weights -> ours (the key map: chapter 17a)."""
+    return convert_diffusers_pixart(sd)
 # %%
 # | export
 @add_to_class(TextDiT)

@@ -301,6 +301,30 @@ class LatentTransformer(nn.Module):
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
 
+    # notebooks/05b_dit.py:623
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides):
+        """Load this family's diffusers folder (`cls.diffusers_class`: DiTTransformer2DModel for DiT,
+        PixArtTransformer2DModel for TextDiT) or tinydit's own layout, from a local path or hub id.
+        `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
+        dtype = resolve_dtype(dtype)
+        folder = resolve_pretrained(path_or_id, subfolder)
+        config = read_config_json(folder)
+        kind = transformer_kind(config)
+        if kind == cls.__name__:  # tinydit's own save_pretrained layout
+            cfg = cls.config_class.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
+            sd = load_state_dict(folder / "model.safetensors", dtype)
+        elif kind == cls.diffusers_class:
+            cfg = cls.config_from_diffusers(config, **overrides)
+            sd = cls.convert_diffusers(load_state_dict(diffusers_weights_file(folder), dtype))
+        else:
+            family = {"DiTTransformer2DModel": "DiT", "PixArtTransformer2DModel": "TextDiT"}.get(kind, kind)
+            module = {"DiT": "tinydit.dit", "TextDiT": "tinydit.textdit"}.get(family)
+            use = f"load it with {module}.{family}.from_pretrained, or" if module else "use"
+            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a {cls.__name__}; {use} "
+                             "tinydit.textdit.load_transformer (which reads any transformer folder)")
+        return cls.from_weights(cfg, sd, f"{cls.__name__} weights in {folder}", dtype)
+
 
 # notebooks/05b_dit.py:498
 class DiT(LatentTransformer):
@@ -310,6 +334,9 @@ class DiT(LatentTransformer):
     (None or `num_classes` = the null class). Returns the raw network output (B, C_out, H, W):
     epsilon, followed by the variance interpolation channels when `learn_sigma`.
     """
+
+    config_class = DiTConfig  # what its own layout's config.json holds
+    diffusers_class = "DiTTransformer2DModel"  # the diffusers model `from_pretrained` reads
 
     def __init__(self, config: DiTConfig | None = None):
         super().__init__()
@@ -341,7 +368,19 @@ class DiT(LatentTransformer):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    # notebooks/05b_dit.py:538
+    # notebooks/05b_dit.py:541
+    @classmethod
+    def config_from_diffusers(cls, config: dict, **overrides) -> DiTConfig:
+        """The DiTConfig of a diffusers DiTTransformer2DModel config.json (the reader: the appendix)."""
+        return config_from_diffusers(config, **overrides)
+
+    # notebooks/05b_dit.py:549
+    @staticmethod
+    def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers DiT weights -> ours (the key map: chapter 17a)."""
+        return convert_diffusers_dit(sd)
+
+    # notebooks/05b_dit.py:557
     def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
         """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
         if y is None:
@@ -351,7 +390,7 @@ class DiT(LatentTransformer):
             raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
         return y.long()
 
-    # notebooks/05b_dit.py:550
+    # notebooks/05b_dit.py:569
     def check_values(self, x: torch.Tensor, t, y=None) -> None:
         """Value checks (label range, finite inputs), run by entry points once per call rather
         than inside `forward`, where each would cost a device sync and a compile graph break."""
@@ -363,12 +402,12 @@ class DiT(LatentTransformer):
                 raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
                                  f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
 
-    # notebooks/05b_dit.py:564
+    # notebooks/05b_dit.py:583
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    # notebooks/05b_dit.py:571
+    # notebooks/05b_dit.py:590
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
         x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
@@ -384,7 +423,7 @@ class DiT(LatentTransformer):
         out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    # notebooks/05b_dit.py:589
+    # notebooks/05b_dit.py:608
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
@@ -397,29 +436,8 @@ class DiT(LatentTransformer):
         cfg = infer_config_from_original(sd, num_heads=num_heads, **overrides)
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
-    # notebooks/05b_dit.py:604
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides) -> DiT:
-        """Load a diffusers `DiTTransformer2DModel` folder (local path or hub id) or a tinydit DiT folder;
-        `dtype` as in `from_original`."""
-        dtype = resolve_dtype(dtype)
-        folder = resolve_pretrained(path_or_id, subfolder)
-        config = read_config_json(folder)
-        kind = transformer_kind(config)
-        if kind == "DiT":  # tinydit's own save_pretrained layout
-            cfg = DiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
-            sd = load_state_dict(folder / "model.safetensors", dtype)
-        elif kind == "DiTTransformer2DModel":
-            cfg = config_from_diffusers(config, **overrides)
-            sd = convert_diffusers_dit(load_state_dict(diffusers_weights_file(folder), dtype))
-        else:
-            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a class-conditional DiT; load it with "
-                             "tinydit.textdit.TextDiT.from_pretrained, or tinydit.textdit.load_transformer "
-                             "(which reads any transformer folder)")
-        return cls.from_weights(cfg, sd, f"DiT weights in {folder}", dtype)
 
-
-# notebooks/05b_dit.py:677
+# notebooks/05b_dit.py:698
 # Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
 KNOWN_HEADS = {(depth, width): heads for depth, width, heads in DIT_SIZES.values()}
 
@@ -438,7 +456,7 @@ def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
                      f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
 
 
-# notebooks/05b_dit.py:696
+# notebooks/05b_dit.py:717
 def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                **overrides) -> DiTConfig:
     """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
@@ -463,7 +481,7 @@ def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | Non
     return DiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/05b_dit.py:721
+# notebooks/05b_dit.py:742
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
     if transformer_kind(d) not in (None, "DiTTransformer2DModel"):

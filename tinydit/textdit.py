@@ -29,18 +29,13 @@ from tinydit.dit import (
     unpatchify,
 )
 from tinydit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-from tinydit.loading import (
-    convert_diffusers_pixart,
-    diffusers_weights_file,
-    read_config_json,
-    transformer_kind,
-)
+from tinydit.loading import convert_diffusers_pixart, read_config_json, transformer_kind
 from tinydit.text import TextEmbeddings
 from tinydit.textblock import MODULATIONS, CaptionEmbedder, ProjMlp, T2IFinalLayer, TextDiTBlock
 from tinydit.validation import check_bool, check_choice, check_finite, check_float, check_int
 
 
-# notebooks/07b_text_dit.py:103
+# notebooks/07b_text_dit.py:98
 @dataclass
 class TextDiTConfig(TransformerConfig):
     """A text-conditioned DiT: PixArt-α/Σ (adaLN-single) or the book model (adaLN-Zero + pooled text).
@@ -73,7 +68,7 @@ class TextDiTConfig(TransformerConfig):
     def preset_names(cls) -> list[str]:
         return ["PixArt-XL/2-256", "PixArt-XL/2-512", "PixArt-alpha-XL/2-1024", "PixArt-Sigma-XL/2-1024", "book-text"]
 
-    # notebooks/07b_text_dit.py:137
+    # notebooks/07b_text_dit.py:132
     @classmethod
     def preset(cls, name: str, **overrides) -> TextDiTConfig:
         """A named architecture (figures from the PixArt-α/Σ papers and code), optionally overridden."""
@@ -92,7 +87,7 @@ class TextDiTConfig(TransformerConfig):
         return replace(base, **overrides)
 
 
-# notebooks/07b_text_dit.py:157
+# notebooks/07b_text_dit.py:152
 class TextDiT(LatentTransformer):
     """A DiT conditioned on text through cross-attention (PixArt-α/Σ, Chen et al. 2023/2024; the book
     model). A sibling of chapter 05's `DiT`: the same patchify, blocks' parts and position table.
@@ -103,6 +98,8 @@ class TextDiT(LatentTransformer):
     width) in pixels and `aspect_ratio` (B,) when it has `micro_conditions`. `context=None` uses the
     learned null caption. Returns the raw output (B, C_out, H, W).
     """
+
+    config_class, diffusers_class = TextDiTConfig, "PixArtTransformer2DModel"  # what from_pretrained reads
 
     def __init__(self, config: TextDiTConfig | None = None):
         super().__init__()
@@ -135,7 +132,7 @@ class TextDiT(LatentTransformer):
                                     interpolation_scale=cfg.interpolation_scale)  # (h*w, D)
         return table[None].to(self.pos_embed.device)  # (1, T, D)
 
-    # notebooks/07b_text_dit.py:201
+    # notebooks/07b_text_dit.py:198
     def _add_optional_embedders(self, cfg: TextDiTConfig) -> None:
         """The embedders only some configs have, created in checkpoint order."""
         D = cfg.hidden_size
@@ -147,7 +144,7 @@ class TextDiT(LatentTransformer):
         if cfg.modulation == "adaln_single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    # notebooks/07b_text_dit.py:215
+    # notebooks/07b_text_dit.py:212
     def initialize_weights(self) -> None:
         """PixArt's initialisation (after DiT's): Xavier linears, N(0, 0.02) embedding MLPs, zero
         cross-attention outputs and final layer; adaLN-Zero maps zero as well."""
@@ -173,7 +170,7 @@ class TextDiT(LatentTransformer):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    # notebooks/07b_text_dit.py:243
+    # notebooks/07b_text_dit.py:240
     def null_context(self, batch_size: int) -> torch.Tensor:
         """The learned null caption (B, T_null, context_dim) for the unconditional branch of CFG."""
         if self.y_embedder.y_embedding is None:
@@ -182,14 +179,14 @@ class TextDiT(LatentTransformer):
                              "empty prompt '' as context, as diffusers' pipeline does")
         return self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)  # (B, T_null, C)
 
-    # notebooks/07b_text_dit.py:254
+    # notebooks/07b_text_dit.py:251
     @classmethod
     def position_table(cls, cfg: TextDiTConfig) -> torch.Tensor:
         """The fixed table (1, T, D) of `cfg`'s grid, with PixArt's base size and interpolation scale."""
         return sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size, base_size=cfg.pos_base_size,
                                    interpolation_scale=cfg.interpolation_scale)[None]  # (1, T, D)
 
-    # notebooks/07b_text_dit.py:263
+    # notebooks/07b_text_dit.py:260
     def condition(self, t: torch.Tensor, pooled: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
                   aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioning vector c = e_t (+ size embeddings) (+ pooled text embedding), (B, D)."""
@@ -203,7 +200,7 @@ class TextDiT(LatentTransformer):
             c = c + self.pooled_embedder(pooled.to(c.dtype))  # (B, D)
         return c
 
-    # notebooks/07b_text_dit.py:279
+    # notebooks/07b_text_dit.py:276
     def check_values(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                      context_mask: torch.Tensor | None) -> None:
         """Value checks run once per eager call (skipped inside torch.compile): finite inputs, and
@@ -215,7 +212,7 @@ class TextDiT(LatentTransformer):
             raise ValueError("context_mask: every caption needs at least one real (True) token; got a row of "
                              "padding only")
 
-    # notebooks/07b_text_dit.py:293
+    # notebooks/07b_text_dit.py:290
     def forward(self, x: torch.Tensor, t, context=None, context_mask=None, pooled=None, resolution=None,
                 aspect_ratio=None) -> torch.Tensor:
         t, context, context_mask, pooled, resolution, aspect_ratio = text_dit_inputs(
@@ -234,28 +231,20 @@ class TextDiT(LatentTransformer):
         out = self.final_layer(tokens, c)  # (B, N, p*p*C_out)
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    # notebooks/07b_text_dit.py:314
+    # notebooks/07b_text_dit.py:311
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None,
-                        **overrides) -> TextDiT:
-        """Load a diffusers `PixArtTransformer2DModel` folder (local path or hub id) or a tinydit TextDiT
-        folder. `dtype` ("bf16", "fp16", a torch dtype; None = float32) converts the weights while reading."""
-        dtype = resolve_dtype(dtype)
-        folder = resolve_pretrained(path_or_id, subfolder)
-        config = read_config_json(folder)
-        kind = transformer_kind(config)
-        if kind == "TextDiT":  # tinydit's own layout
-            cfg = TextDiTConfig.from_dict({**{k: v for k, v in config.items() if k != "_class"}, **overrides})
-            sd = load_state_dict(folder / "model.safetensors", dtype)
-        elif kind == "PixArtTransformer2DModel":
-            cfg = config_from_diffusers_pixart(config, **overrides)
-            sd = convert_diffusers_pixart(load_state_dict(diffusers_weights_file(folder), dtype))
-        else:
-            raise ValueError(f"path_or_id: {folder} holds a {kind} model, not a text-conditioned DiT; use "
-                             "tinydit.dit.DiT.from_pretrained, or load_transformer (which reads any transformer folder)")
-        return cls.from_weights(cfg, sd, f"weights in {folder}", dtype)
+    def config_from_diffusers(cls, config: dict, **overrides) -> TextDiTConfig:
+        """The TextDiTConfig of a diffusers PixArtTransformer2DModel config.json (the reader: the appendix);
+        `TextDiT.from_pretrained` is chapter 05b's, shared by both families."""
+        return config_from_diffusers_pixart(config, **overrides)
 
-    # notebooks/07b_text_dit.py:337
+    # notebooks/07b_text_dit.py:320
+    @staticmethod
+    def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers PixArt weights -> ours (the key map: chapter 17a)."""
+        return convert_diffusers_pixart(sd)
+
+    # notebooks/07b_text_dit.py:327
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> TextDiT:
         """Load an original-layout PixArt-α/Σ checkpoint (`.pth` with a state_dict wrapper, or `.safetensors`);
@@ -267,7 +256,7 @@ class TextDiT(LatentTransformer):
         return pixart_from_state_dict(cls, sd, Path(path).name, num_heads=num_heads, dtype=dtype, **overrides)
 
 
-# notebooks/07b_text_dit.py:350
+# notebooks/07b_text_dit.py:340
 def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolution, aspect_ratio):
     """Shape, dtype and presence checks of a TextDiT call (metadata only: no device sync); returns
     (t, context, context_mask, pooled, resolution, aspect_ratio) ready for the forward pass."""
@@ -304,7 +293,7 @@ def text_dit_inputs(model: TextDiT, x, t, context, context_mask, pooled, resolut
     return t, context, context_mask, pooled, resolution, aspect_ratio
 
 
-# notebooks/07b_text_dit.py:387
+# notebooks/07b_text_dit.py:377
 def micro_conditions(cfg: TextDiTConfig, resolution, aspect_ratio, B: int, device) -> tuple:
     """PixArt-α 1024's size and aspect-ratio inputs as (B, 2), (B, 1) tensors; None for other models."""
     if not cfg.micro_conditions:
@@ -322,7 +311,7 @@ def micro_conditions(cfg: TextDiTConfig, resolution, aspect_ratio, B: int, devic
     return resolution.expand(B, 2), aspect_ratio.expand(B, 1)  # (B, 2), (B, 1)
 
 
-# notebooks/07b_text_dit.py:405
+# notebooks/07b_text_dit.py:395
 def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
     """A (B, T) key-padding mask as booleans (True = real token). Integer 0/1 masks (the
     transformers convention) are accepted; float masks are refused: an additive mask (0 = attend,
@@ -340,7 +329,7 @@ def key_padding_mask(name: str, mask, shape: tuple[int, int]) -> torch.Tensor:
     return mask.bool()
 
 
-# notebooks/07b_text_dit.py:655
+# notebooks/07b_text_dit.py:645
 def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     """TextDiTConfig from a diffusers PixArtTransformer2DModel config.json."""
     if transformer_kind(d) != "PixArtTransformer2DModel":
@@ -374,7 +363,7 @@ def config_from_diffusers_pixart(d: dict, **overrides) -> TextDiTConfig:
     return TextDiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/07b_text_dit.py:689
+# notebooks/07b_text_dit.py:679
 def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                       **overrides) -> TextDiTConfig:
     """Infer a TextDiTConfig from a state dict in the original PixArt-α/Σ layout."""
@@ -407,7 +396,7 @@ def infer_pixart_config_from_original(sd: dict[str, torch.Tensor], num_heads: in
     return TextDiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/07b_text_dit.py:722
+# notebooks/07b_text_dit.py:712
 def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_heads: int | None = None,
                            dtype=None, **overrides) -> TextDiT:
     """Build `cls` (a TextDiT class) from an original-layout PixArt state dict, checking the stored
@@ -423,7 +412,7 @@ def pixart_from_state_dict(cls, sd: dict[str, torch.Tensor], name: str, num_head
     return cls.from_weights(cfg, sd, f"PixArt checkpoint {name}", dtype)  # the table is recomputed, not read
 
 
-# notebooks/07b_text_dit.py:738
+# notebooks/07b_text_dit.py:728
 def load_transformer(path_or_id: str | Path, subfolder: str | None = None, num_heads: int | None = None,
                      dtype=None, **overrides) -> DiT | TextDiT:
     """Load any transformer this book knows, dispatching on the files' contents.
