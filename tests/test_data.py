@@ -243,7 +243,7 @@ def test_emoji_missing_font_says_how_to_install(tmp_path):
 
 
 @pytest.mark.skipif(
-    not any(__import__("pathlib").Path(p).is_file() for p in data.EMOJI_FONT_PATHS),
+    not any(__import__("pathlib").Path(p).is_file() for p in emoji.EMOJI_FONT_PATHS),
     reason="optional dataset: fonts-noto-color-emoji not installed (.ci/run installs it)",
 )
 def test_emoji_dataset():
@@ -252,7 +252,7 @@ def test_emoji_dataset():
     x, caption = ds[0]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
     assert caption and caption == ds.items[0][1]
-    assert not any(data.SKIN_TONES & set(ch) for ch, _ in ds.items)
+    assert not any(emoji.SKIN_TONES & set(ch) for ch, _ in ds.items)
     assert x.std() > 0.1  # an actual picture, not a blank tile
     with pytest.raises(IndexError):
         ds[len(ds)]

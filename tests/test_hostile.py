@@ -1409,8 +1409,8 @@ CASES = [
     ("vae.from_single_file.nan", lambda: single_file(ldm_file("nan.safetensors", lambda v: torch.full_like(v, NAN))), VE, r"NaN or infinite"),
     ("vae.loaders_return_eval_mode", _vae_loaders_return_eval_mode, None, None),
     ("vae.from_pretrained.fp16_weights_upcast", _vae_fp16_weights_load_as_float32, None, None),
-    ("vae.train_book_vae.lr_nan", lambda: vae_training.train_book_vae(steps=1, batch_size=2, lr=NAN, n_images=4, disable=True), VE, r"^lr: "),
-    ("vae.train_book_vae.steps_zero", lambda: vae_training.train_book_vae(steps=0, n_images=4, disable=True), VE, r"^steps: "),
+    ("vae_training.train_book_vae.lr_nan", lambda: vae_training.train_book_vae(steps=1, batch_size=2, lr=NAN, n_images=4, disable=True), VE, r"^lr: "),
+    ("vae_training.train_book_vae.steps_zero", lambda: vae_training.train_book_vae(steps=0, n_images=4, disable=True), VE, r"^steps: "),
 
     # ---- tinydit.embeddings -----------------------------------------------------------------
     ("embeddings.timestep_embedding.t_nan", lambda: embeddings.timestep_embedding(torch.tensor([1.0, NAN]), 8), VE, r"^t: "),
