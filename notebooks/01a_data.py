@@ -389,11 +389,27 @@ def _check_chw(name: str, x) -> torch.Tensor:
 
 # %%
 # | export
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
+def rgb_of(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit greyscale (PNG modes I;16, I) is scaled from its own range and
+    float greyscale (F) from [0, 1], where Pillow's `convert` would clip them to white; an empty
+    image or NaN pixels are refused."""
     if not isinstance(img, Image.Image):
         raise TypeError(f"img: expected a PIL image, got {_describe(img)}")
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"img: expected an image with pixels, got an empty {img.width}x{img.height} image")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"img: the {img.mode} image holds NaN or infinite pixels")
+        top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")  # RGBA, L, P, CMYK, ... -> RGB
+
+# %%
+# | export
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image of any mode -> float32 tensor (3, H, W) in [-1, 1] (see `rgb_of`)."""
+    arr = np.asarray(rgb_of(img), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
 # %%

@@ -444,7 +444,21 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
         t = t.expand(B)
     if t.shape != (B,):
         raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():  # on the CPU a value check costs no sync
+        check_timestep_range(t)
     return t
+
+# %%
+# | export
+MAX_TIMESTEP = 1000  # DiT, PixArt and the SD3 / Flux transformers read t in [0, 1000]
+
+
+def check_timestep_range(t: torch.Tensor) -> None:
+    """Timesteps in [0, MAX_TIMESTEP]: outside it, the sinusoidal embedding is one the model never saw."""
+    lo, hi = float(t.min()), float(t.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > MAX_TIMESTEP:
+        raise ValueError(f"t: expected timesteps in [0, {MAX_TIMESTEP}] (the range these models are trained on), "
+                         f"got values from {lo:.4g} to {hi:.4g}")
 
 # %%
 # | export
@@ -666,6 +680,27 @@ for bad, pattern in ((lambda: model(x[:, :3], t, y), r"x: expected latents of sh
         print("ValueError:", e)
     else:
         raise AssertionError(f"bad input accepted (expected {pattern!r})")
+
+# %% [markdown]
+# **Looking at it.** What the fixed position table tells a token about its place: the cosine
+# similarity of token (3, 3)'s embedding to every token of an 8×8 grid. Neighbours look alike and
+# far tokens do not, so attention can tell near from far without ever being told the grid.
+
+# %%
+import matplotlib.pyplot as plt
+import torch.nn.functional as F
+
+from tinydit.embeddings import sincos_pos_embed_2d
+
+
+table = F.normalize(sincos_pos_embed_2d(192, 8), dim=-1)  # (64, 192): an 8x8 grid of tokens
+sim = (table @ table[3 * 8 + 3]).reshape(8, 8)  # (8, 8)
+assert sim[3, 3] > 0.999 and sim[3, 4] > sim[3, 7] and sim[4, 3] > sim[7, 3]
+plt.figure(figsize=(3.8, 3.2))
+plt.imshow(sim, cmap="viridis")
+plt.colorbar(label="cosine similarity")
+plt.title("position table: token (3, 3) vs the grid")
+plt.show()
 
 # %% [markdown]
 # ## Summary

@@ -141,7 +141,7 @@ from tinydit.checkpoint import (
     _listing,
     resolve_pretrained,
 )
-from tinydit.validation import check_bool_mask, check_choice, check_int, check_tensor
+from tinydit.validation import check_bool_mask, check_choice, check_int, check_prompts, check_tensor
 
 
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
@@ -193,22 +193,6 @@ class TextEmbeddings:
 
 # %%
 # | export
-def check_prompts(prompts) -> list[str]:
-    """A non-empty list of strings, or a ValueError that says what was given instead."""
-    if isinstance(prompts, str):
-        raise ValueError(f"prompts: expected a list of strings, got a single string {prompts[:40]!r}; "
-                         "wrap it in a list: encode([prompt])")
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts: expected at least one prompt, got an empty list")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompts[{i}]: expected a string, got {type(p).__name__} ({p!r:.40})")
-    return list(prompts)
-
-# %%
-# | export
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
@@ -248,7 +232,7 @@ class TextEncoder(nn.Module):
         return p.device if p is not None else torch.device("cpu")
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
-        prompts = check_prompts(prompts)
+        prompts = check_prompts("prompts", prompts)  # one string is one prompt
         with torch.no_grad(), (self.offloader or contextlib.nullcontext()):
             return self._encode(prompts)
 
@@ -607,7 +591,7 @@ class PromptCache(OrderedDict):
 
     def encode(self, encoder: TextEncoder, prompts: list[str]) -> TextEmbeddings:
         """`encoder.encode(prompts)`, running the encoder once on the prompts not cached (if any)."""
-        rows = {}
+        prompts, rows = check_prompts("prompts", prompts), {}
         for p in prompts:
             if p in self:
                 self.move_to_end(p)  # most recently used last

@@ -342,6 +342,7 @@ MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
 # the names of chapter 08b's samplers (its registry `SAMPLERS` is checked to hold exactly these)
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
                  "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "lms", "euler_ancestral_rf", "unipc")
+FLOW_SAMPLERS = ("euler_ancestral_rf",)  # their noise step assumes x = (1 - sigma) x0 + sigma n: flow models only
 TARGETS = (*PREDICTIONS, "flow")
 BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
 
@@ -549,8 +550,13 @@ def check_sigmas(sigmas) -> list[float]:
 
 # %%
 # | export denoisers
-def check_sampler_start(x, generator, extra_args) -> None:
-    """A sampler's start: a finite float batch (B, ...), a CPU generator or None, a dict of model arguments."""
+def check_sampler_start(x, generator, extra_args, model=None, callback=None) -> None:
+    """A sampler's start: a finite float batch (B, ...), a CPU generator or None, a dict of model
+    arguments, a callable model and a callable (or no) callback."""
+    if model is not None and not callable(model):
+        raise TypeError(f"model: expected a denoiser D(x, sigma, **cond) -> x0, got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
     check_tensor("x", x, floating=True, finite=True)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x: expected a batch (B, ...) with B >= 1, got shape {tuple(x.shape)}")
@@ -603,7 +609,7 @@ class SamplerRun:
     which any NaN or inf makes non-finite; callback), noise from the generator on the CPU, churn."""
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, generator):
-        check_sampler_start(x, generator, extra_args)
+        check_sampler_start(x, generator, extra_args, model, callback)
         self.s = check_sigmas(sigmas)  # Python floats
         self.model, self.sigmas, self.callback, self.disable = model, sigmas, callback, disable
         self.extra, self.generator, self.ones = extra_args or {}, generator, x.new_ones([x.shape[0]])
@@ -614,6 +620,8 @@ class SamplerRun:
 
     def denoise(self, x, sigma: float, i: int, report: bool = False) -> torch.Tensor:
         denoised = self.model(x, sigma * self.ones, **self.extra)  # (B, ...)
+        if not isinstance(denoised, torch.Tensor):  # a tuple, a numpy array, a model output object
+            raise TypeError(f"model: expected the denoiser to return a tensor like x, got {type(denoised).__name__}")
         if denoised.shape != x.shape:
             raise ValueError(f"model: expected a denoised sample of shape {tuple(x.shape)}, got {tuple(denoised.shape)}")
         if not bool(torch.isfinite(denoised.sum(dtype=torch.float64 if denoised.dtype == torch.float64 else torch.float32))):

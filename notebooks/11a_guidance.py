@@ -115,7 +115,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
+from tinydit.validation import (
+    check_bool_mask,
+    check_choice,
+    check_float,
+    check_prompts,
+    check_tensor,
+)
 
 
 SPACES = ("v", "eps", "x0")  # where CFG rescale measures the standard deviation
@@ -273,7 +279,9 @@ def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
 def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[str] = "") -> dict:
     """A sampler's `extra_args` for a CFGDenoiser: the prompts' tokens and masks, and the negative
     prompt's ("" = the unconditional model; one string for all, or one per prompt), padded to one length."""
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    prompts = check_prompts("prompts", prompts)  # one string is one prompt, never its characters
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+        check_prompts("negative_prompt", negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"negative_prompt: expected one string or one per prompt ({len(prompts)}), got {len(negatives)}")
     emb, neg = text_encoder(list(prompts)), text_encoder(negatives)
@@ -356,8 +364,10 @@ def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.
     standard deviation (per sample, over every other dimension), mixed with pred_cfg by phi (0: plain CFG)."""
     phi = check_float("phi", phi, minimum=0, maximum=1)
     dims = list(range(1, pred_cfg.ndim))
-    rescaled = pred_cfg * (pred_cond.std(dim=dims, keepdim=True) / pred_cfg.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * pred_cfg
+    std_cond, std_cfg = pred_cond.std(dim=dims, keepdim=True), pred_cfg.std(dim=dims, keepdim=True)
+    # A constant prediction has std 0: diffusers divides by it and returns NaN; we leave it unscaled.
+    factor = torch.where(std_cfg > 0, std_cond / std_cfg.clamp_min(torch.finfo(std_cfg.dtype).tiny), torch.ones_like(std_cfg))
+    return phi * (pred_cfg * factor) + (1 - phi) * pred_cfg
 
 # %%
 # | export
@@ -513,10 +523,12 @@ def lesson_mimic(cond, uncond, scale, mimic):  # (B, C, H, W) each
 def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0.0) -> float:
     """A scale that follows `mode` over a run: constant, or linear / cosine decay from scale at
     progress 0 to minimum at progress 1 (sd-dynamic-thresholding's "Linear Down", "Cosine Down")."""
+    check_choice("mode", mode, MODES)
     if mode == "constant":
         return scale
     if math.isnan(progress):
         raise ValueError(f"mode: {mode!r} needs the run's noise levels; pass sigmas= to CFGDenoiser")
+    progress = check_float("progress", progress, minimum=0, maximum=1)  # past 1, a decay turns negative
     f = 1 - progress if mode == "linear" else math.cos(progress * math.pi / 2)
     return minimum + (scale - minimum) * f
 

@@ -113,7 +113,7 @@ from tqdm.auto import tqdm
 
 from tinydit import formats
 from tinydit.checkpoint import BOOK_MODEL_DIR, resolve_dtype
-from tinydit.denoisers import Parametrisation, scheduler_sampler
+from tinydit.denoisers import FLOW_SAMPLERS, Parametrisation, scheduler_sampler
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
 from tinydit.offload import ModelOffload
 from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampler
@@ -154,7 +154,7 @@ class SamplingConfig(Parametrisation):
         self.__post_init__()
         check_int("steps", self.steps, minimum=1)
         check_float("guidance_scale", self.guidance_scale, minimum=0)
-        _check_sampler(self.sampler)
+        _check_sampler(self.sampler, self.prediction)
         check_int("sample_size", self.sample_size, minimum=1)
         return self
 
@@ -290,7 +290,7 @@ class PipelineSteps(PipelineParts):
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
         scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
-        sampler = _check_sampler(s.sampler if sampler is None else sampler)
+        sampler = _check_sampler(s.sampler if sampler is None else sampler, s.prediction)
         h, w = (_check_side(n, v, s.sample_size, self.multiple) for n, v in (("height", height), ("width", width)))
         shape = (len(prompts), self.transformer.config.in_channels, h // self.factor, w // self.factor)
         _check_request(shape, self.transformer.config, "height" if height is not None else "width")
@@ -326,7 +326,7 @@ class PipelineSampling(PipelineSteps):
         s = self.sampling
         _check_denoise_args(cond, sigmas, wrap)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler))
+        sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler, s.prediction))
         guided = CFGDenoiser(s.denoiser(self.transformer), scale, cure, interval, sigmas=sigmas if span is None else span)
         guided = guided if wrap is None else wrap(guided)
         with tqdm(total=len(sigmas) - 1, desc="generate", unit="step", disable=disable) as bar:
@@ -468,9 +468,14 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
 
 # %%
 # | export
-def _check_sampler(name) -> str:
+def _check_sampler(name, prediction: str | None = None) -> str:
+    """A known sampler name that fits a model predicting `prediction` (flow-only samplers need "flow")."""
+    fits = [n for n in SAMPLERS if prediction in (None, "flow") or n not in FLOW_SAMPLERS]
     if name not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
+        raise ValueError(f"sampler: expected one of {sorted(fits)}, got {name!r}")
+    if name not in fits:
+        raise ValueError(f"sampler: {name!r} is for rectified-flow models; this model predicts {prediction!r} on a "
+                         f"DDPM schedule; use one of {sorted(fits)}")
     return name
 
 # %%

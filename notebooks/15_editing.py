@@ -105,10 +105,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from tinydit.data import pil_to_tensor
+from tinydit.data import pil_to_tensor, rgb_of
 from tinydit.guidance import DEFAULT_CURE
 from tinydit.pipeline import PipelineOutput, TextToImagePipeline, to_pil
-from tinydit.validation import check_float, check_int
+from tinydit.validation import check_bool, check_finite, check_float, check_int
 
 
 def load_rgb(name: str, image) -> Image.Image:
@@ -120,10 +120,15 @@ def load_rgb(name: str, image) -> Image.Image:
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"{name}: expected a (3, H, W) float tensor in [-1, 1], got {tuple(image.shape)} {image.dtype}")
+        check_finite(name, image)  # NaN pixels would become black, then be edited
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1.01 or hi > 1.01:  # a 0-255 (or 0-1 shifted) tensor would be clamped without a word
+            raise ValueError(f"{name}: expected values in [-1, 1], got values from {lo:.3g} to {hi:.3g}"
+                             + ("; a 0-255 image becomes x / 127.5 - 1" if hi > 2 else ""))
         return to_pil(image[None].float().cpu())[0]
     if not isinstance(image, Image.Image):
         raise TypeError(f"{name}: expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
-    return image.convert("RGB")  # RGBA, L, P, CMYK ... -> RGB (transparent pixels take their colour)
+    return rgb_of(image)  # any mode -> RGB: 16-bit greyscale scaled, never clipped to white
 
 # %%
 # | export
@@ -221,11 +226,26 @@ def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 # %%
 # | export
-def _check_strength(strength) -> float:
+def _check_strength(strength, steps: int) -> float:
+    """A strength in (0, 1] that runs at least one of `steps` steps (img2img runs int(steps * strength))."""
     strength = check_float("strength", strength)
     if not 0 < strength <= 1:
         raise ValueError(f"strength: expected a number in (0, 1] (0 would return the source unchanged), got {strength}")
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength: {strength} of {steps} steps runs no step; use strength >= {1 / steps:.3g} "
+                         "or more steps")
     return strength
+
+# %%
+# | export
+def _check_edit_options(soft, blur, repaint) -> tuple[bool, float, tuple[int, int] | None]:
+    """`soft` a bool, `blur` pixels >= 0, `repaint` None or (jump, n_sample) of two integers >= 1."""
+    soft, blur = check_bool("soft", soft), check_float("blur", blur, minimum=0)
+    if repaint is not None:
+        if not isinstance(repaint, (tuple, list)) or len(repaint) != 2:
+            raise ValueError(f"repaint: expected (jump, n_sample), two integers >= 1, got {repaint!r}")
+        repaint = (check_int("repaint jump", repaint[0], minimum=1), check_int("repaint n_sample", repaint[1], minimum=1))
+    return soft, blur, repaint
 
 # %%
 # | export
@@ -250,6 +270,27 @@ class EditPipeline(TextToImagePipeline):
 # %%
 # | export
 @add_to_class(EditPipeline)
+def _check_source(self, source: torch.Tensor) -> torch.Tensor:
+    """The source (3, H, W): sides that are multiples of the model's patch in pixels; one far larger
+    than the model's images (4x its side) is resized down to them, with a one-line warning, before any
+    work (a 2048-pixel source for the 32-pixel book model would run for many minutes)."""
+    H, W = source.shape[1:]
+    native = self.sampling.sample_size
+    if max(H, W) > 4 * native:
+        scale = native / max(H, W)
+        h, w = (max(self.multiple, round(s * scale / self.multiple) * self.multiple) for s in (H, W))
+        warnings.warn(f"image: {W}x{H} is far larger than the {native}-pixel images this model draws; resized to "
+                      f"{w}x{h} (pass a smaller image to choose the size yourself)", stacklevel=4)
+        source = F.interpolate(source[None], size=(h, w), mode="area")[0]  # (3, h, w)
+        H, W = h, w
+    if H % self.multiple or W % self.multiple or min(H, W) < self.multiple:
+        raise ValueError(f"image: expected sides that are multiples of {self.multiple} (at least {self.multiple}), "
+                         f"got {W}x{H}; resize it first")
+    return source
+
+# %%
+# | export
+@add_to_class(EditPipeline)
 def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
          num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
          num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
@@ -257,11 +298,10 @@ def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_p
          safety: bool | None = None) -> PipelineOutput:
     r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
                           sampler, callback=callback, output_type=output_type)  # the pipeline's own checks
-    safety, strength = self._check_safety(safety), _check_strength(strength)
-    source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
+    safety, strength = self._check_safety(safety), _check_strength(strength, r.steps)
+    soft, blur, repaint = _check_edit_options(soft, blur, repaint)
+    source = self._check_source(pil_to_tensor(load_rgb("image", image)))  # (3, H, W) in [-1, 1]
     H, W = source.shape[1:]
-    if H % self.multiple or W % self.multiple:
-        raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
     mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
     B, C, h, w = len(r.prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
     if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
@@ -293,7 +333,7 @@ def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_p
 # | export
 def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
     """Pixels where the mask is 0 come from the source exactly; `blur` (pixels) feathers the edge inward only."""
-    m = mask
+    m, blur = mask, check_float("blur", blur, minimum=0, maximum=max(mask.shape[-2:]))  # wider: no edge left
     if blur > 0:
         soft = Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
         m = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255)[None] * (mask > 0)  # never outside the mask
@@ -317,6 +357,9 @@ class InpaintPipeline(EditPipeline):
 
     def __call__(self, prompt, image, mask_image, strength: float = 1.0, crop_padding: int | None = None,
                  **options) -> PipelineOutput:
+        if mask_image is None:  # without it the call would quietly be img2img (or text-to-image)
+            raise ValueError("mask_image: inpainting needs a mask (white = repaint); to change the whole image, "
+                             "use Img2ImgPipeline")
         if crop_padding is None:
             return self.edit(prompt, image, mask_image, strength, **options)
         return self._cropped(prompt, image, mask_image, strength, check_int("crop_padding", crop_padding, minimum=0),

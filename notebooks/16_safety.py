@@ -103,7 +103,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from tinydit.checkpoint import load_state_dict, resolve_pretrained
-from tinydit.validation import check_float, check_int
+from tinydit.validation import check_float, check_int, check_prompts
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (feature_extractor defaults)
@@ -445,12 +445,26 @@ class PromptFilter:
             raise ValueError(f"blocklist: every entry must be a string with a word in it, got {blocklist!r}")
 
     def check(self, prompts: list[str]) -> list[list[str]]:
-        """Per prompt, the reasons it is blocked ([] when it is not)."""
+        """Per prompt, the reasons it is blocked ([] when it is not); one string is one prompt."""
         out = []
-        for p in prompts:
+        for p in check_prompts("prompts", prompts):
             text = f" {normalize_text(p)} "
             out.append([f"prompt: contains {phrase!r}" for phrase in self.phrases if f" {phrase} " in text])
         return out
+
+# %%
+# | export
+def _checked_reasons(checker, images: list) -> list[list[str]]:
+    """A checker's per-image reasons, refused unless there is one (list of strings) per image: a
+    checker that answers for fewer images would let the others through unchecked."""
+    result = checker.check(images)
+    reasons = result[1] if isinstance(result, tuple) and len(result) >= 2 else None
+    if not isinstance(reasons, (list, tuple)) or len(reasons) != len(images) or \
+            not all(isinstance(r, (list, tuple)) for r in reasons):
+        got = f"{len(reasons)} reason lists" if isinstance(reasons, (list, tuple)) else repr(result)[:60]
+        raise ValueError(f"image_checkers: {type(checker).__name__}.check must return (flags, reasons, ...) with one "
+                         f"reason list per image ({len(images)}), got {got}")
+    return [list(r) for r in reasons]
 
 # %%
 # | export
@@ -473,10 +487,13 @@ class SafetyChecker:
             raise TypeError(f"image_checkers: each needs a check(images) -> (flags, reasons, ...) method; got {bad}")
 
     def __call__(self, images: list, prompts: list[str]) -> tuple[list, list[bool], list[list[str]]]:
-        images = _check_images(images)
+        images, prompts = _check_images(images), check_prompts("prompts", prompts)
+        if len(prompts) not in (1, len(images)):
+            raise ValueError(f"prompts: expected one prompt for all {len(images)} images or one per image, got {len(prompts)}")
+        prompts = prompts * len(images) if len(prompts) == 1 else prompts
         reasons = self.prompt_filter.check(prompts) if self.prompt_filter is not None else [[] for _ in images]
         for checker in self.image_checkers:
-            for i, r in enumerate(checker.check(images)[1]):
+            for i, r in enumerate(_checked_reasons(checker, images)):
                 reasons[i] = reasons[i] + r
         flags = [bool(r) for r in reasons]
         out = [self.hide(im) if f else im for im, f in zip(images, flags)]

@@ -215,15 +215,31 @@ def _check_chw(name: str, x) -> torch.Tensor:
 
 
 # notebooks/01a_data.py:392
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float32 tensor (3, H, W) in [-1, 1]."""
+def rgb_of(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB. 16-bit greyscale (PNG modes I;16, I) is scaled from its own range and
+    float greyscale (F) from [0, 1], where Pillow's `convert` would clip them to white; an empty
+    image or NaN pixels are refused."""
     if not isinstance(img, Image.Image):
         raise TypeError(f"img: expected a PIL image, got {_describe(img)}")
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"img: expected an image with pixels, got an empty {img.width}x{img.height} image")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"img: the {img.mode} image holds NaN or infinite pixels")
+        top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")  # RGBA, L, P, CMYK, ... -> RGB
+
+
+# notebooks/01a_data.py:410
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image of any mode -> float32 tensor (3, H, W) in [-1, 1] (see `rgb_of`)."""
+    arr = np.asarray(rgb_of(img), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
 
-# notebooks/01a_data.py:401
+# notebooks/01a_data.py:417
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image (values outside are clipped)."""
     _check_chw("x", x)
@@ -232,7 +248,7 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())  # (H, W, 3)
 
 
-# notebooks/01a_data.py:452
+# notebooks/01a_data.py:468
 MAX_SAMPLES = sys.maxsize  # len() of a Dataset must fit in a C ssize_t
 
 
@@ -243,7 +259,7 @@ def check_image_size(size) -> int:
     return size
 
 
-# notebooks/01a_data.py:463
+# notebooks/01a_data.py:479
 def check_index(i, n: int) -> int:
     """`i` as a position in 0..n-1; negative values count from the end, as for a list."""
     i = check_int("index", i)
@@ -253,7 +269,7 @@ def check_index(i, n: int) -> int:
     return i % n
 
 
-# notebooks/01a_data.py:473
+# notebooks/01a_data.py:489
 class ShapesDataset(Dataset):
     """Procedural coloured shapes with captions.
 
@@ -287,7 +303,7 @@ class ShapesDataset(Dataset):
         return f"ShapesDataset(n={self.n}, size={self.size}, seed={self.seed}, split={self.split!r})"
 
 
-# notebooks/01a_data.py:575
+# notebooks/01a_data.py:591
 def _describe(value) -> str:
     """A wrong `images` value in words, with the fix when there is an obvious one."""
     if isinstance(value, (str, os.PathLike)):
@@ -297,7 +313,7 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-# notebooks/01a_data.py:585
+# notebooks/01a_data.py:601
 def _grid_tiles(images) -> list[Image.Image]:
     """The tiles of a grid: a (B, 3, H, W) tensor in [-1, 1], or an iterable of PIL images."""
     if isinstance(images, torch.Tensor):
@@ -317,7 +333,7 @@ def _grid_tiles(images) -> list[Image.Image]:
     return [im.convert("RGB") for im in tiles]
 
 
-# notebooks/01a_data.py:605
+# notebooks/01a_data.py:621
 def _check_captions(captions, n: int) -> list[str] | None:
     """None, or exactly `n` strings: one per image."""
     if captions is None:
@@ -333,7 +349,7 @@ def _check_captions(captions, n: int) -> list[str] | None:
     return list(captions)
 
 
-# notebooks/01a_data.py:621
+# notebooks/01a_data.py:637
 def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, scale: int = 4,
                font_px: int = 11) -> Image.Image:
     """Tile images (a (B, 3, H, W) tensor in [-1, 1] or a list of PIL images) into one picture.
@@ -371,7 +387,7 @@ def image_grid(images, captions: Sequence[str] | None = None, cols: int = 8, sca
     return grid
 
 
-# notebooks/01a_data.py:659
+# notebooks/01a_data.py:675
 def dataset_grid(ds: Dataset, n: int = 64, cols: int = 8, scale: int = 4) -> Image.Image:
     """A captioned grid of the first `n` samples of a dataset that yields (image, caption)."""
     if not isinstance(ds, Dataset) and not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) \

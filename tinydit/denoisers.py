@@ -165,6 +165,7 @@ MULTISTEP_SCHEDULERS = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"
 # the names of chapter 08b's samplers (its registry `SAMPLERS` is checked to hold exactly these)
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
                  "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "lms", "euler_ancestral_rf", "unipc")
+FLOW_SAMPLERS = ("euler_ancestral_rf",)  # their noise step assumes x = (1 - sigma) x0 + sigma n: flow models only
 TARGETS = (*PREDICTIONS, "flow")
 BETA_SCHEDULES = SCHEDULES + tuple(SCHEDULE_ALIASES)
 
@@ -183,7 +184,7 @@ def _check_noised_inputs(x0, noise, u, normal) -> None:
         raise ValueError(f"u: expected uniform draws in [0, 1], got values from {float(u.min())} to {float(u.max())}")
 
 
-# notebooks/08a_denoisers.py:364
+# notebooks/08a_denoisers.py:365
 def scheduler_sampler(d: dict) -> str:
     """The sampler that runs like the diffusers scheduler a scheduler_config.json names."""
     name = d.get("_class_name") if isinstance(d, dict) else None
@@ -193,7 +194,7 @@ def scheduler_sampler(d: dict) -> str:
     return "dpmpp_2m_sde" if sde else SCHEDULER_SAMPLERS[name]
 
 
-# notebooks/08a_denoisers.py:374
+# notebooks/08a_denoisers.py:375
 @dataclass
 class Parametrisation:
     """What a network predicts from a noised latent and on which noise schedule: the training target,
@@ -234,7 +235,7 @@ class Parametrisation:
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         return alphas_cumprod(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas).double()
 
-    # notebooks/08a_denoisers.py:416
+    # notebooks/08a_denoisers.py:417
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, normal: torch.Tensor):
         """Training: (x_t, model time, target) for clean x0 (B, C, H, W), noise like x0, and per-sample
         draws u ~ U(0, 1) (the DDPM step) and normal ~ N(0, 1) (flow's logit-normal time), both (B,)."""
@@ -250,7 +251,7 @@ class Parametrisation:
         target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[self.prediction]
         return a * x0 + s * noise, step, target  # q(x_t | x0); v = a eps - s x0
 
-    # notebooks/08a_denoisers.py:434
+    # notebooks/08a_denoisers.py:435
     def denoiser(self, model: nn.Module) -> nn.Module:
         """Sampling: D(x, sigma, **cond) -> x0 around the network."""
         if not isinstance(model, nn.Module):
@@ -259,7 +260,7 @@ class Parametrisation:
             return FlowDenoiser(model, time_scale=self.num_train_timesteps)
         return DiscreteDenoiser(model, self.alphas_cumprod, prediction=self.prediction, quantize=self.quantize)
 
-    # notebooks/08a_denoisers.py:445
+    # notebooks/08a_denoisers.py:446
     def sigmas(self, denoiser: nn.Module, steps: int) -> torch.Tensor:
         """`steps` + 1 noise levels of `denoiser` (this object's), from the first down to 0."""
         steps = check_int("steps", steps, minimum=1)
@@ -272,7 +273,7 @@ class Parametrisation:
             return torch.cat([table[t.long()].float(), torch.zeros(1)])  # (steps + 1,)
         return denoiser.get_sigmas(steps, schedule=self.sigma_schedule, steps_offset=self.steps_offset)
 
-    # notebooks/08a_denoisers.py:460
+    # notebooks/08a_denoisers.py:461
     @classmethod
     def from_scheduler_config(cls, d: dict) -> Parametrisation:
         """Files: our reading of a diffusers scheduler_config.json (`scheduler_sampler` gives its sampler)."""
@@ -292,7 +293,7 @@ class Parametrisation:
                    zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)), sigma_schedule=schedule,
                    steps_offset=d.get("steps_offset", 0), scheduler=name)
 
-    # notebooks/08a_denoisers.py:482
+    # notebooks/08a_denoisers.py:483
     def scheduler_config(self, sampler: str = "dpmpp_2m") -> dict:
         """Files: the diffusers scheduler config that samples like this with `sampler`."""
         T = self.num_train_timesteps
@@ -313,7 +314,7 @@ class Parametrisation:
         return d
 
 
-# notebooks/08a_denoisers.py:534
+# notebooks/08a_denoisers.py:535
 def check_sigmas(sigmas) -> list[float]:
     """A strictly decreasing 1-D float tensor of n+1 >= 2 finite noise levels >= 0 -> floats. Ending
     above 0 returns the partly denoised sample, so one schedule can be split across two samplers."""
@@ -331,9 +332,14 @@ def check_sigmas(sigmas) -> list[float]:
     return s
 
 
-# notebooks/08a_denoisers.py:552
-def check_sampler_start(x, generator, extra_args) -> None:
-    """A sampler's start: a finite float batch (B, ...), a CPU generator or None, a dict of model arguments."""
+# notebooks/08a_denoisers.py:553
+def check_sampler_start(x, generator, extra_args, model=None, callback=None) -> None:
+    """A sampler's start: a finite float batch (B, ...), a CPU generator or None, a dict of model
+    arguments, a callable model and a callable (or no) callback."""
+    if model is not None and not callable(model):
+        raise TypeError(f"model: expected a denoiser D(x, sigma, **cond) -> x0, got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
     check_tensor("x", x, floating=True, finite=True)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x: expected a batch (B, ...) with B >= 1, got shape {tuple(x.shape)}")
@@ -346,13 +352,13 @@ def check_sampler_start(x, generator, extra_args) -> None:
         raise TypeError(f"extra_args: expected a dict of keyword arguments for the model, got {type(extra_args).__name__}")
 
 
-# notebooks/08a_denoisers.py:587
+# notebooks/08a_denoisers.py:593
 def check_noise_options(eta, s_noise, max_eta: float | None = None) -> None:
     check_float("eta", eta, minimum=0, maximum=max_eta)
     check_float("s_noise", s_noise, minimum=0)
 
 
-# notebooks/08a_denoisers.py:593
+# notebooks/08a_denoisers.py:599
 def check_churn_options(s_churn, s_tmin, s_tmax, s_noise) -> None:
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
         check_float(name, value, minimum=0)
@@ -360,13 +366,13 @@ def check_churn_options(s_churn, s_tmin, s_tmax, s_noise) -> None:
         raise ValueError(f"s_tmax: expected a number >= s_tmin = {s_tmin} (or inf), got {s_tmax}")
 
 
-# notebooks/08a_denoisers.py:601
+# notebooks/08a_denoisers.py:607
 class SamplerRun:
     """Every sampler loop's parts: inputs checked once, progress bar, denoiser call (NaN guard: one sum,
     which any NaN or inf makes non-finite; callback), noise from the generator on the CPU, churn."""
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, generator):
-        check_sampler_start(x, generator, extra_args)
+        check_sampler_start(x, generator, extra_args, model, callback)
         self.s = check_sigmas(sigmas)  # Python floats
         self.model, self.sigmas, self.callback, self.disable = model, sigmas, callback, disable
         self.extra, self.generator, self.ones = extra_args or {}, generator, x.new_ones([x.shape[0]])
@@ -377,6 +383,8 @@ class SamplerRun:
 
     def denoise(self, x, sigma: float, i: int, report: bool = False) -> torch.Tensor:
         denoised = self.model(x, sigma * self.ones, **self.extra)  # (B, ...)
+        if not isinstance(denoised, torch.Tensor):  # a tuple, a numpy array, a model output object
+            raise TypeError(f"model: expected the denoiser to return a tensor like x, got {type(denoised).__name__}")
         if denoised.shape != x.shape:
             raise ValueError(f"model: expected a denoised sample of shape {tuple(x.shape)}, got {tuple(denoised.shape)}")
         if not bool(torch.isfinite(denoised.sum(dtype=torch.float64 if denoised.dtype == torch.float64 else torch.float32))):
@@ -404,7 +412,7 @@ class SamplerRun:
         return x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
 
 
-# notebooks/08a_denoisers.py:649
+# notebooks/08a_denoisers.py:657
 class UnknownSamplerError(KeyError, ValueError):
     """An unknown sampler name; the message lists the known ones."""
 
@@ -412,7 +420,7 @@ class UnknownSamplerError(KeyError, ValueError):
         return str(self.args[0])
 
 
-# notebooks/08a_denoisers.py:657
+# notebooks/08a_denoisers.py:665
 class SamplerRegistry(dict):
     """name -> sampler function."""
 
@@ -420,7 +428,7 @@ class SamplerRegistry(dict):
         raise UnknownSamplerError(f"sampler: unknown name {name!r}; expected one of {', '.join(sorted(self))}")
 
 
-# notebooks/08a_denoisers.py:674
+# notebooks/08a_denoisers.py:682
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data x0 ~ N(mean, std^2 I): D = mean + std^2 / (std^2 + sigma^2) (x - mean);
     `ode_solution` solves its probability-flow ODE exactly. A sampler test whose answer is known."""
@@ -437,7 +445,7 @@ class GaussianDenoiser(nn.Module):
         return self.mean + (x_start - self.mean) * math.sqrt((self.std**2 + sigma**2) / (self.std**2 + sigma_start**2))
 
 
-# notebooks/08a_denoisers.py:708
+# notebooks/08a_denoisers.py:716
 class IdealDenoiser(nn.Module):
     """The exact denoiser of a finite dataset (N, ...): the posterior mean of x = y_i + sigma n with i
     uniform, D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i. Samplers land on the y_i."""

@@ -252,10 +252,24 @@ def check_latents(x: torch.Tensor, t, config: TransformerConfig, fixed_table: bo
         t = t.expand(B)
     if t.shape != (B,):
         raise ValueError(f"t: expected a scalar or shape ({B},) to match the batch, got {tuple(t.shape)}")
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():  # on the CPU a value check costs no sync
+        check_timestep_range(t)
     return t
 
 
-# notebooks/05b_dit.py:451
+# notebooks/05b_dit.py:453
+MAX_TIMESTEP = 1000  # DiT, PixArt and the SD3 / Flux transformers read t in [0, 1000]
+
+
+def check_timestep_range(t: torch.Tensor) -> None:
+    """Timesteps in [0, MAX_TIMESTEP]: outside it, the sinusoidal embedding is one the model never saw."""
+    lo, hi = float(t.min()), float(t.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > MAX_TIMESTEP:
+        raise ValueError(f"t: expected timesteps in [0, {MAX_TIMESTEP}] (the range these models are trained on), "
+                         f"got values from {lo:.4g} to {hi:.4g}")
+
+
+# notebooks/05b_dit.py:465
 class LatentTransformer(nn.Module):
     """What DiT and chapter 07's TextDiT share: a fixed position table, the DiT initialisation of
     linears and patch embedding, parameter counting, and tinydit's own save format."""
@@ -301,7 +315,7 @@ class LatentTransformer(nn.Module):
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
 
-    # notebooks/05b_dit.py:623
+    # notebooks/05b_dit.py:637
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides):
         """Load this family's diffusers folder (`cls.diffusers_class`: DiTTransformer2DModel for DiT,
@@ -326,7 +340,7 @@ class LatentTransformer(nn.Module):
         return cls.from_weights(cfg, sd, f"{cls.__name__} weights in {folder}", dtype)
 
 
-# notebooks/05b_dit.py:498
+# notebooks/05b_dit.py:512
 class DiT(LatentTransformer):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class label.
 
@@ -368,19 +382,19 @@ class DiT(LatentTransformer):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    # notebooks/05b_dit.py:541
+    # notebooks/05b_dit.py:555
     @classmethod
     def config_from_diffusers(cls, config: dict, **overrides) -> DiTConfig:
         """The DiTConfig of a diffusers DiTTransformer2DModel config.json (the reader: the appendix)."""
         return config_from_diffusers(config, **overrides)
 
-    # notebooks/05b_dit.py:549
+    # notebooks/05b_dit.py:563
     @staticmethod
     def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers DiT weights -> ours (the key map: chapter 17a)."""
         return convert_diffusers_dit(sd)
 
-    # notebooks/05b_dit.py:557
+    # notebooks/05b_dit.py:571
     def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
         """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
         if y is None:
@@ -390,7 +404,7 @@ class DiT(LatentTransformer):
             raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
         return y.long()
 
-    # notebooks/05b_dit.py:569
+    # notebooks/05b_dit.py:583
     def check_values(self, x: torch.Tensor, t, y=None) -> None:
         """Value checks (label range, finite inputs), run by entry points once per call rather
         than inside `forward`, where each would cost a device sync and a compile graph break."""
@@ -402,12 +416,12 @@ class DiT(LatentTransformer):
                 raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
                                  f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
 
-    # notebooks/05b_dit.py:583
+    # notebooks/05b_dit.py:597
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    # notebooks/05b_dit.py:590
+    # notebooks/05b_dit.py:604
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
         x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
@@ -423,7 +437,7 @@ class DiT(LatentTransformer):
         out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    # notebooks/05b_dit.py:608
+    # notebooks/05b_dit.py:622
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
@@ -437,7 +451,7 @@ class DiT(LatentTransformer):
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
 
-# notebooks/05b_dit.py:698
+# notebooks/05b_dit.py:733
 # Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
 KNOWN_HEADS = {(depth, width): heads for depth, width, heads in DIT_SIZES.values()}
 
@@ -456,7 +470,7 @@ def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
                      f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
 
 
-# notebooks/05b_dit.py:717
+# notebooks/05b_dit.py:752
 def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                **overrides) -> DiTConfig:
     """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
@@ -481,7 +495,7 @@ def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | Non
     return DiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/05b_dit.py:742
+# notebooks/05b_dit.py:777
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
     if transformer_kind(d) not in (None, "DiTTransformer2DModel"):

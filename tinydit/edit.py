@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from tinydit.data import pil_to_tensor
+from tinydit.data import pil_to_tensor, rgb_of
 from tinydit.guidance import DEFAULT_CURE
 from tinydit.pipeline import PipelineOutput, TextToImagePipeline, to_pil
-from tinydit.validation import check_float, check_int
+from tinydit.validation import check_bool, check_finite, check_float, check_int
 
 
 def load_rgb(name: str, image) -> Image.Image:
@@ -32,13 +32,18 @@ def load_rgb(name: str, image) -> Image.Image:
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"{name}: expected a (3, H, W) float tensor in [-1, 1], got {tuple(image.shape)} {image.dtype}")
+        check_finite(name, image)  # NaN pixels would become black, then be edited
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1.01 or hi > 1.01:  # a 0-255 (or 0-1 shifted) tensor would be clamped without a word
+            raise ValueError(f"{name}: expected values in [-1, 1], got values from {lo:.3g} to {hi:.3g}"
+                             + ("; a 0-255 image becomes x / 127.5 - 1" if hi > 2 else ""))
         return to_pil(image[None].float().cpu())[0]
     if not isinstance(image, Image.Image):
         raise TypeError(f"{name}: expected a PIL image, a path or a (3, H, W) tensor, got {type(image).__name__}")
-    return image.convert("RGB")  # RGBA, L, P, CMYK ... -> RGB (transparent pixels take their colour)
+    return rgb_of(image)  # any mode -> RGB: 16-bit greyscale scaled, never clipped to white
 
 
-# notebooks/15_editing.py:130
+# notebooks/15_editing.py:135
 def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     """(1, H, W) in [0, 1], white = repaint; a mask of another size than the image is resized to it
     (bilinear), with a warning."""
@@ -62,13 +67,13 @@ def load_mask(mask_image, size: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-# notebooks/15_editing.py:154
+# notebooks/15_editing.py:159
 def start_index(steps: int, strength: float) -> int:
     """Where img2img enters a `steps`-step schedule: the last int(steps * strength) steps run (diffusers)."""
     return steps - min(int(steps * strength), steps)
 
 
-# notebooks/15_editing.py:175
+# notebooks/15_editing.py:180
 class LatentBlend:
     """A denoiser for inpainting with an ordinary model: where `keep` (B, 1, h, w) is 1 the input is the
     source noised to sigma with `noise`, and the output is the source; elsewhere the wrapped denoiser.
@@ -94,7 +99,7 @@ class LatentBlend:
         return keep * self.source + (1 - keep) * self.denoiser(x, sigma, **cond)  # (B, C, h, w)
 
 
-# notebooks/15_editing.py:201
+# notebooks/15_editing.py:206
 @torch.no_grad()
 def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=None, jump: int = 2, n_sample: int = 2,
                    generator=None):
@@ -117,15 +122,30 @@ def sample_repaint(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
-# notebooks/15_editing.py:224
-def _check_strength(strength) -> float:
+# notebooks/15_editing.py:229
+def _check_strength(strength, steps: int) -> float:
+    """A strength in (0, 1] that runs at least one of `steps` steps (img2img runs int(steps * strength))."""
     strength = check_float("strength", strength)
     if not 0 < strength <= 1:
         raise ValueError(f"strength: expected a number in (0, 1] (0 would return the source unchanged), got {strength}")
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength: {strength} of {steps} steps runs no step; use strength >= {1 / steps:.3g} "
+                         "or more steps")
     return strength
 
 
-# notebooks/15_editing.py:232
+# notebooks/15_editing.py:241
+def _check_edit_options(soft, blur, repaint) -> tuple[bool, float, tuple[int, int] | None]:
+    """`soft` a bool, `blur` pixels >= 0, `repaint` None or (jump, n_sample) of two integers >= 1."""
+    soft, blur = check_bool("soft", soft), check_float("blur", blur, minimum=0)
+    if repaint is not None:
+        if not isinstance(repaint, (tuple, list)) or len(repaint) != 2:
+            raise ValueError(f"repaint: expected (jump, n_sample), two integers >= 1, got {repaint!r}")
+        repaint = (check_int("repaint jump", repaint[0], minimum=1), check_int("repaint n_sample", repaint[1], minimum=1))
+    return soft, blur, repaint
+
+
+# notebooks/15_editing.py:252
 def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the mask's non-zero pixels, grown by `padding`, squared and rounded
     out to `multiple`, inside the image."""
@@ -140,11 +160,30 @@ def mask_bbox(mask: torch.Tensor, padding: int, multiple: int) -> tuple[int, int
     return top, left, top + side, left + side
 
 
-# notebooks/15_editing.py:247
+# notebooks/15_editing.py:267
 class EditPipeline(TextToImagePipeline):
     """The shared core of img2img and inpainting (built from a TextToImagePipeline's components)."""
 
-    # notebooks/15_editing.py:252
+    # notebooks/15_editing.py:272
+    def _check_source(self, source: torch.Tensor) -> torch.Tensor:
+        """The source (3, H, W): sides that are multiples of the model's patch in pixels; one far larger
+        than the model's images (4x its side) is resized down to them, with a one-line warning, before any
+        work (a 2048-pixel source for the 32-pixel book model would run for many minutes)."""
+        H, W = source.shape[1:]
+        native = self.sampling.sample_size
+        if max(H, W) > 4 * native:
+            scale = native / max(H, W)
+            h, w = (max(self.multiple, round(s * scale / self.multiple) * self.multiple) for s in (H, W))
+            warnings.warn(f"image: {W}x{H} is far larger than the {native}-pixel images this model draws; resized to "
+                          f"{w}x{h} (pass a smaller image to choose the size yourself)", stacklevel=4)
+            source = F.interpolate(source[None], size=(h, w), mode="area")[0]  # (3, h, w)
+            H, W = h, w
+        if H % self.multiple or W % self.multiple or min(H, W) < self.multiple:
+            raise ValueError(f"image: expected sides that are multiples of {self.multiple} (at least {self.multiple}), "
+                             f"got {W}x{H}; resize it first")
+        return source
+
+    # notebooks/15_editing.py:293
     def edit(self, prompt, image, mask_image=None, strength: float = 1.0, negative_prompt=None,
              num_inference_steps=None, guidance_scale=None, sampler=None, seed=None, generator=None,
              num_images_per_prompt: int = 1, callback=None, cure=DEFAULT_CURE, soft: bool = False, blur: float = 0.0,
@@ -152,11 +191,10 @@ class EditPipeline(TextToImagePipeline):
              safety: bool | None = None) -> PipelineOutput:
         r = self.check_inputs(prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale,
                               sampler, callback=callback, output_type=output_type)  # the pipeline's own checks
-        safety, strength = self._check_safety(safety), _check_strength(strength)
-        source = pil_to_tensor(load_rgb("image", image))  # (3, H, W) in [-1, 1]
+        safety, strength = self._check_safety(safety), _check_strength(strength, r.steps)
+        soft, blur, repaint = _check_edit_options(soft, blur, repaint)
+        source = self._check_source(pil_to_tensor(load_rgb("image", image)))  # (3, H, W) in [-1, 1]
         H, W = source.shape[1:]
-        if H % self.multiple or W % self.multiple:
-            raise ValueError(f"image: expected sides that are multiples of {self.multiple}, got {W}x{H}; resize it first")
         mask = None if mask_image is None else load_mask(mask_image, (H, W))  # (1, H, W)
         B, C, h, w = len(r.prompts), self.transformer.config.in_channels, H // self.factor, W // self.factor
         if mask is not None and float(mask.max()) == 0:  # nothing to repaint: the source, exactly
@@ -185,17 +223,17 @@ class EditPipeline(TextToImagePipeline):
         return self.finish(to_pil(images), z, prompts, seeds, safety)
 
 
-# notebooks/15_editing.py:294
+# notebooks/15_editing.py:334
 def composite(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur: float = 0.0) -> torch.Tensor:
     """Pixels where the mask is 0 come from the source exactly; `blur` (pixels) feathers the edge inward only."""
-    m = mask
+    m, blur = mask, check_float("blur", blur, minimum=0, maximum=max(mask.shape[-2:]))  # wider: no edge left
     if blur > 0:
         soft = Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(blur))
         m = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255)[None] * (mask > 0)  # never outside the mask
     return m * images + (1 - m) * source  # (B, 3, H, W)
 
 
-# notebooks/15_editing.py:304
+# notebooks/15_editing.py:344
 class Img2ImgPipeline(EditPipeline):
     """SDEdit: `strength` in (0, 1] picks the starting noise level (1 = text-to-image from pure noise)."""
 
@@ -203,7 +241,7 @@ class Img2ImgPipeline(EditPipeline):
         return self.edit(prompt, image, None, strength, **options)
 
 
-# notebooks/15_editing.py:312
+# notebooks/15_editing.py:352
 class InpaintPipeline(EditPipeline):
     """Repaint where `mask_image` is white, keep the rest: latent blending at every step, then the decoded
     image composited onto the source (`blur` feathers the edge). `soft=True`: grey = change a little
@@ -212,6 +250,9 @@ class InpaintPipeline(EditPipeline):
 
     def __call__(self, prompt, image, mask_image, strength: float = 1.0, crop_padding: int | None = None,
                  **options) -> PipelineOutput:
+        if mask_image is None:  # without it the call would quietly be img2img (or text-to-image)
+            raise ValueError("mask_image: inpainting needs a mask (white = repaint); to change the whole image, "
+                             "use Img2ImgPipeline")
         if crop_padding is None:
             return self.edit(prompt, image, mask_image, strength, **options)
         return self._cropped(prompt, image, mask_image, strength, check_int("crop_padding", crop_padding, minimum=0),

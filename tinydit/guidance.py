@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinydit.validation import check_bool_mask, check_choice, check_float, check_tensor
+from tinydit.validation import (
+    check_bool_mask,
+    check_choice,
+    check_float,
+    check_prompts,
+    check_tensor,
+)
 
 
 SPACES = ("v", "eps", "x0")  # where CFG rescale measures the standard deviation
@@ -36,7 +42,7 @@ def check_percentile(name: str, value) -> float:
     return value
 
 
-# notebooks/11a_guidance.py:134
+# notebooks/11a_guidance.py:140
 def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...], width: tuple[int | None, str]):
     """Text tokens (B, T, D) with B one of `batches` and D == width = (D, where it comes from), and their
     (B, T) boolean mask (None: every token real)."""
@@ -54,7 +60,7 @@ def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...]
     return tokens, check_bool_mask(mask_name, mask, tokens.shape[:2])
 
 
-# notebooks/11a_guidance.py:152
+# notebooks/11a_guidance.py:158
 def _pad(tokens: torch.Tensor, mask: torch.Tensor, batch: int, length: int):
     """Tokens (B', T, D) and mask (B', T) -> (batch, length, D), (batch, length): masked zeros appended,
     a single row repeated for the whole batch."""
@@ -63,7 +69,7 @@ def _pad(tokens: torch.Tensor, mask: torch.Tensor, batch: int, length: int):
     return tokens, torch.cat([mask, mask.new_zeros(B, length - T)], 1).expand(batch, -1)  # (batch, length)
 
 
-# notebooks/11a_guidance.py:165
+# notebooks/11a_guidance.py:171
 @dataclass
 class GuidanceStep:
     """What a cure sees at one denoiser call (CFGDenoiser builds it only where it guides)."""
@@ -77,7 +83,7 @@ class GuidanceStep:
     state: dict  # the wrapper's memory for this sampling run (APG's momentum)
 
 
-# notebooks/11a_guidance.py:179
+# notebooks/11a_guidance.py:185
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser: D_uncond + scale (D_cond - D_uncond),
     both branches in one batched forward (B -> 2B), then `cure` (Rescale, Threshold, Mimic, APG, or a
@@ -116,7 +122,7 @@ class CFGDenoiser(nn.Module):
             guided = cure(step, guided)
         return torch.where(on.reshape(-1, *[1] * (x.ndim - 1)), guided, cond)
 
-    # notebooks/11a_guidance.py:219
+    # notebooks/11a_guidance.py:225
     def guides(self, sigma: torch.Tensor) -> torch.Tensor:
         """(B,) bool: where this call guides (scale != 1 and sigma inside the interval)."""
         if self.scale == 1:
@@ -124,7 +130,7 @@ class CFGDenoiser(nn.Module):
         lo, hi = self.interval
         return (sigma >= lo) & (sigma <= hi)
 
-    # notebooks/11a_guidance.py:229
+    # notebooks/11a_guidance.py:235
     def where(self, sigma: torch.Tensor, x: torch.Tensor) -> tuple[float, dict]:
         """(progress, state): a call at a noise level >= the run's first starts a new run (fresh state)."""
         s = float(sigma.max())
@@ -136,7 +142,7 @@ class CFGDenoiser(nn.Module):
         return min(max(math.log(first / s) / math.log(first / last), 0.0), 1.0), self.state
 
 
-# notebooks/11a_guidance.py:242
+# notebooks/11a_guidance.py:248
 def _check_cures(cure) -> tuple:
     cures = () if cure is None else tuple(cure) if isinstance(cure, (tuple, list)) else (cure,)
     for c in cures:
@@ -145,7 +151,7 @@ def _check_cures(cure) -> tuple:
     return cures
 
 
-# notebooks/11a_guidance.py:251
+# notebooks/11a_guidance.py:257
 def _check_interval(interval) -> tuple[float, float]:
     if interval is None:
         return 0.0, math.inf
@@ -156,7 +162,7 @@ def _check_interval(interval) -> tuple[float, float]:
     return lo, hi
 
 
-# notebooks/11a_guidance.py:262
+# notebooks/11a_guidance.py:268
 def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     """The run's first and last positive noise level: from `sigmas`, else the denoiser's range."""
     if sigmas is not None:
@@ -167,11 +173,13 @@ def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     return (first, last) if first is not None and last is not None and first > last > 0 else None
 
 
-# notebooks/11a_guidance.py:273
+# notebooks/11a_guidance.py:279
 def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[str] = "") -> dict:
     """A sampler's `extra_args` for a CFGDenoiser: the prompts' tokens and masks, and the negative
     prompt's ("" = the unconditional model; one string for all, or one per prompt), padded to one length."""
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    prompts = check_prompts("prompts", prompts)  # one string is one prompt, never its characters
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else \
+        check_prompts("negative_prompt", negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"negative_prompt: expected one string or one per prompt ({len(prompts)}), got {len(negatives)}")
     emb, neg = text_encoder(list(prompts)), text_encoder(negatives)
@@ -180,17 +188,19 @@ def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[
     return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
 
 
-# notebooks/11a_guidance.py:354
+# notebooks/11a_guidance.py:362
 def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.7) -> torch.Tensor:
     """CFG rescale (Lin et al. 2023, §3.4; diffusers' rescale_noise_cfg): pred_cfg scaled to pred_cond's
     standard deviation (per sample, over every other dimension), mixed with pred_cfg by phi (0: plain CFG)."""
     phi = check_float("phi", phi, minimum=0, maximum=1)
     dims = list(range(1, pred_cfg.ndim))
-    rescaled = pred_cfg * (pred_cond.std(dim=dims, keepdim=True) / pred_cfg.std(dim=dims, keepdim=True))
-    return phi * rescaled + (1 - phi) * pred_cfg
+    std_cond, std_cfg = pred_cond.std(dim=dims, keepdim=True), pred_cfg.std(dim=dims, keepdim=True)
+    # A constant prediction has std 0: diffusers divides by it and returns NaN; we leave it unscaled.
+    factor = torch.where(std_cfg > 0, std_cond / std_cfg.clamp_min(torch.finfo(std_cfg.dtype).tiny), torch.ones_like(std_cfg))
+    return phi * (pred_cfg * factor) + (1 - phi) * pred_cfg
 
 
-# notebooks/11a_guidance.py:364
+# notebooks/11a_guidance.py:374
 def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """An x0 prediction at (x, sigma) as the `space` prediction: "v" (DDPM v, chapter 08), "eps", "x0"."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -199,7 +209,7 @@ def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor)
     return (x - x0) / s if space == "eps" else x0
 
 
-# notebooks/11a_guidance.py:373
+# notebooks/11a_guidance.py:383
 def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_space`: a `space` prediction back to x0."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -208,7 +218,7 @@ def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Ten
     return x - s * pred if space == "eps" else pred
 
 
-# notebooks/11a_guidance.py:382
+# notebooks/11a_guidance.py:392
 @dataclass(frozen=True)
 class Rescale:
     """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
@@ -227,7 +237,7 @@ class Rescale:
         return from_space(self.space, rescale_cfg(cond, cfg, self.phi), step.x, step.sigma)
 
 
-# notebooks/11a_guidance.py:441
+# notebooks/11a_guidance.py:451
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3; diffusers' DDPMScheduler._threshold_sample):
     s = the `percentile` of |x0| per sample, clamped to [1, max_value]; x0 clipped to [-s, s], divided by s."""
@@ -238,7 +248,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: fl
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
-# notebooks/11a_guidance.py:452
+# notebooks/11a_guidance.py:462
 @dataclass(frozen=True)
 class Threshold:
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep
@@ -258,19 +268,21 @@ class Threshold:
         return self.bound * dynamic_threshold(guided / self.bound, self.percentile, self.max_value)
 
 
-# notebooks/11a_guidance.py:513
+# notebooks/11a_guidance.py:523
 def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0.0) -> float:
     """A scale that follows `mode` over a run: constant, or linear / cosine decay from scale at
     progress 0 to minimum at progress 1 (sd-dynamic-thresholding's "Linear Down", "Cosine Down")."""
+    check_choice("mode", mode, MODES)
     if mode == "constant":
         return scale
     if math.isnan(progress):
         raise ValueError(f"mode: {mode!r} needs the run's noise levels; pass sigmas= to CFGDenoiser")
+    progress = check_float("progress", progress, minimum=0, maximum=1)  # past 1, a decay turns negative
     f = 1 - progress if mode == "linear" else math.cos(progress * math.pi / 2)
     return minimum + (scale - minimum) * f
 
 
-# notebooks/11a_guidance.py:525
+# notebooks/11a_guidance.py:537
 def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scale: float,
               percentile: float = 1.0, phi: float = 1.0) -> torch.Tensor:
     """sd-dynamic-thresholding's CFG fix: the CFG result at `scale`, per sample and channel centred on its
@@ -286,7 +298,7 @@ def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scal
     return (phi * out + (1 - phi) * cfg).reshape(cond.shape)
 
 
-# notebooks/11a_guidance.py:541
+# notebooks/11a_guidance.py:553
 @dataclass(frozen=True)
 class Mimic:
     """The "mimic scale" dynamic thresholding of sd-dynamic-thresholding (mcmonkey 2023, "Dynamic
@@ -316,7 +328,7 @@ class Mimic:
         return mimic_cfg(step.cond, step.uncond, scale, mimic, self.percentile, self.phi)
 
 
-# notebooks/11a_guidance.py:610
+# notebooks/11a_guidance.py:622
 def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, norm_threshold: float = 0.0) -> torch.Tensor:
     """APG's update (Sadat et al. 2024): diff (B, ...) limited to norm `norm_threshold` (0: no limit),
     split into the parts parallel and orthogonal to pred_cond, the parallel part weighted by eta."""
@@ -328,7 +340,7 @@ def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, no
     return (v0 - parallel).to(diff.dtype) + eta * parallel.to(diff.dtype)
 
 
-# notebooks/11a_guidance.py:622
+# notebooks/11a_guidance.py:634
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
@@ -354,6 +366,6 @@ class APG:
         return step.cond + (step.scale - 1) * apg_update(diff, step.cond, self.eta, self.norm_threshold)
 
 
-# notebooks/11a_guidance.py:690
+# notebooks/11a_guidance.py:702
 DEFAULT_SCALE = 2.0  # the best adherence in 11b's table (book model, 100 prompts per group)
 DEFAULT_CURE = None  # at scale 2 nothing burns: plain CFG has the lowest colour error there

@@ -155,7 +155,7 @@ class Offloader:
     """The skeleton of every offload mode: groups, hooks, a ledger, `close()`."""
 
     def __init__(self, device, pin_memory: bool | None = None):
-        self.device = check_device("device", device)
+        self.device = check_device("device", device, allow_meta=True)
         pin_memory = _check_flag("pin_memory", pin_memory)
         self.pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if self.pin and not torch.cuda.is_available():

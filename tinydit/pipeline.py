@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tinydit import formats
 from tinydit.checkpoint import BOOK_MODEL_DIR, resolve_dtype
-from tinydit.denoisers import Parametrisation, scheduler_sampler
+from tinydit.denoisers import FLOW_SAMPLERS, Parametrisation, scheduler_sampler
 from tinydit.guidance import DEFAULT_CURE, DEFAULT_SCALE, CFGDenoiser, guidance_args
 from tinydit.offload import ModelOffload
 from tinydit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, get_sampler
@@ -61,7 +61,7 @@ class SamplingConfig(Parametrisation):
         self.__post_init__()
         check_int("steps", self.steps, minimum=1)
         check_float("guidance_scale", self.guidance_scale, minimum=0)
-        _check_sampler(self.sampler)
+        _check_sampler(self.sampler, self.prediction)
         check_int("sample_size", self.sample_size, minimum=1)
         return self
 
@@ -178,7 +178,7 @@ class PipelineSteps(PipelineParts):
         prompts, negatives = _check_prompts(prompt, negative_prompt, num_images_per_prompt)
         steps = check_int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps, minimum=1)
         scale = check_float("guidance_scale", s.guidance_scale if guidance_scale is None else guidance_scale, minimum=0)
-        sampler = _check_sampler(s.sampler if sampler is None else sampler)
+        sampler = _check_sampler(s.sampler if sampler is None else sampler, s.prediction)
         h, w = (_check_side(n, v, s.sample_size, self.multiple) for n, v in (("height", height), ("width", width)))
         shape = (len(prompts), self.transformer.config.in_channels, h // self.factor, w // self.factor)
         _check_request(shape, self.transformer.config, "height" if height is not None else "width")
@@ -214,7 +214,7 @@ class PipelineSampling(PipelineSteps):
         s = self.sampling
         _check_denoise_args(cond, sigmas, wrap)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler))
+        sample = sampler if callable(sampler) else get_sampler(_check_sampler(s.sampler if sampler is None else sampler, s.prediction))
         guided = CFGDenoiser(s.denoiser(self.transformer), scale, cure, interval, sigmas=sigmas if span is None else span)
         guided = guided if wrap is None else wrap(guided)
         with tqdm(total=len(sigmas) - 1, desc="generate", unit="step", disable=disable) as bar:
@@ -350,13 +350,18 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
 
 
 # notebooks/13_pipeline.py:471
-def _check_sampler(name) -> str:
+def _check_sampler(name, prediction: str | None = None) -> str:
+    """A known sampler name that fits a model predicting `prediction` (flow-only samplers need "flow")."""
+    fits = [n for n in SAMPLERS if prediction in (None, "flow") or n not in FLOW_SAMPLERS]
     if name not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {sorted(SAMPLERS)}, got {name!r}")
+        raise ValueError(f"sampler: expected one of {sorted(fits)}, got {name!r}")
+    if name not in fits:
+        raise ValueError(f"sampler: {name!r} is for rectified-flow models; this model predicts {prediction!r} on a "
+                         f"DDPM schedule; use one of {sorted(fits)}")
     return name
 
 
-# notebooks/13_pipeline.py:478
+# notebooks/13_pipeline.py:483
 def _check_side(name: str, value, default: int, multiple: int) -> int:
     value = check_int(name, default if value is None else value, minimum=multiple)
     if value % multiple:
@@ -365,7 +370,7 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
     return value
 
 
-# notebooks/13_pipeline.py:487
+# notebooks/13_pipeline.py:492
 def _check_shape(shape) -> tuple[int, int, int, int]:
     """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
@@ -373,7 +378,7 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
 
 
-# notebooks/13_pipeline.py:495
+# notebooks/13_pipeline.py:500
 def _check_denoise_args(cond, sigmas, wrap) -> None:
     """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
     if not isinstance(cond, dict) or "context" not in cond:
@@ -384,7 +389,7 @@ def _check_denoise_args(cond, sigmas, wrap) -> None:
         raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
 
-# notebooks/13_pipeline.py:506
+# notebooks/13_pipeline.py:511
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
@@ -410,7 +415,7 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
 
-# notebooks/13_pipeline.py:532
+# notebooks/13_pipeline.py:537
 def _sampler_generator(seeds, generator):
     """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
     if generator is not None:
@@ -418,7 +423,7 @@ def _sampler_generator(seeds, generator):
     return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
 
 
-# notebooks/13_pipeline.py:540
+# notebooks/13_pipeline.py:545
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

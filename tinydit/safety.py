@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from tinydit.checkpoint import load_state_dict, resolve_pretrained
-from tinydit.validation import check_float, check_int
+from tinydit.validation import check_float, check_int, check_prompts
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (feature_extractor defaults)
@@ -321,15 +321,29 @@ class PromptFilter:
             raise ValueError(f"blocklist: every entry must be a string with a word in it, got {blocklist!r}")
 
     def check(self, prompts: list[str]) -> list[list[str]]:
-        """Per prompt, the reasons it is blocked ([] when it is not)."""
+        """Per prompt, the reasons it is blocked ([] when it is not); one string is one prompt."""
         out = []
-        for p in prompts:
+        for p in check_prompts("prompts", prompts):
             text = f" {normalize_text(p)} "
             out.append([f"prompt: contains {phrase!r}" for phrase in self.phrases if f" {phrase} " in text])
         return out
 
 
 # notebooks/16_safety.py:457
+def _checked_reasons(checker, images: list) -> list[list[str]]:
+    """A checker's per-image reasons, refused unless there is one (list of strings) per image: a
+    checker that answers for fewer images would let the others through unchecked."""
+    result = checker.check(images)
+    reasons = result[1] if isinstance(result, tuple) and len(result) >= 2 else None
+    if not isinstance(reasons, (list, tuple)) or len(reasons) != len(images) or \
+            not all(isinstance(r, (list, tuple)) for r in reasons):
+        got = f"{len(reasons)} reason lists" if isinstance(reasons, (list, tuple)) else repr(result)[:60]
+        raise ValueError(f"image_checkers: {type(checker).__name__}.check must return (flags, reasons, ...) with one "
+                         f"reason list per image ({len(images)}), got {got}")
+    return [list(r) for r in reasons]
+
+
+# notebooks/16_safety.py:471
 @dataclass
 class SafetyChecker:
     """What the pipeline runs after decoding: `prompt_filter` and `image_checkers` (objects with
@@ -349,10 +363,13 @@ class SafetyChecker:
             raise TypeError(f"image_checkers: each needs a check(images) -> (flags, reasons, ...) method; got {bad}")
 
     def __call__(self, images: list, prompts: list[str]) -> tuple[list, list[bool], list[list[str]]]:
-        images = _check_images(images)
+        images, prompts = _check_images(images), check_prompts("prompts", prompts)
+        if len(prompts) not in (1, len(images)):
+            raise ValueError(f"prompts: expected one prompt for all {len(images)} images or one per image, got {len(prompts)}")
+        prompts = prompts * len(images) if len(prompts) == 1 else prompts
         reasons = self.prompt_filter.check(prompts) if self.prompt_filter is not None else [[] for _ in images]
         for checker in self.image_checkers:
-            for i, r in enumerate(checker.check(images)[1]):
+            for i, r in enumerate(_checked_reasons(checker, images)):
                 reasons[i] = reasons[i] + r
         flags = [bool(r) for r in reasons]
         out = [self.hide(im) if f else im for im, f in zip(images, flags)]
@@ -364,7 +381,7 @@ class SafetyChecker:
         return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
 
 
-# notebooks/16_safety.py:641
+# notebooks/16_safety.py:658
 # The model's 18 classes, in output order (also stored in the .onnx metadata under "names").
 NUDENET_LABELS = (
     "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
@@ -390,7 +407,7 @@ def _find_spec(name: str):
         return None
 
 
-# notebooks/16_safety.py:667
+# notebooks/16_safety.py:684
 def _default_model_path() -> Path | None:
     """Where the `nudenet` package keeps 320n.onnx, found without importing it (it imports cv2)."""
     spec = _find_spec("nudenet")
@@ -399,7 +416,7 @@ def _default_model_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
 
 
-# notebooks/16_safety.py:676
+# notebooks/16_safety.py:693
 def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray, ...]:
     """OpenCV's INTER_LINEAR taps: output pixel d samples the input at (d + 0.5) * n_in / n_out - 0.5
     (computed in float32) between pixels i0 and i1 with integer weights w0 + w1 = 2048. At the edges
@@ -414,7 +431,7 @@ def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[np.ndarray
     return np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), w0, 2048 - w0
 
 
-# notebooks/16_safety.py:691
+# notebooks/16_safety.py:708
 def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     """cv2.resize(square, (n, n), interpolation=cv2.INTER_LINEAR) for a uint8 (S, S, 3) image,
     bit for bit: bilinear (no anti-aliasing, unlike PIL's when it shrinks) in 11-bit fixed point."""
@@ -429,7 +446,7 @@ def _resize_like_opencv(square: np.ndarray, n: int) -> np.ndarray:
     return np.clip((out + 2) >> 2, 0, 255)
 
 
-# notebooks/16_safety.py:706
+# notebooks/16_safety.py:723
 class OnnxNsfwDetector:
     """Body-part detector on NudeNet's 320n.onnx. `detect` returns what NudeNet's `NudeDetector`
     returns (same preprocessing, decoding and NMS); `check` flags an image when one of `labels`
@@ -469,7 +486,7 @@ class OnnxNsfwDetector:
         path = _default_model_path()
         return _find_spec("onnxruntime") is not None and path is not None and path.is_file()
 
-    # notebooks/16_safety.py:747
+    # notebooks/16_safety.py:764
     def preprocess(self, pil_image: Image.Image) -> np.ndarray:
         """(1, 3, 320, 320) float32 in [0, 1], as NudeNet feeds the model: alpha dropped, black
         padding at the right/bottom to a square, bilinear resize to 320, channels in B, G, R order."""
@@ -482,7 +499,7 @@ class OnnxNsfwDetector:
         bgr = out[:, :, ::-1].transpose(2, 0, 1)  # (3, 320, 320); NudeNet's model sees BGR
         return np.ascontiguousarray(bgr[None] * np.float32(1 / 255))
 
-    # notebooks/16_safety.py:762
+    # notebooks/16_safety.py:779
     def _decode(self, output: np.ndarray, width: int, height: int) -> list[tuple[str, float, tuple]]:
         """One image's raw output (22, A): 4 box numbers (centre x, centre y, w, h at 320 px) and
         18 class scores per anchor -> [(label, score, (x, y, w, h) in image pixels)], best first."""
@@ -500,7 +517,7 @@ class OnnxNsfwDetector:
         return [(NUDENET_LABELS[classes[i]], float(scores[i]), tuple(int(v) for v in boxes[i]))
                 for i in self._nms(boxes, scores)]
 
-    # notebooks/16_safety.py:782
+    # notebooks/16_safety.py:799
     def _nms(self, boxes: np.ndarray, scores: np.ndarray) -> list[int]:
         """Greedy class-agnostic non-maximum suppression on (x, y, w, h) boxes, best score first."""
         kept = []
@@ -514,7 +531,7 @@ class OnnxNsfwDetector:
                 kept.append(i)
         return kept
 
-    # notebooks/16_safety.py:798
+    # notebooks/16_safety.py:815
     def detect(self, pil_images) -> list[list[tuple[str, float, tuple]]]:
         """Per image, NudeNet's detections: [(label, score, (x, y, w, h))], best score first."""
         images = _check_images(pil_images)
@@ -524,7 +541,7 @@ class OnnxNsfwDetector:
             out.append(self._decode(raw[0], *image.size))
         return out
 
-    # notebooks/16_safety.py:810
+    # notebooks/16_safety.py:827
     def check(self, pil_images) -> tuple[list[bool], list[list[str]]]:
         """Per image: flagged?, and the reasons ("nudenet: LABEL 0.83") for the explicit detections."""
         reasons = [[f"nudenet: {label} {score:.2f}" for label, score, _ in dets

@@ -31,7 +31,7 @@ from tinydit.checkpoint import (
     _listing,
     resolve_pretrained,
 )
-from tinydit.validation import check_bool_mask, check_choice, check_int, check_tensor
+from tinydit.validation import check_bool_mask, check_choice, check_int, check_prompts, check_tensor
 
 
 TEXT_FILES = ("config.json", "*.safetensors", "*.json", "*.txt", "*.model")  # what a text encoder folder holds
@@ -78,22 +78,6 @@ class TextEmbeddings:
 
 
 # notebooks/06a_text_encoders.py:196
-def check_prompts(prompts) -> list[str]:
-    """A non-empty list of strings, or a ValueError that says what was given instead."""
-    if isinstance(prompts, str):
-        raise ValueError(f"prompts: expected a list of strings, got a single string {prompts[:40]!r}; "
-                         "wrap it in a list: encode([prompt])")
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts: expected at least one prompt, got an empty list")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompts[{i}]: expected a string, got {type(p).__name__} ({p!r:.40})")
-    return list(prompts)
-
-
-# notebooks/06a_text_encoders.py:212
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
@@ -108,7 +92,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max
     return batch["input_ids"], batch["attention_mask"].bool()  # (B, T) each
 
 
-# notebooks/06a_text_encoders.py:232
+# notebooks/06a_text_encoders.py:216
 class TextEncoder(nn.Module):
     """The interface: `encoder(prompts)` or `encoder.encode(prompts)` -> `TextEmbeddings`.
 
@@ -128,7 +112,7 @@ class TextEncoder(nn.Module):
         return p.device if p is not None else torch.device("cpu")
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
-        prompts = check_prompts(prompts)
+        prompts = check_prompts("prompts", prompts)  # one string is one prompt
         with torch.no_grad(), (self.offloader or contextlib.nullcontext()):
             return self._encode(prompts)
 
@@ -139,7 +123,7 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
 
-# notebooks/06a_text_encoders.py:307
+# notebooks/06a_text_encoders.py:291
 def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
     """`resolve_pretrained` with a one-line error naming the encoder when the hub is out of reach."""
     try:
@@ -148,7 +132,7 @@ def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
         raise OSError(f"{what}: {e}") from None
 
 
-# notebooks/06a_text_encoders.py:316
+# notebooks/06a_text_encoders.py:300
 def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: str | None,
                       model_folder: Path, what: str) -> Path:
     """Where the tokenizer lives: given, beside the weights, or the diffusers sibling folder
@@ -162,7 +146,7 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
 
-# notebooks/06a_text_encoders.py:330
+# notebooks/06a_text_encoders.py:314
 @contextlib.contextmanager
 def _quiet_transformers(progress_bar: bool = True):
     """Within the block only: no transformers load report (we check the loading info ourselves)
@@ -187,7 +171,7 @@ def _quiet_transformers(progress_bar: bool = True):
                 hub_utils.disable_progress_bars()
 
 
-# notebooks/06a_text_encoders.py:355
+# notebooks/06a_text_encoders.py:339
 def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
     (transformers would log a report and leave those weights random). Checkpoint keys starting with
@@ -216,7 +200,7 @@ def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, .
     return model
 
 
-# notebooks/06a_text_encoders.py:389
+# notebooks/06a_text_encoders.py:373
 class CLIPTextEncoder(TextEncoder):
     """CLIP text tower (Radford et al. 2021) behind the `TextEncoder` interface.
 
@@ -252,7 +236,7 @@ class CLIPTextEncoder(TextEncoder):
                              "none": None}[pooled]
         self.model.eval()
 
-    # notebooks/06a_text_encoders.py:426
+    # notebooks/06a_text_encoders.py:410
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None,
                         tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
@@ -282,7 +266,7 @@ class CLIPTextEncoder(TextEncoder):
         model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
-    # notebooks/06a_text_encoders.py:458
+    # notebooks/06a_text_encoders.py:442
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.padding, "CLIP text encoder")
         ids, mask = ids.to(self.device), mask.to(self.device)  # (B, T) each
@@ -297,7 +281,7 @@ class CLIPTextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, pooled)
 
 
-# notebooks/06a_text_encoders.py:474
+# notebooks/06a_text_encoders.py:458
 class T5TextEncoder(TextEncoder):
     """T5 encoder (Raffel et al. 2020) behind the `TextEncoder` interface: bidirectional, so it is
     run with the attention mask; no pooled vector. `max_length`: 120 for PixArt-α, 300 for
@@ -330,7 +314,7 @@ class T5TextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, None)
 
 
-# notebooks/06a_text_encoders.py:516
+# notebooks/06a_text_encoders.py:500
 @dataclass
 class BookTextConfig:
     """Architecture of the book's text encoder and its image partner (CLIP-style, tiny)."""
@@ -345,7 +329,7 @@ class BookTextConfig:
     image_size: int = 32  # the dataset's image side
 
 
-# notebooks/06a_text_encoders.py:531
+# notebooks/06a_text_encoders.py:515
 class ImageEncoder(nn.Module):
     """A small CNN for 32x32 images -> (B, embed_dim): stride-2 convolutions with GroupNorm, then a
     linear map of the *flattened* last feature map, so that positions survive (captions name them)."""
@@ -364,7 +348,7 @@ class ImageEncoder(nn.Module):
         return self.proj(self.features(x).flatten(1))  # (B, embed_dim)
 
 
-# notebooks/06a_text_encoders.py:550
+# notebooks/06a_text_encoders.py:534
 def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
                            dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
@@ -382,7 +366,7 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
 
-# notebooks/06a_text_encoders.py:568
+# notebooks/06a_text_encoders.py:552
 def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
     """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
     `load_book_text_encoder`."""
@@ -397,14 +381,14 @@ def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> Image
                       what="book image encoder", dtype=dtype)
 
 
-# notebooks/06a_text_encoders.py:583
+# notebooks/06a_text_encoders.py:567
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length pooled embeddings (N, d) of many prompts, in batches."""
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
     return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
 
 
-# notebooks/06a_text_encoders.py:601
+# notebooks/06a_text_encoders.py:585
 class PromptCache(OrderedDict):
     """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
 
@@ -414,7 +398,7 @@ class PromptCache(OrderedDict):
 
     def encode(self, encoder: TextEncoder, prompts: list[str]) -> TextEmbeddings:
         """`encoder.encode(prompts)`, running the encoder once on the prompts not cached (if any)."""
-        rows = {}
+        prompts, rows = check_prompts("prompts", prompts), {}
         for p in prompts:
             if p in self:
                 self.move_to_end(p)  # most recently used last

@@ -147,8 +147,25 @@ def check_memory(name: str, n_bytes: int, limit: int = MAX_SENSIBLE_BYTES) -> No
 
 
 # notebooks/00_introduction.py:318
-def check_device(name: str, device) -> torch.device:
-    """`device` as a torch.device that exists here ('cpu', 'cuda', 'cuda:1', 'mps', 'meta', ...)."""
+def check_prompts(name: str, prompts) -> list[str]:
+    """Prompts as a non-empty list of strings. One string is one prompt, never its characters (as in
+    diffusers: `prompt` may be a string or a list); anything else is refused by name."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name}: expected a string or a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"{name}: expected at least one prompt, got an empty list")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}]: expected a string, got {type(p).__name__} ({p!r:.40})")
+    return list(prompts)
+
+
+# notebooks/00_introduction.py:334
+def check_device(name: str, device, allow_meta: bool = False) -> torch.device:
+    """`device` as a torch.device that exists here ('cpu', 'cuda', 'cuda:1', 'mps'); 'meta' (shapes
+    without data: it cannot run a model) only where `allow_meta` (offloading's bookkeeping)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -157,12 +174,18 @@ def check_device(name: str, device) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:
             raise ValueError(f"{name}: {str(device)!r}, but this machine has {count} CUDA device(s)")
-    elif device.type not in ("cpu", "meta", "mps", "xpu"):
+    elif device.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise ValueError(f"{name}: {str(device)!r}, but this build of torch has no {device.type} device here")
+    elif device.type == "meta" and not allow_meta:
+        raise ValueError(f"{name}: 'meta' holds shapes without data and cannot run a model; use 'cpu' or 'cuda'")
+    elif device.type not in ("cpu", "meta"):
         raise ValueError(f"{name}: expected a device such as 'cuda', 'cuda:1', 'cpu' or 'meta', got {str(device)!r}")
     return device
 
 
-# notebooks/00_introduction.py:334
+# notebooks/00_introduction.py:357
 def unknown_fields(given, config_class) -> list[str]:
     """The keys of `given` (a dict of settings) that are not fields of the dataclass `config_class`,
     sorted: every reader of a config file or of keyword settings refuses them by name."""
