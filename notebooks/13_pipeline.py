@@ -240,6 +240,7 @@ class PipelineParts:
         return self.offloader.device if self.offloader is not None else next(self.transformer.parameters()).device
 
     def to(self, device) -> PipelineParts:
+        device = check_device("device", device)  # one that exists here, and not 'meta'
         for part in (self.text_encoder, self.transformer, self.vae):
             part.to(device)
         return self

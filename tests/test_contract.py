@@ -219,6 +219,13 @@ def test_devices(device):
         assert got.type != "meta"
 
 
+@pytest.mark.parametrize("device", ["mps", "meta", "cuda:7", "tpu"])
+def test_the_pipeline_refuses_a_device_before_moving_anything(pipe, device):
+    with pytest.raises(ValueError, match=r"^device: "):
+        pipe.to(device)
+    assert pipe.device.type == "cpu"
+
+
 # 8. Maths that would produce NaN.
 @FAST
 @given(value=st.floats(-10, 10), phi=st.floats(0, 1))

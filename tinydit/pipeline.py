@@ -132,6 +132,7 @@ class PipelineParts:
         return self.offloader.device if self.offloader is not None else next(self.transformer.parameters()).device
 
     def to(self, device) -> PipelineParts:
+        device = check_device("device", device)  # one that exists here, and not 'meta'
         for part in (self.text_encoder, self.transformer, self.vae):
             part.to(device)
         return self
@@ -147,7 +148,7 @@ class PipelineParts:
                                        "vae": self.vae}, device=device)
         return self.offloader
 
-    # notebooks/13_pipeline.py:260
+    # notebooks/13_pipeline.py:261
     def disable_model_offload(self, device="cpu") -> PipelineParts:
         """Undo enable_model_offload: the hooks removed, every component back on `device`."""
         if self.offloader is not None:
@@ -155,7 +156,7 @@ class PipelineParts:
             self.offloader = None
         return self.to(device)
 
-    # notebooks/13_pipeline.py:270
+    # notebooks/13_pipeline.py:271
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """Text embeddings of `prompts`, each prompt encoded once per pipeline (LRU cache)."""
         if self.offloader is None:
@@ -164,7 +165,7 @@ class PipelineParts:
             return self.cache.encode(self.text_encoder, prompts)
 
 
-# notebooks/13_pipeline.py:280
+# notebooks/13_pipeline.py:281
 class PipelineSteps(PipelineParts):
     """The public steps of a call, in diffusers' order; img2img, inpainting, the evaluator and the
     chapters' studies compose them instead of writing a second sampling loop."""
@@ -201,7 +202,7 @@ class PipelineSteps(PipelineParts):
         return self.sampling.sigmas(self.sampling.denoiser(self.transformer), steps)
 
 
-# notebooks/13_pipeline.py:317
+# notebooks/13_pipeline.py:318
 class PipelineSampling(PipelineSteps):
     """The remaining steps: the guided sampling loop, decoding, and the safety check."""
 
@@ -235,7 +236,7 @@ class PipelineSampling(PipelineSteps):
                 images = self.vae.from_latent(z.to(device)).float().cpu()
         return images.clamp(-1, 1) if clamp else images
 
-    # notebooks/13_pipeline.py:352
+    # notebooks/13_pipeline.py:353
     def _check_safety(self, safety) -> bool:
         """safety=None: on when a checker is configured; False: off, said once; True: needs a checker."""
         if safety is not None and not isinstance(safety, bool):
@@ -247,7 +248,7 @@ class PipelineSampling(PipelineSteps):
             self._safety_off_logged = True
         return self.safety_checker is not None if safety is None else safety
 
-    # notebooks/13_pipeline.py:366
+    # notebooks/13_pipeline.py:367
     def finish(self, images: list, z, prompts, seeds, safety: bool) -> PipelineOutput:
         """The output, after the safety checker (when on) replaced what it flags."""
         if not safety:
@@ -256,7 +257,7 @@ class PipelineSampling(PipelineSteps):
         return PipelineOutput(images, z, prompts, seeds, list(flags), list(reasons))
 
 
-# notebooks/13_pipeline.py:376
+# notebooks/13_pipeline.py:377
 class TextToImagePipeline(PipelineSampling):
     """Text encoder -> TextDiT + sampler + classifier-free guidance -> VAE, with defaults from the model's
     folder. `TextToImagePipeline.from_pretrained()` loads the shipped book model; a path (or hub id)
@@ -299,7 +300,7 @@ class TextToImagePipeline(PipelineSampling):
             setattr(sampling, k, v)
         return cls(**parts, sampling=sampling.validate()).to(device)
 
-    # notebooks/13_pipeline.py:420
+    # notebooks/13_pipeline.py:421
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write diffusers' pipeline layout: model_index.json, transformer/ (PixArtTransformer2DModel),
         vae/ (AutoencoderKL), text_encoder/ + tokenizer/ (transformers), scheduler/ (the stock scheduler of
@@ -311,7 +312,7 @@ class TextToImagePipeline(PipelineSampling):
         return formats.save_pipeline(self, Path(folder), asdict(self.sampling), self.sampling.scheduler_config())
 
 
-# notebooks/13_pipeline.py:433
+# notebooks/13_pipeline.py:434
 def _check_call_options(callback, output_type) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable (it receives each step's dict) or None, got {type(callback).__name__}")
@@ -319,7 +320,7 @@ def _check_call_options(callback, output_type) -> None:
         raise ValueError(f"output_type: expected 'pil' (PIL images) or 'latent' (latents only), got {output_type!r}")
 
 
-# notebooks/13_pipeline.py:441
+# notebooks/13_pipeline.py:442
 def _check_request(shape, cfg, side: str) -> None:
     """Refuse a request far beyond memory before drawing its noise: latents plus one attention map."""
     B, C, h, w = shape
@@ -329,7 +330,7 @@ def _check_request(shape, cfg, side: str) -> None:
     check_memory("num_images_per_prompt", B * per_image)
 
 
-# notebooks/13_pipeline.py:451
+# notebooks/13_pipeline.py:452
 def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list[str]]:
     """Prompts and negatives as equal-length lists, each prompt repeated `per_prompt` times."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -349,7 +350,7 @@ def _check_prompts(prompt, negative_prompt, per_prompt) -> tuple[list[str], list
     return [p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)]
 
 
-# notebooks/13_pipeline.py:471
+# notebooks/13_pipeline.py:472
 def _check_sampler(name, prediction: str | None = None) -> str:
     """A known sampler name that fits a model predicting `prediction` (flow-only samplers need "flow")."""
     fits = [n for n in SAMPLERS if prediction in (None, "flow") or n not in FLOW_SAMPLERS]
@@ -361,7 +362,7 @@ def _check_sampler(name, prediction: str | None = None) -> str:
     return name
 
 
-# notebooks/13_pipeline.py:483
+# notebooks/13_pipeline.py:484
 def _check_side(name: str, value, default: int, multiple: int) -> int:
     value = check_int(name, default if value is None else value, minimum=multiple)
     if value % multiple:
@@ -370,7 +371,7 @@ def _check_side(name: str, value, default: int, multiple: int) -> int:
     return value
 
 
-# notebooks/13_pipeline.py:492
+# notebooks/13_pipeline.py:493
 def _check_shape(shape) -> tuple[int, int, int, int]:
     """A latent shape (B, C, h, w) of positive integers (check_inputs' Request.shape)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4:
@@ -378,7 +379,7 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     return tuple(check_int(f"shape[{i}]", n, minimum=1) for i, n in enumerate(shape))
 
 
-# notebooks/13_pipeline.py:500
+# notebooks/13_pipeline.py:501
 def _check_denoise_args(cond, sigmas, wrap) -> None:
     """denoise's conditioning (encode_prompt's dict), schedule (a 1-D float tensor) and wrap (callable)."""
     if not isinstance(cond, dict) or "context" not in cond:
@@ -389,7 +390,7 @@ def _check_denoise_args(cond, sigmas, wrap) -> None:
         raise TypeError(f"wrap: expected a function guided -> denoiser, or None, got {type(wrap).__name__}")
 
 
-# notebooks/13_pipeline.py:511
+# notebooks/13_pipeline.py:512
 def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[int | None]]:
     """Unit-variance noise (B, C, h, w) drawn on the CPU: image i from seed + i (or seeds[i]), from one
     `generator`, or the given `latents`; with none of them, a random seed that the output reports."""
@@ -415,7 +416,7 @@ def _initial_noise(shape, seed, generator, latents) -> tuple[torch.Tensor, list[
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]), seeds
 
 
-# notebooks/13_pipeline.py:537
+# notebooks/13_pipeline.py:538
 def _sampler_generator(seeds, generator):
     """The generator of the stochastic samplers' fresh noise: the caller's, or one seeded by the first image."""
     if generator is not None:
@@ -423,7 +424,7 @@ def _sampler_generator(seeds, generator):
     return torch.Generator().manual_seed(seeds[0] + 1) if seeds[0] is not None else None
 
 
-# notebooks/13_pipeline.py:545
+# notebooks/13_pipeline.py:546
 def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [-1, 1] -> a list of RGB PIL images."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
