@@ -142,3 +142,13 @@ def test_train_commands_explain_themselves():
     for cmd in ("train-vae", "train-text-encoder"):
         proc = run(cmd, "--help")
         assert proc.returncode == 0 and "--steps" in proc.stdout and "shipped" in proc.stdout
+
+
+def test_version_is_printed():
+    import subprocess
+    import sys
+
+    from tinydit import __version__
+
+    out = subprocess.run([sys.executable, "-m", "tinydit", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"tinydit {__version__}"

@@ -627,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="tinydit: a DiT text-to-image engine built chapter by chapter. "
         "Each subcommand runs what one chapter of the book built.",
     )
+    from tinydit import __version__
+
+    parser.add_argument("--version", action="version", version=f"tinydit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineParser)
     sub.required = True
 
