@@ -193,12 +193,26 @@ class TextEmbeddings:
 
 # %%
 # | export
+def warn_unknown_words(tokenizer, prompts: list[str], all_ids: list[list[int]], what: str) -> None:
+    """A word-level tokenizer (the book's) reads a word it never saw as <unk>: say which, per prompt,
+    rather than let "a pink hexagon" be drawn as "a <unk> <unk>" without a word."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for i, (prompt, ids) in enumerate(zip(prompts, all_ids)):
+        if unk is None or unk not in ids:
+            continue
+        unknown = [w for w in prompt.split() if tokenizer(w, add_special_tokens=False)["input_ids"] == [unk]]
+        warnings.warn(f"prompts[{i}]: {', '.join(map(repr, unknown)) or 'some words'} not in the {what}'s "
+                      f"vocabulary; read as {tokenizer.unk_token}", stacklevel=4)
+
+# %%
+# | export
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
     says, per prompt, how many tokens were dropped."""
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-    for i, n in enumerate(lengths):
+    all_ids = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+    warn_unknown_words(tokenizer, prompts, all_ids, what)
+    for i, n in enumerate(len(ids) for ids in all_ids):
         if n > max_length:
             warnings.warn(f"prompts[{i}]: {n} tokens is more than the {what}'s limit of {max_length}; "
                           f"truncated, dropping the last {n - max_length} tokens", stacklevel=3)

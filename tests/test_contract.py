@@ -266,3 +266,11 @@ def test_samplers_fit_the_model(name, prediction):
 def test_generate_with_a_flow_sampler_on_the_book_model_names_the_mismatch(pipe):
     with warnings.catch_warnings(), pytest.raises(ValueError, match=r"^sampler: .*rectified-flow.*v_prediction"):
         pipe("a red circle", sampler="euler_ancestral_rf", num_inference_steps=2, disable=True)
+
+
+# The first hour: a word the book model never saw is named, not silently read as <unk>.
+@FAST
+@given(word=st.sampled_from(["pink", "hexagon", "cat", "photo"]))
+def test_unknown_words_are_named(pipe, word):
+    with pytest.warns(UserWarning, match=rf"^prompts\[0\]: '{word}' not in the CLIP text encoder's vocabulary"):
+        pipe.text_encoder.encode([f"a red {word}"])

@@ -814,9 +814,17 @@ def _add_edit_flags(p: argparse.ArgumentParser, strength: float) -> None:
     p.set_defaults(func=_cmd_edit)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI shows it: one line that says what happened, no source path or code line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except MemoryError:

@@ -78,12 +78,26 @@ class TextEmbeddings:
 
 
 # notebooks/06a_text_encoders.py:196
+def warn_unknown_words(tokenizer, prompts: list[str], all_ids: list[list[int]], what: str) -> None:
+    """A word-level tokenizer (the book's) reads a word it never saw as <unk>: say which, per prompt,
+    rather than let "a pink hexagon" be drawn as "a <unk> <unk>" without a word."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for i, (prompt, ids) in enumerate(zip(prompts, all_ids)):
+        if unk is None or unk not in ids:
+            continue
+        unknown = [w for w in prompt.split() if tokenizer(w, add_special_tokens=False)["input_ids"] == [unk]]
+        warnings.warn(f"prompts[{i}]: {', '.join(map(repr, unknown)) or 'some words'} not in the {what}'s "
+                      f"vocabulary; read as {tokenizer.unk_token}", stacklevel=4)
+
+
+# notebooks/06a_text_encoders.py:209
 def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max_length",
              what: str = "text encoder") -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, T); truncates to `max_length` with a warning that
     says, per prompt, how many tokens were dropped."""
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-    for i, n in enumerate(lengths):
+    all_ids = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+    warn_unknown_words(tokenizer, prompts, all_ids, what)
+    for i, n in enumerate(len(ids) for ids in all_ids):
         if n > max_length:
             warnings.warn(f"prompts[{i}]: {n} tokens is more than the {what}'s limit of {max_length}; "
                           f"truncated, dropping the last {n - max_length} tokens", stacklevel=3)
@@ -92,7 +106,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, padding: str = "max
     return batch["input_ids"], batch["attention_mask"].bool()  # (B, T) each
 
 
-# notebooks/06a_text_encoders.py:216
+# notebooks/06a_text_encoders.py:230
 class TextEncoder(nn.Module):
     """The interface: `encoder(prompts)` or `encoder.encode(prompts)` -> `TextEmbeddings`.
 
@@ -123,7 +137,7 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
 
-# notebooks/06a_text_encoders.py:291
+# notebooks/06a_text_encoders.py:305
 def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
     """`resolve_pretrained` with a one-line error naming the encoder when the hub is out of reach."""
     try:
@@ -132,7 +146,7 @@ def _local_folder(path_or_id, subfolder: str | None, what: str) -> Path:
         raise OSError(f"{what}: {e}") from None
 
 
-# notebooks/06a_text_encoders.py:300
+# notebooks/06a_text_encoders.py:314
 def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: str | None,
                       model_folder: Path, what: str) -> Path:
     """Where the tokenizer lives: given, beside the weights, or the diffusers sibling folder
@@ -146,7 +160,7 @@ def _tokenizer_folder(path_or_id, subfolder: str | None, tokenizer_subfolder: st
     raise FileNotFoundError(f"{what}: no tokenizer files in {str(model_folder)!r}; pass tokenizer_subfolder=")
 
 
-# notebooks/06a_text_encoders.py:314
+# notebooks/06a_text_encoders.py:328
 @contextlib.contextmanager
 def _quiet_transformers(progress_bar: bool = True):
     """Within the block only: no transformers load report (we check the loading info ourselves)
@@ -171,7 +185,7 @@ def _quiet_transformers(progress_bar: bool = True):
                 hub_utils.disable_progress_bars()
 
 
-# notebooks/06a_text_encoders.py:339
+# notebooks/06a_text_encoders.py:353
 def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(folder)`, refusing a checkpoint whose keys do not fit the model
     (transformers would log a report and leave those weights random). Checkpoint keys starting with
@@ -200,7 +214,7 @@ def _load_checked(model_cls, folder: Path, what: str, allow_unused: tuple[str, .
     return model
 
 
-# notebooks/06a_text_encoders.py:373
+# notebooks/06a_text_encoders.py:387
 class CLIPTextEncoder(TextEncoder):
     """CLIP text tower (Radford et al. 2021) behind the `TextEncoder` interface.
 
@@ -236,7 +250,7 @@ class CLIPTextEncoder(TextEncoder):
                              "none": None}[pooled]
         self.model.eval()
 
-    # notebooks/06a_text_encoders.py:410
+    # notebooks/06a_text_encoders.py:424
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None,
                         tokenizer_subfolder: str | None = None, dtype: torch.dtype | None = None,
@@ -266,7 +280,7 @@ class CLIPTextEncoder(TextEncoder):
         model = _load_checked(model_cls, folder, "CLIPTextEncoder", unused, **kwargs_model).to(device)
         return cls(model, AutoTokenizer.from_pretrained(tok_folder), **kwargs)
 
-    # notebooks/06a_text_encoders.py:442
+    # notebooks/06a_text_encoders.py:456
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.padding, "CLIP text encoder")
         ids, mask = ids.to(self.device), mask.to(self.device)  # (B, T) each
@@ -281,7 +295,7 @@ class CLIPTextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, pooled)
 
 
-# notebooks/06a_text_encoders.py:458
+# notebooks/06a_text_encoders.py:472
 class T5TextEncoder(TextEncoder):
     """T5 encoder (Raffel et al. 2020) behind the `TextEncoder` interface: bidirectional, so it is
     run with the attention mask; no pooled vector. `max_length`: 120 for PixArt-α, 300 for
@@ -314,7 +328,7 @@ class T5TextEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, None)
 
 
-# notebooks/06a_text_encoders.py:500
+# notebooks/06a_text_encoders.py:514
 @dataclass
 class BookTextConfig:
     """Architecture of the book's text encoder and its image partner (CLIP-style, tiny)."""
@@ -329,7 +343,7 @@ class BookTextConfig:
     image_size: int = 32  # the dataset's image side
 
 
-# notebooks/06a_text_encoders.py:515
+# notebooks/06a_text_encoders.py:529
 class ImageEncoder(nn.Module):
     """A small CNN for 32x32 images -> (B, embed_dim): stride-2 convolutions with GroupNorm, then a
     linear map of the *flattened* last feature map, so that positions survive (captions name them)."""
@@ -348,7 +362,7 @@ class ImageEncoder(nn.Module):
         return self.proj(self.features(x).flatten(1))  # (B, embed_dim)
 
 
-# notebooks/06a_text_encoders.py:534
+# notebooks/06a_text_encoders.py:548
 def load_book_text_encoder(path: str | Path | None = None, device: str | torch.device = "cpu",
                            dtype=None) -> CLIPTextEncoder:
     """The book's trained text encoder (shipped in the package, or from `path`): last-layer tokens
@@ -366,7 +380,7 @@ def load_book_text_encoder(path: str | Path | None = None, device: str | torch.d
         return CLIPTextEncoder.from_pretrained(folder, device=device, padding="longest", dtype=dtype)
 
 
-# notebooks/06a_text_encoders.py:552
+# notebooks/06a_text_encoders.py:566
 def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> ImageEncoder:
     """The image tower trained together with the book's text encoder (for retrieval); `dtype` as in
     `load_book_text_encoder`."""
@@ -381,14 +395,14 @@ def load_book_image_encoder(path: str | Path | None = None, dtype=None) -> Image
                       what="book image encoder", dtype=dtype)
 
 
-# notebooks/06a_text_encoders.py:567
+# notebooks/06a_text_encoders.py:581
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length pooled embeddings (N, d) of many prompts, in batches."""
     out = [text_encoder.encode(prompts[i:i + batch_size]).pooled for i in range(0, len(prompts), batch_size)]
     return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
 
 
-# notebooks/06a_text_encoders.py:585
+# notebooks/06a_text_encoders.py:599
 class PromptCache(OrderedDict):
     """An encoder's output rows per prompt, least recently used first, at most `size` prompts."""
 
