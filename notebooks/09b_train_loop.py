@@ -594,7 +594,10 @@ torch.testing.assert_close(cached.loss(7), streamed.loss(7), atol=1e-5, rtol=1e-
 # %%
 # | export
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
-    """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
+    """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none
+    (resuming into a folder that does not exist refuses without creating it)."""
+    if resume and not out_dir.is_dir():
+        raise FileNotFoundError(f"resume: no checkpoint to continue: {str(out_dir)!r} does not exist")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):

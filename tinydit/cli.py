@@ -161,7 +161,11 @@ def _cmd_train_text_encoder(args: argparse.Namespace) -> int:
     encoders = text_training.train_book_text_encoder(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                                                      seed=args.seed)
     metrics = text_training.evaluate_book_encoders(encoders.text_encoder, encoders.image_encoder, n=1000, seed=1)
-    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s); held-out metrics: {metrics}")
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s); on 1,000 test pairs:")
+    for key, value in metrics.items():
+        shown = ", ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) \
+            if isinstance(value, dict) else f"{value:.1%}" if isinstance(value, float) else str(value)
+        print(f"  {key.replace('_', ' ')}: {shown}")
     return 0
 
 

@@ -389,7 +389,10 @@ class Trainer:
 
 # notebooks/09b_train_loop.py:596
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
-    """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none."""
+    """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none
+    (resuming into a folder that does not exist refuses without creating it)."""
+    if resume and not out_dir.is_dir():
+        raise FileNotFoundError(f"resume: no checkpoint to continue: {str(out_dir)!r} does not exist")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -404,7 +407,7 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
                          "continue it with resume=True, or choose an empty folder")
 
 
-# notebooks/09b_train_loop.py:613
+# notebooks/09b_train_loop.py:616
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
