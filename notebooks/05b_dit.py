@@ -455,8 +455,9 @@ MAX_TIMESTEP = 1000  # DiT, PixArt and the SD3 / Flux transformers read t in [0,
 
 def check_timestep_range(t: torch.Tensor) -> None:
     """Timesteps in [0, MAX_TIMESTEP]: outside it, the sinusoidal embedding is one the model never saw."""
+    check_finite("t", t)  # NaN / inf: named as such first
     lo, hi = float(t.min()), float(t.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > MAX_TIMESTEP:
+    if lo < 0 or hi > MAX_TIMESTEP:
         raise ValueError(f"t: expected timesteps in [0, {MAX_TIMESTEP}] (the range these models are trained on), "
                          f"got values from {lo:.4g} to {hi:.4g}")
 

@@ -263,13 +263,14 @@ MAX_TIMESTEP = 1000  # DiT, PixArt and the SD3 / Flux transformers read t in [0,
 
 def check_timestep_range(t: torch.Tensor) -> None:
     """Timesteps in [0, MAX_TIMESTEP]: outside it, the sinusoidal embedding is one the model never saw."""
+    check_finite("t", t)  # NaN / inf: named as such first
     lo, hi = float(t.min()), float(t.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > MAX_TIMESTEP:
+    if lo < 0 or hi > MAX_TIMESTEP:
         raise ValueError(f"t: expected timesteps in [0, {MAX_TIMESTEP}] (the range these models are trained on), "
                          f"got values from {lo:.4g} to {hi:.4g}")
 
 
-# notebooks/05b_dit.py:465
+# notebooks/05b_dit.py:466
 class LatentTransformer(nn.Module):
     """What DiT and chapter 07's TextDiT share: a fixed position table, the DiT initialisation of
     linears and patch embedding, parameter counting, and tinydit's own save format."""
@@ -315,7 +316,7 @@ class LatentTransformer(nn.Module):
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors")
 
-    # notebooks/05b_dit.py:637
+    # notebooks/05b_dit.py:638
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, dtype=None, **overrides):
         """Load this family's diffusers folder (`cls.diffusers_class`: DiTTransformer2DModel for DiT,
@@ -340,7 +341,7 @@ class LatentTransformer(nn.Module):
         return cls.from_weights(cfg, sd, f"{cls.__name__} weights in {folder}", dtype)
 
 
-# notebooks/05b_dit.py:512
+# notebooks/05b_dit.py:513
 class DiT(LatentTransformer):
     """Diffusion Transformer with adaLN-Zero conditioning on timestep and class label.
 
@@ -382,19 +383,19 @@ class DiT(LatentTransformer):
         for p in (*self.final_layer.adaLN_modulation[-1].parameters(), *self.final_layer.linear.parameters()):
             nn.init.zeros_(p)
 
-    # notebooks/05b_dit.py:555
+    # notebooks/05b_dit.py:556
     @classmethod
     def config_from_diffusers(cls, config: dict, **overrides) -> DiTConfig:
         """The DiTConfig of a diffusers DiTTransformer2DModel config.json (the reader: the appendix)."""
         return config_from_diffusers(config, **overrides)
 
-    # notebooks/05b_dit.py:563
+    # notebooks/05b_dit.py:564
     @staticmethod
     def convert_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers DiT weights -> ours (the key map: chapter 17a)."""
         return convert_diffusers_dit(sd)
 
-    # notebooks/05b_dit.py:571
+    # notebooks/05b_dit.py:572
     def labels_for(self, y, batch_size: int, device) -> torch.Tensor:
         """Labels as a (B,) long tensor; None means the null class (shape and dtype checks only)."""
         if y is None:
@@ -404,7 +405,7 @@ class DiT(LatentTransformer):
             raise ValueError(f"y: expected integer labels of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}")
         return y.long()
 
-    # notebooks/05b_dit.py:583
+    # notebooks/05b_dit.py:584
     def check_values(self, x: torch.Tensor, t, y=None) -> None:
         """Value checks (label range, finite inputs), run by entry points once per call rather
         than inside `forward`, where each would cost a device sync and a compile graph break."""
@@ -416,12 +417,12 @@ class DiT(LatentTransformer):
                 raise ValueError(f"y: labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} "
                                  f"= null class), got values in [{int(y.min())}, {int(y.max())}]")
 
-    # notebooks/05b_dit.py:597
+    # notebooks/05b_dit.py:598
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The conditioning vector c = timestep embedding + label embedding, (B, D)."""
         return self.t_embedder(t) + self.y_embedder(y)  # (B, D)
 
-    # notebooks/05b_dit.py:604
+    # notebooks/05b_dit.py:605
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
         t = check_latents(x, t, self.config)  # (B,)
         x = x.to(self.x_embedder.proj.weight.dtype)  # float64 / fp16 input follows the model's dtype
@@ -437,7 +438,7 @@ class DiT(LatentTransformer):
         out = self.final_layer(tokens, c)  # (B, T, p*p*C_out)
         return unpatchify(out, self.config.patch_size, h, w)  # (B, C_out, H, W)
 
-    # notebooks/05b_dit.py:622
+    # notebooks/05b_dit.py:623
     @classmethod
     def from_original(cls, path: str | Path, num_heads: int | None = None, dtype=None, **overrides) -> DiT:
         """Load a facebookresearch DiT checkpoint (`.pt` via torch.load(weights_only=True), or
@@ -451,7 +452,7 @@ class DiT(LatentTransformer):
         return cls.from_weights(cfg, sd, f"DiT checkpoint {Path(path).name}", dtype)
 
 
-# notebooks/05b_dit.py:733
+# notebooks/05b_dit.py:734
 # Released checkpoints whose head count is known (the paper's presets): (depth, width) -> heads.
 KNOWN_HEADS = {(depth, width): heads for depth, width, heads in DIT_SIZES.values()}
 
@@ -470,7 +471,7 @@ def heads_for(depth: int, hidden: int, num_heads: int | None) -> int:
                      f"width {hidden} is not a released preset; pass num_heads= (it must divide {hidden})")
 
 
-# notebooks/05b_dit.py:752
+# notebooks/05b_dit.py:753
 def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | None = None,
                                **overrides) -> DiTConfig:
     """Infer a DiTConfig from a state dict in the original facebookresearch DiT layout."""
@@ -495,7 +496,7 @@ def infer_config_from_original(sd: dict[str, torch.Tensor], num_heads: int | Non
     return DiTConfig(**{**cfg, **overrides})
 
 
-# notebooks/05b_dit.py:777
+# notebooks/05b_dit.py:778
 def config_from_diffusers(d: dict, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers DiTTransformer2DModel config.json (original DiT numerics)."""
     if transformer_kind(d) not in (None, "DiTTransformer2DModel"):
