@@ -152,3 +152,11 @@ def test_version_is_printed():
 
     out = subprocess.run([sys.executable, "-m", "tinydit", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"tinydit {__version__}"
+
+
+def test_an_unknown_flag_points_at_its_subcommands_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["generate", "a red circle", "--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.strip() == (
+        "python -m tinydit generate: error: unrecognized arguments: --bogus (see `python -m tinydit generate --help`)")

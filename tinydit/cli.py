@@ -636,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinydit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineParser)
     sub.required = True
+    parser.set_defaults(_subparsers=sub.choices)  # an unknown flag is reported by its own subcommand
 
     p = _subparser(
         sub, "dataset",
@@ -825,7 +826,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `generate --bogus` points at `generate --help`, not at the top-level help
+        args._subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     import warnings
 
     warnings.formatwarning = _one_line_warning
