@@ -151,7 +151,11 @@ def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...]
     if width[0] is not None and tokens.shape[2] != width[0]:
         raise ValueError(f"{name}: expected tokens of width {width[0]} ({width[1]}), got shape {tuple(tokens.shape)}")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-    return tokens, check_bool_mask(mask_name, mask, tokens.shape[:2])
+    mask = check_bool_mask(mask_name, mask, tokens.shape[:2])
+    if mask.device.type == "cpu" and not bool(mask.any(1).all()):  # free on the CPU: name the right argument
+        row = int((~mask.any(1)).nonzero()[0, 0])
+        raise ValueError(f"{mask_name}: row {row} marks no token as real; every prompt needs at least one")
+    return tokens, mask
 
 # %%
 # | export

@@ -274,3 +274,14 @@ def test_generate_with_a_flow_sampler_on_the_book_model_names_the_mismatch(pipe)
 def test_unknown_words_are_named(pipe, word):
     with pytest.warns(UserWarning, match=rf"^prompts\[0\]: '{word}' not in the CLIP text encoder's vocabulary"):
         pipe.text_encoder.encode([f"a red {word}"])
+
+
+# 9. An all-padding row of the unconditional mask is named as uncond_mask, not as context_mask.
+@pytest.mark.parametrize("which", ["context_mask", "uncond_mask"])
+def test_an_empty_mask_row_names_its_argument(pipe, which):
+    args = guidance.guidance_args(pipe.text_encoder, ["a red circle", "a blue square"])
+    args[which] = args[which].clone()
+    args[which][1] = False
+    D = guidance.CFGDenoiser(pipe.sampling.denoiser(pipe.transformer), 3.0)
+    with pytest.raises(ValueError, match=rf"^{which}: row 1 marks no token as real"):
+        D(torch.zeros(2, 4, 8, 8), torch.tensor([1.0, 1.0]), **args)

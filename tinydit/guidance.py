@@ -57,10 +57,14 @@ def _check_tokens(names: tuple[str, str], tokens, mask, batches: tuple[int, ...]
     if width[0] is not None and tokens.shape[2] != width[0]:
         raise ValueError(f"{name}: expected tokens of width {width[0]} ({width[1]}), got shape {tuple(tokens.shape)}")
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-    return tokens, check_bool_mask(mask_name, mask, tokens.shape[:2])
+    mask = check_bool_mask(mask_name, mask, tokens.shape[:2])
+    if mask.device.type == "cpu" and not bool(mask.any(1).all()):  # free on the CPU: name the right argument
+        row = int((~mask.any(1)).nonzero()[0, 0])
+        raise ValueError(f"{mask_name}: row {row} marks no token as real; every prompt needs at least one")
+    return tokens, mask
 
 
-# notebooks/11a_guidance.py:158
+# notebooks/11a_guidance.py:162
 def _pad(tokens: torch.Tensor, mask: torch.Tensor, batch: int, length: int):
     """Tokens (B', T, D) and mask (B', T) -> (batch, length, D), (batch, length): masked zeros appended,
     a single row repeated for the whole batch."""
@@ -69,7 +73,7 @@ def _pad(tokens: torch.Tensor, mask: torch.Tensor, batch: int, length: int):
     return tokens, torch.cat([mask, mask.new_zeros(B, length - T)], 1).expand(batch, -1)  # (batch, length)
 
 
-# notebooks/11a_guidance.py:171
+# notebooks/11a_guidance.py:175
 @dataclass
 class GuidanceStep:
     """What a cure sees at one denoiser call (CFGDenoiser builds it only where it guides)."""
@@ -83,7 +87,7 @@ class GuidanceStep:
     state: dict  # the wrapper's memory for this sampling run (APG's momentum)
 
 
-# notebooks/11a_guidance.py:185
+# notebooks/11a_guidance.py:189
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser: D_uncond + scale (D_cond - D_uncond),
     both branches in one batched forward (B -> 2B), then `cure` (Rescale, Threshold, Mimic, APG, or a
@@ -122,7 +126,7 @@ class CFGDenoiser(nn.Module):
             guided = cure(step, guided)
         return torch.where(on.reshape(-1, *[1] * (x.ndim - 1)), guided, cond)
 
-    # notebooks/11a_guidance.py:225
+    # notebooks/11a_guidance.py:229
     def guides(self, sigma: torch.Tensor) -> torch.Tensor:
         """(B,) bool: where this call guides (scale != 1 and sigma inside the interval)."""
         if self.scale == 1:
@@ -130,7 +134,7 @@ class CFGDenoiser(nn.Module):
         lo, hi = self.interval
         return (sigma >= lo) & (sigma <= hi)
 
-    # notebooks/11a_guidance.py:235
+    # notebooks/11a_guidance.py:239
     def where(self, sigma: torch.Tensor, x: torch.Tensor) -> tuple[float, dict]:
         """(progress, state): a call at a noise level >= the run's first starts a new run (fresh state)."""
         s = float(sigma.max())
@@ -142,7 +146,7 @@ class CFGDenoiser(nn.Module):
         return min(max(math.log(first / s) / math.log(first / last), 0.0), 1.0), self.state
 
 
-# notebooks/11a_guidance.py:248
+# notebooks/11a_guidance.py:252
 def _check_cures(cure) -> tuple:
     cures = () if cure is None else tuple(cure) if isinstance(cure, (tuple, list)) else (cure,)
     for c in cures:
@@ -151,7 +155,7 @@ def _check_cures(cure) -> tuple:
     return cures
 
 
-# notebooks/11a_guidance.py:257
+# notebooks/11a_guidance.py:261
 def _check_interval(interval) -> tuple[float, float]:
     if interval is None:
         return 0.0, math.inf
@@ -162,7 +166,7 @@ def _check_interval(interval) -> tuple[float, float]:
     return lo, hi
 
 
-# notebooks/11a_guidance.py:268
+# notebooks/11a_guidance.py:272
 def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     """The run's first and last positive noise level: from `sigmas`, else the denoiser's range."""
     if sigmas is not None:
@@ -173,7 +177,7 @@ def _check_span(sigmas, denoiser) -> tuple[float, float] | None:
     return (first, last) if first is not None and last is not None and first > last > 0 else None
 
 
-# notebooks/11a_guidance.py:279
+# notebooks/11a_guidance.py:283
 def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[str] = "") -> dict:
     """A sampler's `extra_args` for a CFGDenoiser: the prompts' tokens and masks, and the negative
     prompt's ("" = the unconditional model; one string for all, or one per prompt), padded to one length."""
@@ -188,7 +192,7 @@ def guidance_args(text_encoder, prompts: list[str], negative_prompt: str | list[
     return dict(context=ctx, context_mask=mask, uncond_context=u_ctx, uncond_mask=u_mask)
 
 
-# notebooks/11a_guidance.py:362
+# notebooks/11a_guidance.py:366
 def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.7) -> torch.Tensor:
     """CFG rescale (Lin et al. 2023, §3.4; diffusers' rescale_noise_cfg): pred_cfg scaled to pred_cond's
     standard deviation (per sample, over every other dimension), mixed with pred_cfg by phi (0: plain CFG)."""
@@ -200,7 +204,7 @@ def rescale_cfg(pred_cond: torch.Tensor, pred_cfg: torch.Tensor, phi: float = 0.
     return phi * (pred_cfg * factor) + (1 - phi) * pred_cfg
 
 
-# notebooks/11a_guidance.py:374
+# notebooks/11a_guidance.py:378
 def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """An x0 prediction at (x, sigma) as the `space` prediction: "v" (DDPM v, chapter 08), "eps", "x0"."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -209,7 +213,7 @@ def to_space(space: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor)
     return (x - x0) / s if space == "eps" else x0
 
 
-# notebooks/11a_guidance.py:383
+# notebooks/11a_guidance.py:387
 def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_space`: a `space` prediction back to x0."""
     s = sigma.reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
@@ -218,7 +222,7 @@ def from_space(space: str, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Ten
     return x - s * pred if space == "eps" else pred
 
 
-# notebooks/11a_guidance.py:392
+# notebooks/11a_guidance.py:396
 @dataclass(frozen=True)
 class Rescale:
     """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
@@ -237,7 +241,7 @@ class Rescale:
         return from_space(self.space, rescale_cfg(cond, cfg, self.phi), step.x, step.sigma)
 
 
-# notebooks/11a_guidance.py:451
+# notebooks/11a_guidance.py:455
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3; diffusers' DDPMScheduler._threshold_sample):
     s = the `percentile` of |x0| per sample, clamped to [1, max_value]; x0 clipped to [-s, s], divided by s."""
@@ -248,7 +252,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: fl
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
-# notebooks/11a_guidance.py:462
+# notebooks/11a_guidance.py:466
 @dataclass(frozen=True)
 class Threshold:
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep
@@ -268,7 +272,7 @@ class Threshold:
         return self.bound * dynamic_threshold(guided / self.bound, self.percentile, self.max_value)
 
 
-# notebooks/11a_guidance.py:523
+# notebooks/11a_guidance.py:527
 def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0.0) -> float:
     """A scale that follows `mode` over a run: constant, or linear / cosine decay from scale at
     progress 0 to minimum at progress 1 (sd-dynamic-thresholding's "Linear Down", "Cosine Down")."""
@@ -282,7 +286,7 @@ def scheduled_scale(scale: float, mode: str, progress: float, minimum: float = 0
     return minimum + (scale - minimum) * f
 
 
-# notebooks/11a_guidance.py:537
+# notebooks/11a_guidance.py:541
 def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scale: float,
               percentile: float = 1.0, phi: float = 1.0) -> torch.Tensor:
     """sd-dynamic-thresholding's CFG fix: the CFG result at `scale`, per sample and channel centred on its
@@ -298,7 +302,7 @@ def mimic_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mimic_scal
     return (phi * out + (1 - phi) * cfg).reshape(cond.shape)
 
 
-# notebooks/11a_guidance.py:553
+# notebooks/11a_guidance.py:557
 @dataclass(frozen=True)
 class Mimic:
     """The "mimic scale" dynamic thresholding of sd-dynamic-thresholding (mcmonkey 2023, "Dynamic
@@ -328,7 +332,7 @@ class Mimic:
         return mimic_cfg(step.cond, step.uncond, scale, mimic, self.percentile, self.phi)
 
 
-# notebooks/11a_guidance.py:622
+# notebooks/11a_guidance.py:626
 def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, norm_threshold: float = 0.0) -> torch.Tensor:
     """APG's update (Sadat et al. 2024): diff (B, ...) limited to norm `norm_threshold` (0: no limit),
     split into the parts parallel and orthogonal to pred_cond, the parallel part weighted by eta."""
@@ -340,7 +344,7 @@ def apg_update(diff: torch.Tensor, pred_cond: torch.Tensor, eta: float = 0.0, no
     return (v0 - parallel).to(diff.dtype) + eta * parallel.to(diff.dtype)
 
 
-# notebooks/11a_guidance.py:634
+# notebooks/11a_guidance.py:638
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
@@ -366,6 +370,6 @@ class APG:
         return step.cond + (step.scale - 1) * apg_update(diff, step.cond, self.eta, self.norm_threshold)
 
 
-# notebooks/11a_guidance.py:702
+# notebooks/11a_guidance.py:706
 DEFAULT_SCALE = 2.0  # the best adherence in 11b's table (book model, 100 prompts per group)
 DEFAULT_CURE = None  # at scale 2 nothing burns: plain CFG has the lowest colour error there
