@@ -285,3 +285,19 @@ def test_an_empty_mask_row_names_its_argument(pipe, which):
     D = guidance.CFGDenoiser(pipe.sampling.denoiser(pipe.transformer), 3.0)
     with pytest.raises(ValueError, match=rf"^{which}: row 1 marks no token as real"):
         D(torch.zeros(2, 4, 8, 8), torch.tensor([1.0, 1.0]), **args)
+
+
+# 7. Resuming from a damaged checkpoint is refused before the trainer is touched.
+@pytest.mark.parametrize("damage", [
+    {"step": -5}, {"step": 2.5}, {"step": True}, {"config": "not json {"}, {"config": "[1, 2]"},
+    {"optimizer": {"state": {}, "param_groups": []}}, {"losses": [0.1, 0.2]},
+])
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
+    from tinydit import train
+
+    state = {"model": {}, "ema": {}, "optimizer": {"state": {0: {}}, "param_groups": []}, "scheduler": {},
+             "step": 2, "config": "{}", "rng_torch": torch.get_rng_state(), "losses": torch.tensor([0.1, 0.2]),
+             **damage}
+    torch.save(state, tmp_path / "step-00000002.pt")
+    with pytest.raises(ValueError, match=r"^resume: .* is damaged"):
+        train._load_training_state(tmp_path / "step-00000002.pt")

@@ -207,10 +207,31 @@ def _load_training_state(path: Path) -> dict:
     missing = [k for k in TRAINING_STATE if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
-    return state
+    return _check_training_state(state, path)
 
 
 # notebooks/09b_train_loop.py:319
+def _check_training_state(state: dict, path: Path) -> dict:
+    """The parts of a checkpoint a resume trusts before it touches the trainer: a whole step >= 0, a
+    JSON config object, a non-empty optimiser state after step 0, the losses as a 1-D tensor."""
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"resume: {path} is damaged (step {step!r}; expected a whole number >= 0)")
+    try:
+        config = json.loads(state["config"])
+    except (TypeError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"resume: {path} is damaged (its config is not a JSON object of TrainConfig fields)")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not opt.get("state") and step > 0:
+        raise ValueError(f"resume: {path} is damaged (an empty optimiser state at step {step})")
+    if not isinstance(state["losses"], torch.Tensor) or state["losses"].ndim != 1:
+        raise ValueError(f"resume: {path} is damaged (its losses are not a 1-D tensor)")
+    return state
+
+
+# notebooks/09b_train_loop.py:340
 class Trainer:
     """The book model's training loop: one global batch per step, split over torchrun's processes."""
 
@@ -252,7 +273,7 @@ class Trainer:
         use = self.cfg.mixed_precision == "bf16" or (self.cfg.mixed_precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
 
-    # notebooks/09b_train_loop.py:362
+    # notebooks/09b_train_loop.py:383
     def batch(self, step: int):
         """This process's share of the global batch of `step`: latents, tokens, mask and the draws."""
         cfg, d = self.cfg, self.data
@@ -268,7 +289,7 @@ class Trainer:
         parts = (latents, noise[share], u[share], normal[share], tokens, mask)
         return [p.to(self.device) for p in parts]
 
-    # notebooks/09b_train_loop.py:380
+    # notebooks/09b_train_loop.py:401
     def loss(self, step: int) -> torch.Tensor:
         x0, noise, u, normal, tokens, mask = self.batch(step)
         x_t, t, target = self.objective.noised(x0, noise, u, normal)
@@ -278,7 +299,7 @@ class Trainer:
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
         return (weight * per_sample).mean()
 
-    # notebooks/09b_train_loop.py:392
+    # notebooks/09b_train_loop.py:413
     def train_step(self) -> float:
         loss = self.loss(self.step)
         if not torch.isfinite(loss):
@@ -300,7 +321,7 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    # notebooks/09b_train_loop.py:416
+    # notebooks/09b_train_loop.py:437
     def train(self, until: int | None = None, callback=None) -> Trainer:
         """Train to step `until` (default: the config's steps), checkpointing as configured.
         `callback(trainer)` runs after every step (sample grids, early stops)."""
@@ -327,14 +348,14 @@ class Trainer:
             self.save_checkpoint()  # the end of the run, unless the loop just saved it
         return self
 
-    # notebooks/09b_train_loop.py:445
+    # notebooks/09b_train_loop.py:466
     def state(self) -> dict:
         """Everything a resumed run needs: weights, EMA, optimiser, scheduler, step, RNG, losses."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step, "config": json.dumps(asdict(self.cfg)),
                 "rng_torch": torch.get_rng_state(), "losses": torch.tensor(self.losses, dtype=torch.float64)}
 
-    # notebooks/09b_train_loop.py:454
+    # notebooks/09b_train_loop.py:475
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes `step-NNNNNNN.pt` atomically, then deletes all but the last `keep_last`."""
         self._check_out_dir()
@@ -349,7 +370,7 @@ class Trainer:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
         return self.last_checkpoint
 
-    # notebooks/09b_train_loop.py:471
+    # notebooks/09b_train_loop.py:492
     def save_snapshot(self) -> None:
         """EMA weights only, in the book-model layout, for the adherence-vs-time curve."""
         self._check_out_dir()
@@ -357,12 +378,12 @@ class Trainer:
             save_book_model(self.ema, self.out_dir / "snapshots" / f"step-{self.step:07d}", self.cfg,
                             {"step": self.step, "losses": self.losses[-1:]})
 
-    # notebooks/09b_train_loop.py:481
+    # notebooks/09b_train_loop.py:502
     def _check_out_dir(self) -> None:
         if self.out_dir is None:
             raise ValueError("out_dir: this Trainer has none to save into; create it with Trainer(config, out_dir=...)")
 
-    # notebooks/09b_train_loop.py:488
+    # notebooks/09b_train_loop.py:509
     def resume(self, path: str | Path | None = None) -> Trainer:
         """Continue from a checkpoint file, or from the newest one in `<out_dir>/checkpoints`."""
         if path is None:
@@ -387,7 +408,7 @@ class Trainer:
         return self
 
 
-# notebooks/09b_train_loop.py:596
+# notebooks/09b_train_loop.py:617
 def _check_run_folder(out_dir: Path, resume: bool) -> None:
     """Before the data is encoded: out_dir is writable; resume needs a checkpoint there, a new run none
     (resuming into a folder that does not exist refuses without creating it)."""
@@ -407,7 +428,7 @@ def _check_run_folder(out_dir: Path, resume: bool) -> None:
                          "continue it with resume=True, or choose an empty folder")
 
 
-# notebooks/09b_train_loop.py:616
+# notebooks/09b_train_loop.py:637
 def train_book_model(config: TrainConfig | None = None, out_dir: str | Path = "runs/book", resume: bool = False,
                      disable: bool | None = None) -> Path:
     """The whole recipe: encode the data, train (or continue a run), save the EMA weights in
