@@ -290,12 +290,12 @@ def test_an_empty_mask_row_names_its_argument(pipe, which):
 # 7. Resuming from a damaged checkpoint is refused before the trainer is touched.
 @pytest.mark.parametrize("damage", [
     {"step": -5}, {"step": 2.5}, {"step": True}, {"config": "not json {"}, {"config": "[1, 2]"},
-    {"optimizer": {"state": {}, "param_groups": []}}, {"losses": [0.1, 0.2]},
+    {"optimizer": {}}, {"optimizer": {"state": {}, "param_groups": []}}, {"losses": [0.1, 0.2]},
 ])
 def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
     from tinydit import train
 
-    state = {"model": {}, "ema": {}, "optimizer": {"state": {0: {}}, "param_groups": []}, "scheduler": {},
+    state = {"model": {}, "ema": {}, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "scheduler": {},
              "step": 2, "config": "{}", "rng_torch": torch.get_rng_state(), "losses": torch.tensor([0.1, 0.2]),
              **damage}
     torch.save(state, tmp_path / "step-00000002.pt")

@@ -213,7 +213,7 @@ def _load_training_state(path: Path) -> dict:
 # notebooks/09b_train_loop.py:319
 def _check_training_state(state: dict, path: Path) -> dict:
     """The parts of a checkpoint a resume trusts before it touches the trainer: a whole step >= 0, a
-    JSON config object, a non-empty optimiser state after step 0, the losses as a 1-D tensor."""
+    JSON config object, an optimiser state with its parameter groups, the losses as a 1-D tensor."""
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"resume: {path} is damaged (step {step!r}; expected a whole number >= 0)")
@@ -224,8 +224,8 @@ def _check_training_state(state: dict, path: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"resume: {path} is damaged (its config is not a JSON object of TrainConfig fields)")
     opt = state["optimizer"]
-    if not isinstance(opt, dict) or not opt.get("state") and step > 0:
-        raise ValueError(f"resume: {path} is damaged (an empty optimiser state at step {step})")
+    if not isinstance(opt, dict) or not {"state", "param_groups"} <= set(opt) or not opt["param_groups"]:
+        raise ValueError(f"resume: {path} is damaged (its optimiser state is empty or has no parameter groups)")
     if not isinstance(state["losses"], torch.Tensor) or state["losses"].ndim != 1:
         raise ValueError(f"resume: {path} is damaged (its losses are not a 1-D tensor)")
     return state
